@@ -1,0 +1,28 @@
+# The quick start: `make demo` (sets itself up, trains, shows a result) and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+# constraints.txt pins torch to the CPU wheel this machine carries; the package itself asks
+# only for a range, so a GPU user's CUDA build of torch is kept.
+PIP    := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
+
+.PHONY: demo test bench setup clean
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) "torch==2.13.0"
+	$(PIP) -e ".[test]"
+	touch $@
+
+demo: setup
+	$(VENV)/bin/monotile train text --preset shakespeare-char --sample 300
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) bench/train_text.py
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

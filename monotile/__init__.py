@@ -1,0 +1,14 @@
+"""monotile: one Transformer trunk for text, images, speech and time series.
+
+    import monotile
+    run = monotile.train("text", preset="shakespeare-char")
+    print(run.evaluate()["val_loss"], run.generate("ROMEO:", max_new_tokens=100, seed=0))
+    run = monotile.load("runs/shakespeare-char")
+"""
+
+__version__ = "0.1.0"
+
+from .errors import MonotileError  # noqa: E402
+from .run import Run, load, resume, train  # noqa: E402
+
+__all__ = ["MonotileError", "Run", "load", "resume", "train", "__version__"]

@@ -1,0 +1,170 @@
+"""The `monotile` command: thin verbs over the Python API (monotile.train, load, resume).
+
+Every user error is one line on stderr and exit status 2; figures go to stdout, as one JSON
+object with --json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+
+from .errors import MonotileError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="monotile", description="One Transformer trunk for text, "
+                                "images, speech and time series.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train a model from a preset into a run directory")
+    t.add_argument("task", help="text")
+    t.add_argument("--preset", help="a named recipe, e.g. shakespeare-char")
+    t.add_argument("--data", help="a data file to use instead of the preset's")
+    t.add_argument("--out", help="the run directory to create (default runs/<preset>)")
+    t.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override settings by name, e.g. --set max_steps=500 lr=3e-4")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--json", action="store_true", help="print the final figures as JSON")
+    t.add_argument("--sample", type=int, default=0, metavar="N",
+                   help="after training, print N generated tokens (text)")
+
+    r = sub.add_parser("resume", help="continue a stopped run from its last checkpoint")
+    r.add_argument("run")
+    r.add_argument("--quiet", action="store_true")
+    r.add_argument("--json", action="store_true")
+
+    e = sub.add_parser("eval", help="evaluate a run on its validation data")
+    e.add_argument("run")
+    e.add_argument("--checkpoint", default="last", choices=["last", "best"])
+    e.add_argument("--json", action="store_true")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    g = sub.add_parser("generate", help="continue a prompt with a text run")
+    g.add_argument("run")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=200)
+    g.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--stop", action="append", default=None, metavar="STR",
+                   help="end the text before this string (repeatable)")
+    g.add_argument("--seed", type=int, default=None, help="same seed, same text")
+    g.add_argument("--stream", action="store_true", help="print text as it is produced")
+    g.add_argument("--checkpoint", default="last", choices=["last", "best"])
+    g.add_argument("--json", action="store_true")
+
+    sub.add_parser("data", help="which data sets are present, and where").add_argument(
+        "--json", action="store_true")
+    sub.add_parser("presets", help="list the named recipes").add_argument(
+        "--json", action="store_true")
+    return p
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=None, default=str))
+
+
+def _cmd_train(a) -> None:
+    from .run import parse_overrides, train
+    run = train(a.task, a.preset, out=a.out, data=a.data, overrides=parse_overrides(a.overrides),
+                quiet=a.quiet or a.json)
+    _report_training(run, a)
+    if a.sample and not a.json:
+        print(f"--- sample ({a.sample} tokens, temperature 0.8, seed 0) ---")
+        print(run.generate("\n", max_new_tokens=a.sample, temperature=0.8, seed=0))
+
+
+def _report_training(run, a) -> None:
+    figures = {"run": str(run.dir), "step": run.state["step"],
+               "interrupted": run.state.get("interrupted", False),
+               "train_seconds": round(run.state["elapsed_s"], 1), **run.state.get("last_eval", {})}
+    if a.json:
+        _print_json(figures)
+    elif figures["interrupted"]:
+        print(f"stopped at step {figures['step']}; continue with: monotile resume {run.dir}")
+    else:
+        print(f"done: {run.dir} at step {figures['step']} in {figures['train_seconds']} s; " +
+              ", ".join(f"{k} {v:.4f}" for k, v in run.state.get("last_eval", {}).items()))
+
+
+def _cmd_resume(a) -> None:
+    from .run import resume
+    run = resume(a.run, quiet=a.quiet or a.json)
+    _report_training(run, a)
+
+
+def _cmd_eval(a) -> None:
+    from .run import load
+    run = load(a.run, checkpoint=a.checkpoint)
+    figures = run.evaluate(progress=not (a.quiet or a.json))
+    if a.json:
+        _print_json({"run": str(run.dir), "checkpoint": a.checkpoint, **figures})
+    else:
+        for k, v in figures.items():
+            print(f"{k:>14}  {v:.4f}" if isinstance(v, float) else f"{k:>14}  {v}")
+
+
+def _cmd_generate(a) -> None:
+    from .run import load
+    run = load(a.run, checkpoint=a.checkpoint)
+    options = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
+                   top_p=a.top_p, repetition_penalty=a.repetition_penalty, stop=a.stop,
+                   seed=a.seed)
+    if a.json:
+        _print_json({"prompt": a.prompt, "text": run.generate(a.prompt, **options)})
+    elif a.stream:
+        for piece in run.stream(a.prompt, **options):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    else:
+        print(run.generate(a.prompt, **options))
+
+
+def _cmd_data(a) -> None:
+    from .data import status
+    rows = status()
+    if a.json:
+        _print_json(rows)
+        return
+    for r in rows:
+        print(f"{r['name']:<40} {r['path'] or 'missing; source: ' + r['source']}")
+
+
+def _cmd_presets(a) -> None:
+    from .presets import PRESETS
+    if a.json:
+        _print_json(PRESETS)
+        return
+    for name, p in PRESETS.items():
+        m = p["model"]
+        print(f"{name:<20} {p['task']:<7} {m['n_layer']} layers, width {m['d_model']}, "
+              f"context {m['context']}, {p['train']['max_steps']} steps")
+
+
+COMMANDS = {"train": _cmd_train, "resume": _cmd_resume, "eval": _cmd_eval,
+            "generate": _cmd_generate, "data": _cmd_data, "presets": _cmd_presets}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    warnings.formatwarning = lambda msg, cat, *rest: f"warning: {msg}\n"
+    try:
+        COMMANDS[args.command](args)
+    except MonotileError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

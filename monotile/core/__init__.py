@@ -1,0 +1,1 @@
+"""The model from first principles: attention, layers, the Transformer trunk."""

@@ -1,0 +1,152 @@
+"""Scaled dot-product attention, its masks, rotary positions and the KV cache.
+
+Attention(Q, K, V) = softmax(Q K^T / sqrt(d_head) + M) V        (Vaswani et al. 2017)
+M[i, j] = 0 where query i may see key j, -inf elsewhere (causal: j <= i; padding: key j is real).
+Grouped-query attention: n_head query heads share n_kv_head key/value heads, each K/V head
+serving n_head / n_kv_head query heads (Ainslie et al. 2023).
+RoPE rotates each (x_i, x_{i+d/2}) pair of q and k by the angle p * theta^(-2i/d) at position p,
+so q_m . k_n depends only on m - n (Su et al. 2021).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def causal_mask(q_len: int, k_len: int, device=None) -> torch.Tensor:
+    """Boolean (q_len, k_len) mask, True where query i may attend to key j.
+
+    The queries are the last q_len positions of the k_len keys (a KV cache holds the rest), so
+    query i sits at absolute position k_len - q_len + i and sees keys j <= that position.
+    """
+    q_pos = torch.arange(k_len - q_len, k_len, device=device)[:, None]
+    k_pos = torch.arange(k_len, device=device)[None, :]
+    return k_pos <= q_pos
+
+
+def build_mask(
+    q_len: int,
+    k_len: int,
+    *,
+    causal: bool,
+    key_padding: torch.Tensor | None = None,
+    device=None,
+) -> torch.Tensor | None:
+    """Combine the causal and padding masks into one boolean (B|1, 1, q_len, k_len) mask.
+
+    key_padding: (B, k_len) bool, True for real tokens and False for padding. None if no mask.
+    """
+    mask = None
+    if causal:
+        mask = causal_mask(q_len, k_len, device)[None, None]
+    if key_padding is not None:
+        pad = key_padding[:, None, None, :].to(torch.bool)
+        mask = pad if mask is None else mask & pad
+    return mask
+
+
+def attention_math(q, k, v, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + M) v written out, the reference for the fused path.
+
+    q: (B, H, Tq, d); k, v: (B, H, Tk, d); mask: bool, broadcastable to (B, H, Tq, Tk).
+    """
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, H, Tq, Tk)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
+
+
+def attention(q, k, v, *, mask=None, is_causal=False, impl: str = "sdpa") -> torch.Tensor:
+    """Scaled dot-product attention with grouped-query heads.
+
+    q: (B, H, Tq, d); k, v: (B, Hkv, Tk, d) with H a multiple of Hkv. `is_causal` is a shortcut
+    for the square causal mask (used when there is no cache and no padding). `impl` is "sdpa"
+    (PyTorch's fused kernel) or "math" (attention_math); tests prove the two equal.
+    """
+    n_rep = q.size(1) // k.size(1)
+    if n_rep > 1:  # each K/V head serves n_rep query heads
+        k = k.repeat_interleave(n_rep, dim=1)
+        v = v.repeat_interleave(n_rep, dim=1)
+    if impl == "math":
+        if is_causal:
+            mask = causal_mask(q.size(2), k.size(2), q.device)
+        return attention_math(q, k, v, mask)
+    if is_causal and mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def rope_frequencies(head_dim: int, max_len: int, theta: float = 10000.0):
+    """cos and sin tables, each (max_len, head_dim): angle[p, i] = p * theta^(-2i/head_dim).
+
+    The half-split layout (x_i pairs with x_{i+d/2}) is the one Hugging Face's Llama uses.
+    """
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (T, d/2)
+    angles = torch.cat([angles, angles], dim=-1)                                # (T, d)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin, with rotate_half([a, b]) = [-b, a]. x: (B, H, T, d)."""
+    a, b = x.chunk(2, dim=-1)
+    rotated = torch.cat([-b, a], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class KVCache:
+    """Preallocated keys and values of one layer, (B, Hkv, max_len, d), written at `pos`."""
+
+    def __init__(self, batch: int, n_kv_head: int, max_len: int, head_dim: int, dtype, device):
+        shape = (batch, n_kv_head, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    def update(self, pos: int, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v (B, Hkv, T, d) at positions pos..pos+T-1; return all keys/values so far."""
+        end = pos + k.size(2)
+        self.k[:, :, pos:end] = k
+        self.v[:, :, pos:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class SelfAttention(nn.Module):
+    """Multi-head (or grouped-query) self-attention: wo(Attention(x Wq, x Wk, x Wv)).
+
+    q, k and v come from one fused projection `qkv` of width (n_head + 2 n_kv_head) * d_head.
+    """
+
+    def __init__(self, dim: int, n_head: int, n_kv_head: int, bias: bool, dropout: float = 0.0):
+        super().__init__()
+        self.n_head, self.n_kv_head = n_head, n_kv_head
+        self.head_dim = dim // n_head
+        self.qkv = nn.Linear(dim, (n_head + 2 * n_kv_head) * self.head_dim, bias=bias)
+        self.wo = nn.Linear(n_head * self.head_dim, dim, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+        self.impl = "sdpa"
+
+    def forward(self, x, *, rope=None, causal=True, key_padding=None, cache=None, pos=0):
+        B, T, _ = x.shape
+        hd = self.head_dim
+        q, k, v = self.qkv(x).split(
+            [self.n_head * hd, self.n_kv_head * hd, self.n_kv_head * hd], dim=-1)
+        q = q.view(B, T, self.n_head, hd).transpose(1, 2)     # (B, H, T, hd)
+        k = k.view(B, T, self.n_kv_head, hd).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = v.view(B, T, self.n_kv_head, hd).transpose(1, 2)
+        if rope is not None:
+            cos, sin = rope[0][pos:pos + T], rope[1][pos:pos + T]
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(pos, k, v)
+        square = k.size(2) == T
+        if causal and square and key_padding is None:
+            y = attention(q, k, v, is_causal=True, impl=self.impl)
+        else:
+            mask = build_mask(T, k.size(2), causal=causal, key_padding=key_padding, device=x.device)
+            y = attention(q, k, v, mask=mask, impl=self.impl)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * hd)  # (B, T, H*hd)
+        return self.dropout(self.wo(y))

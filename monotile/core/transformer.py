@@ -1,0 +1,201 @@
+"""The Transformer trunk: a stack of pre-norm blocks over tokens (B, T, d).
+
+Block:  h = x + Attention(Norm(x));  out = h + MLP(Norm(h))             (pre-norm, GPT-2)
+Trunk:  Norm(Block_L(... Block_1(x + P) ...)), P the learned positions when positions="learned"
+Init:   every weight ~ N(0, 0.02), residual projections ~ N(0, 0.02 / sqrt(2 L)), biases 0 (GPT-2)
+Cost:   training FLOPs per token = 6 N + 12 L d T (N matmul parameters, T context; PaLM App. B);
+        the forward pass is a third of that.
+
+The trunk knows nothing about modalities: a modality turns its input into tokens, calls the
+trunk causally or bidirectionally, and reads the result with its own head.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from .attention import KVCache, SelfAttention, rope_frequencies
+from .layers import make_mlp, make_norm
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Dimensions and choices of the trunk; GPT-2-style and Llama-style blocks by settings only."""
+
+    vocab_size: int = 0           # set by the modality (tokenizer size for text); 0 = no vocabulary
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int | None = None  # grouped-query attention; None = n_head (multi-head)
+    d_model: int = 128
+    d_ff: int | None = None       # None: 4 d for gelu, the multiple of 32 nearest 8/3 d for swiglu
+    context: int = 64             # the longest sequence the model sees (block size)
+    norm: str = "layernorm"       # layernorm | rmsnorm
+    norm_eps: float = 1e-5
+    mlp: str = "gelu"             # gelu (exact) | gelu_tanh (GPT-2) | swiglu
+    positions: str = "learned"    # learned | rope | none
+    rope_theta: float = 10000.0
+    bias: bool = True
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        def bad(name, value, fix):
+            raise ConfigError(f"{name}={value!r} is invalid: {fix}")
+        for name in ("n_layer", "n_head", "d_model", "context"):
+            if getattr(self, name) <= 0:
+                bad(name, getattr(self, name), "it must be a positive integer")
+        if self.vocab_size < 0:
+            bad("vocab_size", self.vocab_size, "it must be >= 0")
+        if self.d_model % self.n_head:
+            bad("n_head", self.n_head, f"it must divide d_model={self.d_model}")
+        if (self.d_model // self.n_head) % 2 and self.positions == "rope":
+            bad("n_head", self.n_head, "RoPE needs an even head size d_model / n_head")
+        kv = self.kv_heads
+        if kv <= 0 or self.n_head % kv:
+            bad("n_kv_head", self.n_kv_head, f"it must divide n_head={self.n_head}")
+        if self.d_ff is not None and self.d_ff <= 0:
+            bad("d_ff", self.d_ff, "it must be a positive integer")
+        if self.norm not in ("layernorm", "rmsnorm"):
+            bad("norm", self.norm, "choose layernorm or rmsnorm")
+        if self.mlp not in ("gelu", "gelu_tanh", "swiglu"):
+            bad("mlp", self.mlp, "choose gelu, gelu_tanh or swiglu")
+        if self.positions not in ("learned", "rope", "none"):
+            bad("positions", self.positions, "choose learned, rope or none")
+        if not 0.0 <= self.dropout < 1.0:
+            bad("dropout", self.dropout, "it must be in [0, 1)")
+        if self.norm_eps <= 0 or self.rope_theta <= 0:
+            bad("norm_eps/rope_theta", (self.norm_eps, self.rope_theta), "both must be > 0")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_head if self.n_kv_head is None else self.n_kv_head
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def hidden(self) -> int:
+        if self.d_ff is not None:
+            return self.d_ff
+        if self.mlp != "swiglu":
+            return 4 * self.d_model
+        return 32 * round(8 * self.d_model / 3 / 32)  # SwiGLU: same parameters as a 4d GELU MLP
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+class Block(nn.Module):
+    """h = x + attn(norm1(x)); out = h + mlp(norm2(h))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm1 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
+        self.attn = SelfAttention(cfg.d_model, cfg.n_head, cfg.kv_heads, cfg.bias, cfg.dropout)
+        self.norm2 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
+        self.mlp = make_mlp(cfg.mlp, cfg.d_model, cfg.hidden, cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, *, rope=None, causal=True, key_padding=None, cache=None, pos=0):
+        x = x + self.attn(self.norm1(x), rope=rope, causal=causal, key_padding=key_padding,
+                          cache=cache, pos=pos)
+        return x + self.dropout(self.mlp(self.norm2(x)))
+
+
+class Transformer(nn.Module):
+    """The trunk: (B, T, d) tokens -> (B, T, d) features, causal or bidirectional."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.pos_emb = (nn.Parameter(torch.zeros(cfg.context, cfg.d_model))
+                        if cfg.positions == "learned" else None)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
+        if cfg.positions == "rope":
+            cos, sin = rope_frequencies(cfg.head_dim, cfg.context, cfg.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        else:
+            self.rope_cos = self.rope_sin = None
+
+    def forward(self, x, *, causal: bool = True, key_padding=None, cache=None, pos: int = 0):
+        """x: (B, T, d) token embeddings; `cache` a list of KVCache (one per block) and `pos` the
+        absolute position of x[:, 0] when decoding step by step."""
+        T = x.size(1)
+        if pos + T > self.cfg.context:
+            raise ValueError(f"sequence of {pos + T} tokens exceeds the context {self.cfg.context}")
+        if self.pos_emb is not None:
+            x = x + self.pos_emb[pos:pos + T]
+        x = self.drop(x)
+        rope = (self.rope_cos, self.rope_sin) if self.rope_cos is not None else None
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope=rope, causal=causal, key_padding=key_padding,
+                      cache=None if cache is None else cache[i], pos=pos)
+        return self.norm(x)
+
+    def make_cache(self, batch: int, max_len: int | None = None, dtype=None) -> list[KVCache]:
+        """One empty KVCache per block, for decoding up to max_len (default: the context)."""
+        cfg = self.cfg
+        p = next(self.parameters())
+        return [KVCache(batch, cfg.kv_heads, max_len or cfg.context, cfg.head_dim,
+                        dtype or p.dtype, p.device) for _ in range(cfg.n_layer)]
+
+    def set_attention_impl(self, impl: str) -> None:
+        """"sdpa" (fused) or "math" (written out) in every block; the two are tested equal."""
+        for block in self.blocks:
+            block.attn.impl = impl
+
+
+def init_weights(model: nn.Module, n_layer: int, std: float = 0.02) -> None:
+    """GPT-2 init: Linear and Embedding weights ~ N(0, std), biases 0, norms 1, and the
+    residual projections (attention wo, MLP fc2/down) ~ N(0, std / sqrt(2 n_layer))."""
+    for name, p in model.named_parameters():
+        if p.dim() < 2:
+            if name.endswith("weight"):  # norm gains
+                nn.init.ones_(p)
+            else:
+                nn.init.zeros_(p)
+            continue
+        last = name.rsplit(".", 2)[-2] if "." in name else name
+        scaled = last in ("wo", "fc2", "down")
+        nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * n_layer) if scaled else std)
+
+
+def count_parameters(model: nn.Module, *, trainable_only: bool = False) -> int:
+    """Number of distinct parameters (a tied weight counts once)."""
+    seen = {id(p): p for p in model.parameters() if p.requires_grad or not trainable_only}
+    return sum(p.numel() for p in seen.values())
+
+
+def matmul_parameters(cfg: ModelConfig, head_outputs: int | None = None) -> int:
+    """Parameters that multiply an activation once per token: every Linear of the blocks plus
+    the output head (vocab_size x d for a language model, or `head_outputs` x d).
+    Embedding lookups, norms and biases are not matmuls and are left out."""
+    d, hd = cfg.d_model, cfg.head_dim
+    attn = d * (cfg.n_head + 2 * cfg.kv_heads) * hd + cfg.n_head * hd * d
+    mlp = (3 if cfg.mlp == "swiglu" else 2) * d * cfg.hidden
+    out = head_outputs if head_outputs is not None else cfg.vocab_size
+    return cfg.n_layer * (attn + mlp) + out * d
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int | None = None, *, training: bool = True,
+                    head_outputs: int | None = None) -> float:
+    """Training FLOPs per token = 6 N + 12 L d T (forward 2 N + 4 L d T, backward twice that).
+
+    N = matmul_parameters(cfg); 12 L d T counts the attention scores Q K^T and the weighted sum
+    A V (2 matmuls of 2 d T FLOPs each per token per layer, times 3 for forward + backward),
+    with T the full sequence length as nanoGPT and PaLM count it (the causal mask is ignored).
+    """
+    T = cfg.context if seq_len is None else seq_len
+    n = matmul_parameters(cfg, head_outputs)
+    forward = 2 * n + 4 * cfg.n_layer * cfg.d_model * T
+    return 3 * forward if training else forward

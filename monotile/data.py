@@ -1,0 +1,115 @@
+"""Where data sets are found, and how a missing one is fetched.
+
+A data set is named by its path under a data root (e.g. "tinyshakespeare/input.txt"). It is
+looked up in this order: an explicit path (--data), $MONOTILE_DATA, ../shared/data beside the
+checkout, the user cache ~/.cache/monotile. A missing data set with a canonical URL is
+downloaded into the cache and checked against its SHA-256; otherwise a one-line error says
+where to put it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import urllib.request
+from pathlib import Path
+
+from .errors import DataError
+
+CHECKOUT = Path(__file__).resolve().parents[1]
+
+# name -> (canonical URL or None, sha256)
+KNOWN = {
+    "tinyshakespeare/input.txt": (
+        "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+        "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"),
+    "speeches/speeches_public_domain.txt": (
+        None, "6098bd65f8468986639c304b7e9c5c276cc6648b090d6abdb914ecf093c95558"),
+}
+
+
+def data_roots() -> list[Path]:
+    roots = []
+    if os.environ.get("MONOTILE_DATA"):
+        roots.append(Path(os.environ["MONOTILE_DATA"]).expanduser())
+    roots.append(CHECKOUT.parent / "shared" / "data")
+    roots.append(cache_dir())
+    return roots
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "monotile"
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def find_data(name: str, explicit: str | Path | None = None) -> Path:
+    """The file for data set `name`, or the explicit path the user gave."""
+    if explicit is not None:
+        path = Path(explicit).expanduser()
+        if not path.exists():
+            raise DataError(f"data file {path} does not exist; check the --data path")
+        return path.resolve()
+    if Path(name).is_absolute():
+        if not Path(name).exists():
+            raise DataError(f"data file {name} does not exist; check the --data path")
+        return Path(name)
+    for root in data_roots():
+        if (root / name).exists():
+            return (root / name).resolve()
+    return _download(name)
+
+
+def _download(name: str) -> Path:
+    url, digest = KNOWN.get(name, (None, None))
+    where = " or ".join(str(r / name) for r in data_roots()[:-1]) or str(cache_dir() / name)
+    if url is None:
+        raise DataError(f"data set {name!r} not found; put it at {where}, set $MONOTILE_DATA "
+                        "to the folder that holds it, or pass --data PATH")
+    target = cache_dir() / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(target.suffix + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:
+            f.write(r.read())
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"data set {name!r} not found and the download from {url} failed ({e}); "
+                        f"put the file at {where} or pass --data PATH") from None
+    if digest and sha256(tmp) != digest:
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"download of {name!r} from {url} has the wrong SHA-256; "
+                        f"put a good copy at {where}")
+    os.replace(tmp, target)
+    return target
+
+
+def read_text(path: Path) -> str:
+    """A UTF-8 text file's contents; DataError if it is empty or binary."""
+    raw = Path(path).read_bytes()
+    if not raw.strip():
+        raise DataError(f"data file {path} is empty; give a file with text in it")
+    if b"\x00" in raw[:1 << 16]:
+        raise DataError(f"data file {path} looks binary (it contains NUL bytes); give a plain "
+                        "UTF-8 text file")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"data file {path} is not UTF-8 text (bad byte at offset {e.start}); "
+                        "convert it to UTF-8 first") from None
+
+
+def status() -> list[dict]:
+    """Which known data sets are present and where: for `monotile data`."""
+    rows = []
+    for name, (url, _) in KNOWN.items():
+        found = next((r / name for r in data_roots() if (r / name).exists()), None)
+        rows.append({"name": name, "path": str(found) if found else None,
+                     "source": url or "see ../shared/data/README.md"})
+    return rows

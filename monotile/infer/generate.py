@@ -1,0 +1,120 @@
+"""Autoregressive decoding with a KV cache, and the sampling rules applied to each step.
+
+x_{t+1} ~ softmax(f(logits_t) / T), where f applies, in this order (Hugging Face's order):
+  repetition penalty r: a logit l of a token already in the sequence becomes l / r if l > 0, else l r
+  temperature T (T = 0 means greedy: argmax)
+  top-k: keep the k largest logits
+  top-p (nucleus): keep the smallest set of tokens whose probabilities sum to at least p
+The KV cache keeps each layer's keys and values, so a step feeds one token instead of the whole
+prefix; `use_cache=False` recomputes the prefix (nanoGPT's way) and is tested to give the same
+tokens. When the sequence reaches the context, the cache keeps the last half and goes on
+(llama.cpp's context shift); the recompute path slides a full-context window instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import ConfigError
+
+
+@dataclass(frozen=True, kw_only=True)
+class Sampling:
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ConfigError(f"temperature={self.temperature} is invalid: it must be >= 0 "
+                              "(0 means greedy)")
+        if self.top_k is not None and self.top_k <= 0:
+            raise ConfigError(f"top_k={self.top_k} is invalid: it must be a positive integer")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p={self.top_p} is invalid: it must be in (0, 1]")
+        if self.repetition_penalty <= 0:
+            raise ConfigError(f"repetition_penalty={self.repetition_penalty} is invalid: it "
+                              "must be > 0 (1 means no penalty)")
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float):
+    """logits (B, V); seen (B, T) token ids. l -> l / r if l > 0 else l * r, for seen tokens."""
+    if penalty == 1.0:
+        return logits
+    picked = logits.gather(1, seen)
+    picked = torch.where(picked > 0, picked / penalty, picked * penalty)
+    return logits.scatter(1, seen, picked)
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Set every logit below the k-th largest of its row to -inf."""
+    k = min(k, logits.size(-1))
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probability mass is >= p."""
+    sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+    probs = sorted_logits.softmax(-1)
+    mass_before = probs.cumsum(-1) - probs       # mass of the more likely tokens
+    drop_sorted = mass_before >= p               # the top token always stays (mass 0)
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def next_token(logits: torch.Tensor, seen: torch.Tensor, s: Sampling,
+               generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row from logits (B, V) under the sampling rules; returns (B,) ids."""
+    logits = apply_repetition_penalty(logits.float(), seen, s.repetition_penalty)
+    if s.temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / s.temperature
+    if s.top_k is not None:
+        logits = top_k_filter(logits, s.top_k)
+    if s.top_p is not None and s.top_p < 1:
+        logits = top_p_filter(logits, s.top_p)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate_ids(model, prompt: torch.Tensor, max_new_tokens: int, sampling: Sampling,
+                 *, seed: int | None = None, use_cache: bool = True) -> Iterator[torch.Tensor]:
+    """Yield (B,) new token ids one step at a time. prompt: (B, T) ids, T <= the context.
+
+    `model(ids, cache=, pos=)` returns logits (B, T, V); `model.trunk` makes the cache."""
+    context = model.trunk.cfg.context
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed if seed is not None else torch.seed())
+    seq = prompt.to(device)
+    if seq.size(1) > context:
+        raise ValueError(f"prompt of {seq.size(1)} tokens exceeds the context {context}")
+    was_training = model.training
+    model.eval()
+    try:
+        if use_cache:
+            cache = model.trunk.make_cache(seq.size(0))
+            logits = model(seq, cache=cache, pos=0)[:, -1]
+            pos = seq.size(1)
+        for i in range(max_new_tokens):
+            if not use_cache:
+                logits = model(seq[:, -context:])[:, -1]
+            elif i > 0 and pos == context:  # context full: keep the last half, re-prefill it
+                keep = seq[:, -(context // 2):]
+                cache = model.trunk.make_cache(seq.size(0))
+                logits = model(keep, cache=cache, pos=0)[:, -1]
+                pos = keep.size(1)
+            elif i > 0:
+                logits = model(seq[:, -1:], cache=cache, pos=pos)[:, -1]
+                pos += 1
+            token = next_token(logits, seq, sampling, generator)
+            seq = torch.cat([seq, token[:, None]], dim=1)
+            yield token
+    finally:
+        model.train(was_training)

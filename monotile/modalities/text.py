@@ -1,0 +1,232 @@
+"""Text: a tokenizer, a causal language model on the trunk, and next-token prediction.
+
+Model:   logits = Norm(Trunk(E[x] (+ P))) E^T      (E the token embedding, tied to the head)
+Loss:    L = -(1/N) sum_t log p(x_{t+1} | x_<=t)    (cross-entropy of the next token, in nats)
+Metrics: perplexity = exp(L);  bits per byte = sum_t -log2 p(x_{t+1} | x_<=t) / (UTF-8 bytes of
+         the predicted tokens), which compares models across tokenizers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..core.transformer import ModelConfig, Transformer, init_weights
+from ..data import find_data, read_text
+from ..errors import ConfigError, DataError, MonotileError
+from ..infer.generate import Sampling, generate_ids
+from ..tokenizers import Tokenizer
+
+
+@dataclass(frozen=True, kw_only=True)
+class TextConfig:
+    data: str = "tinyshakespeare/input.txt"  # a data set name (see monotile.data) or a path
+    tokenizer: str = "char"                  # char | bpe
+    bpe_vocab: int = 4096                    # vocabulary size a BPE tokenizer is trained to
+    val_fraction: float = 0.1                # the last fraction of the text (in characters)
+    eval_tokens: int | None = None           # cap on validation tokens per evaluation; None: all
+
+    def __post_init__(self):
+        if self.tokenizer not in ("char", "bpe"):
+            raise ConfigError(f"tokenizer={self.tokenizer!r} is invalid: choose char or bpe")
+        if self.bpe_vocab < 257:
+            raise ConfigError(f"bpe_vocab={self.bpe_vocab} is invalid: a byte-level BPE needs "
+                              "more than 256 entries")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"val_fraction={self.val_fraction} is invalid: it must be in (0, 1)")
+        if self.eval_tokens is not None and self.eval_tokens <= 0:
+            raise ConfigError(f"eval_tokens={self.eval_tokens} is invalid: it must be positive")
+
+
+class LanguageModel(nn.Module):
+    """Token embedding -> causal trunk -> linear head over the vocabulary."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.trunk = Transformer(cfg)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.tok_emb.weight
+
+    def forward(self, idx: torch.Tensor, *, cache=None, pos: int = 0) -> torch.Tensor:
+        """idx (B, T) token ids -> logits (B, T, vocab)."""
+        return self.head(self.trunk(self.tok_emb(idx), causal=True, cache=cache, pos=pos))
+
+
+class TextTask:
+    """Next-token prediction on one text file, split by characters into train and validation."""
+
+    name = "text"
+    Config = TextConfig
+    best_metric = ("val_loss", "min")
+
+    def __init__(self, config: TextConfig, tokenizer: Tokenizer, context: int):
+        self.config, self.tokenizer, self.context = config, tokenizer, context
+        self._splits: dict[str, torch.Tensor] = {}
+
+    # ---- setting up -------------------------------------------------------------------------
+    @classmethod
+    def prepare(cls, config: TextConfig, model_cfg: ModelConfig, data: str | None = None):
+        """Read the data and train the tokenizer; returns the task and the model config with
+        its vocabulary size filled in."""
+        path = find_data(config.data, data)
+        text = read_text(path)
+        if config.tokenizer == "char":
+            tok = Tokenizer.train_char(text)
+        else:
+            tok = Tokenizer.train_bpe(text[:_split_at(text, config.val_fraction)],
+                                      config.bpe_vocab)
+        if data is not None:  # remember where the user's file is
+            config = dataclasses.replace(config, data=str(path))
+        task = cls(config, tok, model_cfg.context)
+        task._load_splits(text)
+        return task, model_cfg.replace(vocab_size=tok.vocab_size)
+
+    @classmethod
+    def load(cls, config: TextConfig, model_cfg: ModelConfig, run_dir: Path):
+        tok = Tokenizer.load(Path(run_dir) / "tokenizer.json")
+        return cls(config, tok, model_cfg.context)
+
+    def save(self, run_dir: Path) -> None:
+        self.tokenizer.save(Path(run_dir) / "tokenizer.json")
+
+    def build_model(self, cfg: ModelConfig) -> nn.Module:
+        if cfg.vocab_size != self.tokenizer.vocab_size:
+            raise ConfigError(f"vocab_size={cfg.vocab_size} but the tokenizer has "
+                              f"{self.tokenizer.vocab_size} tokens; leave vocab_size unset")
+        model = LanguageModel(cfg)
+        init_weights(model, cfg.n_layer)
+        return model
+
+    # ---- data -------------------------------------------------------------------------------
+    def _load_splits(self, text: str | None = None) -> None:
+        if self._splits:
+            return
+        if text is None:
+            text = read_text(find_data(self.config.data))
+        cut = _split_at(text, self.config.val_fraction)
+        for split, part in (("train", text[:cut]), ("val", text[cut:])):
+            ids = torch.tensor(self.tokenizer.encode(part), dtype=torch.long)
+            if ids.numel() < self.context + 1:
+                raise DataError(f"the {split} split of {self.config.data} has {ids.numel()} "
+                                f"tokens, fewer than context + 1 = {self.context + 1}; give "
+                                "more text or a smaller context")
+            self._splits[split] = ids
+
+    def split(self, name: str) -> torch.Tensor:
+        self._load_splits()
+        return self._splits[name]
+
+    def batches(self, split: str, rng: torch.Generator, batch_size: int
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Random windows: x = data[i : i+T], y = data[i+1 : i+T+1], i uniform (nanoGPT)."""
+        data, T, B = self.split(split), self.context, batch_size
+        offsets = torch.arange(T + 1)
+        while True:
+            starts = torch.randint(len(data) - T, (B,), generator=rng)
+            window = data[starts[:, None] + offsets]  # (B, T+1)
+            yield window[:, :-1], window[:, 1:]
+
+    def loss(self, model, batch) -> torch.Tensor:
+        x, y = batch
+        logits = model(x)
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1))
+
+    def tokens(self, batch) -> int:
+        return batch[0].numel()
+
+    # ---- metrics ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, model, progress: bool = False, batch_size: int = 32) -> dict[str, float]:
+        """Loss over the validation split in consecutive windows: every token after the first
+        is predicted once, from up to `context` tokens before it (in-window context)."""
+        data, T = self.split("val"), self.context
+        if self.config.eval_tokens is not None:
+            data = data[: self.config.eval_tokens + 1]
+        device = next(model.parameters()).device
+        token_bytes = torch.tensor(self.tokenizer.token_bytes(), dtype=torch.float64)
+        starts = list(range(0, len(data) - 1, T))
+        nll, count, n_bytes = 0.0, 0, 0.0
+        for i in tqdm(range(0, len(starts), batch_size), disable=not progress, desc="eval",
+                      unit="batch"):
+            chunk = [data[s:s + T + 1] for s in starts[i:i + batch_size]]
+            for window in _same_length(chunk):
+                x, y = window[:, :-1].to(device), window[:, 1:]
+                logits = model(x).float().cpu()
+                nll += F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1),
+                                       reduction="sum").item()
+                count += y.numel()
+                n_bytes += token_bytes[y].sum().item()
+        loss = nll / count
+        return {"val_loss": loss, "perplexity": math.exp(loss),
+                "bits_per_byte": nll / math.log(2) / n_bytes, "val_tokens": float(count)}
+
+    # ---- using the model --------------------------------------------------------------------
+    def encode_prompt(self, prompt: str) -> list[int]:
+        ids = self.tokenizer.encode(prompt)
+        if not ids:
+            raise MonotileError("the prompt is empty; give at least one character of text "
+                                "(e.g. --prompt $'\\n' for a newline)")
+        if len(ids) > self.context:
+            warnings.warn(f"the prompt has {len(ids)} tokens, more than the context of "
+                          f"{self.context}; only its last {self.context} tokens are used",
+                          stacklevel=2)
+            ids = ids[-self.context:]
+        return ids
+
+    def stream(self, model, prompt: str, *, max_new_tokens: int = 200,
+               sampling: Sampling = Sampling(), stop: list[str] | None = None,
+               seed: int | None = None, use_cache: bool = True) -> Iterator[str]:
+        """Yield the continuation of `prompt` as text pieces, ending before a stop string."""
+        if max_new_tokens < 0:
+            raise ConfigError(f"max_new_tokens={max_new_tokens} is invalid: it must be >= 0")
+        stop = [s for s in (stop or []) if s]
+        ids = torch.tensor([self.encode_prompt(prompt)])
+        new: list[int] = []
+        sent = 0  # characters of the decoded continuation already yielded
+        hold = max((len(s) for s in stop), default=1) - 1
+        for token in generate_ids(model, ids, max_new_tokens, sampling, seed=seed,
+                                  use_cache=use_cache):
+            new.append(int(token[0]))
+            text = self.tokenizer.decode(new)
+            if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
+                continue
+            cut = min((i for i in (text.find(s, max(0, sent - hold)) for s in stop) if i >= 0),
+                      default=-1)
+            if cut >= 0:
+                if cut > sent:
+                    yield text[sent:cut]
+                return
+            ready = len(text) - hold  # keep back what could be the start of a stop string
+            if ready > sent:
+                yield text[sent:ready]
+                sent = ready
+        text = self.tokenizer.decode(new)
+        if len(text) > sent:
+            yield text[sent:]
+
+    def predict(self, model, inputs: list[str], **options) -> list[str]:
+        return ["".join(self.stream(model, prompt, **options)) for prompt in inputs]
+
+
+def _split_at(text: str, val_fraction: float) -> int:
+    return int(len(text) * (1 - val_fraction))
+
+
+def _same_length(windows: list[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """Stack windows of equal length; the shorter last window goes alone."""
+    full = [w for w in windows if len(w) == len(windows[0])]
+    yield torch.stack(full)
+    rest = [w for w in windows if len(w) != len(windows[0])]
+    if rest:
+        yield torch.stack(rest)

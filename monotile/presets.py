@@ -1,0 +1,32 @@
+"""Named recipes: a task, model dimensions and training settings, as plain data.
+
+Every field can be overridden by name with `--set key=value` (or `overrides=` in Python).
+"""
+
+from __future__ import annotations
+
+PRESETS: dict[str, dict] = {
+    # nanoGPT's CPU "baby GPT" (config/train_shakespeare_char.py with the README's CPU flags):
+    # 4 layers, 4 heads, width 128, context 64, batch 12, 2000 steps, AdamW 1e-3 -> 1e-4
+    # cosine after 100 warmup steps, beta2 0.99, no dropout, a character vocabulary.
+    "shakespeare-char": {
+        "task": "text",
+        "model": dict(n_layer=4, n_head=4, d_model=128, context=64, dropout=0.0, bias=False,
+                      norm="layernorm", mlp="gelu", positions="learned", tie_embeddings=True),
+        "train": dict(max_steps=2000, batch_size=12, lr=1e-3, min_lr=1e-4, warmup_steps=100,
+                      beta2=0.99, weight_decay=0.1, grad_clip=1.0, eval_interval=500),
+        "text": dict(data="tinyshakespeare/input.txt", tokenizer="char"),
+    },
+    # A Llama-style trunk (RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases) on a
+    # byte-level BPE of ~4k tokens trained on the public-domain speeches.
+    "speeches-bpe": {
+        "task": "text",
+        "model": dict(n_layer=4, n_head=4, n_kv_head=2, d_model=192, context=128, dropout=0.0,
+                      bias=False, norm="rmsnorm", norm_eps=1e-6, mlp="swiglu", positions="rope",
+                      tie_embeddings=True),
+        "train": dict(max_steps=2000, batch_size=16, lr=2e-3, min_lr=2e-4, warmup_steps=100,
+                      beta2=0.99, weight_decay=0.1, grad_clip=1.0, eval_interval=500),
+        "text": dict(data="speeches/speeches_public_domain.txt", tokenizer="bpe",
+                     bpe_vocab=4096),
+    },
+}

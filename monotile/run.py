@@ -1,0 +1,253 @@
+"""A run directory is the unit users handle: train into one, resume it, load it, use it.
+
+    runs/<name>/config.json  model.safetensors  best.safetensors  optimizer.safetensors
+                tokenizer.json  trainer_state.json  metrics.jsonl  plots/loss.png
+
+`train`, `resume` and `load` are the Python API; the CLI only wraps them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .core.transformer import ModelConfig, count_parameters
+from .errors import CheckpointError, ConfigError
+from .infer.generate import Sampling
+from .modalities import task_class
+from .presets import PRESETS
+from .train.checkpoint import atomic_write_json, load_model_weights, recover
+from .train.trainer import TrainConfig, fit, pick_device
+
+
+# ---- configuration ----------------------------------------------------------------------------
+
+def _parse(value, annotation: str, name: str):
+    """Turn a --set string into the field's type (int, float, bool, str, optionally None)."""
+    if not isinstance(value, str):
+        return value
+    kinds = [k.strip() for k in annotation.split("|")]
+    if "None" in kinds and value.lower() in ("none", "null", ""):
+        return None
+    for kind in kinds:
+        try:
+            if kind == "bool":
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            if kind == "int":
+                return int(value)
+            if kind == "float":
+                return float(value)
+            if kind == "str":
+                return value
+        except ValueError:
+            continue
+    raise ConfigError(f"{name}={value!r} is invalid: expected {annotation}")
+
+
+def _sections(task_name: str) -> dict[str, type]:
+    return {"model": ModelConfig, "train": TrainConfig, task_name: task_class(task_name).Config}
+
+
+def build_configs(task_name: str, base: dict, overrides: dict | None = None) -> dict:
+    """Frozen, validated config objects per section from a preset (or config.json) plus
+    overrides by bare field name; an unknown name is refused with the closest names."""
+    sections = _sections(task_name)
+    values = {s: dict(base.get(s, {})) for s in sections}
+    fields = {f.name: (s, f) for s, cls in sections.items() for f in dataclasses.fields(cls)}
+    for key, value in (overrides or {}).items():
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=3)
+            hint = f"did you mean {', '.join(close)}?" if close else \
+                f"settings are: {', '.join(sorted(fields))}"
+            raise ConfigError(f"unknown setting {key!r}; {hint}")
+        section, field = fields[key]
+        values[section][key] = _parse(value, str(field.type), key)
+    out = {}
+    for section, cls in sections.items():
+        try:
+            out[section] = cls(**values[section])
+        except TypeError as e:
+            raise ConfigError(f"config section {section!r} is invalid: {e}") from None
+    return out
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {pair!r} is not key=value; write e.g. --set lr=3e-4")
+        out[key.strip()] = value.strip()
+    return out
+
+
+# ---- the run ----------------------------------------------------------------------------------
+
+class Run:
+    """A trained (or training) model with its task, loaded from a run directory."""
+
+    def __init__(self, run_dir: Path, meta: dict, configs: dict, task, model: torch.nn.Module):
+        self.dir, self.meta, self.configs = Path(run_dir), meta, configs
+        self.task, self.model = task, model
+        self.state: dict = {}
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return self.configs["model"]
+
+    @property
+    def train_config(self) -> TrainConfig:
+        return self.configs["train"]
+
+    def evaluate(self, progress: bool = False) -> dict[str, float]:
+        self.model.eval()
+        with torch.no_grad():
+            return self.task.evaluate(self.model, progress=progress)
+
+    def stream(self, prompt: str, *, max_new_tokens: int = 200, temperature: float = 1.0,
+               top_k: int | None = None, top_p: float | None = None,
+               repetition_penalty: float = 1.0, stop: str | list[str] | None = None,
+               seed: int | None = None, use_cache: bool = True):
+        """Yield generated text pieces as they are produced."""
+        sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p,
+                            repetition_penalty=repetition_penalty)
+        stops = [stop] if isinstance(stop, str) else stop
+        return self.task.stream(self.model, prompt, max_new_tokens=max_new_tokens,
+                                sampling=sampling, stop=stops, seed=seed, use_cache=use_cache)
+
+    def generate(self, prompt: str, **options) -> str:
+        """The continuation of `prompt` (options as for `stream`)."""
+        return "".join(self.stream(prompt, **options))
+
+    def predict(self, inputs: list, **options) -> list:
+        return self.task.predict(self.model, inputs, **options)
+
+    def parameters(self) -> int:
+        return count_parameters(self.model)
+
+    def __repr__(self) -> str:
+        return (f"Run({str(self.dir)!r}, task={self.meta['task']!r}, "
+                f"parameters={self.parameters():,})")
+
+
+def _new_run_dir(out: str | Path | None, preset: str | None) -> Path:
+    if out is not None:
+        path = Path(out)
+        if (path / "config.json").exists():
+            raise ConfigError(f"{path} already holds a run; continue it with `monotile resume "
+                              f"{path}` or choose another --out")
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"--out {path} is a file; give a directory path")
+        return path
+    base = Path("runs") / (preset or "run")
+    path, n = base, 1
+    while path.exists() and any(path.iterdir()):
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
+
+
+def train(task: str, preset: str | None = None, *, out: str | Path | None = None,
+          data: str | Path | None = None, overrides: dict | None = None, quiet: bool = False,
+          until_step: int | None = None) -> Run:
+    """Train a model for `task` from a preset (plus overrides) into a new run directory.
+
+    `until_step` stops early (checkpointed, resumable) as if interrupted there."""
+    if preset is not None and preset not in PRESETS:
+        close = difflib.get_close_matches(preset, list(PRESETS), n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise ConfigError(f"unknown preset {preset!r}; {hint}presets: {', '.join(PRESETS)}")
+    base = PRESETS[preset] if preset else {}
+    if preset and base["task"] != task:
+        raise ConfigError(f"preset {preset!r} is for task {base['task']!r}, not {task!r}; run "
+                          f"`monotile train {base['task']} --preset {preset}`")
+    cls = task_class(task)
+    configs = build_configs(task, base, overrides)
+    # everything that can fail on bad input happens before the run directory is created
+    task_obj, model_cfg = cls.prepare(configs[task], configs["model"], data)
+    configs["model"] = model_cfg
+    configs[task] = task_obj.config
+    device = pick_device(configs["train"].device)
+    run_dir = _new_run_dir(out, preset)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"monotile_version": __version__, "task": task, "preset": preset}
+    atomic_write_json(run_dir / "config.json", _config_json(meta, configs))
+    task_obj.save(run_dir)
+    torch.manual_seed(configs["train"].seed)
+    model = task_obj.build_model(model_cfg).to(device)
+    run = Run(run_dir, meta, configs, task_obj, model)
+    if not quiet:
+        print(f"run {run_dir}: {run.parameters():,} parameters on {device}")
+    run.state = fit(task_obj, model, configs["train"], run_dir, until_step=until_step,
+                    quiet=quiet)
+    _finish(run)
+    return run
+
+
+def resume(run_dir: str | Path, *, quiet: bool = False, until_step: int | None = None) -> Run:
+    """Continue a stopped run from its last checkpoint to its max_steps."""
+    run = load(run_dir, checkpoint="last")
+    state = _read_json(run.dir / "trainer_state.json")
+    if not quiet:
+        print(f"resuming {run.dir} at step {state['step']} of {run.train_config.max_steps}")
+    run.model.train()
+    run.state = fit(run.task, run.model, run.train_config, run.dir, state=state,
+                    until_step=until_step, quiet=quiet)
+    _finish(run)
+    return run
+
+
+def load(run_dir: str | Path, *, checkpoint: str = "last", device: str | None = None) -> Run:
+    """A run directory's model and task. checkpoint: "last" (model.safetensors) or "best"."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run directory {run_dir} does not exist; give the path of a run "
+                              "made by `monotile train`")
+    if not (run_dir / "config.json").exists():
+        raise CheckpointError(f"{run_dir} is not a monotile run (no config.json); give the path "
+                              "of a run made by `monotile train`")
+    recover(run_dir)
+    doc = _read_json(run_dir / "config.json")
+    try:
+        task_name = doc["task"]
+        meta = {k: doc.get(k) for k in ("monotile_version", "task", "preset")}
+        configs = build_configs(task_name, doc)
+    except (KeyError, ConfigError) as e:
+        raise CheckpointError(f"{run_dir / 'config.json'} is not a valid monotile config ({e}); "
+                              "restore it or retrain") from None
+    task = task_class(task_name).load(configs[task_name], configs["model"], run_dir)
+    model = task.build_model(configs["model"])
+    name = {"last": "model.safetensors", "best": "best.safetensors"}.get(checkpoint)
+    if name is None:
+        raise ConfigError(f"checkpoint={checkpoint!r} is invalid: choose last or best")
+    load_model_weights(model, run_dir / name)
+    model.to(pick_device(device or configs["train"].device)).eval()
+    return Run(run_dir, meta, configs, task, model)
+
+
+def _finish(run: Run) -> None:
+    from .train.plots import plot_loss_curve
+    plot_loss_curve(run.dir)
+
+
+def _config_json(meta: dict, configs: dict) -> dict:
+    return {**meta, **{name: dataclasses.asdict(cfg) for name, cfg in configs.items()}}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing; the run was not checkpointed yet or is "
+                              "damaged") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is corrupt ({e}); restore it or retrain") from None

@@ -1,0 +1,77 @@
+"""Text <-> token ids: a character vocabulary or a byte-level BPE, both saved as tokenizer.json.
+
+Character: one id per distinct character of the training text (nanoGPT's shakespeare_char).
+Byte-level BPE: text -> UTF-8 bytes -> start from 256 byte symbols and repeatedly merge the
+most frequent adjacent pair until the vocabulary has `vocab_size` entries (Sennrich et al. 2016;
+GPT-2's byte-level variant). Both are Hugging Face `tokenizers` objects, so tokenizer.json is
+the file format the rest of the ecosystem reads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from .errors import CheckpointError, MonotileError
+
+
+class Tokenizer:
+    """A thin wrapper over `tokenizers.Tokenizer` that knows its kind and byte lengths."""
+
+    def __init__(self, tok: HFTokenizer, kind: str):
+        self.tok, self.kind = tok, kind
+        self.vocab_size = tok.get_vocab_size()
+
+    @classmethod
+    def train_char(cls, text: str) -> "Tokenizer":
+        chars = sorted(set(text))
+        tok = HFTokenizer(models.BPE(vocab={c: i for i, c in enumerate(chars)}, merges=[]))
+        tok.decoder = decoders.Fuse()
+        return cls(tok, "char")
+
+    @classmethod
+    def train_bpe(cls, text: str, vocab_size: int) -> "Tokenizer":
+        tok = HFTokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tok.train_from_iterator(text.splitlines(keepends=True), trainer)
+        return cls(tok, "bpe")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Tokenizer":
+        try:
+            tok = HFTokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception on bad JSON
+            raise CheckpointError(f"cannot read tokenizer {path}: {e}; the run's tokenizer.json "
+                                  "is missing or corrupt, retrain or restore it") from None
+        kind = "bpe" if isinstance(tok.pre_tokenizer, pre_tokenizers.ByteLevel) else "char"
+        return cls(tok, kind)
+
+    def save(self, path: str | Path) -> None:
+        from .train.checkpoint import atomic_write_text
+        atomic_write_text(Path(path), self.tok.to_str(pretty=True))
+
+    def encode(self, text: str) -> list[int]:
+        ids = self.tok.encode(text).ids
+        if self.kind == "char" and len(ids) != len(text):
+            vocab = self.tok.get_vocab()
+            unknown = sorted({c for c in text if c not in vocab})
+            raise MonotileError(f"text contains characters outside the model's vocabulary: "
+                                f"{''.join(unknown)!r}; remove them (the model knows "
+                                f"{len(vocab)} characters)")
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(list(ids))
+
+    def token_bytes(self) -> list[int]:
+        """UTF-8 length in bytes of each token id, for bits per byte."""
+        out = [0] * self.vocab_size
+        for token, i in self.tok.get_vocab().items():
+            # byte-level tokens spell one byte per character (GPT-2's byte-to-unicode map)
+            out[i] = len(token) if self.kind == "bpe" else len(token.encode("utf-8"))
+        return out

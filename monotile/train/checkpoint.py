@@ -1,0 +1,192 @@
+"""Checkpoints as safetensors, written so that a crash never leaves a broken run.
+
+Every file is written to a temporary name, fsync'd and renamed over the old one (a rename is
+atomic on POSIX). A resumable checkpoint is three files (model, optimizer, trainer state), so
+they are first written whole into `.checkpoint.tmp/`, marked COMPLETE, and only then moved into
+place; `recover` finishes a move that a crash interrupted, or drops an incomplete journal.
+Nothing is ever unpickled: tensors come from safetensors, everything else from JSON.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..errors import CheckpointError
+
+JOURNAL = ".checkpoint.tmp"
+RESUME_FILES = ("model.safetensors", "optimizer.safetensors", "trainer_state.json")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, write) -> None:
+    """write(tmp_path), fsync it, rename it to path."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    _atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None):
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    _atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors and the metadata of a safetensors file; CheckpointError if unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist; is this a monotile run directory?")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        return load_file(str(path)), metadata
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e}); it is corrupt "
+                              "or truncated: restore it or retrain") from None
+
+
+# ---- model weights ----------------------------------------------------------------------------
+
+def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with tied weights saved once (the first name in state-dict order)."""
+    out, seen = {}, set()
+    for name, t in model.state_dict().items():
+        key = (t.data_ptr(), t.shape, t.stride()) if t.numel() else None
+        if key is not None and key in seen:
+            continue
+        seen.add(key)
+        out[name] = t
+    return out
+
+
+def load_model_weights(model: nn.Module, path: Path) -> dict[str, str]:
+    """Load weights into `model`, naming the first missing, unexpected or misshapen tensor."""
+    tensors, metadata = load_tensors(path)
+    expected = model_tensors(model)
+    for name, t in expected.items():
+        if name not in tensors:
+            raise CheckpointError(f"{path}: tensor {name!r} is missing; the checkpoint does not "
+                                  "belong to this model configuration")
+        if tensors[name].shape != t.shape:
+            raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(tensors[name].shape)}"
+                                  f", the model expects {tuple(t.shape)}; config.json and the "
+                                  "weights disagree")
+    extra = sorted(set(tensors) - set(expected))
+    if extra:
+        raise CheckpointError(f"{path}: unexpected tensor {extra[0]!r}; the checkpoint does not "
+                              "belong to this model configuration")
+    with torch.no_grad():
+        params = model.state_dict()
+        for name, t in tensors.items():
+            params[name].copy_(t)
+    return metadata
+
+
+# ---- optimizer and RNG state ------------------------------------------------------------------
+
+def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Flatten optimizer.state_dict(): tensors as state.<param>.<key>, the rest as JSON."""
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for idx, st in sd["state"].items():
+        for key, value in st.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{idx}.{key}"] = value
+            else:
+                scalars[f"{idx}.{key}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def load_optimizer(opt: torch.optim.Optimizer, path: Path) -> None:
+    tensors, metadata = load_tensors(path)
+    try:
+        extra = json.loads(metadata["optimizer"])
+        state: dict[int, dict] = {}
+        for name, t in tensors.items():
+            _, idx, key = name.split(".", 2)
+            state.setdefault(int(idx), {})[key] = t
+        for name, value in extra["scalars"].items():
+            idx, key = name.split(".", 1)
+            state.setdefault(int(idx), {})[key] = value
+        opt.load_state_dict({"state": state, "param_groups": extra["param_groups"]})
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{path} does not hold this run's optimizer state ({e}); "
+                              "the run cannot be resumed exactly, start a new one") from None
+
+
+def rng_to_str(state: torch.Tensor) -> str:
+    return base64.b64encode(state.numpy().tobytes()).decode()
+
+
+def rng_from_str(s: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8).clone()
+
+
+# ---- the resumable triple ---------------------------------------------------------------------
+
+def save_checkpoint(run_dir: Path, model: nn.Module, opt: torch.optim.Optimizer,
+                    state: dict) -> None:
+    """Write model, optimizer and trainer state as one unit (journal, COMPLETE mark, renames)."""
+    run_dir = Path(run_dir)
+    journal = run_dir / JOURNAL
+    shutil.rmtree(journal, ignore_errors=True)
+    journal.mkdir()
+    step = str(state["step"])
+    save_tensors(journal / "model.safetensors", model_tensors(model),
+                 {"step": step, "format": "pt"})
+    opt_t, opt_meta = optimizer_tensors(opt)
+    save_tensors(journal / "optimizer.safetensors", opt_t,
+                 {"step": step, "optimizer": json.dumps(opt_meta)})
+    atomic_write_json(journal / "trainer_state.json", state)
+    atomic_write_text(journal / "COMPLETE", step)
+    _commit(run_dir)
+
+
+def _commit(run_dir: Path) -> None:
+    journal = run_dir / JOURNAL
+    for name in RESUME_FILES:
+        if (journal / name).exists():
+            os.replace(journal / name, run_dir / name)
+    _fsync_dir(run_dir)
+    shutil.rmtree(journal, ignore_errors=True)
+
+
+def recover(run_dir: Path) -> None:
+    """Finish a checkpoint commit a crash interrupted, or discard an incomplete one."""
+    journal = Path(run_dir) / JOURNAL
+    if not journal.exists():
+        return
+    if (journal / "COMPLETE").exists():
+        _commit(Path(run_dir))
+    else:
+        shutil.rmtree(journal, ignore_errors=True)

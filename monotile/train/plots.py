@@ -1,0 +1,39 @@
+"""Plots of a run as PNG files in RUN/plots/ (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def plot_loss_curve(run_dir: Path) -> Path | None:
+    """Training loss per logged step and the evaluation metric per evaluation -> plots/loss.png."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return None
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    evals = [(r["step"], r["eval"]["val_loss"]) for r in records
+             if "val_loss" in r.get("eval", {})]
+    if not train:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot(*zip(*train), label="train loss", lw=1)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / token)")
+    ax.set_title(Path(run_dir).name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    out = Path(run_dir) / "plots" / "loss.png"
+    out.parent.mkdir(exist_ok=True)
+    tmp = out.with_name(".loss.png.tmp")
+    fig.savefig(tmp, format="png", bbox_inches="tight")
+    plt.close(fig)
+    tmp.replace(out)
+    return out

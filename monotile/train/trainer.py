@@ -1,0 +1,270 @@
+"""One training loop for every Task.
+
+Each step: for each of `grad_accum` micro-batches, loss = task.loss(model, batch) / grad_accum
+and backward; clip the global gradient norm to `grad_clip`; set lr(step); AdamW step. Every
+`eval_interval` steps the task evaluates and the run saves best and last checkpoints. The loop
+knows nothing about modalities: it talks to the Task (see monotile/modalities/__init__.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import ConfigError
+from .checkpoint import (atomic_write_json, model_tensors, rng_from_str, rng_to_str,
+                         save_checkpoint, save_tensors)
+from .optim import lr_at, make_optimizer
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    max_steps: int = 2000
+    batch_size: int = 12
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    decay_steps: int | None = None   # None: decay over max_steps
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0           # 0 disables clipping
+    eval_interval: int = 500
+    log_interval: int = 10
+    checkpoint_interval: int | None = None  # None: checkpoint at every evaluation
+    seed: int = 1337
+    device: str = "auto"             # auto | cpu | cuda | cuda:N | mps
+    dtype: str = "auto"              # auto (bf16 where supported, else fp32) | float32 | bfloat16
+    compile: bool = False
+
+    def __post_init__(self):
+        def bad(name, fix):
+            raise ConfigError(f"{name}={getattr(self, name)!r} is invalid: {fix}")
+        for name in ("max_steps", "batch_size", "grad_accum", "eval_interval", "log_interval"):
+            if getattr(self, name) <= 0:
+                bad(name, "it must be a positive integer")
+        if not self.lr > 0:
+            bad("lr", "the learning rate must be > 0, e.g. --set lr=1e-3")
+        if not 0 <= self.min_lr <= self.lr:
+            bad("min_lr", f"it must be between 0 and lr={self.lr}")
+        if self.warmup_steps < 0:
+            bad("warmup_steps", "it must be >= 0")
+        if self.decay_steps is not None and self.decay_steps <= 0:
+            bad("decay_steps", "it must be a positive integer")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            bad("weight_decay" if self.weight_decay < 0 else "grad_clip", "it must be >= 0")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                bad(name, "it must be in [0, 1)")
+        if self.checkpoint_interval is not None and self.checkpoint_interval <= 0:
+            bad("checkpoint_interval", "it must be a positive integer")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            bad("dtype", "choose auto, float32 or bfloat16")
+        if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
+            bad("device", "choose auto, cpu, cuda, cuda:N or mps")
+
+
+def pick_device(name: str) -> torch.device:
+    """auto: cuda, then mps, then cpu."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r} but CUDA is not available here; use --set device=cpu")
+    return torch.device(name)
+
+
+def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast where the device runs it fast (CUDA with bf16 support); None = fp32."""
+    if name == "float32":
+        return None
+    if name == "bfloat16":
+        return torch.bfloat16
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def to_device(batch, device: torch.device):
+    if torch.is_tensor(batch):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+class _DeferredInterrupt:
+    """Turn Ctrl-C into a flag checked between steps, so the run stops on a whole step and
+    checkpoints it. A second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+def _append_metrics(run_dir: Path, record: dict) -> None:
+    with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """Drop metric lines logged after `step` (written before a crash, redone on resume)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def fit(task, model: nn.Module, cfg: TrainConfig, run_dir: Path, *, state: dict | None = None,
+        optimizer_path: Path | None = None, until_step: int | None = None,
+        quiet: bool = False) -> dict:
+    """Train `model` on `task` from `state` (None: from scratch) to cfg.max_steps, or to
+    `until_step` if given. Returns the trainer state; checkpoints live in `run_dir`."""
+    run_dir = Path(run_dir)
+    device = model_device = next(model.parameters()).device
+    amp = autocast_dtype(cfg.dtype, device)
+    opt = make_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                         beta1=cfg.beta1, beta2=cfg.beta2)
+    data_rng = torch.Generator().manual_seed(cfg.seed)
+    if state is None:
+        state = {"step": 0, "best": None, "tokens": 0, "elapsed_s": 0.0}
+    else:
+        from .checkpoint import load_optimizer
+        load_optimizer(opt, optimizer_path or run_dir / "optimizer.safetensors")
+        data_rng.set_state(rng_from_str(state["data_rng"]))
+        torch.set_rng_state(rng_from_str(state["torch_rng"]))
+        if torch.cuda.is_available() and state.get("cuda_rng"):
+            torch.cuda.set_rng_state(rng_from_str(state["cuda_rng"]), device=model_device)
+        truncate_metrics(run_dir, state["step"])
+    end = min(cfg.max_steps, until_step) if until_step is not None else cfg.max_steps
+    decay_steps = cfg.decay_steps or cfg.max_steps
+    metric, mode = task.best_metric
+    forward_model = torch.compile(model) if cfg.compile else model
+    batches = task.batches("train", data_rng, cfg.batch_size)
+
+    def snapshot() -> dict:
+        s = dict(state, data_rng=rng_to_str(data_rng.get_state()),
+                 torch_rng=rng_to_str(torch.get_rng_state()))
+        if device.type == "cuda":
+            s["cuda_rng"] = rng_to_str(torch.cuda.get_rng_state(device))
+        return s
+
+    def checkpoint():
+        save_checkpoint(run_dir, model, opt, snapshot())
+
+    def evaluate(step: int):
+        model.eval()
+        with torch.no_grad(), _autocast(device, amp):
+            results = task.evaluate(model)
+        model.train()
+        _append_metrics(run_dir, {"step": step, "eval": results})
+        value = results.get(metric)
+        best = state["best"]
+        if value is not None and math.isfinite(value) and (
+                best is None or (value < best if mode == "min" else value > best)):
+            state["best"] = value
+            save_tensors(run_dir / "best.safetensors", model_tensors(model),
+                         {"step": str(step), metric: str(value), "format": "pt"})
+        return results
+
+    model.train()
+    bar = tqdm(total=end, initial=state["step"], disable=quiet, dynamic_ncols=True,
+               desc="train", unit="step")
+    t_last, tokens_last = time.perf_counter(), state["tokens"]
+    t_start = time.perf_counter() - state["elapsed_s"]
+    last_eval: dict = {}
+    interrupted = False
+    with _DeferredInterrupt() as stop:
+        while state["step"] < end:
+            step = state["step"]
+            lr = lr_at(step, lr=cfg.lr, min_lr=cfg.min_lr, warmup=cfg.warmup_steps,
+                       decay_steps=decay_steps)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            loss_sum = 0.0
+            for _ in range(cfg.grad_accum):
+                batch = to_device(next(batches), device)
+                with _autocast(device, amp):
+                    loss = task.loss(forward_model, batch) / cfg.grad_accum
+                loss.backward()
+                loss_sum += loss.item()
+                state["tokens"] += task.tokens(batch)
+            if not math.isfinite(loss_sum):
+                bar.close()
+                raise FloatingPointError(
+                    f"loss became {loss_sum} at step {step}; lower lr (now {cfg.lr}) or "
+                    "resume from the last checkpoint")
+            if cfg.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            state["step"] = step = step + 1
+            state["elapsed_s"] = time.perf_counter() - t_start
+            bar.update(1)
+
+            if step % cfg.log_interval == 0 or step == end:
+                now = time.perf_counter()
+                tok_s = (state["tokens"] - tokens_last) / max(now - t_last, 1e-9)
+                _append_metrics(run_dir, {"step": step, "loss": loss_sum, "lr": lr,
+                                          "tokens_per_s": tok_s,
+                                          "elapsed_s": state["elapsed_s"]})
+                bar.set_postfix(loss=f"{loss_sum:.4f}", tok_s=f"{tok_s:,.0f}")
+                t_last, tokens_last = now, state["tokens"]
+            done = step == cfg.max_steps
+            if step % cfg.eval_interval == 0 or done:
+                last_eval = evaluate(step)
+                bar.write(f"step {step}: " + ", ".join(
+                    f"{k} {v:.4f}" for k, v in last_eval.items() if isinstance(v, float)))
+            if (done or step == end or stop.requested or step % cfg.eval_interval == 0
+                    or (cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0)):
+                checkpoint()
+            if stop.requested:
+                interrupted = True
+                break
+    bar.close()
+    state["interrupted"] = interrupted
+    state["last_eval"] = last_eval
+    return state
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def config_fields(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
