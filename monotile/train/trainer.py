@@ -246,8 +246,9 @@ def fit(task, model: nn.Module, cfg: TrainConfig, run_dir: Path, *, state: dict 
             done = step == cfg.max_steps
             if step % cfg.eval_interval == 0 or done:
                 last_eval = evaluate(step)
-                bar.write(f"step {step}: " + ", ".join(
-                    f"{k} {v:.4f}" for k, v in last_eval.items() if isinstance(v, float)))
+                if not quiet:
+                    bar.write(f"step {step}: " + ", ".join(
+                        f"{k} {v:.4f}" for k, v in last_eval.items() if isinstance(v, float)))
             if (done or step == end or stop.requested or step % cfg.eval_interval == 0
                     or (cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0)):
                 checkpoint()

@@ -1,0 +1,128 @@
+"""Attention: the fused path equals the written-out formula; masks, RoPE, GQA and the cache."""
+
+import math
+
+import pytest
+import torch
+
+from monotile.core.attention import (SelfAttention, apply_rope, attention, attention_math,
+                                     build_mask, causal_mask, rope_frequencies)
+from monotile.core.transformer import ModelConfig, Transformer
+
+
+def qkv(B=2, H=4, Hkv=4, Tq=6, Tk=6, d=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, H, Tq, d, generator=g), torch.randn(B, Hkv, Tk, d, generator=g),
+            torch.randn(B, Hkv, Tk, d, generator=g))
+
+
+def test_attention_math_is_softmax_of_scaled_scores_times_values():
+    q, k, v = qkv(B=1, H=1)
+    s = q[0, 0] @ k[0, 0].T / math.sqrt(8)
+    expected = torch.softmax(s, -1) @ v[0, 0]
+    torch.testing.assert_close(attention_math(q, k, v)[0, 0], expected)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_sdpa_path_equals_math_path(causal):
+    q, k, v = qkv()
+    fused = attention(q, k, v, is_causal=causal, impl="sdpa")
+    plain = attention(q, k, v, is_causal=causal, impl="math")
+    torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_sdpa_path_equals_math_path_with_padding_and_cache_offsets():
+    q, k, v = qkv(Tq=3, Tk=7)
+    padding = torch.tensor([[True] * 7, [False, False] + [True] * 5])
+    mask = build_mask(3, 7, causal=True, key_padding=padding)
+    torch.testing.assert_close(attention(q, k, v, mask=mask, impl="sdpa"),
+                               attention(q, k, v, mask=mask, impl="math"), atol=1e-5, rtol=1e-5)
+
+
+def test_causal_mask_lets_query_see_only_itself_and_the_past():
+    m = causal_mask(3, 5)  # queries at positions 2, 3, 4 of 5 keys
+    assert m.tolist() == [[True, True, True, False, False],
+                          [True, True, True, True, False],
+                          [True, True, True, True, True]]
+
+
+def test_padding_mask_hides_padded_keys():
+    q, k, v = qkv(B=1, H=1, Tq=4, Tk=4)
+    padding = torch.tensor([[True, True, True, False]])
+    out = attention(q, k, v, mask=build_mask(4, 4, causal=False, key_padding=padding))
+    ref = attention(q, k[:, :, :3], v[:, :, :3])  # as if the padded key never existed
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+
+
+def test_grouped_query_attention_equals_multi_head_with_repeated_kv():
+    q, k, v = qkv(H=4, Hkv=2)
+    out = attention(q, k, v, is_causal=True)
+    mha = attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True)
+    torch.testing.assert_close(out, mha)
+
+
+def test_self_attention_equals_torch_multihead_attention():
+    torch.manual_seed(0)
+    ours = SelfAttention(16, n_head=4, n_kv_head=4, bias=True)
+    ref = torch.nn.MultiheadAttention(16, 4, bias=True, batch_first=True)
+    with torch.no_grad():
+        ref.in_proj_weight.copy_(ours.qkv.weight)
+        ref.in_proj_bias.copy_(ours.qkv.bias)
+        ref.out_proj.weight.copy_(ours.wo.weight)
+        ref.out_proj.bias.copy_(ours.wo.bias)
+    x = torch.randn(2, 5, 16)
+    expected, _ = ref(x, x, x, attn_mask=~causal_mask(5, 5), need_weights=False)
+    torch.testing.assert_close(ours(x, causal=True), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_rope_equals_hugging_face_llama_rotary_embedding():
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    q, k, _ = qkv(Tq=10, Tk=10, d=16)
+    cos, sin = rope_frequencies(16, 10, theta=10000.0)
+    ref_q, ref_k = apply_rotary_pos_emb(q, k, cos[None], sin[None])
+    torch.testing.assert_close(apply_rope(q, cos, sin), ref_q)
+    torch.testing.assert_close(apply_rope(k, cos, sin), ref_k)
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 16, generator=g), torch.randn(1, 1, 1, 16, generator=g)
+    cos, sin = rope_frequencies(16, 64)
+
+    def score(m, n):
+        return (apply_rope(q, cos[m:m + 1], sin[m:m + 1]) *
+                apply_rope(k, cos[n:n + 1], sin[n:n + 1])).sum().item()
+    assert score(5, 2) == pytest.approx(score(40, 37), abs=1e-5)
+    assert score(5, 2) != pytest.approx(score(5, 3), abs=1e-3)
+
+
+@pytest.mark.parametrize("style", ["gpt2", "llama"])
+def test_causal_outputs_at_t_do_not_change_when_later_tokens_change(style):
+    cfg = ModelConfig(n_layer=2, n_head=4, d_model=32, context=16, **STYLES[style])
+    torch.manual_seed(0)
+    trunk = Transformer(cfg).eval()
+    x = torch.randn(1, 16, 32)
+    y = x.clone()
+    y[:, 9:] = torch.randn(1, 7, 32)  # change every token after position 8
+    a, b = trunk(x), trunk(y)
+    torch.testing.assert_close(a[:, :9], b[:, :9])
+    assert not torch.allclose(a[:, 9:], b[:, 9:])
+
+
+@pytest.mark.parametrize("style", ["gpt2", "llama"])
+def test_kv_cache_step_by_step_equals_one_full_forward(style):
+    cfg = ModelConfig(n_layer=2, n_head=4, d_model=32, context=16, **STYLES[style])
+    torch.manual_seed(0)
+    trunk = Transformer(cfg).eval()
+    x = torch.randn(2, 12, 32)
+    full = trunk(x)
+    cache = trunk.make_cache(2)
+    parts = [trunk(x[:, :5], cache=cache, pos=0)]
+    parts += [trunk(x[:, t:t + 1], cache=cache, pos=t) for t in range(5, 12)]
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
+
+
+STYLES = {
+    "gpt2": dict(norm="layernorm", mlp="gelu", positions="learned", bias=True),
+    "llama": dict(norm="rmsnorm", mlp="swiglu", positions="rope", bias=False, n_kv_head=2),
+}

@@ -1,0 +1,161 @@
+"""The text task end to end: it learns real text, reports honest metrics, generates, and the
+command line wraps the Python API."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import monotile
+from monotile.tokenizers import Tokenizer
+
+from conftest import TINY, cli, set_args
+
+
+def test_a_small_model_learns_shakespeare(tmp_path, shakespeare):
+    """200 steps of the preset's model reach a validation loss far below the unigram
+    entropy of the characters (about 3.3 nats is uniform-ish; unigram is ~3.0)."""
+    run = monotile.train("text", "shakespeare-char", out=tmp_path / "run",
+                         overrides=dict(max_steps="200", eval_interval="200",
+                                        eval_tokens="20000"), quiet=True)
+    text = shakespeare.read_text()
+    counts = torch.tensor([text.count(c) for c in sorted(set(text))], dtype=torch.float64)
+    p = counts / counts.sum()
+    unigram = -(p * p.log()).sum().item()
+    val = run.state["last_eval"]["val_loss"]
+    assert val < unigram - 0.5, (val, unigram)
+
+
+def test_evaluate_is_mean_next_token_cross_entropy_and_bpb_follows(tiny_run):
+    task, model = tiny_run.task, tiny_run.model
+    figures = tiny_run.evaluate()
+    data = task.split("val")[: task.config.eval_tokens + 1]
+    T = task.context
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for s in range(0, len(data) - 1, T):
+            w = data[s:s + T + 1]
+            logits = model(w[None, :-1])[0]
+            nll += F.cross_entropy(logits, w[1:], reduction="sum").item()
+            n += len(w) - 1
+    assert figures["val_loss"] == pytest.approx(nll / n, rel=1e-5)
+    assert figures["perplexity"] == pytest.approx(math.exp(nll / n), rel=1e-5)
+    # ASCII characters are one byte each, so bits per byte is the loss in bits
+    assert figures["bits_per_byte"] == pytest.approx(nll / n / math.log(2), rel=1e-5)
+
+
+def test_bpe_token_bytes_add_up_to_the_utf8_length(shakespeare):
+    text = shakespeare.read_text()[:20000] + " café naïve — ünïcödé"
+    tok = Tokenizer.train_bpe(text, 400)
+    ids = tok.encode(text)
+    sizes = tok.token_bytes()
+    assert sum(sizes[i] for i in ids) == len(text.encode("utf-8"))
+    assert tok.decode(ids) == text
+
+
+def test_llama_style_bpe_run_reports_bits_per_byte(tmp_path, shakespeare):
+    data = tmp_path / "speech.txt"
+    data.write_text(shakespeare.read_text()[:40000])
+    run = monotile.train("text", "speeches-bpe", out=tmp_path / "run", data=data, quiet=True,
+                         overrides=dict(TINY, bpe_vocab="300", n_kv_head="1"))
+    figures = run.state["last_eval"]
+    assert run.task.tokenizer.kind == "bpe" and run.task.tokenizer.vocab_size == 300
+    assert 0 < figures["bits_per_byte"] < 8
+    cfg = json.loads((run.dir / "config.json").read_text())["model"]
+    assert (cfg["norm"], cfg["mlp"], cfg["positions"], cfg["bias"]) == \
+        ("rmsnorm", "swiglu", "rope", False)
+    assert isinstance(run.generate("The ", max_new_tokens=10, seed=0), str)
+
+
+def test_python_api_load_generate_evaluate(tiny_run):
+    run = monotile.load(tiny_run.dir)
+    assert run.evaluate()["val_loss"] == pytest.approx(tiny_run.state["last_eval"]["val_loss"],
+                                                       rel=1e-5)
+    a = run.generate("ROMEO:", max_new_tokens=30, temperature=0.8, seed=7)
+    assert a == run.generate("ROMEO:", max_new_tokens=30, temperature=0.8, seed=7)
+    assert 0 < len(a) <= 30
+    assert "".join(run.stream("ROMEO:", max_new_tokens=30, temperature=0.8, seed=7)) == a
+
+
+def test_stop_string_ends_the_text_before_it(tiny_run):
+    free = tiny_run.generate("First", max_new_tokens=60, temperature=0)
+    stop = free[20:23]
+    stopped = tiny_run.generate("First", max_new_tokens=60, temperature=0, stop=stop)
+    assert stopped == free[:free.index(stop)]
+
+
+def test_prompt_longer_than_the_context_is_cropped_with_a_warning(tiny_run):
+    with pytest.warns(UserWarning, match="only its last 32 tokens are used"):
+        text = tiny_run.generate("To be or not to be " * 10, max_new_tokens=5, seed=0)
+    assert len(text) == 5
+
+
+def test_cli_train_eval_generate(tmp_path, small_text):
+    out = tmp_path / "run"
+    r = cli("train", "text", "--preset", "shakespeare-char", "--data", str(small_text),
+            "--out", str(out), "--json", *set_args(TINY))
+    assert r.returncode == 0, r.stderr
+    trained = json.loads(r.stdout)
+    assert trained["step"] == 40 and trained["val_loss"] < 4.0
+    for name in ("config.json", "model.safetensors", "best.safetensors", "tokenizer.json",
+                 "trainer_state.json", "optimizer.safetensors", "metrics.jsonl",
+                 "plots/loss.png"):
+        assert (out / name).exists(), name
+
+    r = cli("eval", str(out), "--json")
+    assert r.returncode == 0, r.stderr
+    figures = json.loads(r.stdout)
+    assert figures["val_loss"] == pytest.approx(trained["val_loss"], rel=1e-5)
+    assert set(figures) >= {"val_loss", "perplexity", "bits_per_byte"}
+
+    gen = ["generate", str(out), "--prompt", "KING", "--max-new-tokens", "40",
+           "--temperature", "0.9", "--top-k", "20", "--top-p", "0.95",
+           "--repetition-penalty", "1.1", "--seed", "5"]
+    a, b = cli(*gen), cli(*gen, "--stream")
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    assert a.stdout == b.stdout and len(a.stdout.strip()) > 0
+    assert cli(*gen, "--json").stdout.count("\n") == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--preset", "shakespeare"], "unknown preset 'shakespeare'"),
+    (["--preset", "shakespeare-char", "--set", "n_head=3"], "n_head=3 is invalid"),
+    (["--preset", "shakespeare-char", "--set", "lr=-1"], "lr=-1.0 is invalid"),
+    (["--preset", "shakespeare-char", "--set", "context=0"], "context=0 is invalid"),
+    (["--preset", "shakespeare-char", "--set", "n_layers=2"], "did you mean n_layer"),
+    (["--preset", "shakespeare-char", "--set", "max_steps=many"], "expected int"),
+    (["--preset", "shakespeare-char", "--data", "/no/such/file.txt"], "does not exist"),
+])
+def test_bad_input_is_one_line_exit_2_and_no_run_directory(tmp_path, args, message):
+    out = tmp_path / "run"
+    r = cli("train", "text", *args, "--out", str(out))
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "is empty"), (b"\x00\x01\x02binary\x00", "looks binary"),
+    (b"\xff\xfe bad utf8", "is not UTF-8"), (b"tiny", "fewer than context"),
+])
+def test_bad_data_files_are_refused(tmp_path, content, message):
+    data = tmp_path / "data.txt"
+    data.write_bytes(content)
+    r = cli("train", "text", "--preset", "shakespeare-char", "--data", str(data),
+            "--out", str(tmp_path / "run"))
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_training_into_an_existing_run_is_refused_and_loses_nothing(tiny_run):
+    before = (tiny_run.dir / "model.safetensors").read_bytes()
+    r = cli("train", "text", "--preset", "shakespeare-char", "--out", str(tiny_run.dir))
+    assert r.returncode == 2 and "already holds a run" in r.stderr
+    assert (tiny_run.dir / "model.safetensors").read_bytes() == before
+
+
+def test_unknown_characters_in_the_prompt_are_refused(tiny_run):
+    r = cli("generate", str(tiny_run.dir), "--prompt", "naïve ☃")
+    assert r.returncode == 2 and "outside the model's vocabulary" in r.stderr
