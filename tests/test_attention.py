@@ -75,23 +75,43 @@ def test_self_attention_equals_torch_multihead_attention():
     torch.testing.assert_close(ours(x, causal=True), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_rope_equals_hugging_face_llama_rotary_embedding():
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+def test_rope_equals_hugging_face_llama_rotary_embedding_up_to_the_pair_layout():
+    """HF pairs x_j with x_{j+d/2}; we pair x_2j with x_2j+1. Interleaving the halves maps
+    one layout onto the other, so rotating there and back must equal HF's rotation."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import (LlamaRotaryEmbedding,
+                                                          apply_rotary_pos_emb)
     q, k, _ = qkv(Tq=10, Tk=10, d=16)
-    cos, sin = rope_frequencies(16, 10, theta=10000.0)
-    ref_q, ref_k = apply_rotary_pos_emb(q, k, cos[None], sin[None])
-    torch.testing.assert_close(apply_rope(q, cos, sin), ref_q)
-    torch.testing.assert_close(apply_rope(k, cos, sin), ref_k)
+    config = LlamaConfig(hidden_size=64, num_attention_heads=4, rope_theta=500.0)
+    cos, sin = LlamaRotaryEmbedding(config)(q, torch.arange(10)[None])
+    ref_q, ref_k = apply_rotary_pos_emb(q, k, cos, sin)
+
+    def interleave(x):    # [a_0..a_7, b_0..b_7] -> [a_0, b_0, a_1, b_1, ...]
+        return x.unflatten(-1, (2, 8)).transpose(-1, -2).flatten(-2)
+
+    def deinterleave(x):
+        return x.unflatten(-1, (8, 2)).transpose(-1, -2).flatten(-2)
+    freqs = rope_frequencies(16, 10, theta=500.0)
+    torch.testing.assert_close(deinterleave(apply_rope(interleave(q), freqs)), ref_q)
+    torch.testing.assert_close(deinterleave(apply_rope(interleave(k), freqs)), ref_k)
+
+
+def test_rope_is_a_rotation_of_each_pair():
+    x = torch.tensor([[1.0, 0.0, 0.0, 2.0]])  # one position (p = 3), d = 4
+    freqs = rope_frequencies(4, 4, theta=100.0)[3:4]
+    angle0, angle1 = 3 * 1.0, 3 * 100.0 ** (-2 / 4)
+    expected = [math.cos(angle0), math.sin(angle0),
+                -2 * math.sin(angle1), 2 * math.cos(angle1)]
+    torch.testing.assert_close(apply_rope(x, freqs)[0], torch.tensor(expected))
 
 
 def test_rope_scores_depend_only_on_relative_position():
     g = torch.Generator().manual_seed(0)
-    q, k = torch.randn(1, 1, 1, 16, generator=g), torch.randn(1, 1, 1, 16, generator=g)
-    cos, sin = rope_frequencies(16, 64)
+    q, k = torch.randn(1, 16, generator=g), torch.randn(1, 16, generator=g)
+    freqs = rope_frequencies(16, 64)
 
     def score(m, n):
-        return (apply_rope(q, cos[m:m + 1], sin[m:m + 1]) *
-                apply_rope(k, cos[n:n + 1], sin[n:n + 1])).sum().item()
+        return (apply_rope(q, freqs[m:m + 1]) * apply_rope(k, freqs[n:n + 1])).sum().item()
     assert score(5, 2) == pytest.approx(score(40, 37), abs=1e-5)
     assert score(5, 2) != pytest.approx(score(5, 3), abs=1e-3)
 

@@ -4,7 +4,7 @@ Attention(Q, K, V) = softmax(Q K^T / sqrt(d_head) + M) V        (Vaswani et al. 
 M[i, j] = 0 where query i may see key j, -inf elsewhere (causal: j <= i; padding: key j is real).
 Grouped-query attention: n_head query heads share n_kv_head key/value heads, each K/V head
 serving n_head / n_kv_head query heads (Ainslie et al. 2023).
-RoPE rotates each (x_i, x_{i+d/2}) pair of q and k by the angle p * theta^(-2i/d) at position p,
+RoPE rotates each pair (x_2i, x_2i+1) of q and k by the angle p * theta^(-2i/d) at position p,
 so q_m . k_n depends only on m - n (Su et al. 2021).
 """
 
@@ -80,23 +80,24 @@ def attention(q, k, v, *, mask=None, is_causal=False, impl: str = "sdpa") -> tor
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-def rope_frequencies(head_dim: int, max_len: int, theta: float = 10000.0):
-    """cos and sin tables, each (max_len, head_dim): angle[p, i] = p * theta^(-2i/head_dim).
-
-    The half-split layout (x_i pairs with x_{i+d/2}) is the one Hugging Face's Llama uses.
-    """
+def rope_frequencies(head_dim: int, max_len: int, theta: float = 10000.0) -> torch.Tensor:
+    """Rotations e^{i p theta_j}, theta_j = theta^(-2j/head_dim), as a real (max_len, head_dim/2, 2)
+    tensor of (cos, sin) pairs (complex buffers would not survive a module's .to(dtype))."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
     angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (T, d/2)
-    angles = torch.cat([angles, angles], dim=-1)                                # (T, d)
-    return angles.cos(), angles.sin()
+    return torch.stack([angles.cos(), angles.sin()], dim=-1)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x * cos + rotate_half(x) * sin, with rotate_half([a, b]) = [-b, a]. x: (B, H, T, d)."""
-    a, b = x.chunk(2, dim=-1)
-    rotated = torch.cat([-b, a], dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
+def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Rotate each pair (x_2j, x_2j+1) of the last dim by the angle p theta_j: as complex numbers,
+    (x_2j + i x_2j+1) e^{i p theta_j} (RoFormer, Meta's Llama). x: (..., T, heads, d) with
+    freqs (T, 1, d/2, 2), or (..., T, d) with freqs (T, d/2, 2).
 
+    Hugging Face's Llama pairs x_j with x_{j+d/2} instead; the two layouts are the same
+    rotation after permuting the rows of Wq and Wk (tests/test_attention.py checks this)."""
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (..., d/2) complex
+    rotation = torch.view_as_complex(freqs.float())
+    return torch.view_as_real(xc * rotation).flatten(-2).type_as(x)
 
 class KVCache:
     """Preallocated keys and values of one layer, (B, Hkv, max_len, d), written at `pos`."""
@@ -131,15 +132,13 @@ class SelfAttention(nn.Module):
 
     def forward(self, x, *, rope=None, causal=True, key_padding=None, cache=None, pos=0):
         B, T, _ = x.shape
-        hd = self.head_dim
-        q, k, v = self.qkv(x).split(
-            [self.n_head * hd, self.n_kv_head * hd, self.n_kv_head * hd], dim=-1)
-        q = q.view(B, T, self.n_head, hd).transpose(1, 2)     # (B, H, T, hd)
-        k = k.view(B, T, self.n_kv_head, hd).transpose(1, 2)  # (B, Hkv, T, hd)
-        v = v.view(B, T, self.n_kv_head, hd).transpose(1, 2)
-        if rope is not None:
-            cos, sin = rope[0][pos:pos + T], rope[1][pos:pos + T]
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        H, Hkv, hd = self.n_head, self.n_kv_head, self.head_dim
+        qkv = self.qkv(x).view(B, T, H + 2 * Hkv, hd)  # q heads, then k heads, then v heads
+        qk, v = qkv.split([H + Hkv, Hkv], dim=2)
+        if rope is not None:  # rotate q and k together: one pass over both
+            qk = apply_rope(qk, rope[pos:pos + T, None])
+        q, k = qk.split([H, Hkv], dim=2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
         if cache is not None:
             k, v = cache.update(pos, k, v)
         square = k.size(2) == T
@@ -148,5 +147,5 @@ class SelfAttention(nn.Module):
         else:
             mask = build_mask(T, k.size(2), causal=causal, key_padding=key_padding, device=x.device)
             y = attention(q, k, v, mask=mask, impl=self.impl)
-        y = y.transpose(1, 2).reshape(B, T, self.n_head * hd)  # (B, T, H*hd)
+        y = y.transpose(1, 2).reshape(B, T, H * hd)  # (B, T, H*hd)
         return self.dropout(self.wo(y))

@@ -121,11 +121,10 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
         if cfg.positions == "rope":
-            cos, sin = rope_frequencies(cfg.head_dim, cfg.context, cfg.rope_theta)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
+            self.register_buffer("rope", rope_frequencies(cfg.head_dim, cfg.context,
+                                                          cfg.rope_theta), persistent=False)
         else:
-            self.rope_cos = self.rope_sin = None
+            self.rope = None
 
     def forward(self, x, *, causal: bool = True, key_padding=None, cache=None, pos: int = 0):
         """x: (B, T, d) token embeddings; `cache` a list of KVCache (one per block) and `pos` the
@@ -136,9 +135,8 @@ class Transformer(nn.Module):
         if self.pos_emb is not None:
             x = x + self.pos_emb[pos:pos + T]
         x = self.drop(x)
-        rope = (self.rope_cos, self.rope_sin) if self.rope_cos is not None else None
         for i, block in enumerate(self.blocks):
-            x = block(x, rope=rope, causal=causal, key_padding=key_padding,
+            x = block(x, rope=self.rope, causal=causal, key_padding=key_padding,
                       cache=None if cache is None else cache[i], pos=pos)
         return self.norm(x)
 
