@@ -197,6 +197,11 @@ def resume(run_dir: str | Path, *, quiet: bool = False, until_step: int | None =
     """Continue a stopped run from its last checkpoint to its max_steps."""
     run = load(run_dir, checkpoint="last")
     state = _read_json(run.dir / "trainer_state.json")
+    if state["step"] >= run.train_config.max_steps:
+        if not quiet:
+            print(f"{run.dir} already finished at step {state['step']}; nothing to resume")
+        run.state = dict(state, last_eval=run.evaluate(), interrupted=False)
+        return run
     if not quiet:
         print(f"resuming {run.dir} at step {state['step']} of {run.train_config.max_steps}")
     run.model.train()

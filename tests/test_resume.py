@@ -32,12 +32,13 @@ def assert_bit_identical(a, b):
         assert torch.equal(a[name], b[name]), name
 
 
-def test_stop_at_n_and_resume_to_2n_equals_training_2n_straight(tmp_path, small_text):
+@pytest.mark.parametrize("stop_at", [12, 0])
+def test_stop_at_n_and_resume_to_2n_equals_training_2n_straight(tmp_path, small_text, stop_at):
     straight = monotile.train("text", "shakespeare-char", out=tmp_path / "straight",
                               data=small_text, overrides=STEPS, quiet=True)
     half = monotile.train("text", "shakespeare-char", out=tmp_path / "half", data=small_text,
-                          overrides=STEPS, quiet=True, until_step=12)
-    assert half.state["step"] == 12
+                          overrides=STEPS, quiet=True, until_step=stop_at)
+    assert half.state["step"] == stop_at
     resumed = monotile.resume(tmp_path / "half", quiet=True)
     assert resumed.state["step"] == 24
     assert_bit_identical(weights(tmp_path / "straight"), weights(tmp_path / "half"))
@@ -47,6 +48,8 @@ def test_stop_at_n_and_resume_to_2n_equals_training_2n_straight(tmp_path, small_
     steps = [json.loads(line)["step"] for line in
              (tmp_path / "half" / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(steps)  # no step logged twice
+    again = cli("resume", str(tmp_path / "half"))
+    assert again.returncode == 0 and "already finished at step 24" in again.stdout
 
 
 def test_kill_9_mid_training_then_resume_equals_straight_run(tmp_path, small_text):

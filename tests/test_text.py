@@ -15,8 +15,8 @@ from conftest import TINY, cli, set_args
 
 
 def test_a_small_model_learns_shakespeare(tmp_path, shakespeare):
-    """200 steps of the preset's model reach a validation loss far below the unigram
-    entropy of the characters (about 3.3 nats is uniform-ish; unigram is ~3.0)."""
+    """200 steps of the preset's model reach a held-out loss far below the entropy of the
+    character frequencies (3.31 nats; a uniform guess over 65 characters is 4.17)."""
     run = monotile.train("text", "shakespeare-char", out=tmp_path / "run",
                          overrides=dict(max_steps="200", eval_interval="200",
                                         eval_tokens="20000"), quiet=True)

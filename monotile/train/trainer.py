@@ -200,6 +200,8 @@ def fit(task, model: nn.Module, cfg: TrainConfig, run_dir: Path, *, state: dict 
                          {"step": str(step), metric: str(value), "format": "pt"})
         return results
 
+    if state["step"] == 0:
+        checkpoint()  # a run killed before its first interval can still be resumed
     model.train()
     bar = tqdm(total=end, initial=state["step"], disable=quiet, dynamic_ncols=True,
                desc="train", unit="step")
