@@ -55,7 +55,7 @@ def reference_model(cfg) -> torch.nn.Module:
     hf = GPT2LMHeadModel(GPT2Config(
         vocab_size=cfg.vocab_size, n_positions=cfg.context, n_embd=cfg.d_model,
         n_layer=cfg.n_layer, n_head=cfg.n_head, resid_pdrop=0.0, embd_pdrop=0.0,
-        attn_pdrop=0.0, attn_implementation="sdpa"))
+        attn_pdrop=0.0, bos_token_id=None, eos_token_id=None, attn_implementation="sdpa"))
     return HFAdapter(hf)
 
 
