@@ -1,7 +1,6 @@
 """Resuming is exact, and a crash never leaves a run without a loadable checkpoint."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -145,6 +144,16 @@ def test_truncated_checkpoint_is_refused_with_one_clear_line(tiny_run, tmp_path)
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
     assert (run / "config.json").exists()  # nothing removed
+
+
+def test_corrupt_config_is_refused_and_kept(tiny_run, tmp_path):
+    import shutil
+    run = tmp_path / "copy"
+    shutil.copytree(tiny_run.dir, run)
+    (run / "config.json").write_text('{"task": "text", "model": {"n_layer": ')
+    result = cli("generate", str(run), "--prompt", "A")
+    assert result.returncode == 2 and "config.json is corrupt" in result.stderr
+    assert (run / "config.json").read_text().startswith('{"task"')
 
 
 def test_foreign_checkpoint_names_the_missing_tensor(tiny_run, tmp_path):

@@ -9,7 +9,6 @@ knows nothing about modalities: it talks to the Task (see monotile/modalities/__
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import signal
@@ -22,8 +21,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError
-from .checkpoint import (atomic_write_json, model_tensors, rng_from_str, rng_to_str,
+from ..errors import ConfigError, MonotileError
+from .checkpoint import (load_optimizer, model_tensors, rng_from_str, rng_to_str,
                          save_checkpoint, save_tensors)
 from .optim import lr_at, make_optimizer
 
@@ -162,7 +161,6 @@ def fit(task, model: nn.Module, cfg: TrainConfig, run_dir: Path, *, state: dict 
     if state is None:
         state = {"step": 0, "best": None, "tokens": 0, "elapsed_s": 0.0}
     else:
-        from .checkpoint import load_optimizer
         load_optimizer(opt, optimizer_path or run_dir / "optimizer.safetensors")
         data_rng.set_state(rng_from_str(state["data_rng"]))
         torch.set_rng_state(rng_from_str(state["torch_rng"]))
@@ -226,9 +224,9 @@ def fit(task, model: nn.Module, cfg: TrainConfig, run_dir: Path, *, state: dict 
                 state["tokens"] += task.tokens(batch)
             if not math.isfinite(loss_sum):
                 bar.close()
-                raise FloatingPointError(
-                    f"loss became {loss_sum} at step {step}; lower lr (now {cfg.lr}) or "
-                    "resume from the last checkpoint")
+                raise MonotileError(
+                    f"the loss became {loss_sum} at step {step}: training diverged; lower "
+                    f"lr (now {cfg.lr}) or raise warmup_steps, and train again")
             if cfg.grad_clip > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
@@ -267,7 +265,3 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
-
-
-def config_fields(cls) -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(cls)}
