@@ -159,3 +159,18 @@ def test_training_into_an_existing_run_is_refused_and_loses_nothing(tiny_run):
 def test_unknown_characters_in_the_prompt_are_refused(tiny_run):
     r = cli("generate", str(tiny_run.dir), "--prompt", "naïve ☃")
     assert r.returncode == 2 and "outside the model's vocabulary" in r.stderr
+
+
+def test_missing_data_set_says_where_to_put_it(monkeypatch, tmp_path):
+    from monotile.data import find_data
+    from monotile.errors import DataError
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    with pytest.raises(DataError, match="put it at .*speeches_public_domain.txt"):
+        find_data("speeches/speeches_public_domain.txt.missing")
+
+
+def test_data_command_lists_the_data_sets():
+    r = cli("data", "--json")
+    assert r.returncode == 0, r.stderr
+    rows = {row["name"]: row for row in json.loads(r.stdout)}
+    assert rows["tinyshakespeare/input.txt"]["path"].endswith("tinyshakespeare/input.txt")
