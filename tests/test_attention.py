@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from monotile.core.attention import (SelfAttention, apply_rope, attention, attention_math,
-                                     build_mask, causal_mask, rope_frequencies)
+                                     causal_mask, rope_frequencies)
 from monotile.core.transformer import ModelConfig, Transformer
 
 
@@ -32,11 +32,23 @@ def test_sdpa_path_equals_math_path(causal):
 
 
 def test_sdpa_path_equals_math_path_with_padding_and_cache_offsets():
-    q, k, v = qkv(Tq=3, Tk=7)
-    padding = torch.tensor([[True] * 7, [False, False] + [True] * 5])
-    mask = build_mask(3, 7, causal=True, key_padding=padding)
-    torch.testing.assert_close(attention(q, k, v, mask=mask, impl="sdpa"),
-                               attention(q, k, v, mask=mask, impl="math"), atol=1e-5, rtol=1e-5)
+    q, k, v = qkv(Tq=3, Tk=7)  # 3 new queries over 7 keys, 4 of them from a cache
+    padding = torch.tensor([[True] * 7, [False, False] + [True] * 5])[:, None, None, :]
+    for mask in (None, padding):
+        torch.testing.assert_close(attention(q, k, v, mask=mask, is_causal=True, impl="sdpa"),
+                                   attention(q, k, v, mask=mask, is_causal=True, impl="math"),
+                                   atol=1e-5, rtol=1e-5)
+    ref = attention_math(q, k, v, causal_mask(3, 7) & padding)
+    torch.testing.assert_close(attention(q, k, v, mask=padding, is_causal=True), ref,
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_a_query_that_sees_no_key_gets_zero_on_both_paths():
+    q, k, v = qkv(B=1, Tq=4, Tk=4)
+    padding = torch.tensor([[False, False, True, True]])[:, None, None, :]  # left padding
+    for impl in ("sdpa", "math"):
+        out = attention(q, k, v, mask=padding, is_causal=True, impl=impl)
+        assert out[:, :, :2].eq(0).all() and out.isfinite().all(), impl
 
 
 def test_causal_mask_lets_query_see_only_itself_and_the_past():
@@ -48,8 +60,8 @@ def test_causal_mask_lets_query_see_only_itself_and_the_past():
 
 def test_padding_mask_hides_padded_keys():
     q, k, v = qkv(B=1, H=1, Tq=4, Tk=4)
-    padding = torch.tensor([[True, True, True, False]])
-    out = attention(q, k, v, mask=build_mask(4, 4, causal=False, key_padding=padding))
+    padding = torch.tensor([[True, True, True, False]])[:, None, None, :]
+    out = attention(q, k, v, mask=padding)
     ref = attention(q, k[:, :, :3], v[:, :, :3])  # as if the padded key never existed
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
 

@@ -86,3 +86,19 @@ def test_invalid_sampling_settings_are_refused(bad):
     from monotile.errors import ConfigError
     with pytest.raises(ConfigError, match="is invalid"):
         Sampling(**bad)
+
+
+def test_sampling_equals_hugging_face_processors_applied_in_order():
+    from transformers.generation.logits_process import (
+        LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+        TopKLogitsWarper, TopPLogitsWarper)
+    from monotile.infer.generate import next_token
+    g = torch.Generator().manual_seed(0)
+    logits, seen = torch.randn(64, 50, generator=g) * 2, torch.randint(50, (64, 6), generator=g)
+    hf = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(1.3), TemperatureLogitsWarper(0.7),
+                              TopKLogitsWarper(10), TopPLogitsWarper(0.8)])
+    probs = hf(seen, logits.clone()).softmax(-1)
+    expected = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(5))[:, 0]
+    s = Sampling(temperature=0.7, top_k=10, top_p=0.8, repetition_penalty=1.3)
+    ours = next_token(logits, seen, s, torch.Generator().manual_seed(5))
+    assert torch.equal(ours, expected)

@@ -28,61 +28,51 @@ def causal_mask(q_len: int, k_len: int, device=None) -> torch.Tensor:
     return k_pos <= q_pos
 
 
-def build_mask(
-    q_len: int,
-    k_len: int,
-    *,
-    causal: bool,
-    key_padding: torch.Tensor | None = None,
-    device=None,
-) -> torch.Tensor | None:
-    """Combine the causal and padding masks into one boolean (B|1, 1, q_len, k_len) mask.
-
-    key_padding: (B, k_len) bool, True for real tokens and False for padding. None if no mask.
-    """
-    mask = None
-    if causal:
-        mask = causal_mask(q_len, k_len, device)[None, None]
-    if key_padding is not None:
-        pad = key_padding[:, None, None, :].to(torch.bool)
-        mask = pad if mask is None else mask & pad
-    return mask
-
-
 def attention_math(q, k, v, mask: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(d) + M) v written out, the reference for the fused path.
 
     q: (B, H, Tq, d); k, v: (B, H, Tk, d); mask: bool, broadcastable to (B, H, Tq, Tk).
+    A query that may see no key at all gets 0, as in the fused kernel.
     """
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, H, Tq, Tk)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
+    weights = torch.softmax(scores.float(), dim=-1).nan_to_num(0.0)  # all -inf rows -> 0
+    return weights.to(q.dtype) @ v
 
 
 def attention(q, k, v, *, mask=None, is_causal=False, impl: str = "sdpa") -> torch.Tensor:
     """Scaled dot-product attention with grouped-query heads.
 
-    q: (B, H, Tq, d); k, v: (B, Hkv, Tk, d) with H a multiple of Hkv. `is_causal` is a shortcut
-    for the square causal mask (used when there is no cache and no padding). `impl` is "sdpa"
-    (PyTorch's fused kernel) or "math" (attention_math); tests prove the two equal.
+    q: (B, H, Tq, d); k, v: (B, Hkv, Tk, d) with H a multiple of Hkv. `mask` is boolean
+    (True = may attend). `is_causal` adds the causal mask, aligned so that the Tq queries are
+    the last Tq of the Tk positions (as with a KV cache). `impl` is "sdpa" (PyTorch's fused
+    kernel) or "math" (attention_math); tests prove the two equal.
     """
     n_rep = q.size(1) // k.size(1)
     if n_rep > 1:  # each K/V head serves n_rep query heads
         k = k.repeat_interleave(n_rep, dim=1)
         v = v.repeat_interleave(n_rep, dim=1)
+    Tq, Tk = q.size(2), k.size(2)
+    if is_causal and (mask is not None or Tq != Tk or impl == "math"):
+        causal = causal_mask(Tq, Tk, q.device)
+        mask, is_causal = (causal if mask is None else mask & causal), False
     if impl == "math":
-        if is_causal:
-            mask = causal_mask(q.size(2), k.size(2), q.device)
         return attention_math(q, k, v, mask)
-    if is_causal and mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if mask is not None:
+        # the fused kernel gives a query that sees no key NaN or 0 depending on the backend;
+        # let it see all keys, then zero its output, as attention_math does
+        empty = ~mask.any(-1, keepdim=True)
+        if empty.any():
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | empty)
+            return out.masked_fill(empty, 0.0)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
 
 
 def rope_frequencies(head_dim: int, max_len: int, theta: float = 10000.0) -> torch.Tensor:
     """Rotations e^{i p theta_j}, theta_j = theta^(-2j/head_dim), as a real (max_len, head_dim/2, 2)
-    tensor of (cos, sin) pairs (complex buffers would not survive a module's .to(dtype))."""
+    tensor of (cos, sin) pairs; the trunk keeps it in fp32 whatever the model's dtype."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
     angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (T, d/2)
     return torch.stack([angles.cos(), angles.sin()], dim=-1)
@@ -141,11 +131,8 @@ class SelfAttention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
         if cache is not None:
             k, v = cache.update(pos, k, v)
-        square = k.size(2) == T
-        if causal and square and key_padding is None:
-            y = attention(q, k, v, is_causal=True, impl=self.impl)
-        else:
-            mask = build_mask(T, k.size(2), causal=causal, key_padding=key_padding, device=x.device)
-            y = attention(q, k, v, mask=mask, impl=self.impl)
+        # key_padding (B, Tk): True for real tokens -> (B, 1, 1, Tk), broadcast over heads/queries
+        mask = None if key_padding is None else key_padding[:, None, None, :].to(torch.bool)
+        y = attention(q, k, v, mask=mask, is_causal=causal, impl=self.impl)
         y = y.transpose(1, 2).reshape(B, T, H * hd)  # (B, T, H*hd)
         return self.dropout(self.wo(y))

@@ -86,7 +86,8 @@ class ModelConfig:
             return self.d_ff
         if self.mlp != "swiglu":
             return 4 * self.d_model
-        return 32 * round(8 * self.d_model / 3 / 32)  # SwiGLU: same parameters as a 4d GELU MLP
+        # SwiGLU: 8/3 d rounded to a multiple of 32 has the parameters of a 4 d GELU MLP
+        return 32 * max(1, round(8 * self.d_model / 3 / 32))
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
@@ -120,11 +121,9 @@ class Transformer(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
-        if cfg.positions == "rope":
-            self.register_buffer("rope", rope_frequencies(cfg.head_dim, cfg.context,
-                                                          cfg.rope_theta), persistent=False)
-        else:
-            self.rope = None
+        # the rotation table stays fp32 (a plain attribute, so module.to(dtype) leaves it alone)
+        self.rope = (rope_frequencies(cfg.head_dim, cfg.context, cfg.rope_theta)
+                     if cfg.positions == "rope" else None)
 
     def forward(self, x, *, causal: bool = True, key_padding=None, cache=None, pos: int = 0):
         """x: (B, T, d) token embeddings; `cache` a list of KVCache (one per block) and `pos` the
@@ -134,6 +133,8 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence of {pos + T} tokens exceeds the context {self.cfg.context}")
         if self.pos_emb is not None:
             x = x + self.pos_emb[pos:pos + T]
+        if self.rope is not None and self.rope.device != x.device:
+            self.rope = self.rope.to(x.device)
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
             x = block(x, rope=self.rope, causal=causal, key_padding=key_padding,

@@ -1,14 +1,15 @@
 """Autoregressive decoding with a KV cache, and the sampling rules applied to each step.
 
-x_{t+1} ~ softmax(f(logits_t) / T), where f applies, in this order (Hugging Face's order):
+x_{t+1} ~ softmax(top_p(top_k(penalise(logits_t) / T))), in Hugging Face's order:
   repetition penalty r: a logit l of a token already in the sequence becomes l / r if l > 0, else l r
   temperature T (T = 0 means greedy: argmax)
   top-k: keep the k largest logits
   top-p (nucleus): keep the smallest set of tokens whose probabilities sum to at least p
 The KV cache keeps each layer's keys and values, so a step feeds one token instead of the whole
 prefix; `use_cache=False` recomputes the prefix (nanoGPT's way) and is tested to give the same
-tokens. When the sequence reaches the context, the cache keeps the last half and goes on
-(llama.cpp's context shift); the recompute path slides a full-context window instead.
+tokens. When the sequence fills the context, a fresh cache is filled with the last half of the
+tokens and decoding goes on from there (the effect of llama.cpp's context shift); the
+recompute path slides a full-context window instead, so past the context the two differ.
 """
 
 from __future__ import annotations

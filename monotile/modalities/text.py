@@ -1,6 +1,6 @@
 """Text: a tokenizer, a causal language model on the trunk, and next-token prediction.
 
-Model:   logits = Norm(Trunk(E[x] (+ P))) E^T      (E the token embedding, tied to the head)
+Model:   logits = Trunk(E[x]) W_out^T                (E the token embedding; W_out = E when tied)
 Loss:    L = -(1/N) sum_t log p(x_{t+1} | x_<=t)    (cross-entropy of the next token, in nats)
 Metrics: perplexity = exp(L);  bits per byte = sum_t -log2 p(x_{t+1} | x_<=t) / (UTF-8 bytes of
          the predicted tokens), which compares models across tokenizers.
