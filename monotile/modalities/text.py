@@ -154,15 +154,16 @@ class TextTask:
         if self.config.eval_tokens is not None:
             data = data[: self.config.eval_tokens + 1]
         device = next(model.parameters()).device
-        token_bytes = torch.tensor(self.tokenizer.token_bytes(), dtype=torch.float64)
+        token_bytes = torch.tensor(self.tokenizer.token_bytes(), dtype=torch.float64,
+                                   device=device)
         starts = list(range(0, len(data) - 1, T))
         nll, count, n_bytes = 0.0, 0, 0.0
         for i in tqdm(range(0, len(starts), batch_size), disable=not progress, desc="eval",
                       unit="batch"):
             chunk = [data[s:s + T + 1] for s in starts[i:i + batch_size]]
             for window in _same_length(chunk):
-                x, y = window[:, :-1].to(device), window[:, 1:]
-                logits = model(x).float().cpu()
+                x, y = window[:, :-1].to(device), window[:, 1:].to(device)
+                logits = model(x).float()
                 nll += F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1),
                                        reduction="sum").item()
                 count += y.numel()
