@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from monotile.core.attention import (SelfAttention, apply_rope, attention, attention_math,
-                                     causal_mask, rope_frequencies)
+                                     causal_mask, qkv_rotations, rope_frequencies)
 from monotile.core.transformer import ModelConfig, Transformer
 
 
@@ -115,6 +115,14 @@ def test_rope_is_a_rotation_of_each_pair():
     expected = [math.cos(angle0), math.sin(angle0),
                 -2 * math.sin(angle1), 2 * math.cos(angle1)]
     torch.testing.assert_close(apply_rope(x, freqs)[0], torch.tensor(expected))
+
+
+def test_one_pass_over_fused_qkv_rotates_q_and_k_and_leaves_v_alone():
+    qkv = torch.randn(2, 10, 4 + 2 * 2, 16)  # (B, T, H + 2 Hkv, d) with H = 4, Hkv = 2
+    freqs = rope_frequencies(16, 10)
+    out = apply_rope(qkv, qkv_rotations(freqs, 4 + 2, 2))
+    torch.testing.assert_close(out[:, :, :6], apply_rope(qkv[:, :, :6], freqs[:, None]))
+    torch.testing.assert_close(out[:, :, 6:], qkv[:, :, 6:])
 
 
 def test_rope_scores_depend_only_on_relative_position():

@@ -78,10 +78,19 @@ def rope_frequencies(head_dim: int, max_len: int, theta: float = 10000.0) -> tor
     return torch.stack([angles.cos(), angles.sin()], dim=-1)
 
 
+def qkv_rotations(freqs: torch.Tensor, n_rotated: int, n_identity: int) -> torch.Tensor:
+    """(T, d/2, 2) rotations -> (T, n_rotated + n_identity, d/2, 2) for the heads of a fused
+    q|k|v tensor: the q and k heads rotate, the v heads get the identity (cos 1, sin 0)."""
+    T, half, _ = freqs.shape
+    identity = freqs.new_zeros(T, n_identity, half, 2)
+    identity[..., 0] = 1.0
+    return torch.cat([freqs[:, None].expand(T, n_rotated, half, 2), identity], dim=1)
+
+
 def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     """Rotate each pair (x_2j, x_2j+1) of the last dim by the angle p theta_j: as complex numbers,
     (x_2j + i x_2j+1) e^{i p theta_j} (RoFormer, Meta's Llama). x: (..., T, heads, d) with
-    freqs (T, 1, d/2, 2), or (..., T, d) with freqs (T, d/2, 2).
+    freqs (T, heads or 1, d/2, 2), or (..., T, d) with freqs (T, d/2, 2).
 
     Hugging Face's Llama pairs x_j with x_{j+d/2} instead; the two layouts are the same
     rotation after permuting the rows of Wq and Wk (tests/test_attention.py checks this)."""
@@ -124,10 +133,9 @@ class SelfAttention(nn.Module):
         B, T, _ = x.shape
         H, Hkv, hd = self.n_head, self.n_kv_head, self.head_dim
         qkv = self.qkv(x).view(B, T, H + 2 * Hkv, hd)  # q heads, then k heads, then v heads
-        qk, v = qkv.split([H + Hkv, Hkv], dim=2)
-        if rope is not None:  # rotate q and k together: one pass over both
-            qk = apply_rope(qk, rope[pos:pos + T, None])
-        q, k = qk.split([H, Hkv], dim=2)
+        if rope is not None:  # (T, H + 2 Hkv, hd/2, 2): q, k rotate, v gets the identity
+            qkv = apply_rope(qkv, rope)
+        q, k, v = qkv.split([H, Hkv, Hkv], dim=2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
         if cache is not None:
             k, v = cache.update(pos, k, v)

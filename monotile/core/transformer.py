@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .attention import KVCache, SelfAttention, rope_frequencies
+from .attention import KVCache, SelfAttention, qkv_rotations, rope_frequencies
 from .layers import make_mlp, make_norm
 
 
@@ -136,8 +136,12 @@ class Transformer(nn.Module):
         if self.rope is not None and self.rope.device != x.device:
             self.rope = self.rope.to(x.device)
         x = self.drop(x)
+        rope = None
+        if self.rope is not None:  # one table for all blocks, for the positions of x
+            rope = qkv_rotations(self.rope[pos:pos + T], self.cfg.n_head + self.cfg.kv_heads,
+                                 self.cfg.kv_heads)
         for i, block in enumerate(self.blocks):
-            x = block(x, rope=self.rope, causal=causal, key_padding=key_padding,
+            x = block(x, rope=rope, causal=causal, key_padding=key_padding,
                       cache=None if cache is None else cache[i], pos=pos)
         return self.norm(x)
 
