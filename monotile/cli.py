@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import warnings
 
@@ -108,11 +109,20 @@ def _cmd_eval(a) -> None:
             print(f"{k:>14}  {v:.4f}" if isinstance(v, float) else f"{k:>14}  {v}")
 
 
+def unescape(text: str) -> str:
+    """\\n, \\t and \\\\ typed on a command line become a newline, a tab and a backslash
+    (llama.cpp's --escape), so `--stop "\\n\\n"` means a blank line."""
+    return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)],
+                  text)
+
+
 def _cmd_generate(a) -> None:
     from .run import load
     run = load(a.run, checkpoint=a.checkpoint)
+    a.prompt = unescape(a.prompt)
+    stop = [unescape(s) for s in a.stop] if a.stop else None
     options = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
-                   top_p=a.top_p, repetition_penalty=a.repetition_penalty, stop=a.stop,
+                   top_p=a.top_p, repetition_penalty=a.repetition_penalty, stop=stop,
                    seed=a.seed)
     if a.json:
         _print_json({"prompt": a.prompt, "text": run.generate(a.prompt, **options)})

@@ -174,3 +174,12 @@ def test_data_command_lists_the_data_sets():
     assert r.returncode == 0, r.stderr
     rows = {row["name"]: row for row in json.loads(r.stdout)}
     assert rows["tinyshakespeare/input.txt"]["path"].endswith("tinyshakespeare/input.txt")
+
+
+def test_cli_stop_and_prompt_understand_backslash_escapes(tiny_run):
+    free = tiny_run.generate("First\n", max_new_tokens=80, temperature=0)
+    assert "\n" in free
+    r = cli("generate", str(tiny_run.dir), "--prompt", r"First\n", "--max-new-tokens", "80",
+            "--temperature", "0", "--stop", r"\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == free[:free.index("\n")] + "\n"
