@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
-from monotile.core.attention import (SelfAttention, apply_rope, attention, attention_math,
-                                     causal_mask, qkv_rotations, rope_frequencies)
+from monotile.core.attention import (SelfAttention, apply_rope, apply_rope_real, attention,
+                                     attention_math, causal_mask, qkv_rotations,
+                                     rope_frequencies)
 from monotile.core.transformer import ModelConfig, Transformer
 
 
@@ -115,6 +116,12 @@ def test_rope_is_a_rotation_of_each_pair():
     expected = [math.cos(angle0), math.sin(angle0),
                 -2 * math.sin(angle1), 2 * math.cos(angle1)]
     torch.testing.assert_close(apply_rope(x, freqs)[0], torch.tensor(expected))
+
+
+def test_rope_in_real_arithmetic_equals_the_complex_multiply():
+    qkv = torch.randn(2, 10, 8, 16)
+    rot = qkv_rotations(rope_frequencies(16, 10), 6, 2)
+    torch.testing.assert_close(apply_rope_real(qkv, rot), apply_rope(qkv, rot))
 
 
 def test_one_pass_over_fused_qkv_rotates_q_and_k_and_leaves_v_alone():

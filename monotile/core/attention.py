@@ -94,9 +94,18 @@ def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
 
     Hugging Face's Llama pairs x_j with x_{j+d/2} instead; the two layouts are the same
     rotation after permuting the rows of Wq and Wk (tests/test_attention.py checks this)."""
+    if torch.compiler.is_compiling():  # inductor generates no kernels for complex numbers
+        return apply_rope_real(x, freqs)
     xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (..., d/2) complex
     rotation = torch.view_as_complex(freqs.float())
     return torch.view_as_real(xc * rotation).flatten(-2).type_as(x)
+
+
+def apply_rope_real(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """The same rotation in real arithmetic: (a, b) -> (a cos - b sin, a sin + b cos)."""
+    a, b = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (..., d/2) each
+    cos, sin = freqs.float().unbind(-1)
+    return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2).type_as(x)
 
 class KVCache:
     """Preallocated keys and values of one layer, (B, Hkv, max_len, d), written at `pos`."""
