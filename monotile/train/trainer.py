@@ -148,12 +148,11 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
 
 
 def fit(task, model: nn.Module, cfg: TrainConfig, run_dir: Path, *, state: dict | None = None,
-        optimizer_path: Path | None = None, until_step: int | None = None,
-        quiet: bool = False) -> dict:
+        until_step: int | None = None, quiet: bool = False) -> dict:
     """Train `model` on `task` from `state` (None: from scratch) to cfg.max_steps, or to
     `until_step` if given. Returns the trainer state; checkpoints live in `run_dir`."""
     run_dir = Path(run_dir)
-    device = model_device = next(model.parameters()).device
+    device = next(model.parameters()).device
     amp = autocast_dtype(cfg.dtype, device)
     opt = make_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay,
                          beta1=cfg.beta1, beta2=cfg.beta2)
@@ -161,11 +160,11 @@ def fit(task, model: nn.Module, cfg: TrainConfig, run_dir: Path, *, state: dict 
     if state is None:
         state = {"step": 0, "best": None, "tokens": 0, "elapsed_s": 0.0}
     else:
-        load_optimizer(opt, optimizer_path or run_dir / "optimizer.safetensors")
+        load_optimizer(opt, run_dir / "optimizer.safetensors")
         data_rng.set_state(rng_from_str(state["data_rng"]))
         torch.set_rng_state(rng_from_str(state["torch_rng"]))
         if torch.cuda.is_available() and state.get("cuda_rng"):
-            torch.cuda.set_rng_state(rng_from_str(state["cuda_rng"]), device=model_device)
+            torch.cuda.set_rng_state(rng_from_str(state["cuda_rng"]), device=device)
         truncate_metrics(run_dir, state["step"])
     end = min(cfg.max_steps, until_step) if until_step is not None else cfg.max_steps
     decay_steps = cfg.decay_steps or cfg.max_steps
@@ -214,19 +213,14 @@ def fit(task, model: nn.Module, cfg: TrainConfig, run_dir: Path, *, state: dict 
                        decay_steps=decay_steps)
             for group in opt.param_groups:
                 group["lr"] = lr
-            loss_sum = 0.0
+            loss_sum = torch.zeros((), device=device)  # summed on the device: no sync per step
             for _ in range(cfg.grad_accum):
                 batch = to_device(next(batches), device)
                 with _autocast(device, amp):
                     loss = task.loss(forward_model, batch) / cfg.grad_accum
                 loss.backward()
-                loss_sum += loss.item()
+                loss_sum += loss.detach()
                 state["tokens"] += task.tokens(batch)
-            if not math.isfinite(loss_sum):
-                bar.close()
-                raise MonotileError(
-                    f"the loss became {loss_sum} at step {step}: training diverged; lower "
-                    f"lr (now {cfg.lr}) or raise warmup_steps, and train again")
             if cfg.grad_clip > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
@@ -236,6 +230,12 @@ def fit(task, model: nn.Module, cfg: TrainConfig, run_dir: Path, *, state: dict 
             bar.update(1)
 
             if step % cfg.log_interval == 0 or step == end:
+                loss_sum = loss_sum.item()  # the one host sync per log interval
+                if not math.isfinite(loss_sum):
+                    bar.close()
+                    raise MonotileError(
+                        f"the loss became {loss_sum} by step {step}: training diverged; lower "
+                        f"lr (now {cfg.lr}) or raise warmup_steps, and train again")
                 now = time.perf_counter()
                 tok_s = (state["tokens"] - tokens_last) / max(now - t_last, 1e-9)
                 _append_metrics(run_dir, {"step": step, "loss": loss_sum, "lr": lr,
