@@ -54,18 +54,19 @@ def attention(q, k, v, *, mask=None, is_causal=False, impl: str = "sdpa") -> tor
         k = k.repeat_interleave(n_rep, dim=1)
         v = v.repeat_interleave(n_rep, dim=1)
     Tq, Tk = q.size(2), k.size(2)
+    padded = mask is not None  # only a caller's (padding) mask can leave a query no key
     if is_causal and (mask is not None or Tq != Tk or impl == "math"):
         causal = causal_mask(Tq, Tk, q.device)
         mask, is_causal = (causal if mask is None else mask & causal), False
     if impl == "math":
         return attention_math(q, k, v, mask)
-    if mask is not None:
+    if padded:
         # the fused kernel gives a query that sees no key NaN or 0 depending on the backend;
         # let it see all keys, then zero its output, as attention_math does
         empty = ~mask.any(-1, keepdim=True)
-        if empty.any():
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | empty)
-            return out.masked_fill(empty, 0.0)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | empty)
+        return out.masked_fill(empty, 0.0)
+    if mask is not None:  # the causal mask of a KV-cache step
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
 
