@@ -101,17 +101,12 @@ class Run:
         self.state: dict = {}
 
     @property
-    def model_config(self) -> ModelConfig:
-        return self.configs["model"]
-
-    @property
     def train_config(self) -> TrainConfig:
         return self.configs["train"]
 
     def evaluate(self, progress: bool = False) -> dict[str, float]:
         self.model.eval()
-        with torch.no_grad():
-            return self.task.evaluate(self.model, progress=progress)
+        return self.task.evaluate(self.model, progress=progress)
 
     def stream(self, prompt: str, *, max_new_tokens: int = 200, temperature: float = 1.0,
                top_k: int | None = None, top_p: float | None = None,

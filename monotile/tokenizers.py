@@ -9,6 +9,7 @@ the file format the rest of the ecosystem reads.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
@@ -68,8 +69,9 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(list(ids))
 
+    @functools.cache
     def token_bytes(self) -> list[int]:
-        """UTF-8 length in bytes of each token id, for bits per byte."""
+        """UTF-8 length in bytes of each token id, for bits per byte (computed once)."""
         out = [0] * self.vocab_size
         for token, i in self.tok.get_vocab().items():
             # byte-level tokens spell one byte per character (GPT-2's byte-to-unicode map)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .checkpoint import atomic_write
+
 
 def plot_loss_curve(run_dir: Path) -> Path | None:
     """Training loss per logged step and the evaluation metric per evaluation -> plots/loss.png."""
@@ -32,8 +34,6 @@ def plot_loss_curve(run_dir: Path) -> Path | None:
     ax.legend()
     out = Path(run_dir) / "plots" / "loss.png"
     out.parent.mkdir(exist_ok=True)
-    tmp = out.with_name(".loss.png.tmp")
-    fig.savefig(tmp, format="png", bbox_inches="tight")
+    atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight"))
     plt.close(fig)
-    tmp.replace(out)
     return out

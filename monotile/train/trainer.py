@@ -184,7 +184,7 @@ def fit(task, model: nn.Module, cfg: TrainConfig, run_dir: Path, *, state: dict 
 
     def evaluate(step: int):
         model.eval()
-        with torch.no_grad(), _autocast(device, amp):
+        with _autocast(device, amp):
             results = task.evaluate(model)
         model.train()
         _append_metrics(run_dir, {"step": step, "eval": results})
