@@ -184,7 +184,6 @@ def train(task: str, preset: str | None = None, *, out: str | Path | None = None
         print(f"run {run_dir}: {run.parameters():,} parameters on {device}")
     run.state = fit(task_obj, model, configs["train"], run_dir, until_step=until_step,
                     quiet=quiet)
-    _finish(run)
     return run
 
 
@@ -202,7 +201,6 @@ def resume(run_dir: str | Path, *, quiet: bool = False, until_step: int | None =
     run.model.train()
     run.state = fit(run.task, run.model, run.train_config, run.dir, state=state,
                     until_step=until_step, quiet=quiet)
-    _finish(run)
     return run
 
 
@@ -232,11 +230,6 @@ def load(run_dir: str | Path, *, checkpoint: str = "last", device: str | None = 
     load_model_weights(model, run_dir / name)
     model.to(pick_device(device or configs["train"].device)).eval()
     return Run(run_dir, meta, configs, task, model)
-
-
-def _finish(run: Run) -> None:
-    from .train.plots import plot_loss_curve
-    plot_loss_curve(run.dir)
 
 
 def _config_json(meta: dict, configs: dict) -> dict:

@@ -8,15 +8,15 @@ from pathlib import Path
 from .checkpoint import atomic_write
 
 
-def plot_loss_curve(run_dir: Path) -> Path | None:
-    """Training loss per logged step and the evaluation metric per evaluation -> plots/loss.png."""
+def plot_loss_curve(run_dir: Path, metric: str) -> Path | None:
+    """Training loss per logged step and the task's evaluation `metric` per evaluation (on a
+    second axis unless it is itself a loss) -> plots/loss.png."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return None
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    evals = [(r["step"], r["eval"]["val_loss"]) for r in records
-             if "val_loss" in r.get("eval", {})]
+    evals = [(r["step"], r["eval"][metric]) for r in records if metric in r.get("eval", {})]
     if not train:
         return None
     import matplotlib
@@ -26,9 +26,13 @@ def plot_loss_curve(run_dir: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     ax.plot(*zip(*train), label="train loss", lw=1)
     if evals:
-        ax.plot(*zip(*evals), "o-", label="validation loss")
+        eval_ax = ax if metric.endswith("loss") else ax.twinx()
+        eval_ax.plot(*zip(*evals), "o-", color="C1", label=metric)
+        if eval_ax is not ax:
+            eval_ax.set_ylabel(metric)
+            eval_ax.legend(loc="upper center")
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats / token)")
+    ax.set_ylabel("training loss")
     ax.set_title(Path(run_dir).name)
     ax.grid(alpha=0.3)
     ax.legend()

@@ -25,6 +25,7 @@ from ..errors import ConfigError, MonotileError
 from .checkpoint import (load_optimizer, model_tensors, rng_from_str, rng_to_str,
                          save_checkpoint, save_tensors)
 from .optim import lr_at, make_optimizer
+from .plots import plot_loss_curve
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -256,6 +257,7 @@ def fit(task, model: nn.Module, cfg: TrainConfig, run_dir: Path, *, state: dict 
                 interrupted = True
                 break
     bar.close()
+    plot_loss_curve(run_dir, metric)
     state["interrupted"] = interrupted
     state["last_eval"] = last_eval
     return state
