@@ -79,6 +79,15 @@ def test_python_api_load_generate_evaluate(tiny_run):
     assert "".join(run.stream("ROMEO:", max_new_tokens=30, temperature=0.8, seed=7)) == a
 
 
+def test_stream_yields_the_text_piece_by_piece_as_it_is_produced(tiny_run):
+    pieces = tiny_run.stream("ROMEO:", max_new_tokens=30, temperature=0.8, seed=7)
+    first = next(pieces)  # available before the rest has been generated
+    rest = list(pieces)
+    assert first and len(rest) >= 10
+    assert first + "".join(rest) == tiny_run.generate("ROMEO:", max_new_tokens=30,
+                                                      temperature=0.8, seed=7)
+
+
 def test_stop_string_ends_the_text_before_it(tiny_run):
     free = tiny_run.generate("First", max_new_tokens=60, temperature=0)
     stop = free[20:23]
