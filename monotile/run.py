@@ -108,6 +108,17 @@ class Run:
         self.model.eval()
         return self.task.evaluate(self.model, progress=progress)
 
+    def report(self, *, data: str | None = None, progress: bool = False) -> dict:
+        """The full evaluation `monotile eval` prints: the task's report (per-class figures,
+        plots in RUN/plots/) where it has one, else evaluate(); `data` evaluates other data."""
+        self.model.eval()
+        if hasattr(self.task, "report"):
+            return self.task.report(self.model, self.dir, data=data, progress=progress)
+        if data is not None:
+            raise ConfigError(f"--data is not supported by `eval` for {self.meta['task']} runs; "
+                              "it evaluates on the run's own validation split")
+        return self.task.evaluate(self.model, progress=progress)
+
     def stream(self, prompt: str, *, max_new_tokens: int = 200, temperature: float = 1.0,
                top_k: int | None = None, top_p: float | None = None,
                repetition_penalty: float = 1.0, stop: str | list[str] | None = None,
@@ -123,7 +134,9 @@ class Run:
         """The continuation of `prompt` (options as for `stream`)."""
         return "".join(self.stream(prompt, **options))
 
-    def predict(self, inputs: list, **options) -> list:
+    def predict(self, inputs: list, **options):
+        """What the task makes of `inputs` (image files -> top-k classes, prompts -> text)."""
+        self.model.eval()
         return self.task.predict(self.model, inputs, **options)
 
     def parameters(self) -> int:
@@ -190,6 +203,8 @@ def train(task: str, preset: str | None = None, *, out: str | Path | None = None
 def resume(run_dir: str | Path, *, quiet: bool = False, until_step: int | None = None) -> Run:
     """Continue a stopped run from its last checkpoint to its max_steps."""
     run = load(run_dir, checkpoint="last")
+    if run.train_config.ema > 0:  # training continues from the raw weights, not the average
+        load_model_weights(run.model, run.dir / "model.safetensors")
     state = _read_json(run.dir / "trainer_state.json")
     if state["step"] >= run.train_config.max_steps:
         if not quiet:
@@ -225,6 +240,8 @@ def load(run_dir: str | Path, *, checkpoint: str = "last", device: str | None = 
     task = task_class(task_name).load(configs[task_name], configs["model"], run_dir)
     model = task.build_model(configs["model"])
     name = {"last": "model.safetensors", "best": "best.safetensors"}.get(checkpoint)
+    if name == "model.safetensors" and configs["train"].ema > 0:
+        name = "ema.safetensors"  # the moving average is what training evaluated and kept
     if name is None:
         raise ConfigError(f"checkpoint={checkpoint!r} is invalid: choose last or best")
     load_model_weights(model, run_dir / name)

@@ -4,6 +4,7 @@ LayerNorm(x) = (x - mean(x)) / sqrt(var(x) + eps) * g + b      (Ba et al. 2016)
 RMSNorm(x)   = x / sqrt(mean(x^2) + eps) * g                    (Zhang & Sennrich 2019)
 GELU MLP     = W2 gelu(W1 x), gelu(x) = x Phi(x)                (GPT-2 uses the tanh approximation)
 SwiGLU MLP   = W2 (silu(W1 x) * W3 x)                           (Shazeer 2020, Llama)
+DropPath     = x * b / (1 - p), b ~ Bernoulli(1 - p) per sample  (stochastic depth, Huang 2016)
 """
 
 from __future__ import annotations
@@ -88,3 +89,19 @@ def make_mlp(kind: str, dim: int, hidden: int, bias: bool) -> nn.Module:
         case "swiglu":
             return SwiGLU(dim, hidden, bias)
     raise ValueError(f"unknown mlp {kind!r}")
+
+
+class DropPath(nn.Module):
+    """Stochastic depth on a residual branch: during training each sample's branch output is
+    dropped with probability p and scaled by 1 / (1 - p) otherwise, so its expectation is
+    unchanged; at evaluation it is the identity (Huang et al. 2016; timm's DropPath)."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = x.new_empty((x.size(0),) + (1,) * (x.dim() - 1)).bernoulli_(1.0 - self.p)
+        return x * keep / (1.0 - self.p)

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .attention import KVCache, SelfAttention, qkv_rotations, rope_frequencies
-from .layers import make_mlp, make_norm
+from .layers import DropPath, make_mlp, make_norm
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,6 +43,7 @@ class ModelConfig:
     bias: bool = True
     tie_embeddings: bool = True
     dropout: float = 0.0
+    drop_path: float = 0.0        # stochastic depth of the last block; block i gets i/(L-1) of it
 
     def __post_init__(self):
         def bad(name, value, fix):
@@ -69,6 +70,8 @@ class ModelConfig:
             bad("positions", self.positions, "choose learned, rope or none")
         if not 0.0 <= self.dropout < 1.0:
             bad("dropout", self.dropout, "it must be in [0, 1)")
+        if not 0.0 <= self.drop_path < 1.0:
+            bad("drop_path", self.drop_path, "it must be in [0, 1)")
         if self.norm_eps <= 0 or self.rope_theta <= 0:
             bad("norm_eps/rope_theta", (self.norm_eps, self.rope_theta), "both must be > 0")
 
@@ -94,20 +97,22 @@ class ModelConfig:
 
 
 class Block(nn.Module):
-    """h = x + attn(norm1(x)); out = h + mlp(norm2(h))."""
+    """h = x + attn(norm1(x)); out = h + mlp(norm2(h)); each branch through DropPath when
+    stochastic depth is on."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, drop_path: float = 0.0):
         super().__init__()
         self.norm1 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
         self.attn = SelfAttention(cfg.d_model, cfg.n_head, cfg.kv_heads, cfg.bias, cfg.dropout)
         self.norm2 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
         self.mlp = make_mlp(cfg.mlp, cfg.d_model, cfg.hidden, cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
+        self.drop_path = DropPath(drop_path)
 
     def forward(self, x, *, rope=None, causal=True, key_padding=None, cache=None, pos=0):
-        x = x + self.attn(self.norm1(x), rope=rope, causal=causal, key_padding=key_padding,
-                          cache=cache, pos=pos)
-        return x + self.dropout(self.mlp(self.norm2(x)))
+        x = x + self.drop_path(self.attn(self.norm1(x), rope=rope, causal=causal,
+                                         key_padding=key_padding, cache=cache, pos=pos))
+        return x + self.drop_path(self.dropout(self.mlp(self.norm2(x))))
 
 
 class Transformer(nn.Module):
@@ -119,7 +124,9 @@ class Transformer(nn.Module):
         self.pos_emb = (nn.Parameter(torch.zeros(cfg.context, cfg.d_model))
                         if cfg.positions == "learned" else None)
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        # stochastic depth grows linearly with depth: 0 for the first block, drop_path for the last
+        rates = [cfg.drop_path * i / max(1, cfg.n_layer - 1) for i in range(cfg.n_layer)]
+        self.blocks = nn.ModuleList(Block(cfg, rate) for rate in rates)
         self.norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
         # the rotation table stays fp32 (a plain attribute, so module.to(dtype) leaves it alone)
         self.rope = (rope_frequencies(cfg.head_dim, cfg.context, cfg.rope_theta)
@@ -129,7 +136,7 @@ class Transformer(nn.Module):
         """x: (B, T, d) token embeddings; `cache` a list of KVCache (one per block) and `pos` the
         absolute position of x[:, 0] when decoding step by step."""
         T = x.size(1)
-        if pos + T > self.cfg.context:
+        if (self.pos_emb is not None or self.rope is not None) and pos + T > self.cfg.context:
             raise ValueError(f"sequence of {pos + T} tokens exceeds the context {self.cfg.context}")
         if self.pos_emb is not None:
             x = x + self.pos_emb[pos:pos + T]
@@ -158,9 +165,11 @@ class Transformer(nn.Module):
             block.attn.impl = impl
 
 
-def init_weights(model: nn.Module, n_layer: int, std: float = 0.02) -> None:
+def init_weights(model: nn.Module, n_layer: int, std: float = 0.02, *,
+                 scaled_residuals: bool = True) -> None:
     """GPT-2 init: Linear and Embedding weights ~ N(0, std), biases 0, norms 1, and the
-    residual projections (attention wo, MLP fc2/down) ~ N(0, std / sqrt(2 n_layer))."""
+    residual projections (attention wo, MLP fc2/down) ~ N(0, std / sqrt(2 n_layer)).
+    scaled_residuals=False keeps those at N(0, std) too (ViT's init, as in transformers)."""
     for name, p in model.named_parameters():
         if p.dim() < 2:
             if name.endswith("weight"):  # norm gains
@@ -169,7 +178,7 @@ def init_weights(model: nn.Module, n_layer: int, std: float = 0.02) -> None:
                 nn.init.zeros_(p)
             continue
         last = name.rsplit(".", 2)[-2] if "." in name else name
-        scaled = last in ("wo", "fc2", "down")
+        scaled = scaled_residuals and last in ("wo", "fc2", "down")
         nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * n_layer) if scaled else std)
 
 

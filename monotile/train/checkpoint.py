@@ -23,7 +23,8 @@ from torch import nn
 from ..errors import CheckpointError
 
 JOURNAL = ".checkpoint.tmp"
-RESUME_FILES = ("model.safetensors", "optimizer.safetensors", "trainer_state.json")
+RESUME_FILES = ("model.safetensors", "ema.safetensors", "optimizer.safetensors",
+                "trainer_state.json")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -155,8 +156,9 @@ def rng_from_str(s: str) -> torch.Tensor:
 # ---- the resumable triple ---------------------------------------------------------------------
 
 def save_checkpoint(run_dir: Path, model: nn.Module, opt: torch.optim.Optimizer,
-                    state: dict) -> None:
-    """Write model, optimizer and trainer state as one unit (journal, COMPLETE mark, renames)."""
+                    state: dict, ema: nn.Module | None = None) -> None:
+    """Write model, optimizer, trainer state (and the weights' moving average, if kept) as one
+    unit (journal, COMPLETE mark, renames)."""
     run_dir = Path(run_dir)
     journal = run_dir / JOURNAL
     shutil.rmtree(journal, ignore_errors=True)
@@ -164,6 +166,9 @@ def save_checkpoint(run_dir: Path, model: nn.Module, opt: torch.optim.Optimizer,
     step = str(state["step"])
     save_tensors(journal / "model.safetensors", model_tensors(model),
                  {"step": step, "format": "pt"})
+    if ema is not None:
+        save_tensors(journal / "ema.safetensors", model_tensors(ema),
+                     {"step": step, "format": "pt"})
     opt_t, opt_meta = optimizer_tensors(opt)
     save_tensors(journal / "optimizer.safetensors", opt_t,
                  {"step": step, "optimizer": json.dumps(opt_meta)})

@@ -15,15 +15,17 @@ from torch import nn
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay only matrices of Linear layers; norms, biases and embeddings are not decayed
-    (they are 1-D, or tables looked up rather than multiplied)."""
+    """Decay only matrices of Linear layers; norms, biases and embeddings (token tables,
+    position tables, a CLS token) are not decayed: they are 1-D, or added rather than
+    multiplied."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     decay, no_decay, seen = [], [], set()
     for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        is_matrix = p.dim() >= 2 and id(p) not in embeddings and not name.endswith("pos_emb")
+        is_matrix = (p.dim() >= 2 and id(p) not in embeddings
+                     and not name.endswith(("pos_emb", "cls_token")))
         (decay if is_matrix else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]

@@ -22,8 +22,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, MonotileError
-from .checkpoint import (load_optimizer, model_tensors, rng_from_str, rng_to_str,
-                         save_checkpoint, save_tensors)
+from .checkpoint import (load_model_weights, load_optimizer, model_tensors, rng_from_str,
+                         rng_to_str, save_checkpoint, save_tensors)
+from .ema import EMA
 from .optim import lr_at, make_optimizer
 from .plots import plot_loss_curve
 
@@ -41,6 +42,8 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.99
     grad_clip: float = 1.0           # 0 disables clipping
+    ema: float = 0.0                 # decay of a moving average of the weights, e.g. 0.999;
+                                     # 0 = off. When on, evaluation and `load` use the average
     eval_interval: int = 500
     log_interval: int = 10
     checkpoint_interval: int | None = None  # None: checkpoint at every evaluation
@@ -65,7 +68,7 @@ class TrainConfig:
             bad("decay_steps", "it must be a positive integer")
         if self.weight_decay < 0 or self.grad_clip < 0:
             bad("weight_decay" if self.weight_decay < 0 else "grad_clip", "it must be >= 0")
-        for name in ("beta1", "beta2"):
+        for name in ("beta1", "beta2", "ema"):
             if not 0 <= getattr(self, name) < 1:
                 bad(name, "it must be in [0, 1)")
         if self.checkpoint_interval is not None and self.checkpoint_interval <= 0:
@@ -158,10 +161,13 @@ def fit(task, model: nn.Module, cfg: TrainConfig, run_dir: Path, *, state: dict 
     opt = make_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay,
                          beta1=cfg.beta1, beta2=cfg.beta2)
     data_rng = torch.Generator().manual_seed(cfg.seed)
+    ema = EMA(model, cfg.ema) if cfg.ema > 0 else None
     if state is None:
         state = {"step": 0, "best": None, "tokens": 0, "elapsed_s": 0.0}
     else:
         load_optimizer(opt, run_dir / "optimizer.safetensors")
+        if ema is not None:
+            load_model_weights(ema.model, run_dir / "ema.safetensors")
         data_rng.set_state(rng_from_str(state["data_rng"]))
         torch.set_rng_state(rng_from_str(state["torch_rng"]))
         if torch.cuda.is_available() and state.get("cuda_rng"):
@@ -181,12 +187,13 @@ def fit(task, model: nn.Module, cfg: TrainConfig, run_dir: Path, *, state: dict 
         return s
 
     def checkpoint():
-        save_checkpoint(run_dir, model, opt, snapshot())
+        save_checkpoint(run_dir, model, opt, snapshot(), ema=ema.model if ema else None)
 
     def evaluate(step: int):
-        model.eval()
+        evaluated = model if ema is None else ema.model  # the weights a user will get
+        evaluated.eval()
         with _autocast(device, amp):
-            results = task.evaluate(model)
+            results = task.evaluate(evaluated)
         model.train()
         _append_metrics(run_dir, {"step": step, "eval": results})
         value = results.get(metric)
@@ -194,7 +201,7 @@ def fit(task, model: nn.Module, cfg: TrainConfig, run_dir: Path, *, state: dict 
         if value is not None and math.isfinite(value) and (
                 best is None or (value < best if mode == "min" else value > best)):
             state["best"] = value
-            save_tensors(run_dir / "best.safetensors", model_tensors(model),
+            save_tensors(run_dir / "best.safetensors", model_tensors(evaluated),
                          {"step": str(step), metric: str(value), "format": "pt"})
         return results
 
@@ -226,6 +233,8 @@ def fit(task, model: nn.Module, cfg: TrainConfig, run_dir: Path, *, state: dict 
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update(model, step)
             state["step"] = step = step + 1
             state["elapsed_s"] = time.perf_counter() - t_start
             bar.update(1)
