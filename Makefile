@@ -24,6 +24,7 @@ test: setup
 bench: setup
 	$(PY) bench/train_text.py
 	$(PY) bench/text_presets.py
+	$(PY) bench/vision_presets.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -21,9 +21,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("train", help="train a model from a preset into a run directory")
-    t.add_argument("task", help="text")
+    t.add_argument("task", help="text or vision")
     t.add_argument("--preset", help="a named recipe, e.g. shakespeare-char")
-    t.add_argument("--data", help="a data file to use instead of the preset's")
+    t.add_argument("--data", help="data to use instead of the preset's: a text file; an .npz, "
+                   "a folder of class folders or a CSV of path,label of images")
     t.add_argument("--out", help="the run directory to create (default runs/<preset>)")
     t.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="override settings by name, e.g. --set max_steps=500 lr=3e-4")
@@ -39,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate a run on its validation data")
     e.add_argument("run")
+    e.add_argument("--data", help="evaluate on these images instead (a folder of class "
+                   "folders, an .npz or a CSV of path,label)")
     e.add_argument("--checkpoint", default="last", choices=["last", "best"])
     e.add_argument("--json", action="store_true")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -58,6 +61,15 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoint", default="last", choices=["last", "best"])
     g.add_argument("--json", action="store_true")
 
+    pr = sub.add_parser("predict", help="classify image files or folders with a vision run")
+    pr.add_argument("run")
+    pr.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
+    pr.add_argument("--top-k", type=int, default=3)
+    pr.add_argument("--output", help="also write the predictions to this CSV file")
+    pr.add_argument("--checkpoint", default="last", choices=["last", "best"])
+    pr.add_argument("--json", action="store_true")
+    pr.add_argument("--quiet", action="store_true", help="no progress bar")
+
     sub.add_parser("data", help="which data sets are present, and where").add_argument(
         "--json", action="store_true")
     sub.add_parser("presets", help="list the named recipes").add_argument(
@@ -74,7 +86,7 @@ def _cmd_train(a) -> None:
     run = train(a.task, a.preset, out=a.out, data=a.data, overrides=parse_overrides(a.overrides),
                 quiet=a.quiet or a.json)
     _report_training(run, a)
-    if a.sample and not a.json:
+    if a.sample and not a.json and run.meta["task"] == "text":
         print(f"--- sample ({a.sample} tokens, temperature 0.8, seed 0) ---")
         print(run.generate("\n", max_new_tokens=a.sample, temperature=0.8, seed=0))
 
@@ -101,12 +113,18 @@ def _cmd_resume(a) -> None:
 def _cmd_eval(a) -> None:
     from .run import load
     run = load(a.run, checkpoint=a.checkpoint)
-    figures = run.evaluate(progress=not (a.quiet or a.json))
+    figures = run.report(data=a.data, progress=not (a.quiet or a.json))
     if a.json:
         _print_json({"run": str(run.dir), "checkpoint": a.checkpoint, **figures})
-    else:
-        for k, v in figures.items():
-            print(f"{k:>14}  {v:.4f}" if isinstance(v, float) else f"{k:>14}  {v}")
+        return
+    per_class = figures.pop("per_class", None)
+    for k, v in figures.items():
+        print(f"{k:>14}  {v:.4f}" if isinstance(v, float) else f"{k:>14}  {v}")
+    if per_class:
+        print(f"\n{'class':>14}  precision  recall      f1  support")
+        for name, m in per_class.items():
+            print(f"{name:>14}  {m['precision']:9.4f}  {m['recall']:6.4f}  {m['f1']:6.4f}  "
+                  f"{m['support']:7d}")
 
 
 def unescape(text: str) -> str:
@@ -135,6 +153,52 @@ def _cmd_generate(a) -> None:
         print(run.generate(a.prompt, **options))
 
 
+def _cmd_predict(a) -> None:
+    from .run import load
+    run = load(a.run, checkpoint=a.checkpoint)
+    if run.meta["task"] != "vision":
+        raise MonotileError(f"`predict` takes image files; {run.dir} is a {run.meta['task']} "
+                            "run (use `monotile generate` for text)")
+    result = run.predict(a.inputs, top_k=a.top_k, progress=not (a.quiet or a.json))
+    for skip in result["skipped"]:
+        print(f"skipped: {skip['error']}", file=sys.stderr)
+    if a.output:
+        _write_predictions_csv(a.output, result["predictions"])
+    if a.json:
+        _print_json(result)
+        return
+    for rec in result["predictions"]:
+        tops = "  ".join(f"{label} {p:.3f}" for label, p in zip(rec["labels"], rec["probs"]))
+        print(f"{rec['path']}  {tops}")
+    if result["accuracy"] is not None:
+        print(f"accuracy {result['accuracy']:.2%} on the {result['labelled']} images in folders "
+              "named after a class")
+    if a.output:
+        print(f"wrote {a.output}")
+
+
+def _write_predictions_csv(path: str, predictions: list[dict]) -> None:
+    import csv
+    import io
+    from pathlib import Path
+
+    from .train.checkpoint import atomic_write_text
+    k = max((len(r["labels"]) for r in predictions), default=0)
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["path", *[f"{c}_{i}" for i in range(1, k + 1) for c in ("label", "prob")],
+                "true"])
+    for r in predictions:
+        cells = [v for pair in zip(r["labels"], (f"{p:.6f}" for p in r["probs"])) for v in pair]
+        w.writerow([r["path"], *cells, r.get("true", "")])
+    target = Path(path)
+    if target.is_dir():
+        raise MonotileError(f"--output {path} is a folder; give a file name, e.g. preds.csv")
+    if not target.parent.exists():
+        raise MonotileError(f"--output {path}: folder {target.parent} does not exist")
+    atomic_write_text(target, buf.getvalue())
+
+
 def _cmd_data(a) -> None:
     from .data import status
     rows = status()
@@ -151,13 +215,16 @@ def _cmd_presets(a) -> None:
         _print_json(PRESETS)
         return
     for name, p in PRESETS.items():
-        m = p["model"]
+        m, task = p["model"], p.get(p["task"], {})
+        shape = (f"context {m['context']}" if "context" in m else
+                 f"{task.get('image_size')}px images, patches {task.get('patch_size')}")
         print(f"{name:<20} {p['task']:<7} {m['n_layer']} layers, width {m['d_model']}, "
-              f"context {m['context']}, {p['train']['max_steps']} steps")
+              f"{shape}, {p['train']['max_steps']} steps")
 
 
 COMMANDS = {"train": _cmd_train, "resume": _cmd_resume, "eval": _cmd_eval,
-            "generate": _cmd_generate, "data": _cmd_data, "presets": _cmd_presets}
+            "generate": _cmd_generate, "predict": _cmd_predict, "data": _cmd_data,
+            "presets": _cmd_presets}
 
 
 def main(argv: list[str] | None = None) -> int:

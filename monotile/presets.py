@@ -31,4 +31,32 @@ PRESETS: dict[str, dict] = {
         "text": dict(data="speeches/speeches_public_domain.txt", tokenizer="bpe",
                      bpe_vocab=4096),
     },
+    # A small ViT on scikit-learn's 8x8 digits, shown at 16x16: a two-layer convolutional stem
+    # makes a 4x4 grid of tokens (and a CLS token); small random rotations, shifts and zooms,
+    # label smoothing, a moving average of the weights. 99.4 % on the stratified 80/20 split
+    # (seed 0) in 50 s on 2 cores.
+    "digits": {
+        "task": "vision",
+        "model": dict(n_layer=4, n_head=4, d_model=64, d_ff=128, positions="none",
+                      norm="layernorm", mlp="gelu", bias=True, dropout=0.0),
+        "train": dict(max_steps=1000, batch_size=64, lr=2e-3, min_lr=1e-5, warmup_steps=100,
+                      beta2=0.99, weight_decay=0.05, grad_clip=1.0, eval_interval=500,
+                      ema=0.99),
+        "vision": dict(data="digits", image_size=16, channels=1, patch_size=4, stem="conv",
+                       rotate=8, shift=0.08, scale=0.08, label_smoothing=0.1),
+    },
+    # A ViT on MNIST with a convolutional stem: three 3x3 stride-2 convolutions turn the image,
+    # resized to 32x32, into a 4x4 grid of tokens (and a CLS token), each seeing an overlapping
+    # neighbourhood; small random rotations, shifts and zooms, label smoothing and a moving
+    # average of the weights. 99.1 % test accuracy in 13 minutes of training on 2 cores.
+    "mnist": {
+        "task": "vision",
+        "model": dict(n_layer=6, n_head=4, d_model=128, d_ff=256, positions="none",
+                      norm="layernorm", mlp="gelu", bias=True, dropout=0.0),
+        "train": dict(max_steps=3500, batch_size=128, lr=2e-3, min_lr=1e-5, warmup_steps=200,
+                      beta2=0.99, weight_decay=0.05, grad_clip=1.0, eval_interval=700,
+                      ema=0.999),
+        "vision": dict(data="mnist", image_size=32, channels=1, patch_size=8, stem="conv",
+                       rotate=10, shift=0.06, scale=0.1, label_smoothing=0.1),
+    },
 }

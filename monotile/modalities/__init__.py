@@ -11,6 +11,8 @@
         def evaluate(self, model, progress=False) -> dict[str, float]
         def predict(self, model, inputs, **options) -> list
         def save(self, run_dir) / classmethod load(config, run_dir)  # tokenizer and the like
+        def report(self, model, run_dir, data=None, progress=False) -> dict   # optional: the
+            # full evaluation `monotile eval` prints (per-class figures, plots); default evaluate
 
 A modality is one file here with one Task class registered in TASKS.
 """
@@ -22,7 +24,8 @@ from ..errors import ConfigError
 
 def task_class(name: str):
     from .text import TextTask
-    tasks = {"text": TextTask}
+    from .vision import VisionTask
+    tasks = {"text": TextTask, "vision": VisionTask}
     if name not in tasks:
         raise ConfigError(f"unknown task {name!r}; choose one of: {', '.join(sorted(tasks))}")
     return tasks[name]

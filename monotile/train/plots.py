@@ -41,3 +41,37 @@ def plot_loss_curve(run_dir: Path, metric: str) -> Path | None:
     atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight"))
     plt.close(fig)
     return out
+
+
+def plot_confusion(run_dir: Path, cm, labels) -> Path:
+    """A confusion matrix (rows: true class, columns: predicted) -> plots/confusion.png, with
+    the counts written in the cells when there are at most 30 classes."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    cm = np.asarray(cm)
+    k = len(labels)
+    size = min(12, 3 + 0.45 * k)
+    fig, ax = plt.subplots(figsize=(size, size), dpi=100)
+    ax.imshow(cm, cmap="Blues")
+    ticks = range(k) if k <= 60 else range(0, k, max(1, k // 30))
+    ax.set_xticks(list(ticks), [labels[i] for i in ticks], rotation=90 if k > 12 else 0)
+    ax.set_yticks(list(ticks), [labels[i] for i in ticks])
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    accuracy = np.trace(cm) / max(cm.sum(), 1)
+    ax.set_title(f"{Path(run_dir).name}: accuracy {accuracy:.2%} on {cm.sum():,} images")
+    if k <= 30:
+        top = cm.max() if cm.size else 0
+        for i in range(k):
+            for j in range(k):
+                if cm[i, j]:
+                    ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
+                            color="white" if cm[i, j] > top / 2 else "black")
+    out = Path(run_dir) / "plots" / "confusion.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight"))
+    plt.close(fig)
+    return out
