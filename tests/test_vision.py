@@ -203,6 +203,13 @@ def test_train_on_a_folder_predict_and_eval(tmp_path, digit_folder):
     assert all(len(p["labels"]) == 2 and p["true"] == "3" for p in result["predictions"])
 
 
+def test_train_without_a_preset_on_a_folder(tmp_path, digit_folder):
+    run = monotile.train("vision", out=tmp_path / "run", data=digit_folder,
+                         overrides=dict(TINY, max_steps="5", eval_interval="5"), quiet=True)
+    assert run.configs["vision"].image_size == 28 and run.configs["model"].positions == "none"
+    assert monotile.load(tmp_path / "run").predict([digit_folder / "0"])["labelled"] == 60
+
+
 def test_train_from_a_csv_list(tmp_path, digit_folder):
     files = sorted(p for p in digit_folder.rglob("*") if p.is_file())
     lines = ["path,label"] + [f"{p.relative_to(digit_folder)},{p.parent.name}" for p in files]

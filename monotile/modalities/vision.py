@@ -641,10 +641,12 @@ def precision_recall_f1(cm: torch.Tensor):
 
 
 def _model_config(config: VisionConfig, model_cfg: ModelConfig) -> ModelConfig:
-    if model_cfg.positions != "none":
-        raise ConfigError(f"positions={model_cfg.positions!r} is invalid for images: the patch "
-                          "embedding adds its own learned 2-D positions; leave positions=none")
-    return model_cfg.replace(context=config.n_tokens, vocab_size=0)
+    """The trunk of an image model: no position table of its own (the encoder adds learned
+    positions on the patch grid, which is what positions="learned" means here)."""
+    if model_cfg.positions == "rope":
+        raise ConfigError("positions='rope' is invalid for images: the patch embedding adds "
+                          "its own learned 2-D positions; leave positions=none")
+    return model_cfg.replace(context=config.n_tokens, vocab_size=0, positions="none")
 
 
 def _natural(name: str):
