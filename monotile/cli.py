@@ -100,8 +100,9 @@ def _report_training(run, a) -> None:
     elif figures["interrupted"]:
         print(f"stopped at step {figures['step']}; continue with: monotile resume {run.dir}")
     else:
-        print(f"done: {run.dir} at step {figures['step']} in {figures['train_seconds']} s; " +
-              ", ".join(f"{k} {v:.4f}" for k, v in run.state.get("last_eval", {}).items()))
+        from .train.trainer import format_metrics
+        print(f"done: {run.dir} at step {figures['step']} in {figures['train_seconds']} s; "
+              f"{format_metrics(run.state.get('last_eval', {}))}")
 
 
 def _cmd_resume(a) -> None:

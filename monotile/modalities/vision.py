@@ -525,12 +525,12 @@ class VisionTask:
                              unit="batch")]
         return torch.cat(out) if out else torch.zeros(0, len(self.config.labels))
 
-    def evaluate(self, model, progress: bool = False) -> dict[str, float]:
+    def evaluate(self, model, progress: bool = False) -> dict[str, float | int]:
         """Accuracy and mean cross-entropy (no smoothing) on the held-out images."""
         x, y = self.split("test")
         logits = self.logits(model, x, progress)
         return {"accuracy": (logits.argmax(1) == y).float().mean().item(),
-                "loss": F.cross_entropy(logits, y).item(), "test_images": float(len(y))}
+                "loss": F.cross_entropy(logits, y).item(), "test_images": len(y)}
 
     def report(self, model, run_dir: Path, *, data: str | None = None,
                progress: bool = False) -> dict:

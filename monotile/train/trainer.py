@@ -136,6 +136,12 @@ class _DeferredInterrupt:
             signal.signal(signal.SIGINT, self._old)
 
 
+def format_metrics(metrics: dict) -> str:
+    """"accuracy 0.9944, loss 0.1052, test_images 360": floats to 4 places, counts as counts."""
+    return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                     for k, v in metrics.items() if isinstance(v, (int, float)))
+
+
 def _append_metrics(run_dir: Path, record: dict) -> None:
     with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
@@ -257,8 +263,7 @@ def fit(task, model: nn.Module, cfg: TrainConfig, run_dir: Path, *, state: dict 
             if step % cfg.eval_interval == 0 or done:
                 last_eval = evaluate(step)
                 if not quiet:
-                    bar.write(f"step {step}: " + ", ".join(
-                        f"{k} {v:.4f}" for k, v in last_eval.items() if isinstance(v, float)))
+                    bar.write(f"step {step}: {format_metrics(last_eval)}")
             if (done or step == end or stop.requested or step % cfg.eval_interval == 0
                     or (cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0)):
                 checkpoint()
