@@ -21,10 +21,13 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("train", help="train a model from a preset into a run directory")
-    t.add_argument("task", help="text or vision")
+    t.add_argument("task", help="text, vision or speech")
     t.add_argument("--preset", help="a named recipe, e.g. shakespeare-char")
     t.add_argument("--data", help="data to use instead of the preset's: a text file; an .npz, "
-                   "a folder of class folders or a CSV of path,label of images")
+                   "a folder of class folders or a CSV of path,label of images; a manifest of "
+                   "path,transcript or a LibriSpeech-style folder of recordings")
+    t.add_argument("--holdout-speaker", metavar="NAME", help="speech: test on this speaker's "
+                   "recordings and train on everyone else's")
     t.add_argument("--out", help="the run directory to create (default runs/<preset>)")
     t.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="override settings by name, e.g. --set max_steps=500 lr=3e-4")
@@ -40,8 +43,9 @@ def _parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate a run on its validation data")
     e.add_argument("run")
-    e.add_argument("--data", help="evaluate on these images instead (a folder of class "
-                   "folders, an .npz or a CSV of path,label)")
+    e.add_argument("--data", help="evaluate on this data instead: images (a folder of class "
+                   "folders, an .npz or a CSV of path,label) or recordings (a manifest of "
+                   "path,transcript or a LibriSpeech-style folder)")
     e.add_argument("--checkpoint", default="last", choices=["last", "best"])
     e.add_argument("--json", action="store_true")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -61,10 +65,16 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoint", default="last", choices=["last", "best"])
     g.add_argument("--json", action="store_true")
 
-    pr = sub.add_parser("predict", help="classify image files or folders with a vision run")
+    pr = sub.add_parser("predict", help="classify images or transcribe recordings")
     pr.add_argument("run")
-    pr.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
-    pr.add_argument("--top-k", type=int, default=3)
+    pr.add_argument("inputs", nargs="+", metavar="INPUT", help="image or audio files or folders")
+    pr.add_argument("--top-k", type=int, default=3, help="images: classes to show")
+    pr.add_argument("--format", choices=["text", "json", "srt"], default="text",
+                    help="speech: plain transcripts, JSON with word times, or SubRip subtitles")
+    pr.add_argument("--beam", type=int, default=None, metavar="WIDTH",
+                    help="speech: prefix beam search of this width (default: the run's decoder)")
+    pr.add_argument("--words", metavar="LIST", help="speech: spell only these words (a "
+                    "comma-separated list or a file of one word per line)")
     pr.add_argument("--output", help="also write the predictions to this CSV file")
     pr.add_argument("--checkpoint", default="last", choices=["last", "best"])
     pr.add_argument("--json", action="store_true")
@@ -83,7 +93,12 @@ def _print_json(obj) -> None:
 
 def _cmd_train(a) -> None:
     from .run import parse_overrides, train
-    run = train(a.task, a.preset, out=a.out, data=a.data, overrides=parse_overrides(a.overrides),
+    overrides = parse_overrides(a.overrides)
+    if a.holdout_speaker:
+        if a.task != "speech":
+            raise MonotileError("--holdout-speaker is for speech runs")
+        overrides["holdout_speaker"] = a.holdout_speaker
+    run = train(a.task, a.preset, out=a.out, data=a.data, overrides=overrides,
                 quiet=a.quiet or a.json)
     _report_training(run, a)
     if a.sample and not a.json and run.meta["task"] == "text":
@@ -157,9 +172,11 @@ def _cmd_generate(a) -> None:
 def _cmd_predict(a) -> None:
     from .run import load
     run = load(a.run, checkpoint=a.checkpoint)
+    if run.meta["task"] == "speech":
+        return _predict_speech(run, a)
     if run.meta["task"] != "vision":
-        raise MonotileError(f"`predict` takes image files; {run.dir} is a {run.meta['task']} "
-                            "run (use `monotile generate` for text)")
+        raise MonotileError(f"`predict` takes image or audio files; {run.dir} is a "
+                            f"{run.meta['task']} run (use `monotile generate` for text)")
     result = run.predict(a.inputs, top_k=a.top_k, progress=not (a.quiet or a.json))
     for skip in result["skipped"]:
         print(f"skipped: {skip['error']}", file=sys.stderr)
@@ -178,26 +195,70 @@ def _cmd_predict(a) -> None:
         print(f"wrote {a.output}")
 
 
-def _write_predictions_csv(path: str, predictions: list[dict]) -> None:
+def _predict_speech(run, a) -> None:
+    from pathlib import Path
+
+    from .modalities.speech import to_srt
+    words = None
+    if a.words:
+        source = Path(a.words).expanduser()
+        words = (source.read_text(encoding="utf-8").split() if source.is_file() else
+                 [w for w in a.words.split(",") if w.strip()])
+        if not words:
+            raise MonotileError(f"--words {a.words!r} names no words; give a comma-separated "
+                                "list or a file of one word per line")
+    if a.beam is not None and a.beam <= 0:
+        raise MonotileError(f"--beam {a.beam} is invalid: give a positive beam width")
+    method = "beam" if a.beam or words else None
+    result = run.predict(a.inputs, method=method, beam_width=a.beam, words=words,
+                         progress=not (a.quiet or a.json or a.format != "text"))
+    for skip in result["skipped"]:
+        print(f"skipped: {skip['error']}", file=sys.stderr)
+    if a.output:
+        _write_rows_csv(a.output, ["path", "text", "duration"],
+                        [[r["path"], r["text"], f"{r['duration']:.3f}"]
+                         for r in result["predictions"]])
+    preds = result["predictions"]
+    if a.json or a.format == "json":
+        _print_json(result)
+    elif a.format == "srt":
+        single = len(a.inputs) == 1 and Path(a.inputs[0]).expanduser().is_file()
+        for i, r in enumerate(preds):
+            if not single:
+                print(f"{'' if i == 0 else chr(10)}==> {r['path']} <==")
+            sys.stdout.write(to_srt(r["words"]))
+    else:
+        single = len(a.inputs) == 1 and Path(a.inputs[0]).expanduser().is_file()
+        for r in preds:
+            print(r["text"] if single else f"{r['path']}\t{r['text']}")
+    if a.output and not (a.json or a.format != "text"):
+        print(f"wrote {a.output}", file=sys.stderr)
+
+
+def _write_rows_csv(path: str, header: list[str], rows: list[list]) -> None:
     import csv
     import io
     from pathlib import Path
 
     from .train.checkpoint import atomic_write_text
-    k = max((len(r["labels"]) for r in predictions), default=0)
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["path", *[f"{c}_{i}" for i in range(1, k + 1) for c in ("label", "prob")],
-                "true"])
-    for r in predictions:
-        cells = [v for pair in zip(r["labels"], (f"{p:.6f}" for p in r["probs"])) for v in pair]
-        w.writerow([r["path"], *cells, r.get("true", "")])
     target = Path(path)
     if target.is_dir():
         raise MonotileError(f"--output {path} is a folder; give a file name, e.g. preds.csv")
     if not target.parent.exists():
         raise MonotileError(f"--output {path}: folder {target.parent} does not exist")
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(header)
+    w.writerows(rows)
     atomic_write_text(target, buf.getvalue())
+
+
+def _write_predictions_csv(path: str, predictions: list[dict]) -> None:
+    k = max((len(r["labels"]) for r in predictions), default=0)
+    header = ["path", *[f"{c}_{i}" for i in range(1, k + 1) for c in ("label", "prob")], "true"]
+    rows = [[r["path"], *[v for pair in zip(r["labels"], (f"{p:.6f}" for p in r["probs"]))
+                          for v in pair], r.get("true", "")] for r in predictions]
+    _write_rows_csv(path, header, rows)
 
 
 def _cmd_data(a) -> None:
@@ -218,7 +279,9 @@ def _cmd_presets(a) -> None:
     for name, p in PRESETS.items():
         m, task = p["model"], p.get(p["task"], {})
         shape = (f"context {m['context']}" if "context" in m else
-                 f"{task.get('image_size')}px images, patches {task.get('patch_size')}")
+                 f"{task.get('image_size')}px images, patches {task.get('patch_size')}"
+                 if p["task"] == "vision" else
+                 f"{task.get('sample_rate')} Hz audio, {task.get('n_mels')} mels")
         print(f"{name:<20} {p['task']:<7} {m['n_layer']} layers, width {m['d_model']}, "
               f"{shape}, {p['train']['max_steps']} steps")
 

@@ -25,6 +25,7 @@ KNOWN = {
         "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"),
     "speeches/speeches_public_domain.txt": (
         None, "6098bd65f8468986639c304b7e9c5c276cc6648b090d6abdb914ecf093c95558"),
+    "fsdd/recordings": (None, None),  # a folder of 3000 .wav files; fsdd.SHA256SUMS lists them
     "mnist/mnist.npz": (
         None, "06af5dfe73b70e3bc1c36439982b18a8d76803db9b544f6fdf838a37fbb01b64"),
 }

@@ -24,8 +24,9 @@ from ..errors import ConfigError
 
 def task_class(name: str):
     from .text import TextTask
+    from .speech import SpeechTask
     from .vision import VisionTask
-    tasks = {"text": TextTask, "vision": VisionTask}
+    tasks = {"text": TextTask, "vision": VisionTask, "speech": SpeechTask}
     if name not in tasks:
         raise ConfigError(f"unknown task {name!r}; choose one of: {', '.join(sorted(tasks))}")
     return tasks[name]

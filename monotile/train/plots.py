@@ -43,7 +43,7 @@ def plot_loss_curve(run_dir: Path, metric: str) -> Path | None:
     return out
 
 
-def plot_confusion(run_dir: Path, cm, labels) -> Path:
+def plot_confusion(run_dir: Path, cm, labels, unit: str = "images") -> Path:
     """A confusion matrix (rows: true class, columns: predicted) -> plots/confusion.png, with
     the counts written in the cells when there are at most 30 classes."""
     import matplotlib
@@ -62,7 +62,7 @@ def plot_confusion(run_dir: Path, cm, labels) -> Path:
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     accuracy = np.trace(cm) / max(cm.sum(), 1)
-    ax.set_title(f"{Path(run_dir).name}: accuracy {accuracy:.2%} on {cm.sum():,} images")
+    ax.set_title(f"{Path(run_dir).name}: accuracy {accuracy:.2%} on {cm.sum():,} {unit}")
     if k <= 30:
         top = cm.max() if cm.size else 0
         for i in range(k):

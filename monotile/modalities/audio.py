@@ -1,0 +1,115 @@
+"""Audio in: files to waveforms at the model's rate, waveforms to Whisper's log-mel frames.
+
+Read:     soundfile decodes WAV/FLAC/OGG of any rate, depth and channel count; channels are
+          averaged to mono and the rate is changed with scipy's polyphase resampler.
+STFT:     X[m, k] = sum_n x[m h + n - N/2] w[n] exp(-2 pi i k n / N), the signal reflected at
+          both ends (centred frames), w the periodic Hann window of N = n_fft samples, hop h
+Mel:      mel(f) = 3 f / 200 below 1 kHz, 15 + 27 ln(f / 1000) / ln 6.4 above (Slaney);
+          M triangular filters with corners equally spaced in mel, each scaled by
+          2 / (f_{m+2} - f_m) so its area is constant (Slaney normalisation)
+Log-mel:  L = log10(max(M |X|^2, 1e-10)); L = max(L, max(L) - 8); L = (L + 4) / 4  (Whisper:
+          an 80 dB floor below each utterance's loudest bin, then roughly unit scale)
+
+Written on torch (no torchaudio, no librosa); tests check them against torch.stft and
+transformers' WhisperFeatureExtractor.
+"""
+
+from __future__ import annotations
+
+import math
+from math import gcd
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import DataError
+
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".aiff", ".aif", ".mp3")
+
+
+def read_audio(path: Path, sample_rate: int) -> torch.Tensor:
+    """Any audio file soundfile reads -> float32 mono waveform (N,) at sample_rate, values in
+    [-1, 1]; DataError if the file is not readable audio."""
+    import soundfile as sf
+
+    try:
+        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
+        raise DataError(f"{path} is not a readable audio file ({str(e).strip().rstrip('.')}); "
+                        "give a WAV, FLAC or OGG file") from None
+    mono = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
+    return torch.from_numpy(np.ascontiguousarray(resample(mono, rate, sample_rate)))
+
+
+def resample(x: np.ndarray, rate: int, target: int) -> np.ndarray:
+    """Polyphase resampling by target/rate in lowest terms (scipy.signal.resample_poly: zero
+    insertion, a Kaiser-windowed low-pass FIR, decimation)."""
+    if rate == target or len(x) == 0:
+        return x.astype(np.float32, copy=False)
+    from scipy.signal import resample_poly
+
+    g = gcd(int(rate), int(target))
+    return resample_poly(x, target // g, rate // g).astype(np.float32)
+
+
+def hann_window(n: int, device=None) -> torch.Tensor:
+    """w[i] = sin^2(pi i / n), i < n: the periodic Hann window (torch.hann_window's default)."""
+    return torch.sin(math.pi * torch.arange(n, device=device) / n) ** 2
+
+
+def stft(x: torch.Tensor, n_fft: int, hop: int) -> torch.Tensor:
+    """(B, N) waveforms -> (B, n_fft // 2 + 1, 1 + N // hop) complex spectra of centred,
+    Hann-windowed frames (torch.stft(center=True, pad_mode="reflect") written out)."""
+    pad = n_fft // 2
+    if x.size(-1) <= pad:  # too short to reflect: extend with silence first
+        x = F.pad(x, (0, pad + 1 - x.size(-1)))
+    x = F.pad(x[:, None], (pad, pad), mode="reflect")[:, 0]
+    frames = x.unfold(-1, n_fft, hop)  # (B, frames, n_fft)
+    return torch.fft.rfft(frames * hann_window(n_fft, x.device), dim=-1).transpose(1, 2)
+
+
+def hz_to_mel(f: torch.Tensor) -> torch.Tensor:
+    """Slaney's mel scale: linear below 1 kHz, logarithmic above."""
+    f = torch.as_tensor(f, dtype=torch.float64)
+    return torch.where(f < 1000, 3 * f / 200, 15 + torch.log(f.clamp_min(1e-10) / 1000) * 27
+                       / math.log(6.4))
+
+
+def mel_to_hz(m: torch.Tensor) -> torch.Tensor:
+    m = torch.as_tensor(m, dtype=torch.float64)
+    return torch.where(m < 15, 200 * m / 3, 1000 * torch.exp((m - 15) * math.log(6.4) / 27))
+
+
+def mel_filters(sample_rate: int, n_fft: int, n_mels: int, f_min: float = 0.0,
+                f_max: float | None = None) -> torch.Tensor:
+    """(n_mels, n_fft // 2 + 1) Slaney-normalised triangular filters on the Slaney mel scale
+    (librosa.filters.mel(norm="slaney") and transformers' mel_filter_bank agree)."""
+    f_max = sample_rate / 2 if f_max is None else f_max
+    if not 0 <= f_min < f_max <= sample_rate / 2:
+        raise ValueError(f"mel band {f_min}-{f_max} Hz must lie in 0-{sample_rate / 2} Hz")
+    fft_freqs = torch.linspace(0, sample_rate / 2, n_fft // 2 + 1, dtype=torch.float64)
+    corners = mel_to_hz(torch.linspace(hz_to_mel(f_min).item(), hz_to_mel(f_max).item(),
+                                       n_mels + 2, dtype=torch.float64))
+    lower, centre, upper = corners[:-2, None], corners[1:-1, None], corners[2:, None]
+    rising = (fft_freqs - lower) / (centre - lower)
+    falling = (upper - fft_freqs) / (upper - centre)
+    tri = torch.clamp(torch.minimum(rising, falling), min=0)
+    return (tri * (2 / (upper - lower))).float()
+
+
+def log_mel(x: torch.Tensor, filters: torch.Tensor, n_fft: int, hop: int) -> torch.Tensor:
+    """(B, N) or (N,) waveforms -> (B, n_mels, N // hop) Whisper log-mel frames (the last STFT
+    frame dropped, as Whisper does); each item's floor is 8 (80 dB) below its own maximum."""
+    squeeze = x.dim() == 1
+    x = x[None] if squeeze else x
+    power = stft(x.float(), n_fft, hop)[..., :-1].abs() ** 2
+    frames = x.size(-1) // hop
+    power = power[..., :frames]
+    spec = torch.clamp(filters.to(x.device) @ power, min=1e-10).log10()
+    if spec.numel():
+        peak = spec.amax(dim=(1, 2), keepdim=True)
+        spec = torch.maximum(spec, peak - 8.0)
+    spec = (spec + 4.0) / 4.0
+    return spec[0] if squeeze else spec
