@@ -85,7 +85,7 @@ def main() -> None:
                   if int(p.stem.split("_")[2]) < 5)
     truth = [FSDD_WORDS[int(p.name[0])] for p in test]
     words = list(loaded.task.config.words)
-    for name, options in (("greedy", {}),
+    for name, options in (("greedy", dict(method="greedy")),
                           ("beam8_words", dict(method="beam", beam_width=8, words=words))):
         t = time.perf_counter()
         preds = loaded.predict(test, **options)["predictions"]

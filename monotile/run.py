@@ -28,7 +28,8 @@ from .train.trainer import TrainConfig, fit, pick_device
 # ---- configuration ----------------------------------------------------------------------------
 
 def _parse(value, annotation: str, name: str):
-    """Turn a --set string into the field's type (int, float, bool, str, optionally None)."""
+    """Turn a --set string into the field's type (int, float, bool, str, a comma-separated
+    tuple, optionally None)."""
     if not isinstance(value, str):
         return value
     kinds = [k.strip() for k in annotation.split("|")]
@@ -48,6 +49,8 @@ def _parse(value, annotation: str, name: str):
                 return float(value)
             if kind == "str":
                 return value
+            if kind == "tuple":  # a comma-separated list, e.g. --set noise_snr=20,40
+                return tuple(v.strip() for v in value.split(",") if v.strip())
         except ValueError:
             continue
     raise ConfigError(f"{name}={value!r} is invalid: expected {annotation}")

@@ -8,7 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from monotile.infer.ctc import Lexicon, beam_search, ctc_loss, forced_align, greedy_decode
+from monotile.infer.ctc import (NEG, Lexicon, _extended, _logsumexp_predecessors,
+                                _logsumexp_successors, _predecessors, beam_search, ctc_loss,
+                                forced_align, greedy_decode)
 
 
 def collapse(path, blank=0):
@@ -81,6 +83,39 @@ def test_infeasible_item_is_inf_or_zero_with_finite_gradients(zero_infinity):
         assert (g_ours[2] == 0).all()
         g_ref, = torch.autograd.grad(ref.sum(), logits)
         torch.testing.assert_close(g_ours, g_ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_ctc_gradient_by_beta_recursion_passes_gradcheck(reduction):
+    # d loss / d log_probs, log_probs free (not through a log-softmax), against finite
+    # differences in float64: repeats, S_b = 0, T_b = 0, short T_b, and an impossible item
+    torch.manual_seed(4)
+    log_probs = torch.randn(5, 6, 4, dtype=torch.float64).log_softmax(-1).requires_grad_()
+    targets = torch.tensor([[1, 1, 2], [3, 2, 1], [2, 0, 0], [1, 2, 3], [3, 3, 3]])
+    il = torch.tensor([6, 4, 3, 0, 4])  # "333" needs 5 frames: item 4 is impossible
+    tl = torch.tensor([3, 2, 0, 0, 3])
+    loss = ctc_loss(log_probs, targets, il, tl, reduction=reduction, zero_infinity=True)
+    assert loss.dtype == torch.float64
+    assert torch.autograd.gradcheck(
+        lambda lp: ctc_loss(lp, targets, il, tl, reduction=reduction, zero_infinity=True),
+        (log_probs,))
+    g, = torch.autograd.grad(loss.sum(), log_probs)
+    assert (g[4] == 0).all() and (g[3] == 0).all()  # impossible item; no frames at all
+    assert (g[1, 4:] == 0).all() and (g[2, 3:] == 0).all()  # frames past T_b
+
+
+def test_step_helpers_equal_predecessors_logsumexp():
+    torch.manual_seed(5)
+    targets, tl = torch.tensor([[1, 1, 2, 3], [2, 3, 3, 0]]), torch.tensor([4, 3])
+    ext, skip = _extended(targets, tl, blank=0)
+    score = torch.randn(ext.shape).masked_fill(torch.rand(ext.shape) < 0.3, NEG)
+    bias = torch.zeros_like(score).masked_fill(~skip, NEG)
+    torch.testing.assert_close(_logsumexp_predecessors(score, bias),
+                               _predecessors(score, skip).logsumexp(-1))
+    after = F.pad(score, (0, 2), value=NEG)  # score at s + 1, s + 2; the skip at s + 2
+    want = torch.stack([score, after[:, 1:-1], after[:, 2:] + F.pad(bias[:, 2:], (0, 2))], -1)
+    torch.testing.assert_close(
+        _logsumexp_successors(score, F.pad(bias[:, 2:], (0, 2), value=NEG)), want.logsumexp(-1))
 
 
 def test_ctc_loss_by_hand():

@@ -258,12 +258,13 @@ def test_train_on_a_manifest_with_a_held_out_speaker(tmp_path, fsdd):
     out = cli("train", "speech", "--data", str(manifest), "--holdout-speaker", "theo",
               "--out", str(tmp_path / "run"), "--json",
               *set_args(dict(TINY, max_steps="4", eval_interval="4", sample_rate="8000",
-                             n_fft="200", hop="80", n_mels="40")))
+                             n_fft="200", hop="80", n_mels="40", noise_snr="20,35")))
     assert out.returncode == 0, out.stderr
     figures = json.loads(out.stdout)
     assert figures["test_utterances"] == 16
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())["speech"]
     assert cfg["alphabet"] == "enorz" and cfg["words"] == ["one", "zero"]
+    assert cfg["noise_snr"] == [20.0, 35.0]
 
 
 # ---- bad input: one line, exit 2, nothing lost --------------------------------------------

@@ -500,14 +500,6 @@ class SpeechTask:
                            reduction="none").item() for w in lexicon.words]
         return lexicon.words[min(range(len(scores)), key=scores.__getitem__)]
 
-    def transcribe(self, model, waves: list[torch.Tensor], progress: bool = False, **options):
-        lex = self._default_lexicon(options.pop("lexicon", None))
-        texts = []
-        for lp, w in zip(self.log_probs(model, waves, progress), waves):
-            silent = len(w) == 0 or float(w.abs().max()) < SILENCE
-            texts.append("" if silent else self.spell(self.decode(lp, lexicon=lex, **options)))
-        return texts
-
     def _default_lexicon(self, lexicon):
         if lexicon is not None:
             return lexicon
@@ -580,8 +572,8 @@ class SpeechTask:
         "end"}]}], "skipped": [...]}."""
         c = self.config
         files = _audio_inputs(inputs)
-        lex = self._default_lexicon(self.lexicon([normalize_text(w) for w in words])
-                                    if words else None)
+        lex = None if method == "greedy" else self._default_lexicon(
+            self.lexicon([normalize_text(w) for w in words]) if words else None)
         predictions, skipped = [], []
         chunk = int(c.max_seconds * c.sample_rate)
         for path in tqdm(files, disable=not progress or len(files) < 2, desc="transcribe",
