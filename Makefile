@@ -25,6 +25,7 @@ bench: setup
 	$(PY) bench/train_text.py
 	$(PY) bench/text_presets.py
 	$(PY) bench/vision_presets.py
+	$(PY) bench/speech.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
