@@ -93,6 +93,32 @@ def _download(name: str) -> Path:
     return target
 
 
+def expand_inputs(inputs: list, suffixes: tuple[str, ...], kind: str) -> list[Path]:
+    """Files given on a command line: each file as is, each folder searched recursively for
+    files with these suffixes; DataError for a missing path or a folder without such files."""
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*")
+                           if p.is_file() and p.suffix.lower() in suffixes)
+            if not found:
+                raise DataError(f"{path} has no {kind} files ({', '.join(suffixes)})")
+            files.extend(found)
+        elif path.exists():
+            files.append(path)
+        else:
+            raise DataError(f"{path} does not exist; give {kind} files or folders")
+    return files
+
+
+def nothing_readable(skipped: list[dict], kind: str) -> DataError:
+    """The error when every input was skipped: the one file's own error, or a count."""
+    return DataError(skipped[0]["error"] if len(skipped) == 1 else
+                     f"none of the {len(skipped)} files is {kind}; the first: "
+                     f"{skipped[0]['error']}")
+
+
 def read_text(path: Path) -> str:
     """A UTF-8 text file's contents; DataError if it is empty or binary."""
     raw = Path(path).read_bytes()

@@ -30,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.transformer import ModelConfig, Transformer, init_weights
-from ..data import find_data
+from ..data import expand_inputs, find_data, nothing_readable
 from ..errors import ConfigError, DataError
 from ..infer.ctc import Lexicon, beam_search, ctc_loss, forced_align, greedy_decode
 from .audio import AUDIO_SUFFIXES, log_mel, mel_filters, read_audio
@@ -324,6 +324,7 @@ class SpeechTask:
     def __init__(self, config: SpeechConfig):
         self.config = config
         self.filters = mel_filters(config.sample_rate, config.n_fft, config.n_mels)
+        self._listing: dict[str, list[Utterance]] | None = None
         self._data: dict[str, tuple[list[torch.Tensor], list[Utterance]]] = {}
         self.symbols = {c: i + 1 for i, c in enumerate(config.alphabet)}  # 0 is the blank
 
@@ -333,11 +334,9 @@ class SpeechTask:
         """Read the recordings, fix the alphabet and word list from the training transcripts."""
         if data is not None:
             config = dataclasses.replace(config, data=str(find_data(config.data, data)))
-        splits = split_utterances(config, _data_path(config))
         task = cls(config)
-        for split, items in splits.items():
-            task._data[split] = _read_all(items, config, split)
-        texts = [u.text for u in task._data["train"][1]]
+        texts = [u.text for u in task.split("train")[1]]
+        task.split("test")  # a bad test file fails here, before the run directory exists
         alphabet = "".join(sorted(set("".join(texts))))
         if not alphabet:
             raise DataError("the training transcripts are empty; give recordings with text")
@@ -365,9 +364,12 @@ class SpeechTask:
         return model
 
     def split(self, name: str):
-        if not self._data:
-            for split, items in split_utterances(self.config, _data_path(self.config)).items():
-                self._data[split] = _read_all(items, self.config, split)
+        """(waveforms, utterances) of "train" or "test", read when first asked for: evaluating
+        a trained run reads only its test recordings."""
+        if name not in self._data:
+            if self._listing is None:
+                self._listing = split_utterances(self.config, _data_path(self.config))
+            self._data[name] = _read_all(self._listing[name], self.config, name)
         return self._data[name]
 
     # ---- features ---------------------------------------------------------------------------
@@ -455,8 +457,7 @@ class SpeechTask:
                         zero_infinity=True)
 
     def tokens(self, batch) -> int:
-        lengths = batch["lengths"]
-        return int(sum(-(-int(n) // self.config.subsample) for n in lengths))
+        return int((-(-batch["lengths"] // self.config.subsample)).sum())  # ceil(T / s)
 
     # ---- decoding -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -514,17 +515,17 @@ class SpeechTask:
     def _score(self, model, waves, items, progress):
         lps = self.log_probs(model, waves, progress)
         lex = self._default_lexicon(None)
-        hyps = ["" if len(w) == 0 or float(w.abs().max()) < SILENCE else
-                self.spell(self.decode(lp, lexicon=lex)) for lp, w in zip(lps, waves)]
+        hyps = ["" if _silent(w) else self.spell(self.decode(lp, lexicon=lex))
+                for lp, w in zip(lps, waves)]
         refs = [u.text for u in items]
-        losses = []
-        for lp, u in zip(lps, items):
-            y = torch.tensor([self.encode(u.text)], dtype=torch.long)
-            losses.append(ctc_loss(lp[None], y, torch.tensor([lp.size(0)]),
-                                   torch.tensor([y.size(1)]), zero_infinity=True).item())
+        ys = [torch.tensor(self.encode(r), dtype=torch.long) for r in refs]
+        loss = ctc_loss(nn.utils.rnn.pad_sequence(lps, batch_first=True),
+                        nn.utils.rnn.pad_sequence(ys, batch_first=True),
+                        torch.tensor([lp.size(0) for lp in lps]),
+                        torch.tensor([len(y) for y in ys]), zero_infinity=True)
         figures = {**error_rates(refs, hyps),
                    "accuracy": sum(r == h for r, h in zip(refs, hyps)) / max(len(refs), 1),
-                   "loss": sum(losses) / max(len(losses), 1), "test_utterances": len(refs)}
+                   "loss": loss.item(), "test_utterances": len(refs)}
         return figures, refs, hyps
 
     def report(self, model, run_dir: Path, *, data: str | None = None,
@@ -544,7 +545,7 @@ class SpeechTask:
         vocab = sorted(set(refs))
         if all(len(r.split()) == 1 for r in refs) and 1 < len(vocab) <= 50:
             from ..train.plots import plot_confusion
-            from .vision import confusion_matrix, precision_recall_f1
+            from .vision import confusion_matrix, per_class_figures
             order = [w for w in self.config.words if w in vocab] or vocab
             order += [w for w in vocab if w not in order]
             labels = order + ["(other)"]
@@ -552,10 +553,7 @@ class SpeechTask:
             y = torch.tensor([index[r] for r in refs])
             pred = torch.tensor([index.get(h, len(order)) for h in hyps])
             cm = confusion_matrix(y, pred, len(labels))
-            p, r, f1 = precision_recall_f1(cm)
-            figures["per_class"] = {w: {"precision": p[k].item(), "recall": r[k].item(),
-                                        "f1": f1[k].item(), "support": int(cm[k].sum())}
-                                    for k, w in enumerate(order)}
+            figures.update(per_class_figures(cm, order))
             figures["confusion_png"] = str(plot_confusion(Path(run_dir), cm, labels,
                                                           unit="recordings"))
         return figures
@@ -571,7 +569,7 @@ class SpeechTask:
         Returns {"predictions": [{"path", "text", "duration", "words": [{"word", "start",
         "end"}]}], "skipped": [...]}."""
         c = self.config
-        files = _audio_inputs(inputs)
+        files = expand_inputs(inputs, AUDIO_SUFFIXES, "audio")
         lex = None if method == "greedy" else self._default_lexicon(
             self.lexicon([normalize_text(w) for w in words]) if words else None)
         predictions, skipped = [], []
@@ -586,7 +584,7 @@ class SpeechTask:
             pieces = [wave[i:i + chunk] for i in range(0, len(wave), chunk)] or [wave]
             words_out = []
             for k, (piece, lp) in enumerate(zip(pieces, self.log_probs(model, pieces))):
-                if len(piece) == 0 or float(piece.abs().max()) < SILENCE:
+                if _silent(piece):
                     continue
                 ids = self.decode(lp, method=method, beam_width=beam_width, lexicon=lex)
                 offset = k * c.max_seconds
@@ -598,9 +596,7 @@ class SpeechTask:
                                 "duration": round(len(wave) / c.sample_rate, 3),
                                 "words": words_out})
         if not predictions:
-            raise DataError(skipped[0]["error"] if len(skipped) == 1 else
-                            f"none of the {len(skipped)} files is readable audio; the first: "
-                            f"{skipped[0]['error']}")
+            raise nothing_readable(skipped, "readable audio")
         return {"predictions": predictions, "skipped": skipped}
 
     def word_times(self, lp: torch.Tensor, ids: list[int]) -> list[dict]:
@@ -626,21 +622,9 @@ class SpeechTask:
         return words
 
 
-def _audio_inputs(inputs: list) -> list[Path]:
-    files: list[Path] = []
-    for item in inputs:
-        path = Path(item).expanduser()
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*")
-                           if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
-            if not found:
-                raise DataError(f"{path} has no audio files ({', '.join(AUDIO_SUFFIXES)})")
-            files.extend(found)
-        elif path.exists():
-            files.append(path)
-        else:
-            raise DataError(f"{path} does not exist; give audio files or folders")
-    return files
+def _silent(wave: torch.Tensor) -> bool:
+    """Empty, or a peak below -80 dBFS: nothing to transcribe."""
+    return len(wave) == 0 or float(wave.abs().max()) < SILENCE
 
 
 def _data_path(config: SpeechConfig) -> Path:

@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.transformer import ModelConfig, Transformer, init_weights
-from ..data import find_data
+from ..data import expand_inputs, find_data, nothing_readable
 from ..errors import ConfigError, DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm",
@@ -551,13 +551,9 @@ class VisionTask:
         pred = logits.argmax(1)
         K = len(self.config.labels)
         cm = confusion_matrix(y, pred, K)
-        p, r, f1 = precision_recall_f1(cm)
         out = {"accuracy": (pred == y).float().mean().item(),
                "loss": F.cross_entropy(logits, y).item(), "test_images": len(y),
-               "per_class": {name: {"precision": p[k].item(), "recall": r[k].item(),
-                                    "f1": f1[k].item(), "support": int(cm[k].sum())}
-                             for k, name in enumerate(self.config.labels)},
-               "macro_f1": f1.mean().item()}
+               **per_class_figures(cm, self.config.labels)}
         from ..train.plots import plot_confusion
         out["confusion_png"] = str(plot_confusion(Path(run_dir), cm, self.config.labels))
         return out
@@ -572,18 +568,7 @@ class VisionTask:
         c = self.config
         if top_k <= 0:
             raise ConfigError(f"top_k={top_k} is invalid: it must be a positive integer")
-        files: list[Path] = []
-        for item in inputs:
-            path = Path(item).expanduser()
-            if path.is_dir():
-                found = _image_files(path)
-                if not found:
-                    raise DataError(f"{path} has no image files ({', '.join(IMAGE_SUFFIXES)})")
-                files.extend(found)
-            elif path.exists():
-                files.append(path)
-            else:
-                raise DataError(f"{path} does not exist; give image files or folders")
+        files = expand_inputs(inputs, IMAGE_SUFFIXES, "image")
         images, kept, skipped = [], [], []
         for path in tqdm(files, disable=not progress, desc="reading", unit="image"):
             try:
@@ -592,9 +577,7 @@ class VisionTask:
             except DataError as e:
                 skipped.append({"path": str(path), "error": str(e)})
         if not kept:
-            raise DataError(skipped[0]["error"] if len(skipped) == 1 else
-                            f"none of the {len(skipped)} files is a readable image; the first: "
-                            f"{skipped[0]['error']}")
+            raise nothing_readable(skipped, "a readable image")
         probs = torch.softmax(self.logits(model, torch.stack(images), progress), dim=-1)
         top = probs.topk(min(top_k, probs.size(1)), dim=-1)
         predictions, right, known = [], 0, 0
@@ -638,6 +621,18 @@ def precision_recall_f1(cm: torch.Tensor):
     r = torch.where(actual > 0, tp / actual.clamp_min(1), 0.0)
     f1 = torch.where(p + r > 0, 2 * p * r / (p + r).clamp_min(1e-300), 0.0)
     return p, r, f1
+
+
+def per_class_figures(cm: torch.Tensor, labels) -> dict:
+    """{"per_class": {label: precision, recall, f1, support}, "macro_f1"} from a confusion
+    matrix whose first len(labels) rows are the labels' (extra rows, e.g. "other", are not
+    reported)."""
+    p, r, f1 = precision_recall_f1(cm)
+    k = len(labels)
+    return {"per_class": {name: {"precision": p[i].item(), "recall": r[i].item(),
+                                 "f1": f1[i].item(), "support": int(cm[i].sum())}
+                          for i, name in enumerate(labels)},
+            "macro_f1": f1[:k].mean().item()}
 
 
 def _model_config(config: VisionConfig, model_cfg: ModelConfig) -> ModelConfig:
