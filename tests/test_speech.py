@@ -13,8 +13,8 @@ import monotile
 from monotile.data import find_data
 from monotile.modalities.audio import (hann_window, log_mel, mel_filters, read_audio, resample,
                                        stft)
-from monotile.modalities.speech import (SpeechConfig, SpeechTask, edit_distance, error_rates,
-                                        normalize_text, to_srt)
+from monotile.modalities.speech import (FSDD_WORDS, SpeechConfig, SpeechTask, edit_distance,
+                                        error_rates, normalize_text, to_srt)
 
 from conftest import cli, set_args
 
@@ -80,11 +80,29 @@ def test_volume_shifts_log_mel_and_normalised_frames_not_at_all(fsdd):
         shift = log_mel(a * w, filters, 200, 80) - log_mel(w, filters, 200, 80)
         torch.testing.assert_close(shift, torch.full_like(shift, np.log10(a) / 2), atol=1e-4,
                                    rtol=0)
-    task = SpeechTask(SpeechConfig(sample_rate=8000, n_fft=200, hop=80, n_mels=40))
-    loud, n = task.features([w])
-    quiet, _ = task.features([0.5 * w])
-    torch.testing.assert_close(quiet, loud, atol=1e-3, rtol=0)
-    assert n.tolist() == [len(w) // 80]
+    for normalize in ("gain", "utterance"):
+        task = SpeechTask(SpeechConfig(sample_rate=8000, n_fft=200, hop=80, n_mels=40,
+                                       normalize=normalize))
+        loud, n = task.features([w])
+        quiet, _ = task.features([0.5 * w])
+        torch.testing.assert_close(quiet, loud, atol=1e-3, rtol=0)
+        assert n.tolist() == [len(w) // 80]
+        frames = loud[0, :n[0]]
+        if normalize == "gain":  # one mean and std for the whole utterance: 0 and 1
+            assert abs(frames.mean()) < 1e-4 and abs(frames.std(unbiased=False) - 1) < 1e-3
+        else:  # each mel bin 0 and 1 over the frames
+            torch.testing.assert_close(frames.mean(0), torch.zeros(40), atol=1e-4, rtol=0)
+
+
+def test_filter_augment_is_a_piecewise_linear_gain_within_its_range():
+    task = SpeechTask(SpeechConfig(sample_rate=8000, n_fft=200, hop=80, n_mels=40,
+                                   filter_db=12))
+    curves = task.filter_augment(300, torch.Generator().manual_seed(0))
+    assert curves.shape == (300, 40) and curves.abs().max() <= 12 / 40 + 1e-6  # 1 dB = 1/40
+    assert curves.abs().max() > 0.9 * 12 / 40 and curves.std(1).mean() > 0.02
+    # linear between at most 4 interior knots: each bends the curve at two bins at most
+    bends = (curves.diff(n=2, dim=1).abs() > 1e-6).sum(1)
+    assert bends.max() <= 8 and bends.min() >= 1
 
 
 def test_audio_of_any_rate_depth_and_channels_becomes_mono_at_the_model_rate(tmp_path, fsdd):
@@ -246,6 +264,14 @@ def test_cli_predict_formats_and_eval(speech_run, fsdd, tmp_path):
     figures = json.loads(ev.stdout)
     assert set(figures["per_class"]) == set(speech_run.task.config.words)
     assert (speech_run.dir / "plots" / "confusion.png").exists()
+    # other recordings, listed in a manifest: every one of them is scored
+    manifest = tmp_path / "other.csv"
+    manifest.write_text("".join(f"{p},{FSDD_WORDS[int(p.name[0])]}\n"
+                                for p in _fsdd_subset(fsdd, ("lucas",), (5, 6), range(40, 43))))
+    other = cli("eval", str(speech_run.dir), "--data", str(manifest), "--json")
+    assert other.returncode == 0, other.stderr
+    figures = json.loads(other.stdout)
+    assert figures["test_utterances"] == 6 and set(figures["per_class"]) == {"five", "six"}
 
 
 def test_train_on_a_manifest_with_a_held_out_speaker(tmp_path, fsdd):

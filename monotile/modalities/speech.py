@@ -1,9 +1,10 @@
 """Speech: log-mel frames become tokens, the trunk runs bidirectionally, a CTC head spells.
 
-Frames:    Whisper's log-mel frames (audio.py), then per utterance and mel bin
-           x = (L - mean_t L) / std_t L   (normalize="utterance"; a volume a shifts L by
-           log10(a) / 2 and its floor with it, so x does not depend on the volume, down to
-           the absolute floor of -100 dB)
+Frames:    Whisper's log-mel frames L (audio.py), then per utterance
+           x = (L - mean_(t,f) L) / std_(t,f) L   (normalize="gain"), or per mel bin f
+           x = (L - mean_t L) / std_t L           (normalize="utterance", CMVN); a volume a
+           shifts L by log10(a) / 2 and its floor with it, so x does not depend on the volume,
+           down to the absolute floor of -100 dB
 Tokens:    z = GELU(conv_s2(... GELU(conv_s2(GELU(conv(x)))))): 3-wide 1-D convolutions, each
            stride-2 one halving the frame rate (subsample = 2 or 4), as Whisper's encoder stem
 Head:      p_t(c) = softmax(W z_L[t])_c over the blank and the characters of the transcripts
@@ -24,6 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -49,7 +51,8 @@ class SpeechConfig:
     hop: int = 160                # frame step (10 ms at 16 kHz)
     n_mels: int = 80
     subsample: int = 2            # frames per token: 1, 2 or 4
-    normalize: str = "utterance"  # utterance: mean 0, std 1 per mel bin | none: Whisper's scale
+    normalize: str = "gain"       # gain: mean 0, std 1 over the whole utterance | utterance:
+                                  #   mean 0, std 1 per mel bin (CMVN) | none: Whisper's scale
     max_seconds: float = 30.0     # longer audio is transcribed in chunks of this length
     holdout_speaker: str = ""     # test on this speaker's recordings, train on the others'
     val_fraction: float = 0.1     # held out when the data has no test split
@@ -57,6 +60,8 @@ class SpeechConfig:
     speed: float = 0.0            # augmentation: speed factor in [1 - speed, 1 + speed],
     noise: float = 0.0            #   white noise with this probability, at an SNR in
     noise_snr: tuple = (10.0, 40.0)  # this range (dB),
+    filter_db: float = 0.0        #   FilterAugment: a random gain curve over the mel bins of
+                                  #   up to +- this many dB (another microphone's colour)
     freq_masks: int = 0           #   SpecAugment: this many bands of up to freq_width mel bins
     freq_width: int = 0
     time_masks: int = 0           #   and of up to time_width frames (at most a fifth of it)
@@ -82,8 +87,8 @@ class SpeechConfig:
             bad("hop", f"frames would skip samples; use hop <= n_fft={self.n_fft}")
         if self.subsample not in (1, 2, 4):
             bad("subsample", "choose 1, 2 or 4")
-        if self.normalize not in ("utterance", "none"):
-            bad("normalize", "choose utterance or none")
+        if self.normalize not in ("utterance", "gain", "none"):
+            bad("normalize", "choose utterance, gain or none")
         if self.decode not in ("greedy", "beam"):
             bad("decode", "choose greedy or beam")
         if not self.max_seconds > 0:
@@ -94,6 +99,8 @@ class SpeechConfig:
             bad("speed", "it must be in [0, 0.5)")
         if not 0 <= self.noise <= 1:
             bad("noise", "it is a probability, in [0, 1]")
+        if not 0 <= self.filter_db <= 40:
+            bad("filter_db", "give a gain range in dB, 0 to 40 (0: off)")
         if len(self.noise_snr) != 2 or self.noise_snr[0] > self.noise_snr[1]:
             bad("noise_snr", "give two numbers low,high in dB, e.g. 10,40")
         for name in ("freq_masks", "freq_width", "time_masks", "time_width"):
@@ -298,7 +305,8 @@ def split_utterances(cfg: SpeechConfig, path: Path) -> dict[str, list[Utterance]
 def _read_all(items: list[Utterance], cfg: SpeechConfig, what: str):
     """Waveforms and normalised transcripts; unreadable files are reported and skipped."""
     waves, kept, skipped = [], [], []
-    for u in tqdm(items, desc=f"reading {what}", unit="file", disable=len(items) < 2000):
+    for u in tqdm(items, desc=f"reading {what}", unit="file",
+                  disable=True if len(items) < 2000 else None):  # None: only on a terminal
         try:
             waves.append(read_audio(u.path, cfg.sample_rate))
             kept.append(dataclasses.replace(u, text=normalize_text(u.text)))
@@ -386,10 +394,15 @@ class SpeechTask:
         if spec.size(1) == 0:  # shorter than one hop: one empty frame, length 0
             spec = spec.new_zeros(len(waves), 1, c.n_mels)
         valid = (torch.arange(spec.size(1))[None, :] < lengths[:, None])[..., None]
-        if c.normalize == "utterance":
-            n = lengths.clamp_min(1)[:, None, None]
-            mean = (spec * valid).sum(1, keepdim=True) / n
-            var = (((spec - mean) * valid) ** 2).sum(1, keepdim=True) / n
+        if rng is not None and c.filter_db:
+            spec = spec + self.filter_augment(len(waves), rng)[:, None, :]
+        if c.normalize in ("utterance", "gain"):
+            # utterance: each mel bin its own mean and std; gain: one of each for the whole
+            # utterance, which keeps the shape of its spectrum
+            dims = 1 if c.normalize == "utterance" else (1, 2)
+            n = lengths.clamp_min(1)[:, None, None] * (1 if dims == 1 else spec.size(2))
+            mean = (spec * valid).sum(dims, keepdim=True) / n
+            var = (((spec - mean) * valid) ** 2).sum(dims, keepdim=True) / n
             spec = (spec - mean) / var.sqrt().clamp_min(1e-3)
         spec = spec * valid
         if rng is not None:
@@ -411,6 +424,20 @@ class SpeechTask:
             power = wave.pow(2).mean().clamp_min(1e-12)
             wave = wave + torch.randn(len(wave), generator=rng) * (power / 10 ** (snr / 10)).sqrt()
         return wave
+
+    def filter_augment(self, n: int, rng: torch.Generator) -> torch.Tensor:
+        """FilterAugment (Nam et al. 2022): per utterance, a gain curve over the mel bins that
+        is linear between 3-6 random points with gains in [-filter_db, filter_db] dB, in
+        log-mel units (Whisper's log10(power) / 4, so 1 dB = 1/40): another microphone."""
+        c, M = self.config, self.config.n_mels
+        out = torch.empty(n, M)
+        for b in range(n):
+            k = int(torch.randint(3, 7, (), generator=rng))
+            points = torch.cat([torch.tensor([0.0, M - 1.0]),
+                                torch.rand(k - 2, generator=rng) * (M - 1)]).sort().values
+            gains = (torch.rand(k, generator=rng) * 2 - 1) * c.filter_db / 40
+            out[b] = torch.from_numpy(np.interp(np.arange(M), points.numpy(), gains.numpy()))
+        return out
 
     def spec_augment(self, spec: torch.Tensor, lengths: torch.Tensor, rng: torch.Generator):
         """SpecAugment's masks: freq_masks bands of f ~ U[0, freq_width] bins and time_masks

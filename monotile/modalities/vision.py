@@ -229,7 +229,7 @@ def _read_listed(items: list[tuple[Path, str]], cfg: VisionConfig, source: Path)
     """Read (path, label) pairs; unreadable files are reported and skipped."""
     images, labels, skipped = [], [], []
     for path, label in tqdm(items, desc=f"reading {source.name}", unit="image",
-                            disable=len(items) < 2000):
+                            disable=True if len(items) < 2000 else None):  # None: only on a terminal
         try:
             images.append(read_image(path, cfg.channels, cfg.image_size, cfg.fit))
             labels.append(label)
