@@ -26,6 +26,7 @@ bench: setup
 	$(PY) bench/text_presets.py
 	$(PY) bench/vision_presets.py
 	$(PY) bench/speech.py
+	$(PY) bench/series.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -21,13 +21,18 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("train", help="train a model from a preset into a run directory")
-    t.add_argument("task", help="text, vision or speech")
+    t.add_argument("task", help="text, vision, speech or series")
     t.add_argument("--preset", help="a named recipe, e.g. shakespeare-char")
     t.add_argument("--data", help="data to use instead of the preset's: a text file; an .npz, "
                    "a folder of class folders or a CSV of path,label of images; a manifest of "
                    "path,transcript or a LibriSpeech-style folder of recordings")
     t.add_argument("--holdout-speaker", metavar="NAME", help="speech: test on this speaker's "
                    "recordings and train on everyone else's")
+    t.add_argument("--target", metavar="COL[,COL...]", help="series: the columns to forecast "
+                   "(default: every numeric column)")
+    t.add_argument("--time-col", metavar="COL", help="series: the timestamp column (default: "
+                   "the first column when it is not numeric)")
+    t.add_argument("--horizon", type=int, metavar="H", help="series: steps to forecast")
     t.add_argument("--out", help="the run directory to create (default runs/<preset>)")
     t.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="override settings by name, e.g. --set max_steps=500 lr=3e-4")
@@ -46,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--data", help="evaluate on this data instead: images (a folder of class "
                    "folders, an .npz or a CSV of path,label) or recordings (a manifest of "
                    "path,transcript or a LibriSpeech-style folder)")
+    e.add_argument("--backtest", type=int, metavar="K", help="series: forecast from K rolling "
+                   "origins in the test part, beside naive, seasonal naive and ETS")
     e.add_argument("--checkpoint", default="last", choices=["last", "best"])
     e.add_argument("--json", action="store_true")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -65,9 +72,13 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoint", default="last", choices=["last", "best"])
     g.add_argument("--json", action="store_true")
 
-    pr = sub.add_parser("predict", help="classify images or transcribe recordings")
+    pr = sub.add_parser("predict", help="classify images, transcribe recordings or forecast "
+                        "a series")
     pr.add_argument("run")
-    pr.add_argument("inputs", nargs="+", metavar="INPUT", help="image or audio files or folders")
+    pr.add_argument("inputs", nargs="+", metavar="INPUT", help="image or audio files or folders, "
+                    "or the CSV of a series' history")
+    pr.add_argument("--horizon", type=int, default=None, metavar="H",
+                    help="series: steps to forecast (default: the run's horizon)")
     pr.add_argument("--top-k", type=int, default=3, help="images: classes to show")
     pr.add_argument("--format", choices=["text", "json", "srt"], default="text",
                     help="speech: plain transcripts, JSON with word times, or SubRip subtitles")
@@ -75,7 +86,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="speech: prefix beam search of this width (default: the run's decoder)")
     pr.add_argument("--words", metavar="LIST", help="speech: spell only these words (a "
                     "comma-separated list or a file of one word per line)")
-    pr.add_argument("--output", help="also write the predictions to this CSV file")
+    pr.add_argument("--output", help="also write the predictions to this CSV file (series: "
+                    "and the plot beside it as a PNG)")
     pr.add_argument("--checkpoint", default="last", choices=["last", "best"])
     pr.add_argument("--json", action="store_true")
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -98,6 +110,11 @@ def _cmd_train(a) -> None:
         if a.task != "speech":
             raise MonotileError("--holdout-speaker is for speech runs")
         overrides["holdout_speaker"] = a.holdout_speaker
+    for flag, key in (("target", "target"), ("time_col", "time_col"), ("horizon", "horizon")):
+        if getattr(a, flag) is not None:
+            if a.task != "series":
+                raise MonotileError(f"--{flag.replace('_', '-')} is for series runs")
+            overrides[key] = str(getattr(a, flag))
     run = train(a.task, a.preset, out=a.out, data=a.data, overrides=overrides,
                 quiet=a.quiet or a.json)
     _report_training(run, a)
@@ -129,9 +146,25 @@ def _cmd_resume(a) -> None:
 def _cmd_eval(a) -> None:
     from .run import load
     run = load(a.run, checkpoint=a.checkpoint)
-    figures = run.report(data=a.data, progress=not (a.quiet or a.json))
+    options = {}
+    if a.backtest is not None:
+        if run.meta["task"] != "series":
+            raise MonotileError(f"--backtest is for series runs; {run.dir} is a "
+                                f"{run.meta['task']} run")
+        options["backtest"] = a.backtest
+    figures = run.report(data=a.data, progress=not (a.quiet or a.json), **options)
     if a.json:
         _print_json({"run": str(run.dir), "checkpoint": a.checkpoint, **figures})
+        return
+    if "methods" in figures:  # a backtest: one row per method
+        print(f"rolling-origin backtest: {figures['origins']} origins x "
+              f"{figures['windows'] // figures['origins']} series, horizon {figures['horizon']}, "
+              f"season {figures['season']}")
+        print(f"{'method':>15}  {'MSE':>8}  {'MAE':>8}  {'MASE':>8}  {'sMAPE':>8}  coverage")
+        for name, m in figures["methods"].items():
+            cover = f"{m['coverage']:8.1%}" if "coverage" in m else f"{'-':>8}"
+            print(f"{name:>15}  {m['mse']:8.4f}  {m['mae']:8.4f}  {m['mase']:8.4f}  "
+                  f"{m['smape']:8.3f}  {cover}")
         return
     per_class = figures.pop("per_class", None)
     for k, v in figures.items():
@@ -174,9 +207,11 @@ def _cmd_predict(a) -> None:
     run = load(a.run, checkpoint=a.checkpoint)
     if run.meta["task"] == "speech":
         return _predict_speech(run, a)
+    if run.meta["task"] == "series":
+        return _predict_series(run, a)
     if run.meta["task"] != "vision":
-        raise MonotileError(f"`predict` takes image or audio files; {run.dir} is a "
-                            f"{run.meta['task']} run (use `monotile generate` for text)")
+        raise MonotileError(f"`predict` does not apply to {run.dir}, a {run.meta['task']} "
+                            "run: use `monotile generate` for text")
     result = run.predict(a.inputs, top_k=a.top_k, progress=not (a.quiet or a.json))
     for skip in result["skipped"]:
         print(f"skipped: {skip['error']}", file=sys.stderr)
@@ -235,7 +270,30 @@ def _predict_speech(run, a) -> None:
         print(f"wrote {a.output}", file=sys.stderr)
 
 
-def _write_rows_csv(path: str, header: list[str], rows: list[list]) -> None:
+def _predict_series(run, a) -> None:
+    from pathlib import Path
+    plot = (Path(a.output).with_suffix(".png") if a.output else run.dir / "plots" / "forecast.png")
+    if a.output:  # check the destination before the work
+        _write_rows_csv(a.output, [], [], check_only=True)
+    result = run.predict(a.inputs, horizon=a.horizon, plot=plot)
+    rows = result["forecast"]
+    keys = ["timestamp", "series", "forecast", *[k for k in rows[0] if k.startswith("q")]]
+    if a.output:
+        _write_rows_csv(a.output, keys, [[r[k] if isinstance(r[k], str) else f"{r[k]:.6g}"
+                                          for k in keys] for r in rows])
+    if a.json:
+        _print_json(result)
+        return
+    print("  ".join(f"{k:>19}" if k == "timestamp" else f"{k:>10}" for k in keys))
+    for r in rows:
+        print("  ".join(f"{r[k]:>19}" if k == "timestamp" else
+                        f"{r[k]:>10}" if k == "series" else f"{r[k]:10.4g}" for k in keys))
+    print(f"plot: {result['plot']}" + (f"; wrote {a.output}" if a.output else ""),
+          file=sys.stderr)
+
+
+def _write_rows_csv(path: str, header: list[str], rows: list[list], *,
+                    check_only: bool = False) -> None:
     import csv
     import io
     from pathlib import Path
@@ -246,6 +304,8 @@ def _write_rows_csv(path: str, header: list[str], rows: list[list]) -> None:
         raise MonotileError(f"--output {path} is a folder; give a file name, e.g. preds.csv")
     if not target.parent.exists():
         raise MonotileError(f"--output {path}: folder {target.parent} does not exist")
+    if check_only:
+        return
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(header)
@@ -281,6 +341,8 @@ def _cmd_presets(a) -> None:
         shape = (f"context {m['context']}" if "context" in m else
                  f"{task.get('image_size')}px images, patches {task.get('patch_size')}"
                  if p["task"] == "vision" else
+                 f"look back {task.get('lookback')}, horizon {task.get('horizon')}"
+                 if p["task"] == "series" else
                  f"{task.get('sample_rate')} Hz audio, {task.get('n_mels')} mels")
         print(f"{name:<20} {p['task']:<7} {m['n_layer']} layers, width {m['d_model']}, "
               f"{shape}, {p['train']['max_steps']} steps")

@@ -26,6 +26,10 @@ KNOWN = {
     "speeches/speeches_public_domain.txt": (
         None, "6098bd65f8468986639c304b7e9c5c276cc6648b090d6abdb914ecf093c95558"),
     "fsdd/recordings": (None, None),  # a folder of 3000 .wav files; fsdd.SHA256SUMS lists them
+    "ett/ETTh1.csv": (
+        "https://raw.githubusercontent.com/zhouhaoyi/ETDataset/main/ETT-small/ETTh1.csv",
+        "f18de3ad269cef59bb07b5438d79bb3042d3be49bdeecf01c1cd6d29695ee066"),
+    "m4/Weekly-train.csv": (None, None),  # and m4/Weekly-test.csv beside it (M4-methods)
     "mnist/mnist.npz": (
         None, "06af5dfe73b70e3bc1c36439982b18a8d76803db9b544f6fdf838a37fbb01b64"),
 }

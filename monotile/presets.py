@@ -76,4 +76,49 @@ PRESETS: dict[str, dict] = {
                        subsample=2, max_seconds=10.0, normalize="gain", speed=0.1,
                        filter_db=12.0, decode="beam", beam_width=8, closed_vocabulary=True),
     },
+    # PatchTST/42's ETTh1 recipe (Nie et al. 2023, scripts/PatchTST/etth1.sh): look-back 336,
+    # patches of 16 every 8, 3 layers, 4 heads, width 16, MLP 128, dropout 0.3, learned
+    # positions; channel independence. A batch is 256 (window, channel) pairs. Pre-norm
+    # LayerNorm blocks instead of PatchTST's post-norm BatchNorm, and a quantile head trained
+    # with the pinball loss instead of MSE.
+    "etth1": {
+        "task": "series",
+        "model": dict(n_layer=3, n_head=4, d_model=16, d_ff=128, positions="none",
+                      norm="layernorm", mlp="gelu", bias=True, dropout=0.3),
+        "train": dict(max_steps=3000, batch_size=256, lr=1e-3, min_lr=1e-5, warmup_steps=100,
+                      beta2=0.99, weight_decay=0.05, grad_clip=1.0, eval_interval=500),
+        "series": dict(data="etth1", lookback=336, horizon=96, patch_len=16, stride=8,
+                       season=24, head_dropout=0.0),
+    },
+    # One global model over M4's 359 weekly series (horizon 13): each window is normalised by
+    # its own mean and std (RevIN), and so is its loss; no global scaling.
+    "m4-weekly": {
+        "task": "series",
+        "model": dict(n_layer=3, n_head=4, d_model=64, d_ff=128, positions="none",
+                      norm="layernorm", mlp="gelu", bias=True, dropout=0.1),
+        "train": dict(max_steps=3000, batch_size=256, lr=1e-3, min_lr=1e-5, warmup_steps=100,
+                      beta2=0.99, weight_decay=0.05, grad_clip=1.0, eval_interval=500),
+        "series": dict(data="m4-weekly", lookback=52, horizon=13, patch_len=8, stride=4,
+                       scale=False, season=1),
+    },
+    # statsmodels' bundled series, the last 20 % in time order for test and the 10 % before
+    # it for validation; small models for small data (1,300 and 160 training windows).
+    "co2": {
+        "task": "series",
+        "model": dict(n_layer=2, n_head=4, d_model=32, d_ff=64, positions="none",
+                      norm="layernorm", mlp="gelu", bias=True, dropout=0.2),
+        "train": dict(max_steps=1000, batch_size=64, lr=1e-3, min_lr=1e-5, warmup_steps=50,
+                      beta2=0.99, weight_decay=0.05, grad_clip=1.0, eval_interval=250),
+        "series": dict(data="co2", lookback=208, horizon=52, patch_len=16, stride=8,
+                       season=52, val_fraction=0.1, test_fraction=0.2),
+    },
+    "sunspots": {
+        "task": "series",
+        "model": dict(n_layer=2, n_head=4, d_model=32, d_ff=64, positions="none",
+                      norm="layernorm", mlp="gelu", bias=True, dropout=0.2),
+        "train": dict(max_steps=1000, batch_size=64, lr=1e-3, min_lr=1e-5, warmup_steps=50,
+                      beta2=0.99, weight_decay=0.05, grad_clip=1.0, eval_interval=250),
+        "series": dict(data="sunspots", lookback=44, horizon=11, patch_len=4, stride=2,
+                       season=11, val_fraction=0.1, test_fraction=0.2),
+    },
 }

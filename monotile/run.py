@@ -111,12 +111,14 @@ class Run:
         self.model.eval()
         return self.task.evaluate(self.model, progress=progress)
 
-    def report(self, *, data: str | None = None, progress: bool = False) -> dict:
+    def report(self, *, data: str | None = None, progress: bool = False, **options) -> dict:
         """The full evaluation `monotile eval` prints: the task's report (per-class figures,
-        plots in RUN/plots/) where it has one, else evaluate(); `data` evaluates other data."""
+        plots in RUN/plots/, a series' backtest) where it has one, else evaluate(); `data`
+        evaluates other data."""
         self.model.eval()
         if hasattr(self.task, "report"):
-            return self.task.report(self.model, self.dir, data=data, progress=progress)
+            return self.task.report(self.model, self.dir, data=data, progress=progress,
+                                    **options)
         if data is not None:
             raise ConfigError(f"--data is not supported by `eval` for {self.meta['task']} runs; "
                               "it evaluates on the run's own validation split")

@@ -24,9 +24,10 @@ from ..errors import ConfigError
 
 def task_class(name: str):
     from .text import TextTask
+    from .series import SeriesTask
     from .speech import SpeechTask
     from .vision import VisionTask
-    tasks = {"text": TextTask, "vision": VisionTask, "speech": SpeechTask}
+    tasks = {"text": TextTask, "vision": VisionTask, "speech": SpeechTask, "series": SeriesTask}
     if name not in tasks:
         raise ConfigError(f"unknown task {name!r}; choose one of: {', '.join(sorted(tasks))}")
     return tasks[name]

@@ -75,3 +75,32 @@ def plot_confusion(run_dir: Path, cm, labels, unit: str = "images") -> Path:
     atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight"))
     plt.close(fig)
     return out
+
+
+def plot_forecast(out: Path, panels: list, quantiles) -> Path:
+    """Per series (name, history x, history, forecast x, quantiles (H, Q)): the history, the
+    median forecast and the band between the outermost quantiles, one panel per series (at
+    most 8) -> `out` (PNG)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = min(len(panels), 8)
+    fig, axes = plt.subplots(k, 1, figsize=(9, 2.4 * k + 0.6), dpi=100, squeeze=False)
+    median = list(quantiles).index(0.5)
+    for ax, (name, x_hist, history, x_future, q) in zip(axes[:, 0], panels):
+        ax.plot(x_hist, history, lw=1, color="C0", label="history")
+        ax.plot(x_future, q[:, median], lw=1.5, color="C1", label="median forecast")
+        ax.fill_between(x_future, q[:, 0], q[:, -1], color="C1", alpha=0.25,
+                        label=f"{quantiles[0]:.0%}-{quantiles[-1]:.0%} interval")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(loc="upper left", fontsize=8)
+    if len(panels) > k:
+        axes[0, 0].set_title(f"the first {k} of {len(panels)} series")
+    fig.autofmt_xdate()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight"))
+    plt.close(fig)
+    return out

@@ -1,0 +1,300 @@
+"""Reading series: CSV files (wide or long), gaps, timestamps, the built-in data sets, and
+the windows of each split.
+
+Gaps:      a missing value is the linear interpolation between its nearest known neighbours;
+           before the first or after the last known value, that value is carried (pandas'
+           interpolate(limit_direction="both"))
+Splits:    each series in time order: [0, train_end) trains, [train_end, val_end) validates,
+           [val_end, end) tests; a window of the validation or test split looks back into the
+           part before it (Informer's and PatchTST's convention)
+"""
+
+from __future__ import annotations
+
+import csv
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from ..errors import DataError
+
+if TYPE_CHECKING:
+    from .series import SeriesConfig
+
+# name -> (file under the data root, rows of train, validation and test in time order)
+BUILTIN = {"etth1": ("ett/ETTh1.csv", (12 * 30 * 24, 4 * 30 * 24, 4 * 30 * 24)),
+           "m4-weekly": ("m4/Weekly-train.csv", None),
+           "co2": (None, None), "sunspots": (None, None)}  # inside statsmodels' package
+
+
+@dataclass
+class SeriesData:
+    """Series, each with where its training, validation and test rows end."""
+    values: list[torch.Tensor]          # one 1-D float32 tensor per series, scaled (config.scale)
+    names: tuple[str, ...]
+    times: list[list[str]]              # each series' timestamps
+    borders: list[tuple[int, int, int]]  # train_end, val_end, end (rows) of each series
+    mean: tuple[float, ...] = ()        # the scaling applied (empty when config.scale is off)
+    std: tuple[float, ...] = ()
+
+    def __post_init__(self):
+        self.flat = torch.cat(self.values)
+        self.offsets = torch.tensor([0] + [len(v) for v in self.values[:-1]]).cumsum(0)
+
+
+def read_table(path: Path, config: SeriesConfig
+               ) -> tuple[list[str], dict[str, np.ndarray], dict[str, list[str]]]:
+    """A CSV with a header -> (the time column's strings, {series: float values}, {series: its
+    times}). Wide: one column per series and a time column; long: columns id, timestamp,
+    value (or unique_id, ds, y), one series per id. Empty cells are NaN. DataError for an
+    empty file, an unknown or a non-numeric target column."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read {path} as a CSV file ({e}); give a UTF-8 CSV with a "
+                        "header row") from None
+    rows = [r for r in rows if any(cell.strip() for cell in r)]
+    if len(rows) < 2:
+        raise DataError(f"{path} has no data rows; give a CSV with a header and one row per "
+                        "time step")
+    header, body = [h.strip() for h in rows[0]], rows[1:]
+    cols = {h: [r[i].strip() if i < len(r) else "" for r in body] for i, h in enumerate(header)}
+    long = _long_columns(header)
+    if long is not None:
+        return _read_long(path, config, cols, *long)
+
+    time_col = config.time_col
+    if time_col and time_col not in cols:
+        raise DataError(f"time column {time_col!r} is not in {path}; its columns are "
+                        f"{', '.join(header)}")
+    if not time_col and _numeric(cols[header[0]])[0] is None:
+        time_col = header[0]
+    times = cols[time_col] if time_col else [str(i) for i in range(len(body))]
+    targets = list(config.target) or [h for h in header if h != time_col]
+    values = {}
+    for name in targets:
+        if name not in cols:
+            raise DataError(f"column {name!r} is not in {path}; its columns are "
+                            f"{', '.join(header)}")
+        v, bad_row = _numeric(cols[name])
+        if v is None:
+            raise DataError(f"column {name!r} of {path} is not numeric (row {bad_row + 2}: "
+                            f"{cols[name][bad_row]!r}); choose numeric columns with --target")
+        values[name] = v
+    return times, values, {name: times for name in values}
+
+
+def _numeric(cells: list[str]) -> tuple[np.ndarray | None, int | None]:
+    out = np.empty(len(cells))
+    for i, cell in enumerate(cells):
+        try:
+            out[i] = float(cell) if cell not in ("", "NA", "NaN", "nan", "null") else np.nan
+        except ValueError:
+            return None, i
+    return out, None
+
+
+def _long_columns(header: list[str]) -> tuple[str, str, str] | None:
+    """The (id, time, value) columns of a long-format header, or None."""
+    lower = {h.lower(): h for h in header}
+    for names in (("id", "timestamp", "value"), ("unique_id", "ds", "y"), ("series", "time", "value"),
+                  ("id", "date", "value"), ("id", "time", "value")):
+        if len(header) == 3 and all(n in lower for n in names):
+            return tuple(lower[n] for n in names)
+    return None
+
+
+def _read_long(path, config, cols, id_col, time_col, value_col):
+    values, bad_row = _numeric(cols[value_col])
+    if values is None:
+        raise DataError(f"column {value_col!r} of {path} is not numeric (row {bad_row + 2}: "
+                        f"{cols[value_col][bad_row]!r}); give numbers in it")
+    ids: dict[str, list[int]] = {}
+    for i, sid in enumerate(cols[id_col]):
+        ids.setdefault(sid, []).append(i)
+    wanted = list(config.target) or list(ids)
+    missing = [t for t in wanted if t not in ids]
+    if missing:
+        raise DataError(f"series {missing[0]!r} is not in {path}; its ids are "
+                        f"{', '.join(list(ids)[:10])}{' ...' if len(ids) > 10 else ''}")
+    table, times = {}, {}
+    for sid in wanted:
+        rows = ids[sid]
+        order = sorted(rows, key=lambda i: _sortable(cols[time_col][i]))
+        table[sid] = values[order]
+        times[sid] = [cols[time_col][i] for i in order]
+    return next(iter(times.values())), table, times
+
+
+def _sortable(t: str):
+    try:
+        return (0, float(t), "")
+    except ValueError:
+        return (1, 0.0, t)
+
+
+def fill_missing(v: np.ndarray) -> np.ndarray:
+    """NaNs filled by linear interpolation between the nearest known values; before the
+    first or after the last known value, that value is carried (np.interp's rule)."""
+    known = ~np.isnan(v)
+    if known.all() or not known.any():
+        return v
+    idx = np.arange(len(v))
+    return np.interp(idx, idx[known], v[known])
+
+
+def check_times(times: list[str], where: str) -> None:
+    """Warn about duplicate timestamps and steps that differ from the usual one (the series
+    is used in row order either way)."""
+    import pandas as pd
+    try:
+        t = pd.to_datetime(pd.Series(times), format="mixed")
+    except (ValueError, TypeError, OverflowError):
+        return
+    if len(t) < 3 or t.isna().any():
+        return
+    dup = t.duplicated()
+    if dup.any():
+        warnings.warn(f"{where}: {int(dup.sum())} duplicate timestamps (the first: "
+                      f"{times[int(dup.values.argmax())]}); rows are used in file order",
+                      stacklevel=3)
+    steps = t.diff().iloc[1:]
+    usual = steps.mode().iloc[0]
+    odd = (steps != usual) & (steps.dt.days < 28)  # months and years vary by nature
+    if odd.any() and not dup.any():
+        first = int(odd.values.argmax()) + 1
+        warnings.warn(f"{where}: {int(odd.sum())} irregular steps (the usual step is {usual}; "
+                      f"the first other one ends at {times[first]}); rows are used in order, "
+                      "as if equally spaced", stacklevel=3)
+
+
+def load_series(config: SeriesConfig, path: Path | None) -> SeriesData:
+    """Read the series, fill gaps, split each in time order, scale with training stats."""
+    where = path.name if path is not None else config.data
+    if config.data == "m4-weekly":
+        names, series, times, borders = _m4(config, path)
+    else:
+        if config.data in ("co2", "sunspots"):
+            stamps, table = _statsmodels(config.data)
+        else:
+            _, table, stamps = read_table(path, config)
+        names, series, times, borders = [], [], [], []
+        for name, v in table.items():
+            if np.isnan(v).all():
+                raise DataError(f"series {name!r} of {where} has no values")
+            if name == next(iter(table)) or stamps[name] is not stamps[next(iter(table))]:
+                check_times(stamps[name], f"{where} ({name})" if len(table) > 1 else where)
+            T = len(v)
+            if BUILTIN.get(config.data, (None, None))[1]:
+                n_train, n_val, n_test = BUILTIN[config.data][1]
+                b = (n_train, n_train + n_val, n_train + n_val + n_test)
+            else:
+                n_test = max(config.horizon, round(T * config.test_fraction))
+                n_val = max(config.horizon, round(T * config.val_fraction))
+                b = (T - n_test - n_val, T - n_test, T)
+            if b[0] < config.lookback + config.horizon:
+                raise DataError(f"series {name!r} of {where} has {T} rows: too few for lookback "
+                                f"{config.lookback} + horizon {config.horizon} in its training "
+                                f"part ({b[0]} rows); lower --set lookback or --horizon, or "
+                                "give a longer series")
+            names.append(name)
+            series.append(fill_missing(v))
+            times.append(stamps[name])
+            borders.append(b)
+    mean = std = ()
+    if config.scale:
+        if config.mean:  # a trained run: its own training statistics
+            mean, std = tuple(config.mean), tuple(config.std)
+        else:
+            mean = tuple(float(v[:b[0]].mean()) for v, b in zip(series, borders))
+            std = tuple(max(float(v[:b[0]].std()), 1e-8) for v, b in zip(series, borders))
+        series = [(v - m) / s for v, m, s in zip(series, mean, std)]
+    return SeriesData([torch.from_numpy(np.asarray(v, dtype=np.float32)) for v in series],
+                      tuple(names), times, borders, mean, std)
+
+
+def _statsmodels(name: str) -> tuple[dict, dict]:
+    """co2 (Mauna Loa, weekly, 1958-2001) or sunspots (yearly, 1700-2008) from statsmodels."""
+    from statsmodels import datasets
+    if name == "co2":
+        frame = datasets.co2.load_pandas().data
+        times = [t.strftime("%Y-%m-%d") for t in frame.index]
+        return {"co2": times}, {"co2": frame["co2"].to_numpy(dtype=np.float64)}
+    frame = datasets.sunspots.load_pandas().data
+    times = [str(int(y)) for y in frame["YEAR"]]
+    return ({"SUNACTIVITY": times},
+            {"SUNACTIVITY": frame["SUNACTIVITY"].to_numpy(dtype=np.float64)})
+
+
+def _m4(config: SeriesConfig, train_path: Path):
+    """M4's weekly series: the history file, with the 13 test values of the other file
+    appended; the last 13 of the history validate, the test values test. A series too short
+    for one training window is padded at the front with its first value."""
+    test_path = train_path.with_name(train_path.name.replace("-train", "-test"))
+    hist = {r[0]: r[1:] for r in csv.reader(open(train_path, newline=""))}
+    test = {r[0]: r[1:] for r in csv.reader(open(test_path, newline=""))}
+    hist.pop("V1"), test.pop("V1")
+    names, series, times, borders = [], [], [], []
+    H = config.horizon
+    for name, cells in hist.items():
+        v = np.array([float(c) for c in cells if c.strip()] +
+                     [float(c) for c in test[name] if c.strip()][:H])
+        short = 2 * H + config.lookback - len(v)
+        if short > 0:  # too short for one training window: pad the front with the first value
+            v = np.concatenate([np.full(short, v[0]), v])
+        n = len(v)
+        names.append(name)
+        series.append(v)
+        times.append([str(i) for i in range(n)])
+        borders.append((n - 2 * H, n - H, n))
+    return names, series, times, borders
+
+
+def window_index(data: SeriesData, split: str, lookback: int, horizon: int) -> torch.Tensor:
+    """(series, start row) of every window whose forecast lies wholly in the split (stride 1),
+    as in Informer and PatchTST: a validation or test window looks back into the part before
+    it."""
+    out = []
+    for i, (train_end, val_end, end) in enumerate(data.borders):
+        lo, hi = {"train": (0, train_end), "val": (train_end - lookback, val_end),
+                  "test": (val_end - lookback, end)}[split]
+        starts = torch.arange(lo, hi - lookback - horizon + 1)
+        out.append(torch.stack([torch.full_like(starts, i), starts], dim=1))
+    return torch.cat(out)
+
+
+def continue_times(times: list[str], n: int) -> tuple[list[str], list, list]:
+    """The n timestamps after `times`, at its frequency (pandas' inferred frequency, else the
+    most common step), as strings; and x values for a plot of the history and the future
+    (dates, or row numbers when the times are not dates)."""
+    import pandas as pd
+    try:
+        t = pd.to_datetime(pd.Series(times), format="mixed")
+        if t.isna().any() or len(t) < 2:
+            raise ValueError("not dates")
+    except (ValueError, TypeError, OverflowError):
+        try:
+            v = np.array([float(s) for s in times])
+            step = float(pd.Series(np.diff(v[-100:])).mode().iloc[0]) if len(v) > 1 else 1.0
+            fut = v[-1] + step * np.arange(1, n + 1)
+            fmt = [f"{x:g}" for x in fut]
+            return fmt, list(v), list(fut)
+        except ValueError:
+            return [f"+{i}" for i in range(1, n + 1)], list(range(len(times))), \
+                list(range(len(times), len(times) + n))
+    with warnings.catch_warnings():  # pandas 3 warns that infer_freq will return an offset
+        warnings.simplefilter("ignore")
+        freq = pd.infer_freq(t.iloc[-min(len(t), 100):]) if len(t) >= 3 else None
+    if freq is not None:
+        fut = pd.date_range(t.iloc[-1], periods=n + 1, freq=freq)[1:]
+    else:
+        step = t.diff().iloc[-100:].mode().iloc[0]
+        fut = pd.DatetimeIndex([t.iloc[-1] + step * k for k in range(1, n + 1)])
+    daily = (t.dt.normalize() == t).all() and (fut.normalize() == fut).all()
+    fmt = fut.strftime("%Y-%m-%d" if daily else "%Y-%m-%d %H:%M:%S").tolist()
+    return fmt, list(t), list(fut)
