@@ -274,7 +274,7 @@ def _predict_series(run, a) -> None:
     from pathlib import Path
     plot = (Path(a.output).with_suffix(".png") if a.output else run.dir / "plots" / "forecast.png")
     if a.output:  # check the destination before the work
-        _write_rows_csv(a.output, [], [], check_only=True)
+        _check_output(a.output)
     result = run.predict(a.inputs, horizon=a.horizon, plot=plot)
     rows = result["forecast"]
     keys = ["timestamp", "series", "forecast", *[k for k in rows[0] if k.startswith("q")]]
@@ -292,20 +292,23 @@ def _predict_series(run, a) -> None:
           file=sys.stderr)
 
 
-def _write_rows_csv(path: str, header: list[str], rows: list[list], *,
-                    check_only: bool = False) -> None:
-    import csv
-    import io
+def _check_output(path: str):
+    """The --output file's Path; an error for a folder or a missing parent folder."""
     from pathlib import Path
-
-    from .train.checkpoint import atomic_write_text
     target = Path(path)
     if target.is_dir():
         raise MonotileError(f"--output {path} is a folder; give a file name, e.g. preds.csv")
     if not target.parent.exists():
         raise MonotileError(f"--output {path}: folder {target.parent} does not exist")
-    if check_only:
-        return
+    return target
+
+
+def _write_rows_csv(path: str, header: list[str], rows: list[list]) -> None:
+    import csv
+    import io
+
+    from .train.checkpoint import atomic_write_text
+    target = _check_output(path)
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(header)

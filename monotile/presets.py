@@ -5,6 +5,15 @@ Every field can be overridden by name with `--set key=value` (or `overrides=` in
 
 from __future__ import annotations
 
+# the model and schedule of the small series presets (co2, sunspots)
+_SMALL_SERIES = {
+    "task": "series",
+    "model": dict(n_layer=2, n_head=4, d_model=32, d_ff=64, positions="none", norm="layernorm",
+                  mlp="gelu", bias=True, dropout=0.2),
+    "train": dict(max_steps=1000, batch_size=64, lr=1e-3, min_lr=1e-5, warmup_steps=50,
+                  beta2=0.99, weight_decay=0.05, grad_clip=1.0, eval_interval=250),
+}
+
 PRESETS: dict[str, dict] = {
     # nanoGPT's CPU "baby GPT" (config/train_shakespeare_char.py with the README's CPU flags):
     # 4 layers, 4 heads, width 128, context 64, batch 12, 2000 steps, AdamW 1e-3 -> 1e-4
@@ -103,22 +112,10 @@ PRESETS: dict[str, dict] = {
     },
     # statsmodels' bundled series, the last 20 % in time order for test and the 10 % before
     # it for validation; small models for small data (1,300 and 160 training windows).
-    "co2": {
-        "task": "series",
-        "model": dict(n_layer=2, n_head=4, d_model=32, d_ff=64, positions="none",
-                      norm="layernorm", mlp="gelu", bias=True, dropout=0.2),
-        "train": dict(max_steps=1000, batch_size=64, lr=1e-3, min_lr=1e-5, warmup_steps=50,
-                      beta2=0.99, weight_decay=0.05, grad_clip=1.0, eval_interval=250),
-        "series": dict(data="co2", lookback=208, horizon=52, patch_len=16, stride=8,
-                       season=52, val_fraction=0.1, test_fraction=0.2),
-    },
-    "sunspots": {
-        "task": "series",
-        "model": dict(n_layer=2, n_head=4, d_model=32, d_ff=64, positions="none",
-                      norm="layernorm", mlp="gelu", bias=True, dropout=0.2),
-        "train": dict(max_steps=1000, batch_size=64, lr=1e-3, min_lr=1e-5, warmup_steps=50,
-                      beta2=0.99, weight_decay=0.05, grad_clip=1.0, eval_interval=250),
-        "series": dict(data="sunspots", lookback=44, horizon=11, patch_len=4, stride=2,
-                       season=11, val_fraction=0.1, test_fraction=0.2),
-    },
+    "co2": dict(_SMALL_SERIES, series=dict(data="co2", lookback=208, horizon=52, patch_len=16,
+                                           stride=8, season=52, val_fraction=0.1,
+                                           test_fraction=0.2)),
+    "sunspots": dict(_SMALL_SERIES, series=dict(data="sunspots", lookback=44, horizon=11,
+                                                patch_len=4, stride=2, season=11,
+                                                val_fraction=0.1, test_fraction=0.2)),
 }

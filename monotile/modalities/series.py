@@ -303,12 +303,16 @@ class SeriesTask:
     def evaluate(self, model, progress: bool = False) -> dict[str, float | int]:
         """The metrics on the validation windows (which pick the best checkpoint) and on the
         test windows; MSE and MAE in the standardised units the published figures use."""
+        return self._evaluate(model, progress)[0]
+
+    def _evaluate(self, model, progress: bool):
+        """evaluate()'s figures, and the test split's forecasts for report() to reuse."""
         out: dict[str, float | int] = {}
         for split in ("val", "test"):
-            index, _, q, y = self.forecast_split(model, split, progress)
+            index, x, q, y = self.forecast_split(model, split, progress)
             out.update({f"{split}_{k}": v for k, v in self.metrics(index, q, y).items()})
             out[f"{split}_windows"] = len(q)
-        return out
+        return out, (index, x, y)
 
     def report(self, model, run_dir: Path, *, data: str | None = None,
                backtest: int | None = None, progress: bool = False) -> dict:
@@ -319,8 +323,7 @@ class SeriesTask:
                             "a history CSV, or train on the data")
         if backtest is not None:
             return self.backtest(model, backtest, progress=progress)
-        out = self.evaluate(model, progress)
-        index, x, _, y = self.forecast_split(model, "test", progress)
+        out, (index, x, y) = self._evaluate(model, progress)
         m = self.config.season
         for name, pred in (("naive", x[:, -1:].expand_as(y)),
                            ("seasonal_naive", _repeat_season(x, m, y.size(1)))):
@@ -361,7 +364,7 @@ class SeriesTask:
         with torch.no_grad():
             q = model(x.to(next(model.parameters()).device)).float().cpu()
         results = {"model": self.metrics(index, q, y)}
-        raw = [v.double().numpy() * (d.std[i] if d.std else 1) + (d.mean[i] if d.mean else 0)
+        raw = [self.unscale(torch.tensor([[i, 0]]), v[None])[0][0].numpy()
                for i, v in enumerate(d.values)]
         for method in tqdm(methods, disable=not progress, desc="baselines", unit="method"):
             preds = []

@@ -184,10 +184,12 @@ def load_series(config: SeriesConfig, path: Path | None) -> SeriesData:
         else:
             _, table, stamps = read_table(path, config)
         names, series, times, borders = [], [], [], []
+        checked: set[int] = set()
         for name, v in table.items():
             if np.isnan(v).all():
                 raise DataError(f"series {name!r} of {where} has no values")
-            if name == next(iter(table)) or stamps[name] is not stamps[next(iter(table))]:
+            if id(stamps[name]) not in checked:  # the columns of a wide CSV share one time axis
+                checked.add(id(stamps[name]))
                 check_times(stamps[name], f"{where} ({name})" if len(table) > 1 else where)
             T = len(v)
             if BUILTIN.get(config.data, (None, None))[1]:
