@@ -87,17 +87,19 @@ PRESETS: dict[str, dict] = {
     },
     # PatchTST/42's ETTh1 recipe (Nie et al. 2023, scripts/PatchTST/etth1.sh): look-back 336,
     # patches of 16 every 8, 3 layers, 4 heads, width 16, MLP 128, dropout 0.3, learned
-    # positions; channel independence. A batch is 256 (window, channel) pairs. Pre-norm
-    # LayerNorm blocks instead of PatchTST's post-norm BatchNorm, and a quantile head trained
-    # with the pinball loss instead of MSE.
+    # positions; channel independence. A batch is 256 (window, channel) pairs, 1500 steps at
+    # lr 3e-4 (PatchTST: 896 pairs at 1e-4, early-stopped). Pre-norm LayerNorm blocks instead
+    # of PatchTST's post-norm BatchNorm, and a quantile head trained with the pinball loss plus
+    # half the MSE of the median (ETTh1 is scored by MSE; the pinball loss alone scores
+    # 0.39-0.40, see docs/principles/forecasting.md).
     "etth1": {
         "task": "series",
         "model": dict(n_layer=3, n_head=4, d_model=16, d_ff=128, positions="none",
                       norm="layernorm", mlp="gelu", bias=True, dropout=0.3),
-        "train": dict(max_steps=3000, batch_size=256, lr=1e-3, min_lr=1e-5, warmup_steps=100,
-                      beta2=0.99, weight_decay=0.05, grad_clip=1.0, eval_interval=500),
+        "train": dict(max_steps=1500, batch_size=256, lr=3e-4, min_lr=3e-6, warmup_steps=100,
+                      beta2=0.99, weight_decay=0.05, grad_clip=1.0, eval_interval=250),
         "series": dict(data="etth1", lookback=336, horizon=96, patch_len=16, stride=8,
-                       season=24, head_dropout=0.0),
+                       season=24, head_dropout=0.0, mse_weight=0.5),
     },
     # One global model over M4's 359 weekly series (horizon 13): each window is normalised by
     # its own mean and std (RevIN), and so is its loss; no global scaling.

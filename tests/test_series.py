@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import monotile
-from monotile.modalities.series import SeriesConfig, patchify, pinball_loss, revin
+from monotile.modalities.series import (SeriesConfig, patchify, pinball_loss, quantile_shifts,
+                                        revin)
 from monotile.modalities.series_io import fill_missing, window_index
 
 from conftest import cli, set_args
@@ -60,6 +61,28 @@ def test_pinball_loss_is_the_quantile_check_function():
     # at the median it is half the absolute error
     assert pinball_loss(q[..., 1:2], y, (0.5,)).item() == pytest.approx(
         0.5 * (q[..., 1] - y).abs().mean().item(), rel=1e-6)
+    # mse_weight adds w times the median's mean squared error
+    mse = np.mean([(y[b, h].item() - q[b, h, 1].item()) ** 2 for b in range(4) for h in range(6)])
+    assert pinball_loss(q, y, taus, mse_weight=0.5).item() == pytest.approx(ref + 0.5 * mse,
+                                                                           rel=1e-6)
+
+
+def test_calibration_shifts_make_each_level_hold_on_the_windows_it_saw():
+    torch.manual_seed(0)
+    n, h, taus = 400, 5, (0.1, 0.5, 0.9)
+    sigma = torch.rand(n, 1) + 0.5
+    y = torch.randn(n, h) * 2 * sigma  # the truth is twice as spread as the forecast says
+    q = torch.stack([-1.2816 * sigma.expand(n, h), torch.zeros(n, h),
+                     1.2816 * sigma.expand(n, h)], -1)
+    s = quantile_shifts(q, y, sigma, taus)
+    r = ((y[..., None] - q) / sigma[..., None]).reshape(-1, 3).numpy()
+    assert s.tolist() == pytest.approx([np.quantile(r[:, 0], 0.1), 0.0,
+                                        np.quantile(r[:, 2], 0.9)], rel=1e-6)
+    shifted = q + s * sigma[..., None]
+    below = (y[..., None] <= shifted).float().mean((0, 1))
+    assert below[0].item() == pytest.approx(0.1, abs=2 / (n * h))
+    assert below[2].item() == pytest.approx(0.9, abs=2 / (n * h))
+    assert ((q[..., 0] <= y) & (y <= q[..., 2])).float().mean() < 0.55  # before: far too narrow
 
 
 def test_missing_values_are_interpolated_like_pandas():

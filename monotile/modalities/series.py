@@ -9,8 +9,14 @@ Channels:  every channel is its own series through the same weights (channel ind
 Head:      q = sort(W_h flatten(z_L) + b), reshaped to (horizon, quantiles) (PatchTST's flatten
            head; sorting the quantiles of each step never raises the pinball loss: Chernozhukov
            et al. 2010)
+Calibration: each quantile level tau but the median is shifted by what the validation windows
+           say it missed: q'_tau = q_tau + sigma s_tau, s_tau = the tau-quantile of (y - q_tau) / sigma
+           over the validation windows and steps (sigma the window's RevIN scale), so that each
+           level holds on held-out data (conformalised quantiles; Romano et al. 2019)
 Loss:      pinball: mean over steps and quantiles tau of max(tau (y - q_tau), (tau - 1)(y - q_tau));
-           the median (tau = 0.5) is the point forecast
+           the median (tau = 0.5) is the point forecast. mse_weight w > 0 adds w mean (y - q_0.5)^2,
+           which pulls the point forecast from the median toward the mean, the forecast that
+           MSE rewards
 (Nie et al. 2023, "A Time Series is Worth 64 Words".)
 """
 
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +60,8 @@ class SeriesConfig:
     test_fraction: float = 0.2    #   the last test_fraction is test, the val_fraction before it
     season: int = 1               # m of MASE's seasonal naive scale (24 for hourly data)
     head_dropout: float = 0.0
+    mse_weight: float = 0.0       # w: loss = pinball + w MSE(median); > 0 when MSE is the metric
+    calibrate: bool = True        # shift the quantiles so that their levels hold on validation
     eval_batch_size: int = 1024
     columns: tuple = ()           # the target columns, filled at train time
     mean: tuple = ()              # their training mean and std, filled at train time (scale)
@@ -86,6 +95,8 @@ class SeriesConfig:
                 bad(name, "it must be in (0, 0.5)")
         if not 0 <= self.head_dropout < 1:
             bad("head_dropout", "it must be in [0, 1)")
+        if self.mse_weight < 0:
+            bad("mse_weight", "it must be >= 0")
 
     @property
     def n_patches(self) -> int:
@@ -109,11 +120,26 @@ def patchify(x: torch.Tensor, patch_len: int, stride: int) -> torch.Tensor:
     return x.unfold(-1, patch_len, stride)
 
 
-def pinball_loss(pred: torch.Tensor, y: torch.Tensor, quantiles) -> torch.Tensor:
-    """pred (..., H, Q), y (..., H): mean over everything of max(tau e, (tau - 1) e), e = y - q."""
+def pinball_loss(pred: torch.Tensor, y: torch.Tensor, quantiles,
+                 mse_weight: float = 0.0) -> torch.Tensor:
+    """pred (..., H, Q), y (..., H): mean over everything of max(tau e, (tau - 1) e), e = y - q;
+    plus mse_weight * mean (y - q_0.5)^2 when mse_weight > 0."""
     tau = torch.as_tensor(quantiles, dtype=pred.dtype, device=pred.device)
     e = y.unsqueeze(-1) - pred
-    return torch.maximum(tau * e, (tau - 1) * e).mean()
+    loss = torch.maximum(tau * e, (tau - 1) * e).mean()
+    if mse_weight:
+        loss = loss + mse_weight * e[..., list(quantiles).index(0.5)].pow(2).mean()
+    return loss
+
+
+def quantile_shifts(q: torch.Tensor, y: torch.Tensor, sigma: torch.Tensor,
+                    quantiles) -> torch.Tensor:
+    """q (N, H, Q) forecasts of N held-out windows, y (N, H) their truth, sigma (N, 1) their
+    scales -> (Q,) shifts s_tau = the tau-quantile of (y - q_tau) / sigma over windows and
+    steps; 0 at the median, which stays the point forecast."""
+    r = ((y.unsqueeze(-1) - q) / sigma.unsqueeze(-1)).flatten(0, 1).double().numpy()  # (N H, Q)
+    return torch.tensor([0.0 if tau == 0.5 else float(np.quantile(r[:, k], tau))
+                         for k, tau in enumerate(quantiles)])
 
 
 def mase(pred: torch.Tensor, y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -179,6 +205,7 @@ class SeriesTask:
     def __init__(self, config: SeriesConfig):
         self.config = config
         self._data: SeriesData | None = None
+        self._shifts: tuple = (None, None)  # (model, its calibration shifts)
 
     @classmethod
     def prepare(cls, config: SeriesConfig, model_cfg: ModelConfig, data: str | None = None):
@@ -237,10 +264,11 @@ class SeriesTask:
         """The pinball loss in model units, or, for unscaled data (series of every size, as
         M4's), in each window's RevIN units, so that large series do not drown small ones."""
         x, y = batch
-        if self.config.scale:
-            return pinball_loss(model(x), y, self.config.quantiles)
+        c = self.config
+        if c.scale:
+            return pinball_loss(model(x), y, c.quantiles, c.mse_weight)
         q, mu, sigma = model.normalised(x)
-        return pinball_loss(q, (y - mu) / sigma, self.config.quantiles)
+        return pinball_loss(q, (y - mu) / sigma, c.quantiles, c.mse_weight)
 
     def tokens(self, batch) -> int:
         return batch[0].size(0) * self.config.n_patches
@@ -300,16 +328,49 @@ class SeriesTask:
         mean, std = self._stats(index)
         return (x.double() - mean) / std
 
+    def sigma(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 1) scales of look-back windows x (N, L): their RevIN std, or 1 without RevIN."""
+        return revin(x)[2] if self.config.revin else x.new_ones(x.size(0), 1)
+
+    def calibrated(self, q: torch.Tensor, x: torch.Tensor, shifts: torch.Tensor | None):
+        """Forecasts q (N, H, Q) from windows x (N, L) with each level shifted by its
+        validation miss, sorted again; unchanged when `shifts` is None."""
+        if shifts is None:
+            return q
+        return (q + shifts * self.sigma(x).unsqueeze(-1)).sort(dim=-1).values
+
+    def shifts(self, model) -> torch.Tensor | None:
+        """The calibration shifts of this model (computed once from the validation windows),
+        or None when calibration is off or the training data is not at hand."""
+        if not self.config.calibrate:
+            return None
+        if self._shifts[0] is not model:
+            try:
+                _, x, q, y = self.forecast_split(model, "val")
+                value = quantile_shifts(q, y, self.sigma(x), self.config.quantiles)
+            except DataError as e:
+                warnings.warn(f"intervals not calibrated: {e}", stacklevel=2)
+                value = None
+            self._shifts = (model, value)
+        return self._shifts[1]
+
     def evaluate(self, model, progress: bool = False) -> dict[str, float | int]:
         """The metrics on the validation windows (which pick the best checkpoint) and on the
-        test windows; MSE and MAE in the standardised units the published figures use."""
+        test windows; MSE and MAE in the standardised units the published figures use. The
+        validation windows calibrate the test windows' quantiles (their own figures are
+        before calibration)."""
         return self._evaluate(model, progress)[0]
 
     def _evaluate(self, model, progress: bool):
         """evaluate()'s figures, and the test split's forecasts for report() to reuse."""
         out: dict[str, float | int] = {}
+        shifts = None
         for split in ("val", "test"):
             index, x, q, y = self.forecast_split(model, split, progress)
+            if split == "val" and self.config.calibrate:
+                shifts = quantile_shifts(q, y, self.sigma(x), self.config.quantiles)
+            elif split == "test":
+                q = self.calibrated(q, x, shifts)
             out.update({f"{split}_{k}": v for k, v in self.metrics(index, q, y).items()})
             out[f"{split}_windows"] = len(q)
         return out, (index, x, y)
@@ -363,7 +424,7 @@ class SeriesTask:
         x, y = self.windows(index)
         with torch.no_grad():
             q = model(x.to(next(model.parameters()).device)).float().cpu()
-        results = {"model": self.metrics(index, q, y)}
+        results = {"model": self.metrics(index, self.calibrated(q, x, self.shifts(model)), y)}
         raw = [self.unscale(torch.tensor([[i, 0]]), v[None])[0][0].numpy()
                for i, v in enumerate(d.values)]
         for method in tqdm(methods, disable=not progress, desc="baselines", unit="method"):
@@ -386,13 +447,14 @@ class SeriesTask:
     def forecast(self, model, history: torch.Tensor, horizon: int) -> torch.Tensor:
         """history (C, T >= lookback) in the model's units -> (C, horizon, Q). Beyond the
         model's own horizon the median is appended to the history and the model forecasts
-        again from there (recursive forecasting)."""
+        again from there (recursive forecasting). The quantiles are calibrated (shifts())."""
         c = self.config
         device = next(model.parameters()).device
         x, out, made = history[:, -c.lookback:].float(), [], 0
+        shifts = self.shifts(model)
         while made < horizon:
             q = model(x.to(device)).float().cpu()
-            out.append(q)
+            out.append(self.calibrated(q, x, shifts))
             made += c.horizon
             x = torch.cat([x, q[..., c.quantiles.index(0.5)]], dim=1)[:, -c.lookback:]
         return torch.cat(out, dim=1)[:, :horizon]
