@@ -9,10 +9,11 @@ Channels:  every channel is its own series through the same weights (channel ind
 Head:      q = sort(W_h flatten(z_L) + b), reshaped to (horizon, quantiles) (PatchTST's flatten
            head; sorting the quantiles of each step never raises the pinball loss: Chernozhukov
            et al. 2010)
-Calibration: each quantile level tau but the median is shifted by what the validation windows
-           say it missed: q'_tau = q_tau + sigma s_tau, s_tau = the tau-quantile of (y - q_tau) / sigma
-           over the validation windows and steps (sigma the window's RevIN scale), so that each
-           level holds on held-out data (conformalised quantiles; Romano et al. 2019)
+Calibration: each quantile level tau but the median is shifted by what the validation
+           windows say it missed: q'_tau = q_tau + sigma s_tau, s_tau = the tau-quantile of
+           (y - q_tau) / sigma over the validation windows and steps (sigma the window's RevIN
+           scale), so that each level holds on held-out data (conformalised quantiles;
+           Romano et al. 2019)
 Loss:      pinball: mean over steps and quantiles tau of max(tau (y - q_tau), (tau - 1)(y - q_tau));
            the median (tau = 0.5) is the point forecast. mse_weight w > 0 adds w mean (y - q_0.5)^2,
            which pulls the point forecast from the median toward the mean, the forecast that
@@ -396,7 +397,8 @@ class SeriesTask:
             from .statistical import naive2
             raw = self.unscale(index, x)[0].double().numpy()
             pred = torch.from_numpy(np.stack([naive2(r, y.size(1), m) for r in raw]))
-            q = self.scale(index, pred).float().unsqueeze(-1).expand(*pred.shape, len(self.config.quantiles))
+            q = self.scale(index, pred).float().unsqueeze(-1).expand(
+                *pred.shape, len(self.config.quantiles))
             figures = self.metrics(index, q, y)
             out["naive2_smape"], out["naive2_mase"] = figures["smape"], figures["mase"]
             out["owa"] = 0.5 * (out["test_smape"] / figures["smape"] +
