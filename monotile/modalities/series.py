@@ -276,12 +276,15 @@ class SeriesTask:
 
     # ---- metrics ----------------------------------------------------------------------------
     @torch.no_grad()
-    def forecast_split(self, model, split: str, progress: bool = False):
-        """Every window of the split: its index (N, 2), look-back (N, L), quantile forecasts
-        (N, H, Q) and truth (N, H), in the model's units."""
+    def forecast_split(self, model, split: str, progress: bool = False,
+                       limit: int | None = None):
+        """Every window of the split (or `limit` of them, evenly spaced): its index (N, 2),
+        look-back (N, L), quantile forecasts (N, H, Q) and truth (N, H), in model units."""
         c = self.config
         device = next(model.parameters()).device
         index = window_index(self.data(), split, c.lookback, c.horizon)
+        if limit is not None and len(index) > limit:
+            index = index[torch.linspace(0, len(index) - 1, limit).long()]
         xs, preds, truth = [], [], []
         for i in tqdm(range(0, len(index), c.eval_batch_size), disable=not progress,
                       desc="eval", unit="batch"):
@@ -341,13 +344,14 @@ class SeriesTask:
         return (q + shifts * self.sigma(x).unsqueeze(-1)).sort(dim=-1).values
 
     def shifts(self, model) -> torch.Tensor | None:
-        """The calibration shifts of this model (computed once from the validation windows),
-        or None when calibration is off or the training data is not at hand."""
+        """The calibration shifts of this model, computed once from (at most 2048 evenly
+        spaced) validation windows; None when calibration is off or the training data is not
+        at hand."""
         if not self.config.calibrate:
             return None
         if self._shifts[0] is not model:
             try:
-                _, x, q, y = self.forecast_split(model, "val")
+                _, x, q, y = self.forecast_split(model, "val", limit=2048)
                 value = quantile_shifts(q, y, self.sigma(x), self.config.quantiles)
             except DataError as e:
                 warnings.warn(f"intervals not calibrated: {e}", stacklevel=2)
