@@ -19,3 +19,15 @@ class DataError(MonotileError):
 
 class CheckpointError(MonotileError):
     """A run directory or checkpoint that is missing, corrupt, truncated or foreign."""
+
+
+def invalid(config, name: str, fix: str):
+    """Refuse config.name with the one-line `name=value is invalid: fix`."""
+    raise ConfigError(f"{name}={getattr(config, name)!r} is invalid: {fix}")
+
+
+def check_positive(config, names) -> None:
+    """Refuse any of config's `names` that is not > 0."""
+    for name in names:
+        if getattr(config, name) <= 0:
+            invalid(config, name, "it must be a positive integer")

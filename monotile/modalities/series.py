@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from ..core.transformer import ModelConfig, Transformer, init_weights
 from ..data import find_data
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, check_positive, invalid
 from .series_io import (BUILTIN, SeriesData, continue_times, fill_missing, load_series,
                         read_table, window_index)
 
@@ -76,28 +76,25 @@ class SeriesConfig:
             object.__setattr__(self, name, tuple(value))
         object.__setattr__(self, "quantiles", tuple(float(q) for q in self.quantiles))
 
-        def bad(name, fix):
-            raise ConfigError(f"{name}={getattr(self, name)!r} is invalid: {fix}")
-        for name in ("lookback", "horizon", "patch_len", "stride", "season", "eval_batch_size"):
-            if getattr(self, name) <= 0:
-                bad(name, "it must be a positive integer")
+        check_positive(self, ("lookback", "horizon", "patch_len", "stride", "season",
+                              "eval_batch_size"))
         if self.patch_len > self.lookback:
-            bad("patch_len", f"a patch cannot be longer than lookback={self.lookback}")
+            invalid(self, "patch_len", f"a patch cannot be longer than lookback={self.lookback}")
         if (self.lookback - self.patch_len) % self.stride:
-            bad("stride", f"lookback - patch_len = {self.lookback - self.patch_len} must be a "
-                          "multiple of it, so the patches tile the window")
+            invalid(self, "stride", f"lookback - patch_len = {self.lookback - self.patch_len} "
+                    "must be a multiple of it, so the patches tile the window")
         if not self.quantiles or any(not 0 < q < 1 for q in self.quantiles) or \
                 list(self.quantiles) != sorted(set(self.quantiles)):
-            bad("quantiles", "give increasing levels in (0, 1), e.g. 0.1,0.5,0.9")
+            invalid(self, "quantiles", "give increasing levels in (0, 1), e.g. 0.1,0.5,0.9")
         if 0.5 not in self.quantiles:
-            bad("quantiles", "include 0.5: the median is the point forecast")
+            invalid(self, "quantiles", "include 0.5: the median is the point forecast")
         for name in ("val_fraction", "test_fraction"):
             if not 0 < getattr(self, name) < 0.5:
-                bad(name, "it must be in (0, 0.5)")
+                invalid(self, name, "it must be in (0, 0.5)")
         if not 0 <= self.head_dropout < 1:
-            bad("head_dropout", "it must be in [0, 1)")
+            invalid(self, "head_dropout", "it must be in [0, 1)")
         if self.mse_weight < 0:
-            bad("mse_weight", "it must be >= 0")
+            invalid(self, "mse_weight", "it must be >= 0")
 
     @property
     def n_patches(self) -> int:

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from ..core.transformer import ModelConfig, Transformer, init_weights
 from ..data import expand_inputs, find_data, nothing_readable
-from ..errors import ConfigError, DataError
+from ..errors import DataError, check_positive, invalid
 from ..infer.ctc import Lexicon, beam_search, ctc_loss, forced_align, greedy_decode
 from .audio import AUDIO_SUFFIXES, log_mel, mel_filters, read_audio
 
@@ -78,34 +78,31 @@ class SpeechConfig:
         object.__setattr__(self, "noise_snr", tuple(float(v) for v in (
             self.noise_snr.split(",") if isinstance(self.noise_snr, str) else self.noise_snr)))
 
-        def bad(name, fix):
-            raise ConfigError(f"{name}={getattr(self, name)!r} is invalid: {fix}")
-        for name in ("sample_rate", "n_fft", "hop", "n_mels", "eval_batch_size", "beam_width"):
-            if getattr(self, name) <= 0:
-                bad(name, "it must be a positive integer")
+        check_positive(self, ("sample_rate", "n_fft", "hop", "n_mels", "eval_batch_size",
+                              "beam_width"))
         if self.hop > self.n_fft:
-            bad("hop", f"frames would skip samples; use hop <= n_fft={self.n_fft}")
+            invalid(self, "hop", f"frames would skip samples; use hop <= n_fft={self.n_fft}")
         if self.subsample not in (1, 2, 4):
-            bad("subsample", "choose 1, 2 or 4")
+            invalid(self, "subsample", "choose 1, 2 or 4")
         if self.normalize not in ("utterance", "gain", "none"):
-            bad("normalize", "choose utterance, gain or none")
+            invalid(self, "normalize", "choose utterance, gain or none")
         if self.decode not in ("greedy", "beam"):
-            bad("decode", "choose greedy or beam")
+            invalid(self, "decode", "choose greedy or beam")
         if not self.max_seconds > 0:
-            bad("max_seconds", "it must be > 0")
+            invalid(self, "max_seconds", "it must be > 0")
         if not 0 < self.val_fraction < 1:
-            bad("val_fraction", "it must be in (0, 1)")
+            invalid(self, "val_fraction", "it must be in (0, 1)")
         if not 0 <= self.speed < 0.5:
-            bad("speed", "it must be in [0, 0.5)")
+            invalid(self, "speed", "it must be in [0, 0.5)")
         if not 0 <= self.noise <= 1:
-            bad("noise", "it is a probability, in [0, 1]")
+            invalid(self, "noise", "it is a probability, in [0, 1]")
         if not 0 <= self.filter_db <= 40:
-            bad("filter_db", "give a gain range in dB, 0 to 40 (0: off)")
+            invalid(self, "filter_db", "give a gain range in dB, 0 to 40 (0: off)")
         if len(self.noise_snr) != 2 or self.noise_snr[0] > self.noise_snr[1]:
-            bad("noise_snr", "give two numbers low,high in dB, e.g. 10,40")
+            invalid(self, "noise_snr", "give two numbers low,high in dB, e.g. 10,40")
         for name in ("freq_masks", "freq_width", "time_masks", "time_width"):
             if getattr(self, name) < 0:
-                bad(name, "it must be >= 0")
+                invalid(self, name, "it must be >= 0")
 
     @property
     def frame_seconds(self) -> float:

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ..core.transformer import ModelConfig, Transformer, init_weights
 from ..data import expand_inputs, find_data, nothing_readable
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, check_positive, invalid
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm",
                   ".pgm")
@@ -60,30 +60,27 @@ class VisionConfig:
         for name in ("labels", "mean", "std"):  # config.json gives lists
             object.__setattr__(self, name, tuple(getattr(self, name)))
 
-        def bad(name, fix):
-            raise ConfigError(f"{name}={getattr(self, name)!r} is invalid: {fix}")
-        for name in ("image_size", "patch_size", "eval_batch_size"):
-            if getattr(self, name) <= 0:
-                bad(name, "it must be a positive integer")
+        check_positive(self, ("image_size", "patch_size", "eval_batch_size"))
         if self.image_size % self.patch_size:
-            bad("patch_size", f"it must divide image_size={self.image_size}")
+            invalid(self, "patch_size", f"it must divide image_size={self.image_size}")
         if self.channels not in (1, 3):
-            bad("channels", "choose 1 (grey) or 3 (RGB)")
+            invalid(self, "channels", "choose 1 (grey) or 3 (RGB)")
         if self.stem not in ("patch", "conv"):
-            bad("stem", "choose patch or conv")
+            invalid(self, "stem", "choose patch or conv")
         if self.stem == "conv" and self.patch_size & (self.patch_size - 1):
-            bad("patch_size", "a conv stem halves the image per layer: use a power of 2")
+            invalid(self, "patch_size", "a conv stem halves the image per layer: use a power of 2")
         if self.pool not in ("cls", "mean"):
-            bad("pool", "choose cls or mean")
+            invalid(self, "pool", "choose cls or mean")
         if self.fit not in ("squash", "crop", "pad"):
-            bad("fit", "choose squash, crop or pad")
+            invalid(self, "fit", "choose squash, crop or pad")
         if not 0 < self.val_fraction < 1:
-            bad("val_fraction", "it must be in (0, 1)")
+            invalid(self, "val_fraction", "it must be in (0, 1)")
         if self.rotate < 0 or not 0 <= self.shift < 1 or not 0 <= self.scale < 1:
-            bad("rotate" if self.rotate < 0 else "shift" if not 0 <= self.shift < 1 else "scale",
+            invalid(self, "rotate" if self.rotate < 0 else
+                    "shift" if not 0 <= self.shift < 1 else "scale",
                 "rotate must be >= 0 degrees, shift and scale in [0, 1)")
         if not 0 <= self.label_smoothing < 1:
-            bad("label_smoothing", "it must be in [0, 1)")
+            invalid(self, "label_smoothing", "it must be in [0, 1)")
 
     @property
     def grid(self) -> int:

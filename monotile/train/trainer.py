@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError, MonotileError
+from ..errors import ConfigError, MonotileError, check_positive, invalid
 from .checkpoint import (load_model_weights, load_optimizer, model_tensors, rng_from_str,
                          rng_to_str, save_checkpoint, save_tensors)
 from .ema import EMA
@@ -53,30 +53,28 @@ class TrainConfig:
     compile: bool = False
 
     def __post_init__(self):
-        def bad(name, fix):
-            raise ConfigError(f"{name}={getattr(self, name)!r} is invalid: {fix}")
-        for name in ("max_steps", "batch_size", "grad_accum", "eval_interval", "log_interval"):
-            if getattr(self, name) <= 0:
-                bad(name, "it must be a positive integer")
+        check_positive(self, ("max_steps", "batch_size", "grad_accum", "eval_interval",
+                              "log_interval"))
         if not self.lr > 0:
-            bad("lr", "the learning rate must be > 0, e.g. --set lr=1e-3")
+            invalid(self, "lr", "the learning rate must be > 0, e.g. --set lr=1e-3")
         if not 0 <= self.min_lr <= self.lr:
-            bad("min_lr", f"it must be between 0 and lr={self.lr}")
+            invalid(self, "min_lr", f"it must be between 0 and lr={self.lr}")
         if self.warmup_steps < 0:
-            bad("warmup_steps", "it must be >= 0")
+            invalid(self, "warmup_steps", "it must be >= 0")
         if self.decay_steps is not None and self.decay_steps <= 0:
-            bad("decay_steps", "it must be a positive integer")
+            invalid(self, "decay_steps", "it must be a positive integer")
         if self.weight_decay < 0 or self.grad_clip < 0:
-            bad("weight_decay" if self.weight_decay < 0 else "grad_clip", "it must be >= 0")
+            invalid(self, "weight_decay" if self.weight_decay < 0 else "grad_clip",
+                    "it must be >= 0")
         for name in ("beta1", "beta2", "ema"):
             if not 0 <= getattr(self, name) < 1:
-                bad(name, "it must be in [0, 1)")
+                invalid(self, name, "it must be in [0, 1)")
         if self.checkpoint_interval is not None and self.checkpoint_interval <= 0:
-            bad("checkpoint_interval", "it must be a positive integer")
+            invalid(self, "checkpoint_interval", "it must be a positive integer")
         if self.dtype not in ("auto", "float32", "bfloat16"):
-            bad("dtype", "choose auto, float32 or bfloat16")
+            invalid(self, "dtype", "choose auto, float32 or bfloat16")
         if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
-            bad("device", "choose auto, cpu, cuda, cuda:N or mps")
+            invalid(self, "device", "choose auto, cpu, cuda, cuda:N or mps")
 
 
 def pick_device(name: str) -> torch.device:
