@@ -44,6 +44,23 @@ def test_sdpa_path_equals_math_path_with_padding_and_cache_offsets():
                                atol=1e-5, rtol=1e-5)
 
 
+def test_bf16_attention_on_cpu_runs_in_fp32_under_autocast_and_without():
+    q, k, v = (t.bfloat16() for t in qkv())
+    q.requires_grad_()
+    expected = attention_math(q.float(), k.float(), v.float(), causal_mask(6, 6)).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = attention(q, k, v, is_causal=True)
+        from_fp32 = attention(q.float(), k.float(), v.float(), is_causal=True)
+    plain = attention(q, k, v, is_causal=True)
+    assert under_autocast.dtype == plain.dtype == torch.bfloat16
+    assert from_fp32.dtype == torch.float32  # autocast did not turn the fp32 inputs to bf16
+    for out in (under_autocast, plain):  # equal up to a rounding of the last bf16 bit
+        torch.testing.assert_close(out, expected, atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(from_fp32.bfloat16(), expected, atol=1e-2, rtol=1e-2)
+    under_autocast.float().sum().backward()
+    assert q.grad.dtype == torch.bfloat16 and q.grad.isfinite().all()
+
+
 def test_a_query_that_sees_no_key_gets_zero_on_both_paths():
     q, k, v = qkv(B=1, Tq=4, Tk=4)
     padding = torch.tensor([[False, False, True, True]])[:, None, None, :]  # left padding

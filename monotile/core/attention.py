@@ -48,7 +48,17 @@ def attention(q, k, v, *, mask=None, is_causal=False, impl: str = "sdpa") -> tor
     (True = may attend). `is_causal` adds the causal mask, aligned so that the Tq queries are
     the last Tq of the Tk positions (as with a KV cache). `impl` is "sdpa" (PyTorch's fused
     kernel) or "math" (attention_math); tests prove the two equal.
+
+    On CPU, bf16/fp16 inputs (a bf16 model, or autocast) are attended in fp32 and the result cast
+    back: the CPU kernel's bf16 backward is ~5x slower than its fp32 one at these sizes
+    (bench/train_text.py), and an fp32 softmax is the more accurate anyway.
     """
+    if q.device.type == "cpu" and (q.dtype in (torch.bfloat16, torch.float16) or (
+            q.dtype == torch.float32 and torch.is_autocast_enabled("cpu"))):
+        with torch.autocast("cpu", enabled=False):
+            out = attention(q.float(), k.float(), v.float(), mask=mask, is_causal=is_causal,
+                            impl=impl)
+        return out.to(q.dtype)
     n_rep = q.size(1) // k.size(1)
     if n_rep > 1:  # each K/V head serves n_rep query heads
         k = k.repeat_interleave(n_rep, dim=1)

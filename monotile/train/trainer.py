@@ -14,6 +14,7 @@ import math
 import signal
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +50,8 @@ class TrainConfig:
     checkpoint_interval: int | None = None  # None: checkpoint at every evaluation
     seed: int = 1337
     device: str = "auto"             # auto | cpu | cuda | cuda:N | mps
-    dtype: str = "auto"              # auto (bf16 where supported, else fp32) | float32 | bfloat16
+    dtype: str = "auto"              # auto (bf16 autocast on CUDA GPUs that have it, else fp32)
+                                     # | float32 | bfloat16 (fast on CPUs with AVX512-BF16/AMX)
     compile: bool = False
 
     def __post_init__(self):
@@ -90,11 +92,23 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX); elsewhere PyTorch emulates
+    bf16 and it runs slower than fp32."""
+    checks = (getattr(torch.cpu, "_is_avx512_bf16_supported", None),
+              getattr(torch.cpu, "_is_amx_tile_supported", None))
+    return any(check is not None and check() for check in checks)
+
+
 def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast where the device runs it fast (CUDA with bf16 support); None = fp32."""
+    """bf16 autocast where the device runs it fast (CUDA with bf16 support); None = fp32.
+    On CPU auto stays fp32, as nanoGPT does: bf16 is opt-in (`--set dtype=bfloat16`)."""
     if name == "float32":
         return None
     if name == "bfloat16":
+        if device.type == "cpu" and not cpu_has_bf16():
+            warnings.warn("dtype=bfloat16 on a CPU without AVX512-BF16 or AMX: PyTorch emulates "
+                          "bf16 here and trains slower than fp32; use --set dtype=float32")
         return torch.bfloat16
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
