@@ -4,11 +4,15 @@
     run = monotile.train("text", preset="shakespeare-char")
     print(run.evaluate()["val_loss"], run.generate("ROMEO:", max_new_tokens=100, seed=0))
     run = monotile.load("runs/shakespeare-char")
+    ft = monotile.finetune("runs/shakespeare-char", "speeches.txt", rank=8)   # LoRA
 """
 
 __version__ = "0.1.0"
 
 from .errors import MonotileError  # noqa: E402
 from .run import Run, load, resume, train  # noqa: E402
+from .adapt import finetune, merge  # noqa: E402
+from . import adapt  # noqa: E402
 
-__all__ = ["MonotileError", "Run", "load", "resume", "train", "__version__"]
+__all__ = ["MonotileError", "Run", "finetune", "load", "merge", "resume", "train",
+           "__version__"]

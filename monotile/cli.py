@@ -45,6 +45,12 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("run")
     r.add_argument("--quiet", action="store_true")
     r.add_argument("--json", action="store_true")
+    for cmd in (t, r):
+        cmd.add_argument("--strategy", choices=["ddp", "fsdp"], help="under torchrun: "
+                         "replicate the model on every process (ddp, the default) or shard it "
+                         "(fsdp)")
+        cmd.add_argument("--stop-at", type=int, metavar="STEP", help="stop after this step, "
+                         "checkpointed; `monotile resume RUN` continues")
 
     e = sub.add_parser("eval", help="evaluate a run on its validation data")
     e.add_argument("run")
@@ -92,6 +98,32 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--json", action="store_true")
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    f = sub.add_parser("finetune", help="train LoRA adapters of a run on other data of its task")
+    f.add_argument("run", help="the base run (it stays as it is)")
+    f.add_argument("--data", required=True, help="the data to adapt to, as `train --data` takes "
+                   "it for the run's task")
+    f.add_argument("--lora-rank", type=int, default=8, metavar="R")
+    f.add_argument("--lora-alpha", type=float, default=None, metavar="A",
+                   help="the adapter's scale is A / R (default A = R)")
+    f.add_argument("--lora-targets", default=None, metavar="NAMES",
+                   help="comma-separated linear layers to adapt (default: every linear layer "
+                   "of the blocks; q,v is the LoRA paper's choice)")
+    f.add_argument("--checkpoint", default="last", choices=["last", "best"],
+                   help="which weights of the base run to adapt")
+    f.add_argument("--out", help="the run directory to create (default runs/<base>-lora)")
+    f.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="training and data settings, e.g. --set max_steps=500 lr=1e-3")
+    f.add_argument("--stop-at", type=int, metavar="STEP")
+    f.add_argument("--quiet", action="store_true")
+    f.add_argument("--json", action="store_true")
+
+    m = sub.add_parser("merge", help="fold a LoRA adapter into its base run's weights")
+    m.add_argument("run", help="the base run")
+    m.add_argument("adapter", help="a fine-tuning run, or its adapter.safetensors")
+    m.add_argument("--out", required=True, help="the merged run directory to create")
+    m.add_argument("--checkpoint", default="last", choices=["last", "best"])
+    m.add_argument("--json", action="store_true")
+
     sub.add_parser("data", help="which data sets are present, and where").add_argument(
         "--json", action="store_true")
     sub.add_parser("presets", help="list the named recipes").add_argument(
@@ -115,8 +147,13 @@ def _cmd_train(a) -> None:
             if a.task != "series":
                 raise MonotileError(f"--{flag.replace('_', '-')} is for series runs")
             overrides[key] = str(getattr(a, flag))
+    if a.strategy:
+        overrides["strategy"] = a.strategy
     run = train(a.task, a.preset, out=a.out, data=a.data, overrides=overrides,
-                quiet=a.quiet or a.json)
+                quiet=a.quiet or a.json, until_step=_stop_at(a))
+    from .train.distributed import is_main
+    if not is_main():  # under torchrun only the main process reports
+        return
     _report_training(run, a)
     if a.sample and not a.json and run.meta["task"] == "text":
         print(f"--- sample ({a.sample} tokens, temperature 0.8, seed 0) ---")
@@ -129,7 +166,7 @@ def _report_training(run, a) -> None:
                "train_seconds": round(run.state["elapsed_s"], 1), **run.state.get("last_eval", {})}
     if a.json:
         _print_json(figures)
-    elif figures["interrupted"]:
+    elif figures["interrupted"] or figures["step"] < run.train_config.max_steps:
         print(f"stopped at step {figures['step']}; continue with: monotile resume {run.dir}")
     else:
         from .train.trainer import format_metrics
@@ -137,10 +174,49 @@ def _report_training(run, a) -> None:
               f"{format_metrics(run.state.get('last_eval', {}))}")
 
 
+def _stop_at(a) -> int | None:
+    if a.stop_at is not None and a.stop_at <= 0:
+        raise MonotileError(f"--stop-at {a.stop_at} is invalid: give a step >= 1")
+    return a.stop_at
+
+
 def _cmd_resume(a) -> None:
     from .run import resume
-    run = resume(a.run, quiet=a.quiet or a.json)
+    from .train.distributed import is_main
+    run = resume(a.run, quiet=a.quiet or a.json, until_step=_stop_at(a), strategy=a.strategy)
+    if is_main():
+        _report_training(run, a)
+
+
+def _cmd_finetune(a) -> None:
+    from .adapt import finetune
+    from .run import parse_overrides
+    targets = [t.strip() for t in a.lora_targets.split(",") if t.strip()] \
+        if a.lora_targets else None
+    run = finetune(a.run, a.data, rank=a.lora_rank, alpha=a.lora_alpha, targets=targets,
+                   out=a.out, overrides=parse_overrides(a.overrides), checkpoint=a.checkpoint,
+                   quiet=a.quiet or a.json, until_step=_stop_at(a))
+    if a.json:
+        _print_json({"run": str(run.dir), "step": run.state["step"],
+                     "trainable_parameters": run.state["trainable_parameters"],
+                     "parameters": run.parameters(), "before": run.state["base_eval"],
+                     **run.state.get("last_eval", {})})
+        return
+    from .train.trainer import format_metrics
+    print(f"before (the base model): {format_metrics(run.state['base_eval'])}")
     _report_training(run, a)
+    print(f"adapter: {run.dir / 'adapter.safetensors'} "
+          f"({(run.dir / 'adapter.safetensors').stat().st_size / 1e3:,.0f} kB)")
+
+
+def _cmd_merge(a) -> None:
+    from .adapt import merge
+    run = merge(a.run, a.adapter, out=a.out, checkpoint=a.checkpoint)
+    figures = {"run": str(run.dir), "parameters": run.parameters()}
+    if a.json:
+        _print_json(figures)
+    else:
+        print(f"merged: {run.dir} ({figures['parameters']:,} parameters)")
 
 
 def _cmd_eval(a) -> None:
@@ -352,6 +428,7 @@ def _cmd_presets(a) -> None:
 
 
 COMMANDS = {"train": _cmd_train, "resume": _cmd_resume, "eval": _cmd_eval,
+            "finetune": _cmd_finetune, "merge": _cmd_merge,
             "generate": _cmd_generate, "predict": _cmd_predict, "data": _cmd_data,
             "presets": _cmd_presets}
 
@@ -369,6 +446,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    finally:
+        if "torch" in sys.modules:  # leave torchrun's process group cleanly
+            from .train.distributed import shutdown
+            shutdown()
     return 0
 
 

@@ -21,6 +21,7 @@ from .errors import CheckpointError, ConfigError
 from .infer.generate import Sampling
 from .modalities import task_class
 from .presets import PRESETS
+from .train import distributed
 from .train.checkpoint import atomic_write_json, load_model_weights, recover
 from .train.trainer import TrainConfig, fit, pick_device
 
@@ -185,29 +186,54 @@ def train(task: str, preset: str | None = None, *, out: str | Path | None = None
                           f"`monotile train {base['task']} --preset {preset}`")
     cls = task_class(task)
     configs = build_configs(task, base, overrides)
+    ctx = distributed.setup(configs["train"].strategy)  # joins torchrun's processes, if any
+    distributed.check_batch(configs["train"].batch_size, ctx)
     # everything that can fail on bad input happens before the run directory is created
     task_obj, model_cfg = cls.prepare(configs[task], configs["model"], data)
     configs["model"] = model_cfg
     configs[task] = task_obj.config
     device = pick_device(configs["train"].device)
-    run_dir = _new_run_dir(out, preset)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = distributed.broadcast(_new_run_dir(out, preset))  # the main process's choice
     meta = {"monotile_version": __version__, "task": task, "preset": preset}
-    atomic_write_json(run_dir / "config.json", _config_json(meta, configs))
-    task_obj.save(run_dir)
+    config_doc = _config_json(meta, configs)
+    if distributed.broadcast(config_doc) != config_doc:
+        raise ConfigError("the processes prepared different configurations (data or tokenizer "
+                          "differ between machines); give every node the same data")
+    if ctx.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run_dir / "config.json", config_doc)
+        task_obj.save(run_dir)
+    distributed.barrier()
     torch.manual_seed(configs["train"].seed)
     model = task_obj.build_model(model_cfg).to(device)
     run = Run(run_dir, meta, configs, task_obj, model)
+    quiet = quiet or not ctx.main
     if not quiet:
-        print(f"run {run_dir}: {run.parameters():,} parameters on {device}")
+        where = f"{ctx.world} processes ({ctx.strategy})" if ctx.world > 1 else device
+        print(f"run {run_dir}: {run.parameters():,} parameters on {where}")
     run.state = fit(task_obj, model, configs["train"], run_dir, until_step=until_step,
                     quiet=quiet)
+    if ctx.world > 1:  # the sharded or wrapped model, back to one whole model per process
+        run.model = _whole_model(run, device)
     return run
 
 
-def resume(run_dir: str | Path, *, quiet: bool = False, until_step: int | None = None) -> Run:
-    """Continue a stopped run from its last checkpoint to its max_steps."""
+def _whole_model(run: Run, device) -> torch.nn.Module:
+    """The model as `load` gives it: one whole copy per process, from the checkpoint just
+    written (the wrapped or sharded training copy is dropped)."""
+    return load(run.dir, device=str(device)).model
+
+
+def resume(run_dir: str | Path, *, quiet: bool = False, until_step: int | None = None,
+           strategy: str | None = None) -> Run:
+    """Continue a stopped run from its last checkpoint to its max_steps, on any number of
+    processes (under torchrun, with `strategy` ddp or fsdp; default: the run's own)."""
+    ctx = distributed.setup(strategy or "auto")
     run = load(run_dir, checkpoint="last")
+    if strategy is not None:
+        run.configs["train"] = dataclasses.replace(run.train_config, strategy=strategy)
+    distributed.check_batch(run.train_config.batch_size, ctx)
+    quiet = quiet or not ctx.main
     if run.train_config.ema > 0:  # training continues from the raw weights, not the average
         load_model_weights(run.model, run.dir / "model.safetensors")
     state = _read_json(run.dir / "trainer_state.json")
@@ -219,8 +245,14 @@ def resume(run_dir: str | Path, *, quiet: bool = False, until_step: int | None =
     if not quiet:
         print(f"resuming {run.dir} at step {state['step']} of {run.train_config.max_steps}")
     run.model.train()
+    device = next(run.model.parameters()).device
     run.state = fit(run.task, run.model, run.train_config, run.dir, state=state,
                     until_step=until_step, quiet=quiet)
+    if ctx.world > 1:
+        run.model = _whole_model(run, device)
+    if getattr(run.model, "lora", None) and ctx.main:  # a fine-tuning run's adapter file
+        from .adapt import write_adapter
+        write_adapter(run)
     return run
 
 
@@ -233,7 +265,9 @@ def load(run_dir: str | Path, *, checkpoint: str = "last", device: str | None = 
     if not (run_dir / "config.json").exists():
         raise CheckpointError(f"{run_dir} is not a monotile run (no config.json); give the path "
                               "of a run made by `monotile train`")
-    recover(run_dir)
+    if distributed.is_main():
+        recover(run_dir)
+    distributed.barrier()
     doc = _read_json(run_dir / "config.json")
     try:
         task_name = doc["task"]
@@ -244,14 +278,22 @@ def load(run_dir: str | Path, *, checkpoint: str = "last", device: str | None = 
                               "restore it or retrain") from None
     task = task_class(task_name).load(configs[task_name], configs["model"], run_dir)
     model = task.build_model(configs["model"])
-    name = {"last": "model.safetensors", "best": "best.safetensors"}.get(checkpoint)
-    if name == "model.safetensors" and configs["train"].ema > 0:
-        name = "ema.safetensors"  # the moving average is what training evaluated and kept
-    if name is None:
-        raise ConfigError(f"checkpoint={checkpoint!r} is invalid: choose last or best")
-    load_model_weights(model, run_dir / name)
+    if "lora" in doc:  # a fine-tuning run: the base's weights, then its own adapters
+        from .adapt import attach_adapters
+        attach_adapters(model, doc)
+    load_model_weights(model, run_dir / weights_file(configs["train"], checkpoint))
     model.to(pick_device(device or configs["train"].device)).eval()
     return Run(run_dir, meta, configs, task, model)
+
+
+def weights_file(train_cfg: TrainConfig, checkpoint: str = "last") -> str:
+    """The file `load` reads: last (the moving average when one is kept) or best."""
+    name = {"last": "model.safetensors", "best": "best.safetensors"}.get(checkpoint)
+    if name is None:
+        raise ConfigError(f"checkpoint={checkpoint!r} is invalid: choose last or best")
+    if name == "model.safetensors" and train_cfg.ema > 0:
+        name = "ema.safetensors"  # the moving average is what training evaluated and kept
+    return name
 
 
 def _config_json(meta: dict, configs: dict) -> dict:

@@ -114,6 +114,15 @@ class TextTask:
             return
         if text is None:
             text = read_text(find_data(self.config.data))
+        if self.tokenizer.kind == "char":  # a base model's vocabulary, met by new text
+            vocab = self.tokenizer.tok.get_vocab()
+            unknown = {c for c in set(text) if c not in vocab}
+            if unknown:
+                kept = "".join(c for c in text if c in vocab)
+                warnings.warn(f"dropped {len(text) - len(kept):,} characters "
+                              f"({(len(text) - len(kept)) / len(text):.2%}) of {self.config.data}"
+                              f" outside the model's vocabulary: {''.join(sorted(unknown))!r}")
+                text = kept
         cut = _split_at(text, self.config.val_fraction)
         for split, part in (("train", text[:cut]), ("val", text[cut:])):
             ids = torch.tensor(self.tokenizer.encode(part), dtype=torch.long)

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import CheckpointError
+from . import distributed
 
 JOURNAL = ".checkpoint.tmp"
 RESUME_FILES = ("model.safetensors", "ema.safetensors", "optimizer.safetensors",
@@ -79,14 +80,19 @@ def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 # ---- model weights ----------------------------------------------------------------------------
 
 def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict with tied weights saved once (the first name in state-dict order)."""
+    """The state dict with tied weights saved once (the first name in state-dict order), and
+    sharded (FSDP) tensors gathered whole: every process must call it, in the same order.
+    A model with LoRA adapters (monotile.core.lora) saves the adapters alone."""
     out, seen = {}, set()
+    adapters_only = bool(getattr(model, "lora", None))
     for name, t in model.state_dict().items():
-        key = (t.data_ptr(), t.shape, t.stride()) if t.numel() else None
+        if adapters_only and ".lora_" not in name:
+            continue
+        key = (distributed.local_ptr(t), t.shape, t.stride()) if t.numel() else None
         if key is not None and key in seen:
             continue
         seen.add(key)
-        out[name] = t
+        out[name] = distributed.full_tensor(t)
     return out
 
 
@@ -122,7 +128,7 @@ def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tenso
     for idx, st in sd["state"].items():
         for key, value in st.items():
             if torch.is_tensor(value):
-                tensors[f"state.{idx}.{key}"] = value
+                tensors[f"state.{idx}.{key}"] = distributed.full_tensor(value)
             else:
                 scalars[f"{idx}.{key}"] = value
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
@@ -139,6 +145,11 @@ def load_optimizer(opt: torch.optim.Optimizer, path: Path) -> None:
         for name, value in extra["scalars"].items():
             idx, key = name.split(".", 1)
             state.setdefault(int(idx), {})[key] = value
+        params = [p for group in opt.param_groups for p in group["params"]]
+        for idx, st in state.items():  # whole moments cut to this process's shard (FSDP)
+            for key, t in st.items():
+                if torch.is_tensor(t) and idx < len(params):
+                    st[key] = distributed.shard_like(t, params[idx])
         opt.load_state_dict({"state": state, "param_groups": extra["param_groups"]})
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"{path} does not hold this run's optimizer state ({e}); "
@@ -158,23 +169,27 @@ def rng_from_str(s: str) -> torch.Tensor:
 def save_checkpoint(run_dir: Path, model: nn.Module, opt: torch.optim.Optimizer,
                     state: dict, ema: nn.Module | None = None) -> None:
     """Write model, optimizer, trainer state (and the weights' moving average, if kept) as one
-    unit (journal, COMPLETE mark, renames)."""
+    unit (journal, COMPLETE mark, renames). With several processes every one of them calls this
+    (sharded state is gathered), the main one writes, and all leave together."""
     run_dir = Path(run_dir)
-    journal = run_dir / JOURNAL
-    shutil.rmtree(journal, ignore_errors=True)
-    journal.mkdir()
     step = str(state["step"])
-    save_tensors(journal / "model.safetensors", model_tensors(model),
-                 {"step": step, "format": "pt"})
-    if ema is not None:
-        save_tensors(journal / "ema.safetensors", model_tensors(ema),
-                     {"step": step, "format": "pt"})
+    weights = model_tensors(model)
+    ema_weights = model_tensors(ema) if ema is not None else None
     opt_t, opt_meta = optimizer_tensors(opt)
-    save_tensors(journal / "optimizer.safetensors", opt_t,
-                 {"step": step, "optimizer": json.dumps(opt_meta)})
-    atomic_write_json(journal / "trainer_state.json", state)
-    atomic_write_text(journal / "COMPLETE", step)
-    _commit(run_dir)
+    if distributed.is_main():
+        journal = run_dir / JOURNAL
+        shutil.rmtree(journal, ignore_errors=True)
+        journal.mkdir()
+        save_tensors(journal / "model.safetensors", weights, {"step": step, "format": "pt"})
+        if ema_weights is not None:
+            save_tensors(journal / "ema.safetensors", ema_weights,
+                         {"step": step, "format": "pt"})
+        save_tensors(journal / "optimizer.safetensors", opt_t,
+                     {"step": step, "optimizer": json.dumps(opt_meta)})
+        atomic_write_json(journal / "trainer_state.json", state)
+        atomic_write_text(journal / "COMPLETE", step)
+        _commit(run_dir)
+    distributed.barrier()
 
 
 def _commit(run_dir: Path) -> None:

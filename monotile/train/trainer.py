@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import signal
 import threading
 import time
@@ -23,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, MonotileError, check_positive, invalid
+from . import distributed
 from .checkpoint import (load_model_weights, load_optimizer, model_tensors, rng_from_str,
                          rng_to_str, save_checkpoint, save_tensors)
 from .ema import EMA
@@ -53,6 +55,7 @@ class TrainConfig:
     dtype: str = "auto"              # auto (bf16 autocast on CUDA GPUs that have it, else fp32)
                                      # | float32 | bfloat16 (fast on CPUs with AVX512-BF16/AMX)
     compile: bool = False
+    strategy: str = "auto"           # under torchrun: ddp | fsdp (auto = ddp); ignored otherwise
 
     def __post_init__(self):
         check_positive(self, ("max_steps", "batch_size", "grad_accum", "eval_interval",
@@ -77,10 +80,14 @@ class TrainConfig:
             invalid(self, "dtype", "choose auto, float32 or bfloat16")
         if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
             invalid(self, "device", "choose auto, cpu, cuda, cuda:N or mps")
+        if self.strategy not in distributed.STRATEGIES:
+            invalid(self, "strategy", "choose auto, ddp or fsdp")
 
 
 def pick_device(name: str) -> torch.device:
-    """auto: cuda, then mps, then cpu."""
+    """auto: cuda, then mps, then cpu. Under torchrun, "cuda" is this process's GPU."""
+    if name in ("auto", "cuda") and torch.cuda.is_available() and distributed.launched():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -176,10 +183,17 @@ def fit(task, model: nn.Module, cfg: TrainConfig, run_dir: Path, *, state: dict 
     run_dir = Path(run_dir)
     device = next(model.parameters()).device
     amp = autocast_dtype(cfg.dtype, device)
-    opt = make_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                         beta1=cfg.beta1, beta2=cfg.beta2)
+    ctx = distributed.current(cfg.strategy)
+    distributed.check_batch(cfg.batch_size, ctx)
+    if ctx.strategy == "fsdp" and cfg.ema > 0:
+        raise ConfigError("ema is not supported with --strategy fsdp (the average would need "
+                          "its own shards); use --strategy ddp or --set ema=0")
+    quiet = quiet or not ctx.main
     data_rng = torch.Generator().manual_seed(cfg.seed)
     ema = EMA(model, cfg.ema) if cfg.ema > 0 else None
+    train_model = distributed.wrap(model, ctx)  # FSDP shards `model` itself, in place
+    opt = make_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                         beta1=cfg.beta1, beta2=cfg.beta2)
     if state is None:
         state = {"step": 0, "best": None, "tokens": 0, "elapsed_s": 0.0}
     else:
@@ -190,11 +204,12 @@ def fit(task, model: nn.Module, cfg: TrainConfig, run_dir: Path, *, state: dict 
         torch.set_rng_state(rng_from_str(state["torch_rng"]))
         if torch.cuda.is_available() and state.get("cuda_rng"):
             torch.cuda.set_rng_state(rng_from_str(state["cuda_rng"]), device=device)
-        truncate_metrics(run_dir, state["step"])
+        if ctx.main:
+            truncate_metrics(run_dir, state["step"])
     end = min(cfg.max_steps, until_step) if until_step is not None else cfg.max_steps
     decay_steps = cfg.decay_steps or cfg.max_steps
     metric, mode = task.best_metric
-    forward_model = torch.compile(model) if cfg.compile else model
+    forward_model = torch.compile(train_model) if cfg.compile else train_model
     batches = task.batches("train", data_rng, cfg.batch_size)
 
     def snapshot() -> dict:
@@ -210,17 +225,20 @@ def fit(task, model: nn.Module, cfg: TrainConfig, run_dir: Path, *, state: dict 
     def evaluate(step: int):
         evaluated = model if ema is None else ema.model  # the weights a user will get
         evaluated.eval()
-        with _autocast(device, amp):
+        with _autocast(device, amp):  # every process evaluates (FSDP needs all of them)
             results = task.evaluate(evaluated)
         model.train()
-        _append_metrics(run_dir, {"step": step, "eval": results})
+        if ctx.main:
+            _append_metrics(run_dir, {"step": step, "eval": results})
         value = results.get(metric)
         best = state["best"]
         if value is not None and math.isfinite(value) and (
                 best is None or (value < best if mode == "min" else value > best)):
             state["best"] = value
-            save_tensors(run_dir / "best.safetensors", model_tensors(evaluated),
-                         {"step": str(step), metric: str(value), "format": "pt"})
+            weights = model_tensors(evaluated)
+            if ctx.main:
+                save_tensors(run_dir / "best.safetensors", weights,
+                             {"step": str(step), metric: str(value), "format": "pt"})
         return results
 
     if state["step"] == 0:
@@ -241,14 +259,17 @@ def fit(task, model: nn.Module, cfg: TrainConfig, run_dir: Path, *, state: dict 
                 group["lr"] = lr
             loss_sum = torch.zeros((), device=device)  # summed on the device: no sync per step
             for _ in range(cfg.grad_accum):
-                batch = to_device(next(batches), device)
+                batch = to_device(distributed.shard(next(batches), ctx), device)
                 with _autocast(device, amp):
                     loss = task.loss(forward_model, batch) / cfg.grad_accum
                 loss.backward()
                 loss_sum += loss.detach()
-                state["tokens"] += task.tokens(batch)
+                state["tokens"] += task.tokens(batch) * ctx.world
             if cfg.grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                if ctx.strategy == "fsdp" and ctx.world > 1:
+                    distributed.clip_grad_norm_(list(model.parameters()), cfg.grad_clip)
+                else:
+                    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
             if ema is not None:
@@ -258,7 +279,8 @@ def fit(task, model: nn.Module, cfg: TrainConfig, run_dir: Path, *, state: dict 
             bar.update(1)
 
             if step % cfg.log_interval == 0 or step == end:
-                loss_sum = loss_sum.item()  # the one host sync per log interval
+                # the one host sync per log interval; the mean over processes
+                loss_sum = distributed.all_sum(loss_sum).item() / ctx.world
                 if not math.isfinite(loss_sum):
                     bar.close()
                     raise MonotileError(
@@ -266,24 +288,27 @@ def fit(task, model: nn.Module, cfg: TrainConfig, run_dir: Path, *, state: dict 
                         f"lr (now {cfg.lr}) or raise warmup_steps, and train again")
                 now = time.perf_counter()
                 tok_s = (state["tokens"] - tokens_last) / max(now - t_last, 1e-9)
-                _append_metrics(run_dir, {"step": step, "loss": loss_sum, "lr": lr,
-                                          "tokens_per_s": tok_s,
-                                          "elapsed_s": state["elapsed_s"]})
+                if ctx.main:
+                    _append_metrics(run_dir, {"step": step, "loss": loss_sum, "lr": lr,
+                                              "tokens_per_s": tok_s,
+                                              "elapsed_s": state["elapsed_s"]})
                 bar.set_postfix(loss=f"{loss_sum:.4f}", tok_s=f"{tok_s:,.0f}")
                 t_last, tokens_last = now, state["tokens"]
             done = step == cfg.max_steps
+            requested = distributed.any_process(stop.requested)  # all stop on the same step
             if step % cfg.eval_interval == 0 or done:
                 last_eval = evaluate(step)
                 if not quiet:
                     bar.write(f"step {step}: {format_metrics(last_eval)}")
-            if (done or step == end or stop.requested or step % cfg.eval_interval == 0
+            if (done or step == end or requested or step % cfg.eval_interval == 0
                     or (cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0)):
                 checkpoint()
-            if stop.requested:
+            if requested:
                 interrupted = True
                 break
     bar.close()
-    plot_loss_curve(run_dir, metric)
+    if ctx.main:
+        plot_loss_curve(run_dir, metric)
     state["interrupted"] = interrupted
     state["last_eval"] = last_eval
     return state

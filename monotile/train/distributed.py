@@ -1,0 +1,239 @@
+"""Training on several processes with PyTorch's own engine: torchrun starts them, this file joins
+them, wraps the model, gives each process its shard of every batch, and gathers sharded state so
+that a checkpoint is the same files whatever the number of processes.
+
+    torchrun --nproc-per-node N -m monotile train ... --strategy ddp|fsdp
+
+The global batch is `batch_size` (as in a single process); rank r of W trains on rows
+[r B/W, (r+1) B/W) of it. Every rank draws the same global batch from the same seeded generator
+and keeps its rows, so a run's data does not depend on W and a run can resume on any W.
+
+DDP (DistributedDataParallel): every rank holds the whole model; after backward the gradients
+    are averaged, g = (1/W) sum_r g_r, so every rank takes the same AdamW step.
+FSDP (FSDP2, `torch.distributed.fsdp.fully_shard`): every rank holds 1/W of each parameter,
+    gradient and AdamW moment; a block's weights are all-gathered just before its forward and
+    backward and freed after, and gradients are reduce-scattered (the same average, sharded).
+Backends: NCCL on CUDA GPUs, gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..errors import ConfigError
+
+STRATEGIES = ("auto", "ddp", "fsdp")
+
+
+@dataclass(frozen=True)
+class Context:
+    """Where this process stands: rank of world, and how the model is spread over them."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    strategy: str = "single"  # single | ddp | fsdp
+
+    @property
+    def main(self) -> bool:
+        """Only the main process logs and writes files."""
+        return self.rank == 0
+
+
+def launched() -> bool:
+    """Whether torchrun (or another launcher setting WORLD_SIZE) started several processes."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def setup(strategy: str = "auto") -> Context:
+    """Join the process group torchrun describes in the environment (once), and say how the
+    model will be spread: ddp or fsdp under torchrun ("auto" = ddp), a single process otherwise."""
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"strategy={strategy!r} is invalid: choose {', '.join(STRATEGIES)}")
+    if not launched():
+        return Context()
+    if not dist.is_initialized():
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=30))
+    return current(strategy)
+
+
+def current(strategy: str = "auto") -> Context:
+    if not (dist.is_available() and dist.is_initialized()):
+        return Context()
+    return Context(rank=dist.get_rank(), world=dist.get_world_size(),
+                   local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+                   strategy="ddp" if strategy == "auto" else strategy)
+
+
+def is_main() -> bool:
+    return current().main
+
+
+def barrier() -> None:
+    if current().world > 1:
+        dist.barrier()
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def broadcast(obj):
+    """The main process's `obj` on every process (a path, a flag)."""
+    if current().world == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_sum(value: torch.Tensor) -> torch.Tensor:
+    """sum over processes of a tensor (in place where distributed)."""
+    if current().world > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process if it is True on any (e.g. Ctrl-C reached one of them)."""
+    if current().world == 1:
+        return flag
+    return bool(all_sum(torch.tensor([int(flag)])).item())
+
+
+def check_batch(batch_size: int, ctx: Context) -> None:
+    if batch_size % ctx.world:
+        fits = [w for w in range(1, batch_size + 1) if batch_size % w == 0]
+        raise ConfigError(
+            f"batch_size={batch_size} does not split evenly over {ctx.world} processes; use "
+            f"--set batch_size={ctx.world * max(1, round(batch_size / ctx.world))} or run on "
+            f"one of {fits[:8]} processes")
+
+
+def shard(batch, ctx: Context):
+    """This rank's rows of a global batch: every tensor is cut along its first dimension."""
+    if ctx.world == 1:
+        return batch
+    if torch.is_tensor(batch):
+        n = batch.size(0) // ctx.world
+        return batch[ctx.rank * n:(ctx.rank + 1) * n]
+    if isinstance(batch, dict):
+        return {k: shard(v, ctx) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(shard(v, ctx) for v in batch)
+    return batch
+
+
+def wrap(model: nn.Module, ctx: Context) -> nn.Module:
+    """The module to call for training: DDP around `model`, or `model` itself sharded in place
+    by FSDP2 (each block a unit, then the rest), or `model` alone in a single process."""
+    if ctx.world == 1:
+        return model
+    if ctx.strategy == "ddp":
+        device = next(model.parameters()).device
+        ids = [device.index] if device.type == "cuda" else None
+        # gradients live in DDP's all-reduce buckets: no second copy of them
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids,
+                                                   gradient_as_bucket_view=True)
+    from torch.distributed.fsdp import fully_shard
+    for module in model.modules():
+        if type(module).__name__ == "Block":  # the trunk's blocks (monotile.core.transformer)
+            fully_shard(module)
+    fully_shard(model)
+    return model
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A sharded (DTensor) tensor gathered whole on every process; a plain tensor as it is."""
+    from torch.distributed.tensor import DTensor
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def local_ptr(t: torch.Tensor) -> int:
+    from torch.distributed.tensor import DTensor
+    return (t.to_local() if isinstance(t, DTensor) else t).data_ptr()
+
+
+def shard_like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """`full` cut the way `param` is sharded, when param is a DTensor of full's shape."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    if isinstance(param, DTensor) and not isinstance(full, DTensor) and \
+            tuple(full.shape) == tuple(param.shape):
+        return distribute_tensor(full.to(param.to_local().device), param.device_mesh,
+                                 param.placements)
+    return full
+
+
+def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
+    """Scale all gradients by min(1, max_norm / ||g||), ||g|| the norm of all of them together,
+    over every shard (nn.utils.clip_grad_norm_ with the FSDP norm made whole first)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    total = full_tensor(nn.utils.get_total_norm(grads))
+    nn.utils.clip_grads_with_norm_([p for p in params if p.grad is not None], max_norm, total)
+    return total
+
+
+# ---- what a strategy costs ------------------------------------------------------------------
+
+def memory_per_process(model: nn.Module, strategy: str, world: int, *, batch: int,
+                       context: int, bytes_per_value: int = 4) -> dict[str, float]:
+    """Bytes one process holds while training `model` with AdamW (build it on the meta device
+    for a size that does not fit here). N parameters, W processes, fp32 state:
+
+        single, ddp: weights 4N + gradients 4N + AdamW moments 8N
+        fsdp:        (4N + 4N + 8N) / W, plus the whole weights of the two largest blocks,
+                     gathered at once (the one computing, the one prefetched)
+        activations: kept for backward, per token of the process's batch / W rows:
+                     per block 8 d + 2 h (norm inputs and outputs, q, k, v, attention output,
+                     the MLP's hidden before and after its nonlinearity; 8 d + 4 h for SwiGLU)
+                     plus 2 V for the logits and their gradient (an estimate: the rest are
+                     exact counts)."""
+    if strategy not in ("single", "ddp", "fsdp"):
+        raise ConfigError(f"strategy={strategy!r} is invalid: choose single, ddp or fsdp")
+    seen, n = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            n += p.numel()
+    blocks = [sum(p.numel() for p in m.parameters()) for m in model.modules()
+              if type(m).__name__ == "Block"]
+    cfg = getattr(getattr(model, "trunk", None), "cfg", None)
+    w = world if strategy == "fsdp" else 1
+    out = {"parameters": n, "weights": bytes_per_value * n / w,
+           "gradients": bytes_per_value * n / w, "adamw_moments": 2 * bytes_per_value * n / w}
+    out["gathered_blocks"] = (bytes_per_value * sum(sorted(blocks)[-2:])
+                              if strategy == "fsdp" and world > 1 else 0)
+    tokens = batch / (world if strategy != "single" else 1) * context
+    if cfg is not None:
+        per_block = 8 * cfg.d_model + (4 if cfg.mlp == "swiglu" else 2) * cfg.hidden
+        per_token = cfg.n_layer * per_block + 2 * cfg.vocab_size
+        out["activations"] = bytes_per_value * tokens * per_token
+    else:
+        out["activations"] = float("nan")
+    out["total"] = sum(v for k, v in out.items() if k != "parameters" and v == v)
+    return out
+
+
+def strategy_table(model: nn.Module, worlds=(1, 2, 8), *, batch: int, context: int) -> str:
+    """A markdown table of memory_per_process for single, ddp and fsdp at `worlds` processes,
+    in GB (10^9 bytes); docs/scaling.md prints it."""
+    rows = ["| strategy | processes | weights | gradients | AdamW moments | gathered blocks "
+            "| activations | total |", "|---|---|---|---|---|---|---|---|"]
+    for strategy in ("single", "ddp", "fsdp"):
+        for world in ((1,) if strategy == "single" else worlds[1:]):
+            m = memory_per_process(model, strategy, world, batch=batch, context=context)
+            cells = [m[k] / 1e9 for k in ("weights", "gradients", "adamw_moments",
+                                          "gathered_blocks", "activations", "total")]
+            rows.append(f"| {strategy} | {world} | " + " | ".join(f"{c:.2f}" for c in cells)
+                        + " |")
+    return "\n".join(rows)
