@@ -91,6 +91,7 @@ def finetune(base: str | Path, data: str | Path, *, rank: int = 8, alpha: float 
     configs[task_name] = dataclasses.replace(configs[task_name], data=str(path))
     task = cls.load(configs[task_name], configs["model"], base_run.dir)
     task.batches("train", torch.Generator().manual_seed(0), 1).__next__()  # bad data fails here
+    configs[task_name] = task.config  # what reading the data settled (e.g. a chat template)
     model = base_run.model
     if configs["model"] != base_run.configs["model"]:  # only dropout can differ
         model = _with_dropout(base_run, configs["model"])

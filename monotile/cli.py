@@ -75,6 +75,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="end the text before this string (repeatable)")
     g.add_argument("--seed", type=int, default=None, help="same seed, same text")
     g.add_argument("--stream", action="store_true", help="print text as it is produced")
+    g.add_argument("--system", metavar="TEXT", help="chat runs: a system message before the "
+                   "prompt")
+    g.add_argument("--raw", action="store_true", help="chat runs: continue the prompt as plain "
+                   "text instead of answering it through the chat template")
     g.add_argument("--checkpoint", default="last", choices=["last", "best"])
     g.add_argument("--json", action="store_true")
 
@@ -123,6 +127,14 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--out", required=True, help="the merged run directory to create")
     m.add_argument("--checkpoint", default="last", choices=["last", "best"])
     m.add_argument("--json", action="store_true")
+
+    qz = sub.add_parser("quantize", help="a copy of a run with int8 weights, for inference")
+    qz.add_argument("run")
+    qz.add_argument("--int8", action="store_true", required=True,
+                    help="weight-only int8, one scale per output channel")
+    qz.add_argument("--out", required=True, help="the quantized run directory to create")
+    qz.add_argument("--checkpoint", default="last", choices=["last", "best"])
+    qz.add_argument("--json", action="store_true")
 
     sub.add_parser("data", help="which data sets are present, and where").add_argument(
         "--json", action="store_true")
@@ -219,6 +231,16 @@ def _cmd_merge(a) -> None:
         print(f"merged: {run.dir} ({figures['parameters']:,} parameters)")
 
 
+def _cmd_quantize(a) -> None:
+    from .infer.quantize import quantize_run
+    figures = quantize_run(a.run, a.out, checkpoint=a.checkpoint)
+    if a.json:
+        _print_json(figures)
+    else:
+        print(f"quantized: {figures['run']}, {figures['layers']} layers int8, weights "
+              f"{figures['bytes_before'] / 1e6:,.2f} MB -> {figures['bytes_after'] / 1e6:,.2f} MB")
+
+
 def _cmd_eval(a) -> None:
     from .run import load
     run = load(a.run, checkpoint=a.checkpoint)
@@ -267,15 +289,24 @@ def _cmd_generate(a) -> None:
     options = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
                    top_p=a.top_p, repetition_penalty=a.repetition_penalty, stop=stop,
                    seed=a.seed)
+    if run.has_chat_template and not a.raw:  # the prompt is the user's message
+        messages = ([{"role": "system", "content": unescape(a.system)}] if a.system else [])
+        messages.append({"role": "user", "content": a.prompt})
+        stream = run.stream_chat(messages, **options)
+    else:
+        if a.system:
+            raise MonotileError(f"--system is for runs trained on chat data; {run.dir} has no "
+                                "chat template")
+        stream = run.stream(a.prompt, **options)
     if a.json:
-        _print_json({"prompt": a.prompt, "text": run.generate(a.prompt, **options)})
+        _print_json({"prompt": a.prompt, "text": "".join(stream)})
     elif a.stream:
-        for piece in run.stream(a.prompt, **options):
+        for piece in stream:
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
     else:
-        print(run.generate(a.prompt, **options))
+        print("".join(stream))
 
 
 def _cmd_predict(a) -> None:
@@ -428,7 +459,7 @@ def _cmd_presets(a) -> None:
 
 
 COMMANDS = {"train": _cmd_train, "resume": _cmd_resume, "eval": _cmd_eval,
-            "finetune": _cmd_finetune, "merge": _cmd_merge,
+            "finetune": _cmd_finetune, "merge": _cmd_merge, "quantize": _cmd_quantize,
             "generate": _cmd_generate, "predict": _cmd_predict, "data": _cmd_data,
             "presets": _cmd_presets}
 

@@ -140,6 +140,22 @@ class Run:
         """The continuation of `prompt` (options as for `stream`)."""
         return "".join(self.stream(prompt, **options))
 
+    def stream_chat(self, messages: list[dict], **options):
+        """Yield the assistant's answer to `messages` ([{"role", "content"}, ...]), formatted
+        by the run's chat template and ended by its stop strings (options as for `stream`)."""
+        stop = options.pop("stop", None)
+        stops = ([stop] if isinstance(stop, str) else list(stop or []))
+        stops += list(self.task.config.chat_stop)
+        return self.stream(self.task.chat_prompt(messages), stop=stops, **options)
+
+    def chat(self, messages: list[dict], **options) -> str:
+        """The assistant's answer to `messages`; see stream_chat."""
+        return "".join(self.stream_chat(messages, **options))
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.task.config, "chat_template", None))
+
     def predict(self, inputs: list, **options):
         """What the task makes of `inputs` (image files -> top-k classes, prompts -> text)."""
         self.model.eval()
@@ -281,6 +297,9 @@ def load(run_dir: str | Path, *, checkpoint: str = "last", device: str | None = 
     if "lora" in doc:  # a fine-tuning run: the base's weights, then its own adapters
         from .adapt import attach_adapters
         attach_adapters(model, doc)
+    if doc.get("quantized"):  # int8 weights: the int8 layers first, then their values
+        from .infer.quantize import quantize_int8
+        quantize_int8(model)
     load_model_weights(model, run_dir / weights_file(configs["train"], checkpoint))
     model.to(pick_device(device or configs["train"].device)).eval()
     return Run(run_dir, meta, configs, task, model)

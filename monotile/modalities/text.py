@@ -25,6 +25,7 @@ from ..data import find_data, read_text
 from ..errors import ConfigError, DataError, MonotileError
 from ..infer.generate import Sampling, generate_ids
 from ..tokenizers import Tokenizer
+from .chat import PLAIN_STOP, PLAIN_TEMPLATE, read_jsonl, render
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -32,10 +33,15 @@ class TextConfig:
     data: str = "tinyshakespeare/input.txt"  # a data set name (see monotile.data) or a path
     tokenizer: str = "char"                  # char | bpe
     bpe_vocab: int = 4096                    # vocabulary size a BPE tokenizer is trained to
-    val_fraction: float = 0.1                # the last fraction of the text (in characters)
+    val_fraction: float = 0.1                # the last fraction of the text (in characters),
+                                             # or of the records of a .jsonl file
     eval_tokens: int | None = None           # cap on validation tokens per evaluation; None: all
+    chat_template: str | None = None         # Jinja template of a conversation; set from
+                                             # chat data (.jsonl with "messages") if None
+    chat_stop: tuple = ()                    # strings that end an answer (the template's)
 
     def __post_init__(self):
+        object.__setattr__(self, "chat_stop", tuple(self.chat_stop))  # config.json gives lists
         if self.tokenizer not in ("char", "bpe"):
             raise ConfigError(f"tokenizer={self.tokenizer!r} is invalid: choose char or bpe")
         if self.bpe_vocab < 257:
@@ -73,6 +79,7 @@ class TextTask:
     def __init__(self, config: TextConfig, tokenizer: Tokenizer, context: int):
         self.config, self.tokenizer, self.context = config, tokenizer, context
         self._splits: dict[str, torch.Tensor] = {}
+        self._chat: dict[str, list] = {}  # chat data: per split, (ids, answer mask) records
 
     # ---- setting up -------------------------------------------------------------------------
     @classmethod
@@ -80,16 +87,21 @@ class TextTask:
         """Read the data and train the tokenizer; returns the task and the model config with
         its vocabulary size filled in."""
         path = find_data(config.data, data)
-        text = read_text(path)
+        if data is not None:  # remember where the user's file is
+            config = dataclasses.replace(config, data=str(path))
+        if is_chat_data(path):  # instruction or chat records: the tokenizer learns their text
+            config, examples = _read_chat(config, path)
+            text = "".join(piece for e in examples for piece, _ in e.pieces)
+            train_text = text  # records are split whole, after tokenizing
+        else:
+            text = read_text(path)
+            train_text = text[:_split_at(text, config.val_fraction)]
         if config.tokenizer == "char":
             tok = Tokenizer.train_char(text)
         else:
-            tok = Tokenizer.train_bpe(text[:_split_at(text, config.val_fraction)],
-                                      config.bpe_vocab)
-        if data is not None:  # remember where the user's file is
-            config = dataclasses.replace(config, data=str(path))
+            tok = Tokenizer.train_bpe(train_text, config.bpe_vocab)
         task = cls(config, tok, model_cfg.context)
-        task._load_splits(text)
+        task._load_splits(None if is_chat_data(path) else text)
         return task, model_cfg.replace(vocab_size=tok.vocab_size)
 
     @classmethod
@@ -112,6 +124,8 @@ class TextTask:
     def _load_splits(self, text: str | None = None) -> None:
         if self._splits:
             return
+        if text is None and is_chat_data(find_data(self.config.data)):
+            return self._load_chat()
         if text is None:
             text = read_text(find_data(self.config.data))
         if self.tokenizer.kind == "char":  # a base model's vocabulary, met by new text
@@ -132,13 +146,60 @@ class TextTask:
                                 "more text or a smaller context")
             self._splits[split] = ids
 
+    def _load_chat(self) -> None:
+        """Records -> (token ids, answer mask) each, truncated to context + 1 tokens; the last
+        val_fraction of the records is the validation split."""
+        self.config, examples = _read_chat(self.config, find_data(self.config.data))
+        vocab = self.tokenizer.tok.get_vocab() if self.tokenizer.kind == "char" else None
+        encoded, dropped = [], 0
+        for e in examples:
+            ids, mask = [], []
+            for piece, answer in e.pieces:
+                if vocab is not None and any(c not in vocab for c in piece):
+                    dropped += sum(c not in vocab for c in piece)
+                    piece = "".join(c for c in piece if c in vocab)
+                piece_ids = self.tokenizer.encode(piece) if piece else []
+                ids += piece_ids
+                mask += [answer] * len(piece_ids)
+            ids, mask = ids[:self.context + 1], mask[:self.context + 1]
+            if any(mask[1:]):  # an answer token is left to predict
+                encoded.append((torch.tensor(ids), torch.tensor(mask)))
+        if dropped:
+            warnings.warn(f"dropped {dropped:,} characters of {self.config.data} outside the "
+                          "model's vocabulary")
+        if len(encoded) < 2:
+            raise DataError(f"{self.config.data} has {len(encoded)} usable records (an answer "
+                            f"within the first {self.context + 1} tokens); give at least 2")
+        n_val = min(len(encoded) - 1, max(1, round(len(encoded) * self.config.val_fraction)))
+        self._chat = {"train": encoded[:-n_val], "val": encoded[-n_val:]}
+        self._splits = {"train": torch.empty(0), "val": torch.empty(0)}
+
     def split(self, name: str) -> torch.Tensor:
         self._load_splits()
         return self._splits[name]
 
+    def _chat_batch(self, records) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T) right-padded with token 0; y the next tokens, -100 (ignored by the loss) at
+        prompt tokens and padding."""
+        T = max(len(ids) for ids, _ in records) - 1
+        x = torch.zeros(len(records), T, dtype=torch.long)
+        y = torch.full((len(records), T), -100, dtype=torch.long)
+        for i, (ids, mask) in enumerate(records):
+            n = len(ids) - 1
+            x[i, :n] = ids[:-1]
+            y[i, :n] = torch.where(mask[1:], ids[1:], -100)
+        return x, y
+
     def batches(self, split: str, rng: torch.Generator, batch_size: int
                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Random windows: x = data[i : i+T], y = data[i+1 : i+T+1], i uniform (nanoGPT)."""
+        """Random windows: x = data[i : i+T], y = data[i+1 : i+T+1], i uniform (nanoGPT);
+        for chat data, records drawn uniformly with replacement."""
+        self._load_splits()
+        if self._chat:
+            records = self._chat[split]
+            while True:
+                idx = torch.randint(len(records), (batch_size,), generator=rng).tolist()
+                yield self._chat_batch([records[i] for i in idx])
         data, T, B = self.split(split), self.context, batch_size
         offsets = torch.arange(T + 1)
         while True:
@@ -159,6 +220,9 @@ class TextTask:
     def evaluate(self, model, progress: bool = False, batch_size: int = 32) -> dict[str, float]:
         """Loss over the validation split in consecutive windows: every token after the first
         is predicted once, from up to `context` tokens before it (in-window context)."""
+        self._load_splits()
+        if self._chat:
+            return self._evaluate_chat(model, progress, batch_size)
         data, T = self.split("val"), self.context
         if self.config.eval_tokens is not None:
             data = data[: self.config.eval_tokens + 1]
@@ -181,7 +245,34 @@ class TextTask:
         return {"val_loss": loss, "perplexity": math.exp(loss),
                 "bits_per_byte": nll / math.log(2) / n_bytes, "val_tokens": float(count)}
 
+    def _evaluate_chat(self, model, progress: bool, batch_size: int) -> dict[str, float]:
+        """The loss over the answer tokens of the validation records (prompts not counted)."""
+        device = next(model.parameters()).device
+        token_bytes = torch.tensor(self.tokenizer.token_bytes(), dtype=torch.float64,
+                                   device=device)
+        records = self._chat["val"]
+        nll, count, n_bytes = 0.0, 0, 0.0
+        for i in tqdm(range(0, len(records), batch_size), disable=not progress, desc="eval",
+                      unit="batch"):
+            x, y = (t.to(device) for t in self._chat_batch(records[i:i + batch_size]))
+            logits = model(x).float()
+            nll += F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1),
+                                   reduction="sum").item()
+            answer = y[y != -100]
+            count += answer.numel()
+            n_bytes += token_bytes[answer].sum().item()
+        loss = nll / count
+        return {"val_loss": loss, "perplexity": math.exp(loss),
+                "bits_per_byte": nll / math.log(2) / n_bytes, "val_tokens": float(count)}
+
     # ---- using the model --------------------------------------------------------------------
+    def chat_prompt(self, messages: list[dict]) -> str:
+        """The conversation rendered by the run's chat template, ready for the answer."""
+        if not self.config.chat_template:
+            raise ConfigError("this run has no chat template (it was not trained on chat data); "
+                              "generate from a plain prompt instead")
+        return render(self.config.chat_template, messages, add_generation_prompt=True)
+
     def encode_prompt(self, prompt: str) -> list[int]:
         ids = self.tokenizer.encode(prompt)
         if not ids:
@@ -227,6 +318,21 @@ class TextTask:
 
     def predict(self, model, inputs: list[str], **options) -> list[str]:
         return ["".join(self.stream(model, prompt, **options)) for prompt in inputs]
+
+
+def is_chat_data(path: Path) -> bool:
+    return Path(path).suffix.lower() == ".jsonl"
+
+
+def _read_chat(config: TextConfig, path: Path):
+    """The records of a .jsonl file, and the config with the chat template the run keeps (the
+    plain one when records hold messages and none was given)."""
+    template = config.chat_template or PLAIN_TEMPLATE
+    examples = read_jsonl(path, template)
+    if config.chat_template is None and any(e.conversation for e in examples):
+        config = dataclasses.replace(config, chat_template=PLAIN_TEMPLATE,
+                                     chat_stop=config.chat_stop or PLAIN_STOP)
+    return config, examples
 
 
 def _split_at(text: str, val_fraction: float) -> int:

@@ -1,0 +1,146 @@
+"""Weight-only int8 quantisation for inference, one scale per output channel.
+
+    s_i = max_j |W_ij| / 127,   Q_ij = round(W_ij / s_i) in [-127, 127],   W ~ s_i Q_ij
+    y = x W^T + b  ~  (x Q^T) * s + b
+
+Every Linear and Embedding of the model keeps Q (int8) and s (fp32): a quarter of the bytes, and
+so a quarter of the memory traffic a decoding step spends reading weights. A tied embedding and
+output head share one Q and s. On CPU the product runs in PyTorch's int8-weight kernel
+(`torch._weight_int8pack_mm`, the one gpt-fast and torchao use) with bf16 activations; where
+that kernel is missing, Q is turned back into W ~ s Q for each product. Activations, norms and
+everything else stay as they were.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: (Q int8 (N, K), s fp32 (N,)) with W ~ s[:, None] Q."""
+    w = w.detach().float()
+    scale = (w.abs().amax(dim=1) / 127).clamp_min(1e-12)
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def _int8_kernel_fits(device: torch.device) -> bool:
+    return device.type == "cpu" and hasattr(torch, "_weight_int8pack_mm")
+
+
+class Int8Linear(nn.Module):
+    """y = (x Q^T) * s + b with Q int8 and s per output channel (the buffers weight_int8, scale)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight_int8", torch.zeros(out_features, in_features,
+                                                        dtype=torch.int8))
+        self.register_buffer("scale", torch.ones(out_features))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None)
+        layer.weight_int8, layer.scale = quantize_rows(linear.weight)
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.detach().clone())
+        return layer.to(linear.weight.device)
+
+    def dequantized(self) -> torch.Tensor:
+        return self.weight_int8.float() * self.scale[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _int8_kernel_fits(x.device):
+            flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+            y = torch._weight_int8pack_mm(flat, self.weight_int8, self.scale.to(torch.bfloat16))
+            y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        else:
+            y = F.linear(x, self.dequantized().to(x.dtype))
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
+class Int8Embedding(nn.Module):
+    """Rows of s Q looked up by token id: E[i] ~ s_i Q_i."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.register_buffer("weight_int8", torch.zeros(num_embeddings, embedding_dim,
+                                                        dtype=torch.int8))
+        self.register_buffer("scale", torch.ones(num_embeddings))
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.weight_int8[idx].float() * self.scale[idx][..., None]
+
+
+def quantize_int8(model: nn.Module) -> list[str]:
+    """Replace every Linear and Embedding of `model` by its int8 form, in place; a head tied to
+    an embedding shares its Q and s. Returns the names replaced."""
+    done: dict[int, nn.Module] = {}  # id(float weight) -> its int8 module, for tied weights
+    names = []
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, nn.Embedding):
+                new = Int8Embedding(child.num_embeddings, child.embedding_dim)
+                new.weight_int8, new.scale = quantize_rows(child.weight)
+                new.to(child.weight.device)
+            elif isinstance(child, nn.Linear):
+                new = Int8Linear.from_linear(child)
+            else:
+                continue
+            shared = done.get(id(child.weight))
+            if shared is not None:  # tied: one Q and s for both
+                new.weight_int8, new.scale = shared.weight_int8, shared.scale
+            done.setdefault(id(child.weight), new)
+            setattr(parent, child_name, new)
+            names.append(f"{parent_name}.{child_name}" if parent_name else child_name)
+    return names
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and buffers, a shared tensor counted once."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def quantize_run(run_dir, out, *, checkpoint: str = "last"):
+    """A new run directory at `out` holding the run's model with int8 weights (config.json
+    records it, so `load`, `eval`, `generate` and `predict` rebuild the int8 model)."""
+    import shutil
+    from pathlib import Path
+
+    from ..errors import ConfigError
+    from ..run import _read_json, load
+    from ..train.checkpoint import atomic_write_json, model_tensors, save_tensors
+    out = Path(out)
+    if (out / "config.json").exists():
+        raise ConfigError(f"{out} already holds a run; choose another --out")
+    run = load(run_dir, checkpoint=checkpoint, device="cpu")
+    doc = _read_json(run.dir / "config.json")
+    if doc.get("quantized"):
+        raise ConfigError(f"{run.dir} is already quantized ({doc['quantized']['format']})")
+    if "lora" in doc:
+        raise ConfigError(f"{run.dir} is a fine-tuning run; merge its adapter first "
+                          "(monotile merge) and quantize the merged run")
+    before = weight_bytes(run.model)
+    layers = quantize_int8(run.model)
+    doc.pop("base", None)
+    doc["train"]["ema"] = 0.0  # the weights are model.safetensors itself
+    doc["quantized"] = {"format": "int8-weight-only", "scales": "per output channel",
+                        "layers": len(layers), "source": str(Path(run.dir).resolve())}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "config.json", doc)
+    for name in ("tokenizer.json",):
+        if (run.dir / name).exists():
+            shutil.copyfile(run.dir / name, out / name)
+    save_tensors(out / "model.safetensors", model_tensors(run.model),
+                 {"format": "pt", "quantized": "int8"})
+    return {"run": str(out), "layers": len(layers), "bytes_before": before,
+            "bytes_after": weight_bytes(run.model)}
