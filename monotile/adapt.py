@@ -14,7 +14,6 @@ file) and its adapter (rank, alpha, targets); its checkpoints hold the adapters 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 
 from .core.lora import add_lora, lora_tensors, merge_lora
 from .core.transformer import ModelConfig, count_parameters
-from .data import find_data
+from .data import find_data, sha256
 from .errors import CheckpointError, ConfigError
 from .modalities import task_class
 from .run import (Run, _config_json, _new_run_dir, _read_json, build_configs, load,
@@ -35,14 +34,6 @@ ADAPTER = "adapter.safetensors"
 # QLoRA (Dettmers et al. 2023): adapting every linear layer of the blocks, not only Wq and Wv,
 # is what matches full fine-tuning; `--lora-targets q,v` gives the original paper's choice.
 DEFAULT_TARGETS = ("qkv", "wo", "fc1", "fc2", "gate_up", "down")
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _base_record(base: Run, checkpoint: str) -> dict:
@@ -87,8 +78,10 @@ def finetune(base: str | Path, data: str | Path, *, rank: int = 8, alpha: float 
                           "keeps it (set training and data settings only)")
     configs = build_configs(task_name, base_doc, overrides)
     cls = task_class(task_name)
-    path = find_data(configs[task_name].data, str(data))
-    configs[task_name] = dataclasses.replace(configs[task_name], data=str(path))
+    # a file or folder, or the name of a data set the task knows (e.g. "digits")
+    known = Path(str(data)).expanduser().exists() or "/" in str(data)
+    where = str(find_data(configs[task_name].data, str(data))) if known else str(data)
+    configs[task_name] = dataclasses.replace(configs[task_name], data=where)
     task = cls.load(configs[task_name], configs["model"], base_run.dir)
     task.batches("train", torch.Generator().manual_seed(0), 1).__next__()  # bad data fails here
     configs[task_name] = task.config  # what reading the data settled (e.g. a chat template)

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-import re
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import monotile
-from monotile.modalities.chat import PLAIN_TEMPLATE, conversation_pieces
+from monotile.modalities.chat import (PLAIN_TEMPLATE, conversation_pieces,
+                                      dialogues_from_script)
 
 from conftest import cli, set_args
 
@@ -33,23 +33,10 @@ def test_answers_are_what_an_assistant_turn_adds_after_its_generation_prompt():
                       ("The king.<|im_end|>\n", True)]
 
 
-def shakespeare_dialogues(text: str, limit: int) -> list[dict]:
-    """Real chat records: a speech of Tiny Shakespeare (the user) and the reply to it."""
-    turns = []
-    for block in text.split("\n\n"):
-        m = re.match(r"^([A-Z][A-Za-z .']*):\n(.+)$", block.strip(), re.S)
-        turns.append((m.group(1), m.group(2).strip()) if m else None)
-    records = [{"messages": [{"role": "user", "content": a[1]},
-                             {"role": "assistant", "content": b[1]}]}
-               for a, b in zip(turns, turns[1:])
-               if a and b and a[0] != b[0] and len(a[1]) + len(b[1]) < 40]
-    return records[:limit]
-
-
 @pytest.fixture(scope="module")
 def dialogues(tmp_path_factory, shakespeare):
     path = tmp_path_factory.mktemp("chat") / "dialogues.jsonl"
-    records = shakespeare_dialogues(shakespeare.read_text(encoding="utf-8"), 400)
+    records = dialogues_from_script(shakespeare.read_text(encoding="utf-8"), 39)[:400]
     records.append({"prompt": "Say: ", "completion": "amen"})
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     return path
@@ -114,3 +101,10 @@ def test_bad_chat_records_are_refused_with_their_line(line, message, tmp_path):
     done = cli("train", "text", "--data", str(data), "--out", str(tmp_path / "run"))
     assert done.returncode == 2 and message in done.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_script_becomes_speech_and_reply_records():
+    script = ("ROMEO:\nShe speaks.\n\nJULIET:\nAy me!\n\nJULIET:\nO Romeo.\n\n"
+              "Exeunt\n\nNURSE:\nAnon!")
+    assert dialogues_from_script(script) == [{"messages": [
+        {"role": "user", "content": "She speaks."}, {"role": "assistant", "content": "Ay me!"}]}]

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import monotile
-from monotile.adapt import sha256
+from monotile.data import sha256
 from monotile.core.lora import LoRALinear, add_lora, lora_tensors, merge_lora
 from monotile.core.transformer import ModelConfig
 from monotile.modalities.text import LanguageModel

@@ -112,3 +112,19 @@ def _pieces(record, template: str, where: str) -> list[tuple[str, bool]]:
         return [(record["prompt"], False), (record["completion"], True)]
     raise DataError(f"{where}: expected {{\"messages\": [...]}} or {{\"prompt\": ..., "
                     "\"completion\": ...}}")
+
+
+def dialogues_from_script(text: str, max_chars: int | None = None) -> list[dict]:
+    """Chat records from a play's script laid out as Tiny Shakespeare is ("NAME:\\nlines", a
+    blank line between speeches): each speech as the user's message and the next speaker's
+    reply as the assistant's. `max_chars` keeps pairs whose two texts are at most that long."""
+    import re
+    turns = []
+    for block in text.split("\n\n"):
+        m = re.match(r"^([A-Z][A-Za-z .']*):\n(.+)$", block.strip(), re.S)
+        turns.append((m.group(1), m.group(2).strip()) if m else None)
+    return [{"messages": [{"role": "user", "content": a[1]},
+                          {"role": "assistant", "content": b[1]}]}
+            for a, b in zip(turns, turns[1:])
+            if a and b and a[0] != b[0]
+            and (max_chars is None or len(a[1]) + len(b[1]) <= max_chars)]

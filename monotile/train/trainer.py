@@ -258,11 +258,16 @@ def fit(task, model: nn.Module, cfg: TrainConfig, run_dir: Path, *, state: dict 
             for group in opt.param_groups:
                 group["lr"] = lr
             loss_sum = torch.zeros((), device=device)  # summed on the device: no sync per step
-            for _ in range(cfg.grad_accum):
+            for micro in range(cfg.grad_accum):
                 batch = to_device(distributed.shard(next(batches), ctx), device)
-                with _autocast(device, amp):
-                    loss = task.loss(forward_model, batch) / cfg.grad_accum
-                loss.backward()
+                # DDP averages gradients once per step, after the last micro-batch (nanoGPT)
+                last = micro == cfg.grad_accum - 1
+                no_sync = getattr(train_model, "no_sync", None)
+                with (no_sync() if no_sync is not None and not last
+                      else contextlib.nullcontext()):
+                    with _autocast(device, amp):
+                        loss = task.loss(forward_model, batch) / cfg.grad_accum
+                    loss.backward()
                 loss_sum += loss.detach()
                 state["tokens"] += task.tokens(batch) * ctx.world
             if cfg.grad_clip > 0:
