@@ -27,6 +27,8 @@ bench: setup
 	$(PY) bench/vision_presets.py
 	$(PY) bench/speech.py
 	$(PY) bench/series.py
+	$(PY) bench/finetune.py
+	$(PY) bench/quantize.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
