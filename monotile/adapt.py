@@ -20,14 +20,15 @@ from pathlib import Path
 
 import torch
 
-from .core.lora import add_lora, lora_tensors, merge_lora
+from .core.lora import add_lora, merge_lora
 from .core.transformer import ModelConfig, count_parameters
 from .data import find_data, sha256
 from .errors import CheckpointError, ConfigError
 from .modalities import task_class
 from .run import (Run, _config_json, _new_run_dir, _read_json, build_configs, load,
                   weights_file)
-from .train.checkpoint import atomic_write_json, load_model_weights, save_tensors
+from .train.checkpoint import (atomic_write_json, load_model_weights, load_tensors,
+                               save_tensors)
 from .train.trainer import fit
 
 ADAPTER = "adapter.safetensors"
@@ -65,11 +66,17 @@ def finetune(base: str | Path, data: str | Path, *, rank: int = 8, alpha: float 
     """Train LoRA adapters of `rank` on `targets` of the base run's model, on other `data` of
     the same task; the base stays frozen. Settings default to the base run's (`overrides`
     change training and data settings, not the model's shape)."""
+    from .train import distributed
+    if distributed.launched():
+        raise ConfigError("finetune runs in one process; start it without torchrun")
     base_run = load(base, checkpoint=checkpoint)
     base_doc = _read_json(base_run.dir / "config.json")
     if "lora" in base_doc:
         raise ConfigError(f"{base_run.dir} is itself a fine-tuning run; merge it first "
                           f"(monotile merge) and fine-tune the merged run")
+    if base_doc.get("quantized"):
+        raise ConfigError(f"{base_run.dir} has int8 weights, which cannot train; fine-tune the "
+                          f"run it was quantized from ({base_doc['quantized']['source']})")
     task_name = base_run.meta["task"]
     shape_fields = {f.name for f in dataclasses.fields(ModelConfig)} - {"dropout", "drop_path"}
     fixed = sorted(set(overrides or {}) & shape_fields)
@@ -92,9 +99,11 @@ def finetune(base: str | Path, data: str | Path, *, rank: int = 8, alpha: float 
             "targets": list(targets or DEFAULT_TARGETS)}
     adapted = add_lora(model, lora["rank"], lora["alpha"], lora["targets"])
     lora["layers"] = adapted
-    default_name = f"{base_run.dir.name}-lora"
-    run_dir = _new_run_dir(out, default_name)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = _new_run_dir(out, f"{base_run.dir.name}-lora")
+    model.eval()
+    with torch.no_grad():
+        before = task.evaluate(model)  # B = 0: the base model itself, on the new data
+    run_dir.mkdir(parents=True, exist_ok=True)  # nothing is written before this point
     meta = {**base_run.meta, "preset": None}
     doc = {**_config_json(meta, configs), "base": _base_record(base_run, checkpoint),
            "lora": lora}
@@ -107,9 +116,6 @@ def finetune(base: str | Path, data: str | Path, *, rank: int = 8, alpha: float 
         print(f"run {run_dir}: LoRA rank {rank} on {len(adapted)} layers "
               f"({', '.join(sorted({n.rsplit('.', 1)[-1] for n in adapted}))}): "
               f"{trainable:,} trainable parameters of {total:,} ({trainable / total:.2%})")
-    model.eval()
-    with torch.no_grad():
-        before = task.evaluate(model)  # B = 0: the base model itself, on the new data
     run.state = fit(task, model, configs["train"], run_dir, until_step=until_step, quiet=quiet)
     run.state.update(trainable_parameters=trainable, base_eval=before)
     write_adapter(run)
@@ -124,45 +130,66 @@ def _with_dropout(base_run: Run, model_cfg: ModelConfig) -> torch.nn.Module:
 
 
 def write_adapter(run: Run) -> Path:
-    """RUN/adapter.safetensors: the adapter's tensors with what a merge needs to check."""
+    """RUN/adapter.safetensors: the adapters `load` uses (the moving average when the run keeps
+    one), with what a merge needs to check."""
     doc = _read_json(run.dir / "config.json")
+    tensors, _ = load_tensors(run.dir / weights_file(run.train_config))
     metadata = {"format": "pt", "base_sha256": doc["base"]["sha256"],
+                "base_file": doc["base"]["file"],
                 "lora": json.dumps({k: doc["lora"][k] for k in ("rank", "alpha", "targets")}),
                 "step": str(run.state.get("step", ""))}
     path = run.dir / ADAPTER
-    save_tensors(path, lora_tensors(run.model), metadata)
+    save_tensors(path, tensors, metadata)
     return path
 
 
-def merge(base: str | Path, adapter: str | Path, *, out: str | Path,
-          checkpoint: str = "last") -> Run:
-    """A plain run at `out` whose weights are the base's with the adapter folded in,
-    W' = W + (alpha / r) B A. `adapter`: a fine-tuning run or its adapter.safetensors."""
-    adapter = Path(adapter)
-    ft_dir = adapter if adapter.is_dir() else None
-    if ft_dir is not None:
-        adapter = ft_dir / ADAPTER
+def _adapter_source(adapter: Path) -> tuple[Path, dict]:
+    """The file holding the adapters to merge and what it was trained on: a fine-tuning run's
+    own checkpoint (what `load` and `eval` use), or an adapter.safetensors on its own."""
+    if adapter.is_dir():
+        doc = _read_json(adapter / "config.json")
+        if "lora" not in doc:
+            raise ConfigError(f"{adapter} is not a fine-tuning run (no adapter in its "
+                              "config.json); give the run `monotile finetune` made")
+        train_cfg = build_configs(doc["task"], doc)["train"]
+        return adapter / weights_file(train_cfg), {
+            "base_sha256": doc["base"]["sha256"], "base_file": doc["base"]["file"],
+            "lora": doc["lora"]}
     if not adapter.is_file():
         raise CheckpointError(f"{adapter} does not exist; give a fine-tuning run or its "
                               f"{ADAPTER}")
     from safetensors import SafetensorError, safe_open
     try:
         with safe_open(str(adapter), framework="pt") as f:
-            meta = f.metadata() or {}
-        lora = json.loads(meta["lora"])
+            meta = dict(f.metadata() or {})
+        meta["lora"] = json.loads(meta["lora"])
     except (SafetensorError, OSError, KeyError, ValueError) as e:
         raise CheckpointError(f"{adapter} is not a monotile LoRA adapter ({e}); give the "
                               f"{ADAPTER} of a `monotile finetune` run") from None
+    return adapter, meta
+
+
+def merge(base: str | Path, adapter: str | Path, *, out: str | Path,
+          checkpoint: str | None = None) -> Run:
+    """A plain run at `out` whose weights are the base's with the adapter folded in,
+    W' = W + (alpha / r) B A. `adapter`: a fine-tuning run or its adapter.safetensors;
+    `checkpoint`: the base's weights to use (default: those the adapter was trained on)."""
+    ft_dir = Path(adapter) if Path(adapter).is_dir() else None
+    adapter, meta = _adapter_source(Path(adapter))
+    lora = meta["lora"]
     out = Path(out)
     if (out / "config.json").exists():
         raise ConfigError(f"{out} already holds a run; choose another --out")
+    if checkpoint is None:
+        checkpoint = "best" if meta.get("base_file") == "best.safetensors" else "last"
     base_run = load(base, checkpoint=checkpoint)
     if "lora" in _read_json(base_run.dir / "config.json"):
         raise ConfigError(f"{base_run.dir} is a fine-tuning run; give its base run as RUN")
     base_file = base_run.dir / weights_file(base_run.train_config, checkpoint)
     if sha256(base_file) != meta.get("base_sha256"):
         raise CheckpointError(f"{adapter} was trained on another base model than {base_file} "
-                              "(SHA-256 of the weights differs); give the run it was trained on")
+                              "(SHA-256 of the weights differs); give the run it was trained "
+                              "on, with --checkpoint best if it was adapted from its best")
     model = base_run.model
     add_lora(model, lora["rank"], lora["alpha"], lora["targets"])
     load_model_weights(model, adapter)

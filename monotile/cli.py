@@ -125,7 +125,8 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("run", help="the base run")
     m.add_argument("adapter", help="a fine-tuning run, or its adapter.safetensors")
     m.add_argument("--out", required=True, help="the merged run directory to create")
-    m.add_argument("--checkpoint", default="last", choices=["last", "best"])
+    m.add_argument("--checkpoint", default=None, choices=["last", "best"],
+                   help="the base's weights (default: those the adapter was trained on)")
     m.add_argument("--json", action="store_true")
 
     qz = sub.add_parser("quantize", help="a copy of a run with int8 weights, for inference")

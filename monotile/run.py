@@ -203,7 +203,7 @@ def train(task: str, preset: str | None = None, *, out: str | Path | None = None
     cls = task_class(task)
     configs = build_configs(task, base, overrides)
     ctx = distributed.setup(configs["train"].strategy)  # joins torchrun's processes, if any
-    distributed.check_batch(configs["train"].batch_size, ctx)
+    distributed.check(configs["train"], ctx)
     # everything that can fail on bad input happens before the run directory is created
     task_obj, model_cfg = cls.prepare(configs[task], configs["model"], data)
     configs["model"] = model_cfg
@@ -212,7 +212,7 @@ def train(task: str, preset: str | None = None, *, out: str | Path | None = None
     run_dir = distributed.broadcast(_new_run_dir(out, preset))  # the main process's choice
     meta = {"monotile_version": __version__, "task": task, "preset": preset}
     config_doc = _config_json(meta, configs)
-    if distributed.broadcast(config_doc) != config_doc:
+    if distributed.any_process(distributed.broadcast(config_doc) != config_doc):
         raise ConfigError("the processes prepared different configurations (data or tokenizer "
                           "differ between machines); give every node the same data")
     if ctx.main:
@@ -244,11 +244,12 @@ def resume(run_dir: str | Path, *, quiet: bool = False, until_step: int | None =
            strategy: str | None = None) -> Run:
     """Continue a stopped run from its last checkpoint to its max_steps, on any number of
     processes (under torchrun, with `strategy` ddp or fsdp; default: the run's own)."""
-    ctx = distributed.setup(strategy or "auto")
+    distributed.setup(strategy or "auto")
     run = load(run_dir, checkpoint="last")
     if strategy is not None:
         run.configs["train"] = dataclasses.replace(run.train_config, strategy=strategy)
-    distributed.check_batch(run.train_config.batch_size, ctx)
+    ctx = distributed.current(run.train_config.strategy)
+    distributed.check(run.train_config, ctx, resuming=True)
     quiet = quiet or not ctx.main
     if run.train_config.ema > 0:  # training continues from the raw weights, not the average
         load_model_weights(run.model, run.dir / "model.safetensors")

@@ -93,6 +93,11 @@ def test_a_batch_that_does_not_split_over_the_processes_is_refused(small_text, t
     assert done.returncode != 0
     assert "error: batch_size=7 does not split evenly over 2 processes" in done.stderr
     assert not out.exists()
+    done = torchrun("train", "text", "--data", str(small_text), "--out", str(out),
+                    "--strategy", "fsdp", *set_args(dict(SMALL, ema="0.9")))
+    assert done.returncode != 0 and "error: ema is not supported with --strategy fsdp" in \
+        done.stderr
+    assert not out.exists()
 
 
 def test_each_process_keeps_its_own_rows_of_the_global_batch():

@@ -170,10 +170,14 @@ def test_finetune_an_image_classifier_on_other_images(tmp_path):
     pngs = find_data("mnist/test_png_sample")  # 300 real MNIST digits in class folders
     ft = monotile.adapt.finetune(base.dir, pngs, rank=4, out=tmp_path / "ft",
                                  targets=["qkv", "fc1"], quiet=True,
-                                 overrides={"max_steps": "20", "eval_interval": "20"})
+                                 overrides={"max_steps": "20", "eval_interval": "20",
+                                            "ema": "0.9"})
     assert ft.state["trainable_parameters"] == 2 * (4 * (32 + 96) + 4 * (32 + 64))
     assert set(ft.state["last_eval"]) >= {"accuracy"}
+    # with a moving average kept, load, eval, the adapter file and merge all use the average
     again = monotile.load(ft.dir)
+    merged = monotile.merge(base.dir, ft.dir / "adapter.safetensors", out=tmp_path / "merged")
     x = torch.randn(4, 1, 16, 16)
     with torch.no_grad():
-        torch.testing.assert_close(again.model(x), ft.model.eval()(x))
+        torch.testing.assert_close(merged.model(x), again.model(x), atol=1e-5, rtol=1e-5)
+    assert again.evaluate()["accuracy"] == ft.state["last_eval"]["accuracy"]

@@ -34,6 +34,9 @@ def test_int8_layers_compute_with_the_rounded_weights():
     reference = F.linear(x, q.float() * s[:, None], linear.bias)
     # the CPU kernel multiplies in bf16: 8 bits of mantissa
     torch.testing.assert_close(layer(x), reference, atol=0.02, rtol=0.02)
+    for k in (8, 24):  # feature counts the CPU kernel cannot take (a series' patch of 8)
+        narrow, xs = Int8Linear.from_linear(nn.Linear(k, 65)), torch.randn(3, k)
+        torch.testing.assert_close(narrow(xs), F.linear(xs, narrow.dequantized(), narrow.bias))
     model = nn.ModuleDict({"emb": emb})
     quantize_int8(model)
     assert isinstance(model["emb"], Int8Embedding)

@@ -7,7 +7,8 @@ Every Linear and Embedding of the model keeps Q (int8) and s (fp32): a quarter o
 so a quarter of the memory traffic a decoding step spends reading weights. A tied embedding and
 output head share one Q and s. On CPU the product runs in PyTorch's int8-weight kernel
 (`torch._weight_int8pack_mm`, the one gpt-fast and torchao use) with bf16 activations; where
-that kernel is missing, Q is turned back into W ~ s Q for each product. Activations, norms and
+that kernel is missing or does not fit (inputs of a multiple of 16 features only), Q is
+turned back into W ~ s Q for each product. Activations, norms and
 everything else stay as they were.
 """
 
@@ -26,8 +27,11 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-def _int8_kernel_fits(device: torch.device) -> bool:
-    return device.type == "cpu" and hasattr(torch, "_weight_int8pack_mm")
+def _int8_kernel_fits(device: torch.device, in_features: int) -> bool:
+    """PyTorch's CPU kernel is right only for inputs of a multiple of 16 features (others give
+    NaN or crash on AVX-512 CPUs); the rest dequantize."""
+    return (device.type == "cpu" and hasattr(torch, "_weight_int8pack_mm")
+            and in_features % 16 == 0)
 
 
 class Int8Linear(nn.Module):
@@ -53,7 +57,7 @@ class Int8Linear(nn.Module):
         return self.weight_int8.float() * self.scale[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _int8_kernel_fits(x.device):
+        if _int8_kernel_fits(x.device, self.in_features):
             flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
             y = torch._weight_int8pack_mm(flat, self.weight_int8, self.scale.to(torch.bfloat16))
             y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)

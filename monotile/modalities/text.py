@@ -89,10 +89,12 @@ class TextTask:
         path = find_data(config.data, data)
         if data is not None:  # remember where the user's file is
             config = dataclasses.replace(config, data=str(path))
+        examples = None
         if is_chat_data(path):  # instruction or chat records: the tokenizer learns their text
             config, examples = _read_chat(config, path)
             text = "".join(piece for e in examples for piece, _ in e.pieces)
-            train_text = text  # records are split whole, after tokenizing
+            n_train = len(examples) - max(1, round(len(examples) * config.val_fraction))
+            train_text = "".join(piece for e in examples[:n_train] for piece, _ in e.pieces)
         else:
             text = read_text(path)
             train_text = text[:_split_at(text, config.val_fraction)]
@@ -101,7 +103,10 @@ class TextTask:
         else:
             tok = Tokenizer.train_bpe(train_text, config.bpe_vocab)
         task = cls(config, tok, model_cfg.context)
-        task._load_splits(None if is_chat_data(path) else text)
+        if examples is not None:
+            task._load_chat(examples)
+        else:
+            task._load_splits(text)
         return task, model_cfg.replace(vocab_size=tok.vocab_size)
 
     @classmethod
@@ -146,13 +151,15 @@ class TextTask:
                                 "more text or a smaller context")
             self._splits[split] = ids
 
-    def _load_chat(self) -> None:
+    def _load_chat(self, examples=None) -> None:
         """Records -> (token ids, answer mask) each, truncated to context + 1 tokens; the last
         val_fraction of the records is the validation split."""
-        self.config, examples = _read_chat(self.config, find_data(self.config.data))
+        if examples is None:
+            self.config, examples = _read_chat(self.config, find_data(self.config.data))
         vocab = self.tokenizer.tok.get_vocab() if self.tokenizer.kind == "char" else None
-        encoded, dropped = [], 0
-        for e in examples:
+        n_val = max(1, round(len(examples) * self.config.val_fraction))
+        splits, dropped = {"train": [], "val": []}, 0
+        for i, e in enumerate(examples):
             ids, mask = [], []
             for piece, answer in e.pieces:
                 if vocab is not None and any(c not in vocab for c in piece):
@@ -163,15 +170,18 @@ class TextTask:
                 mask += [answer] * len(piece_ids)
             ids, mask = ids[:self.context + 1], mask[:self.context + 1]
             if any(mask[1:]):  # an answer token is left to predict
-                encoded.append((torch.tensor(ids), torch.tensor(mask)))
+                split = "val" if i >= len(examples) - n_val else "train"
+                splits[split].append((torch.tensor(ids), torch.tensor(mask)))
         if dropped:
             warnings.warn(f"dropped {dropped:,} characters of {self.config.data} outside the "
                           "model's vocabulary")
-        if len(encoded) < 2:
-            raise DataError(f"{self.config.data} has {len(encoded)} usable records (an answer "
-                            f"within the first {self.context + 1} tokens); give at least 2")
-        n_val = min(len(encoded) - 1, max(1, round(len(encoded) * self.config.val_fraction)))
-        self._chat = {"train": encoded[:-n_val], "val": encoded[-n_val:]}
+        for name, records in splits.items():
+            if not records:
+                raise DataError(f"the {name} part of {self.config.data} (the last val_fraction="
+                                f"{self.config.val_fraction} of its records is for validation) "
+                                f"has no record with an answer within the first "
+                                f"{self.context + 1} tokens; give more or shorter records")
+        self._chat = splits
         self._splits = {"train": torch.empty(0), "val": torch.empty(0)}
 
     def split(self, name: str) -> torch.Tensor:

@@ -62,7 +62,9 @@ def setup(strategy: str = "auto") -> Context:
         cuda = torch.cuda.is_available()
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=30))
+        # NCCL for CUDA tensors, gloo for the few CPU ones (a stop flag, a path)
+        dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo",
+                                timeout=timedelta(minutes=30))
     return current(strategy)
 
 
@@ -111,13 +113,20 @@ def any_process(flag: bool) -> bool:
     return bool(all_sum(torch.tensor([int(flag)])).item())
 
 
-def check_batch(batch_size: int, ctx: Context) -> None:
-    if batch_size % ctx.world:
-        fits = [w for w in range(1, batch_size + 1) if batch_size % w == 0]
-        raise ConfigError(
-            f"batch_size={batch_size} does not split evenly over {ctx.world} processes; use "
-            f"--set batch_size={ctx.world * max(1, round(batch_size / ctx.world))} or run on "
-            f"one of {fits[:8]} processes")
+def check(train_cfg, ctx: Context, *, resuming: bool = False) -> None:
+    """Refuse, on every process alike and before anything is written, what this many
+    processes cannot train: a batch that does not split evenly, FSDP with a moving average."""
+    b = train_cfg.batch_size
+    if b % ctx.world:
+        fits = [w for w in range(1, b + 1) if b % w == 0][:8]
+        fix = (f"resume it on one of {fits} processes" if resuming else
+               f"use --set batch_size={ctx.world * max(1, round(b / ctx.world))} or run on one "
+               f"of {fits} processes")
+        raise ConfigError(f"batch_size={b} does not split evenly over {ctx.world} processes; "
+                          f"{fix}")
+    if ctx.world > 1 and ctx.strategy == "fsdp" and train_cfg.ema > 0:
+        raise ConfigError("ema is not supported with --strategy fsdp (the average would need "
+                          "its own shards); use --strategy ddp, or --set ema=0")
 
 
 def shard(batch, ctx: Context):
@@ -154,9 +163,14 @@ def wrap(model: nn.Module, ctx: Context) -> nn.Module:
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
-    """A sharded (DTensor) tensor gathered whole on every process; a plain tensor as it is."""
+    """A sharded (DTensor) tensor gathered whole, one at a time, into the main process's CPU
+    memory (the others keep only its shape, on the meta device); a plain tensor as it is.
+    Every process must call it, in the same order."""
     from torch.distributed.tensor import DTensor
-    return t.full_tensor() if isinstance(t, DTensor) else t
+    if not isinstance(t, DTensor):
+        return t
+    full = t.full_tensor()
+    return full.cpu() if current().main else full.to("meta")
 
 
 def local_ptr(t: torch.Tensor) -> int:
@@ -177,8 +191,11 @@ def shard_like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
 def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
     """Scale all gradients by min(1, max_norm / ||g||), ||g|| the norm of all of them together,
     over every shard (nn.utils.clip_grad_norm_ with the FSDP norm made whole first)."""
+    from torch.distributed.tensor import DTensor
     grads = [p.grad for p in params if p.grad is not None]
-    total = full_tensor(nn.utils.get_total_norm(grads))
+    total = nn.utils.get_total_norm(grads)
+    if isinstance(total, DTensor):  # the norm of the shards' partial sums, made whole
+        total = total.full_tensor()
     nn.utils.clip_grads_with_norm_([p for p in params if p.grad is not None], max_norm, total)
     return total
 
@@ -191,8 +208,9 @@ def memory_per_process(model: nn.Module, strategy: str, world: int, *, batch: in
     for a size that does not fit here). N parameters, W processes, fp32 state:
 
         single, ddp: weights 4N + gradients 4N + AdamW moments 8N
-        fsdp:        (4N + 4N + 8N) / W, plus the whole weights of the two largest blocks,
-                     gathered at once (the one computing, the one prefetched)
+        fsdp:        (4N + 4N + 8N) / W, plus whole weights gathered for computing: the
+                     root unit (embeddings, head, final norm: gathered through the forward)
+                     and the two largest blocks (the one computing, the one prefetched)
         activations: kept for backward, per token of the process's batch / W rows:
                      per block 8 d + 2 h (norm inputs and outputs, q, k, v, attention output,
                      the MLP's hidden before and after its nonlinearity; 8 d + 4 h for SwiGLU)
@@ -211,8 +229,9 @@ def memory_per_process(model: nn.Module, strategy: str, world: int, *, batch: in
     w = world if strategy == "fsdp" else 1
     out = {"parameters": n, "weights": bytes_per_value * n / w,
            "gradients": bytes_per_value * n / w, "adamw_moments": 2 * bytes_per_value * n / w}
-    out["gathered_blocks"] = (bytes_per_value * sum(sorted(blocks)[-2:])
-                              if strategy == "fsdp" and world > 1 else 0)
+    root = n - sum(blocks)  # what FSDP shards as the model's own unit
+    out["gathered"] = (bytes_per_value * (root + sum(sorted(blocks)[-2:]))
+                       if strategy == "fsdp" and world > 1 else 0)
     tokens = batch / (world if strategy != "single" else 1) * context
     if cfg is not None:
         per_block = 8 * cfg.d_model + (4 if cfg.mlp == "swiglu" else 2) * cfg.hidden
@@ -227,13 +246,13 @@ def memory_per_process(model: nn.Module, strategy: str, world: int, *, batch: in
 def strategy_table(model: nn.Module, worlds=(1, 2, 8), *, batch: int, context: int) -> str:
     """A markdown table of memory_per_process for single, ddp and fsdp at `worlds` processes,
     in GB (10^9 bytes); docs/scaling.md prints it."""
-    rows = ["| strategy | processes | weights | gradients | AdamW moments | gathered blocks "
+    rows = ["| strategy | processes | weights | gradients | AdamW moments | gathered "
             "| activations | total |", "|---|---|---|---|---|---|---|---|"]
     for strategy in ("single", "ddp", "fsdp"):
         for world in ((1,) if strategy == "single" else worlds[1:]):
             m = memory_per_process(model, strategy, world, batch=batch, context=context)
             cells = [m[k] / 1e9 for k in ("weights", "gradients", "adamw_moments",
-                                          "gathered_blocks", "activations", "total")]
+                                          "gathered", "activations", "total")]
             rows.append(f"| {strategy} | {world} | " + " | ".join(f"{c:.2f}" for c in cells)
                         + " |")
     return "\n".join(rows)

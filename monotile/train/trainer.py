@@ -184,10 +184,7 @@ def fit(task, model: nn.Module, cfg: TrainConfig, run_dir: Path, *, state: dict 
     device = next(model.parameters()).device
     amp = autocast_dtype(cfg.dtype, device)
     ctx = distributed.current(cfg.strategy)
-    distributed.check_batch(cfg.batch_size, ctx)
-    if ctx.strategy == "fsdp" and cfg.ema > 0:
-        raise ConfigError("ema is not supported with --strategy fsdp (the average would need "
-                          "its own shards); use --strategy ddp or --set ema=0")
+    distributed.check(cfg, ctx, resuming=state is not None)
     quiet = quiet or not ctx.main
     data_rng = torch.Generator().manual_seed(cfg.seed)
     ema = EMA(model, cfg.ema) if cfg.ema > 0 else None
@@ -227,6 +224,7 @@ def fit(task, model: nn.Module, cfg: TrainConfig, run_dir: Path, *, state: dict 
         evaluated.eval()
         with _autocast(device, amp):  # every process evaluates (FSDP needs all of them)
             results = task.evaluate(evaluated)
+        results = distributed.broadcast(results)  # all decide alike whether this is the best
         model.train()
         if ctx.main:
             _append_metrics(run_dir, {"step": step, "eval": results})
@@ -300,7 +298,10 @@ def fit(task, model: nn.Module, cfg: TrainConfig, run_dir: Path, *, state: dict 
                 bar.set_postfix(loss=f"{loss_sum:.4f}", tok_s=f"{tok_s:,.0f}")
                 t_last, tokens_last = now, state["tokens"]
             done = step == cfg.max_steps
-            requested = distributed.any_process(stop.requested)  # all stop on the same step
+            requested = stop.requested
+            if ctx.world > 1:  # all processes stop on the same step: they agree at log steps
+                logged = step % cfg.log_interval == 0 or step == end
+                requested = logged and distributed.any_process(stop.requested)
             if step % cfg.eval_interval == 0 or done:
                 last_eval = evaluate(step)
                 if not quiet:
