@@ -137,6 +137,22 @@ def _parser() -> argparse.ArgumentParser:
     qz.add_argument("--checkpoint", default="last", choices=["last", "best"])
     qz.add_argument("--json", action="store_true")
 
+    em = sub.add_parser("embed", help="sentence embeddings from an encoder run (e.g. MiniLM)")
+    em.add_argument("run")
+    em.add_argument("texts", nargs="+", metavar="TEXT")
+    em.add_argument("--json", action="store_true", help="one JSON object with the vectors")
+
+    im = sub.add_parser("import", help="a run from a Hugging Face model folder")
+    im.add_argument("format", choices=["hf"])
+    im.add_argument("src", metavar="DIR", help="config.json, model.safetensors, tokenizer.json")
+    im.add_argument("--out", help="the run directory to create (default runs/<DIR's name>)")
+    im.add_argument("--json", action="store_true")
+    ex = sub.add_parser("export", help="a Hugging Face model folder from a run")
+    ex.add_argument("format", choices=["hf"])
+    ex.add_argument("run")
+    ex.add_argument("--out", required=True, help="the folder to write")
+    ex.add_argument("--json", action="store_true")
+
     sub.add_parser("data", help="which data sets are present, and where").add_argument(
         "--json", action="store_true")
     sub.add_parser("presets", help="list the named recipes").add_argument(
@@ -240,6 +256,47 @@ def _cmd_quantize(a) -> None:
     else:
         print(f"quantized: {figures['run']}, {figures['layers']} layers int8, weights "
               f"{figures['bytes_before'] / 1e6:,.2f} MB -> {figures['bytes_after'] / 1e6:,.2f} MB")
+
+
+def _cmd_embed(a) -> None:
+    from .run import load
+    run = load(a.run)
+    vectors = run.embed(a.texts)
+    if a.json:
+        _print_json({"model": str(run.dir), "dimensions": vectors.size(1),
+                     "embeddings": [[round(x, 7) for x in v] for v in vectors.tolist()]})
+        return
+    for text, v in zip(a.texts, vectors.tolist()):
+        print(f"{text[:40]!r}: [{', '.join(f'{x:.4f}' for x in v[:6])}, ...] "
+              f"({len(v)} dimensions)")
+    if len(a.texts) > 1:
+        sims = vectors @ vectors.T
+        print("cosine similarities:")
+        for i, text in enumerate(a.texts):
+            print(f"  {text[:30]:<30} " + " ".join(f"{x:6.3f}" for x in sims[i].tolist()))
+
+
+def _cmd_import(a) -> None:
+    from .interop.hf import import_hf
+    from .run import load
+    run = load(import_hf(a.src, a.out))
+    doc = json.loads((run.dir / "config.json").read_text(encoding="utf-8"))
+    figures = {"run": str(run.dir), "parameters": run.parameters(),
+               "model_type": doc["imported"]["model_type"]}
+    if a.json:
+        _print_json(figures)
+    else:
+        print(f"imported {a.src} ({figures['model_type']}, {figures['parameters']:,} "
+              f"parameters) as {run.dir}")
+
+
+def _cmd_export(a) -> None:
+    from .interop.hf import export_hf
+    out = export_hf(a.run, a.out)
+    if a.json:
+        _print_json({"out": str(out)})
+    else:
+        print(f"exported {a.run} to {out} (load it with transformers' from_pretrained)")
 
 
 def _cmd_eval(a) -> None:
@@ -461,6 +518,7 @@ def _cmd_presets(a) -> None:
 
 COMMANDS = {"train": _cmd_train, "resume": _cmd_resume, "eval": _cmd_eval,
             "finetune": _cmd_finetune, "merge": _cmd_merge, "quantize": _cmd_quantize,
+            "import": _cmd_import, "export": _cmd_export, "embed": _cmd_embed,
             "generate": _cmd_generate, "predict": _cmd_predict, "data": _cmd_data,
             "presets": _cmd_presets}
 

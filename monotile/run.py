@@ -152,6 +152,11 @@ class Run:
         """The assistant's answer to `messages`; see stream_chat."""
         return "".join(self.stream_chat(messages, **options))
 
+    def embed(self, texts: list[str], batch_size: int = 32) -> torch.Tensor:
+        """(N, d) unit-length sentence embeddings of `texts` (encoder runs, e.g. MiniLM)."""
+        self.model.eval()
+        return self.task.embed(self.model, list(texts), batch_size=batch_size)
+
     @property
     def has_chat_template(self) -> bool:
         return bool(getattr(self.task.config, "chat_template", None))

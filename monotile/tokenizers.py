@@ -10,6 +10,7 @@ the file format the rest of the ecosystem reads.
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
@@ -49,8 +50,11 @@ class Tokenizer:
         except Exception as e:  # tokenizers raises a bare Exception on bad JSON
             raise CheckpointError(f"cannot read tokenizer {path}: {e}; the run's tokenizer.json "
                                   "is missing or corrupt, retrain or restore it") from None
-        kind = "bpe" if isinstance(tok.pre_tokenizer, pre_tokenizers.ByteLevel) else "char"
-        return cls(tok, kind)
+        # a tokenizer.json may pad or cut every text to a fixed length (MiniLM's pads to 128);
+        # monotile pads its batches and crops to the model's context itself
+        tok.no_padding()
+        tok.no_truncation()
+        return cls(tok, _kind(tok))
 
     def save(self, path: str | Path) -> None:
         from .train.checkpoint import atomic_write_text
@@ -75,5 +79,21 @@ class Tokenizer:
         out = [0] * self.vocab_size
         for token, i in self.tok.get_vocab().items():
             # byte-level tokens spell one byte per character (GPT-2's byte-to-unicode map)
-            out[i] = len(token) if self.kind == "bpe" else len(token.encode("utf-8"))
+            if self.kind == "bpe":
+                out[i] = len(token)
+            elif self.kind == "char":
+                out[i] = len(token.encode("utf-8"))
+            else:  # another Hugging Face tokenizer: the bytes its token decodes to
+                out[i] = len(self.tok.decode([i], skip_special_tokens=False).encode("utf-8"))
         return out
+
+
+def _kind(tok: HFTokenizer) -> str:
+    """"char" for monotile's character vocabulary (a BPE without merges or pre-tokenizer),
+    "bpe" for a byte-level BPE (GPT-2's family), "hf" for any other Hugging Face tokenizer."""
+    spec = json.loads(tok.to_str())
+    model, pre = spec.get("model") or {}, spec.get("pre_tokenizer")
+    if model.get("type") == "BPE" and not model.get("merges") and pre is None:
+        return "char"
+    byte_level = "ByteLevel" in json.dumps(pre) or "ByteLevel" in json.dumps(spec.get("decoder"))
+    return "bpe" if byte_level and spec.get("normalizer") is None else "hf"

@@ -81,12 +81,38 @@ def attention(q, k, v, *, mask=None, is_causal=False, impl: str = "sdpa") -> tor
     return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
 
 
-def rope_frequencies(head_dim: int, max_len: int, theta: float = 10000.0) -> torch.Tensor:
+def rope_frequencies(head_dim: int, max_len: int, theta: float = 10000.0,
+                     scaling: dict | None = None) -> torch.Tensor:
     """Rotations e^{i p theta_j}, theta_j = theta^(-2j/head_dim), as a real (max_len, head_dim/2, 2)
-    tensor of (cos, sin) pairs; the trunk keeps it in fp32 whatever the model's dtype."""
+    tensor of (cos, sin) pairs; the trunk keeps it in fp32 whatever the model's dtype.
+    `scaling` stretches the context as Hugging Face's rope_scaling does: "linear" divides every
+    theta_j by `factor`; "llama3" divides the slow ones (wavelength > original / low_freq_factor)
+    by `factor`, keeps the fast ones (< original / high_freq_factor), and blends in between."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    if scaling:
+        inv_freq = scale_rope(inv_freq, scaling)
     angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (T, d/2)
     return torch.stack([angles.cos(), angles.sin()], dim=-1)
+
+
+ROPE_SCALINGS = ("linear", "llama3")
+
+
+def scale_rope(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    kind, factor = scaling.get("rope_type", scaling.get("type")), float(scaling["factor"])
+    if kind == "linear":
+        return inv_freq / factor
+    if kind == "llama3":
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        original = float(scaling["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > original / low, inv_freq / factor, inv_freq)
+        smooth = (original / wavelen - low) / (high - low)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= original / high) & (wavelen <= original / low)
+        return torch.where(medium, blended, scaled)
+    raise ValueError(f"RoPE scaling {kind!r} is not supported; supported: "
+                     f"{', '.join(ROPE_SCALINGS)}")
 
 
 def qkv_rotations(freqs: torch.Tensor, n_rotated: int, n_identity: int) -> torch.Tensor:
@@ -140,11 +166,13 @@ class SelfAttention(nn.Module):
     q, k and v come from one fused projection `qkv` of width (n_head + 2 n_kv_head) * d_head.
     """
 
-    def __init__(self, dim: int, n_head: int, n_kv_head: int, bias: bool, dropout: float = 0.0):
+    def __init__(self, dim: int, n_head: int, n_kv_head: int, bias: bool, dropout: float = 0.0,
+                 qkv_bias: bool | None = None):
         super().__init__()
         self.n_head, self.n_kv_head = n_head, n_kv_head
         self.head_dim = dim // n_head
-        self.qkv = nn.Linear(dim, (n_head + 2 * n_kv_head) * self.head_dim, bias=bias)
+        self.qkv = nn.Linear(dim, (n_head + 2 * n_kv_head) * self.head_dim,
+                             bias=bias if qkv_bias is None else qkv_bias)
         self.wo = nn.Linear(n_head * self.head_dim, dim, bias=bias)
         self.dropout = nn.Dropout(dropout)
         self.impl = "sdpa"

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .attention import KVCache, SelfAttention, qkv_rotations, rope_frequencies
+from .attention import (ROPE_SCALINGS, KVCache, SelfAttention, qkv_rotations,
+                        rope_frequencies)
 from .layers import DropPath, make_mlp, make_norm
 
 
@@ -40,7 +41,11 @@ class ModelConfig:
     mlp: str = "gelu"             # gelu (exact) | gelu_tanh (GPT-2) | swiglu
     positions: str = "learned"    # learned | rope | none
     rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # Hugging Face's rope_scaling: linear | llama3
     bias: bool = True
+    qkv_bias: bool | None = None  # biases on q, k, v alone (Qwen2); None = as `bias`
+    norm_position: str = "pre"    # pre (GPT-2, Llama: a final norm) | post (BERT: none)
+    embed_norm: bool = False      # a norm over the embeddings plus positions (BERT)
     tie_embeddings: bool = True
     dropout: float = 0.0
     drop_path: float = 0.0        # stochastic depth of the last block; block i gets i/(L-1) of it
@@ -72,6 +77,11 @@ class ModelConfig:
             bad("dropout", self.dropout, "it must be in [0, 1)")
         if not 0.0 <= self.drop_path < 1.0:
             bad("drop_path", self.drop_path, "it must be in [0, 1)")
+        if self.rope_scaling and self.rope_scaling.get(
+                "rope_type", self.rope_scaling.get("type")) not in ROPE_SCALINGS:
+            bad("rope_scaling", self.rope_scaling, f"supported: {', '.join(ROPE_SCALINGS)}")
+        if self.norm_position not in ("pre", "post"):
+            bad("norm_position", self.norm_position, "choose pre or post")
         if self.norm_eps <= 0 or self.rope_theta <= 0:
             bad("norm_eps/rope_theta", (self.norm_eps, self.rope_theta), "both must be > 0")
 
@@ -98,18 +108,26 @@ class ModelConfig:
 
 class Block(nn.Module):
     """h = x + attn(norm1(x)); out = h + mlp(norm2(h)); each branch through DropPath when
-    stochastic depth is on."""
+    stochastic depth is on. Post-norm (BERT, 2018): h = norm1(x + attn(x));
+    out = norm2(h + mlp(h))."""
 
     def __init__(self, cfg: ModelConfig, drop_path: float = 0.0):
         super().__init__()
         self.norm1 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
-        self.attn = SelfAttention(cfg.d_model, cfg.n_head, cfg.kv_heads, cfg.bias, cfg.dropout)
+        self.attn = SelfAttention(cfg.d_model, cfg.n_head, cfg.kv_heads, cfg.bias, cfg.dropout,
+                                  qkv_bias=cfg.qkv_bias)
         self.norm2 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
         self.mlp = make_mlp(cfg.mlp, cfg.d_model, cfg.hidden, cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
         self.drop_path = DropPath(drop_path)
+        self.post_norm = cfg.norm_position == "post"
 
     def forward(self, x, *, rope=None, causal=True, key_padding=None, cache=None, pos=0):
+        if self.post_norm:
+            x = self.norm1(x + self.drop_path(self.attn(x, rope=rope, causal=causal,
+                                                        key_padding=key_padding, cache=cache,
+                                                        pos=pos)))
+            return self.norm2(x + self.drop_path(self.dropout(self.mlp(x))))
         x = x + self.drop_path(self.attn(self.norm1(x), rope=rope, causal=causal,
                                          key_padding=key_padding, cache=cache, pos=pos))
         return x + self.drop_path(self.dropout(self.mlp(self.norm2(x))))
@@ -127,9 +145,13 @@ class Transformer(nn.Module):
         # stochastic depth grows linearly with depth: 0 for the first block, drop_path for the last
         rates = [cfg.drop_path * i / max(1, cfg.n_layer - 1) for i in range(cfg.n_layer)]
         self.blocks = nn.ModuleList(Block(cfg, rate) for rate in rates)
-        self.norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
+        # pre-norm ends with a norm; post-norm blocks end normalised already
+        self.norm = (make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
+                     if cfg.norm_position == "pre" else nn.Identity())
+        self.embed_norm = (make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
+                           if cfg.embed_norm else None)
         # the rotation table stays fp32 (a plain attribute, so module.to(dtype) leaves it alone)
-        self.rope = (rope_frequencies(cfg.head_dim, cfg.context, cfg.rope_theta)
+        self.rope = (rope_frequencies(cfg.head_dim, cfg.context, cfg.rope_theta, cfg.rope_scaling)
                      if cfg.positions == "rope" else None)
 
     def forward(self, x, *, causal: bool = True, key_padding=None, cache=None, pos: int = 0):
@@ -140,6 +162,8 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence of {pos + T} tokens exceeds the context {self.cfg.context}")
         if self.pos_emb is not None:
             x = x + self.pos_emb[pos:pos + T]
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
         if self.rope is not None and self.rope.device != x.device:
             self.rope = self.rope.to(x.device)
         x = self.drop(x)

@@ -39,11 +39,19 @@ class TextConfig:
     chat_template: str | None = None         # Jinja template of a conversation; set from
                                              # chat data (.jsonl with "messages") if None
     chat_stop: tuple = ()                    # strings that end an answer (the template's)
+    model: str = "causal_lm"                 # causal_lm | encoder (sentence embeddings; imported)
+    type_vocab: int = 0                      # encoder: token types (BERT's segments)
+    pooler: bool = False                     # encoder: keeps BERT's pooler (for export)
+    max_tokens: int | None = None            # encoder: tokens per text kept (None: the context)
+    pad_id: int = 0                          # encoder: the padding token
 
     def __post_init__(self):
         object.__setattr__(self, "chat_stop", tuple(self.chat_stop))  # config.json gives lists
-        if self.tokenizer not in ("char", "bpe"):
-            raise ConfigError(f"tokenizer={self.tokenizer!r} is invalid: choose char or bpe")
+        if self.tokenizer not in ("char", "bpe", "hf"):
+            raise ConfigError(f"tokenizer={self.tokenizer!r} is invalid: choose char or bpe "
+                              "(hf marks an imported Hugging Face tokenizer)")
+        if self.model not in ("causal_lm", "encoder"):
+            raise ConfigError(f"model={self.model!r} is invalid: choose causal_lm or encoder")
         if self.bpe_vocab < 257:
             raise ConfigError(f"bpe_vocab={self.bpe_vocab} is invalid: a byte-level BPE needs "
                               "more than 256 entries")
@@ -98,6 +106,9 @@ class TextTask:
         else:
             text = read_text(path)
             train_text = text[:_split_at(text, config.val_fraction)]
+        if config.tokenizer == "hf" or config.model == "encoder":
+            raise ConfigError("tokenizer=hf and model=encoder come with imported runs "
+                              "(monotile import hf); train with tokenizer=char or bpe")
         if config.tokenizer == "char":
             tok = Tokenizer.train_char(text)
         else:
@@ -118,12 +129,26 @@ class TextTask:
         self.tokenizer.save(Path(run_dir) / "tokenizer.json")
 
     def build_model(self, cfg: ModelConfig) -> nn.Module:
-        if cfg.vocab_size != self.tokenizer.vocab_size:
+        if cfg.vocab_size < self.tokenizer.vocab_size:  # more rows (padded, imported) is fine
             raise ConfigError(f"vocab_size={cfg.vocab_size} but the tokenizer has "
                               f"{self.tokenizer.vocab_size} tokens; leave vocab_size unset")
-        model = LanguageModel(cfg)
+        if self.config.model == "encoder":
+            from .embed import TextEncoder
+            model = TextEncoder(cfg, self.config.type_vocab, self.config.pooler)
+        else:
+            model = LanguageModel(cfg)
         init_weights(model, cfg.n_layer)
         return model
+
+    def embed(self, model, texts: list[str], batch_size: int = 32) -> torch.Tensor:
+        """(N, d) unit-length sentence embeddings (mean pooling, L2 normalisation)."""
+        if self.config.model != "encoder":
+            raise ConfigError("this run is a language model; embeddings come from an encoder "
+                              "run (import one with `monotile import hf`, e.g. MiniLM)")
+        from .embed import embed_texts
+        return embed_texts(model, self.tokenizer, texts, batch_size=batch_size,
+                           max_tokens=self.config.max_tokens or self.context,
+                           pad_id=self.config.pad_id)
 
     # ---- data -------------------------------------------------------------------------------
     def _load_splits(self, text: str | None = None) -> None:
