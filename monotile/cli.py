@@ -142,6 +142,15 @@ def _parser() -> argparse.ArgumentParser:
     em.add_argument("texts", nargs="+", metavar="TEXT")
     em.add_argument("--json", action="store_true", help="one JSON object with the vectors")
 
+    se = sub.add_parser("search", help="semantic search over documents with an encoder run")
+    se.add_argument("run")
+    se.add_argument("query")
+    se.add_argument("--index", required=True, metavar="DOCS", help="a text file (one document "
+                    "per line) or a folder of .txt files; their embeddings are kept beside "
+                    "them until they change")
+    se.add_argument("--top-k", type=int, default=5)
+    se.add_argument("--json", action="store_true")
+
     im = sub.add_parser("import", help="a run from a Hugging Face model folder")
     im.add_argument("format", choices=["hf"])
     im.add_argument("src", metavar="DIR", help="config.json, model.safetensors, tokenizer.json")
@@ -274,6 +283,19 @@ def _cmd_embed(a) -> None:
         print("cosine similarities:")
         for i, text in enumerate(a.texts):
             print(f"  {text[:30]:<30} " + " ".join(f"{x:6.3f}" for x in sims[i].tolist()))
+
+
+def _cmd_search(a) -> None:
+    from .infer.search import search
+    from .run import load
+    found = search(load(a.run), a.index, a.query, a.top_k)
+    if a.json:
+        _print_json(found)
+        return
+    how = "index reused" if found["index_reused"] else "indexed"
+    print(f"{found['documents']} documents ({how})")
+    for r in found["results"]:
+        print(f"{r['score']:.4f}  {r['where']}  {r['text'][:100]}")
 
 
 def _cmd_import(a) -> None:
@@ -519,6 +541,7 @@ def _cmd_presets(a) -> None:
 COMMANDS = {"train": _cmd_train, "resume": _cmd_resume, "eval": _cmd_eval,
             "finetune": _cmd_finetune, "merge": _cmd_merge, "quantize": _cmd_quantize,
             "import": _cmd_import, "export": _cmd_export, "embed": _cmd_embed,
+            "search": _cmd_search,
             "generate": _cmd_generate, "predict": _cmd_predict, "data": _cmd_data,
             "presets": _cmd_presets}
 
