@@ -1,0 +1,93 @@
+"""Decoding speed at batch 1 for a GPT-2-small-shaped model (124M parameters, random weights:
+speed does not depend on them): transformers' generate() against monotile's KV-cache decoding
+of the very same weights, in fp32, in bf16 weights and in int8 weights, with the
+memory-bandwidth limit (bytes of weights read per token / a copy bandwidth measured here).
+
+    .venv/bin/python bench/decode.py [--tokens 64] [--rounds 3] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+
+import torch
+
+from monotile.infer.generate import Sampling, generate_ids
+from monotile.infer.quantize import quantize_int8, weight_bytes
+from monotile.interop.hf import model_config, to_monotile
+from monotile.modalities.text import LanguageModel
+
+from quantize import copy_bandwidth  # bench/quantize.py
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args()
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config()).eval()  # GPT-2 small: 12 layers, width 768, 50257
+    config = json.loads(hf.config.to_json_string())
+    cfg = model_config(config)
+    ours = LanguageModel(cfg).eval()
+    weights = to_monotile("gpt2", cfg, dict(hf.state_dict()))
+    weights["head.weight"] = weights["tok_emb.weight"]
+    ours.load_state_dict(weights)
+    bf16 = copy.deepcopy(ours).to(torch.bfloat16)
+    int8 = copy.deepcopy(ours)
+    quantize_int8(int8)
+    prompt = torch.randint(0, cfg.vocab_size, (1, 16))
+    greedy = Sampling(temperature=0.0)
+
+    def run_hf():
+        with torch.no_grad():
+            hf.generate(prompt, max_new_tokens=a.tokens, min_new_tokens=a.tokens,
+                        do_sample=False, pad_token_id=0)
+
+    def ours_with(model):
+        return lambda: [None for _ in generate_ids(model, prompt, a.tokens, greedy)]
+
+    contenders = {"transformers fp32": run_hf, "monotile fp32": ours_with(ours),
+                  "monotile bf16": ours_with(bf16), "monotile int8": ours_with(int8)}
+    for fn in contenders.values():  # warm up
+        fn()
+    best = {name: 0.0 for name in contenders}
+    for _ in range(a.rounds):
+        for name, fn in contenders.items():
+            t = time.perf_counter()
+            fn()
+            best[name] = max(best[name], a.tokens / (time.perf_counter() - t))
+    with torch.no_grad():
+        x = torch.randint(0, cfg.vocab_size, (1, 64))
+        reference = ours(x).float()
+        drift = {"bf16": (bf16(x).float() - reference).abs().max().item(),
+                 "int8": (int8(x).float() - reference).abs().max().item()}
+    bandwidth = copy_bandwidth()
+    positions = cfg.context * cfg.d_model
+    read = {"fp32": weight_bytes(ours) - 4 * positions,
+            "bf16": weight_bytes(bf16) - 2 * positions, "int8": weight_bytes(int8) - 4 * positions}
+    result = {"tokens": a.tokens, "bandwidth_gb_s": bandwidth / 1e9, "tokens_per_s": best,
+              "bandwidth_limit": {k: bandwidth / v for k, v in read.items()},
+              "max_logit_change_vs_fp32": drift}
+    if a.json:
+        print(json.dumps(result))
+        return
+    ref = best["transformers fp32"]
+    print(f"GPT-2 small shape, batch 1, {a.tokens} new tokens after 16; copy bandwidth "
+          f"{bandwidth / 1e9:.1f} GB/s")
+    for name, tok_s in best.items():
+        dtype = name.split()[1]
+        limit = result["bandwidth_limit"][dtype]
+        print(f"  {name:18} {tok_s:6.1f} tokens/s  ({tok_s / ref:.2f}x transformers; "
+              f"{tok_s / limit:.0%} of the {limit:.0f} tokens/s bandwidth limit)")
+    print(f"  largest logit change against fp32: bf16 {drift['bf16']:.3f}, "
+          f"int8 {drift['int8']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
