@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -26,9 +25,8 @@ from .data import find_data, sha256
 from .errors import CheckpointError, ConfigError
 from .modalities import task_class
 from .run import (Run, _config_json, _new_run_dir, _read_json, build_configs, load,
-                  weights_file)
-from .train.checkpoint import (atomic_write_json, load_model_weights, load_tensors,
-                               save_tensors)
+                  weights_file, write_weights_run)
+from .train.checkpoint import atomic_write_json, load_model_weights, load_tensors, save_tensors
 from .train.trainer import fit
 
 ADAPTER = "adapter.safetensors"
@@ -177,9 +175,7 @@ def merge(base: str | Path, adapter: str | Path, *, out: str | Path,
     ft_dir = Path(adapter) if Path(adapter).is_dir() else None
     adapter, meta = _adapter_source(Path(adapter))
     lora = meta["lora"]
-    out = Path(out)
-    if (out / "config.json").exists():
-        raise ConfigError(f"{out} already holds a run; choose another --out")
+    out = _new_run_dir(out, None)  # refused now if it holds a run
     if checkpoint is None:
         checkpoint = "best" if meta.get("base_file") == "best.safetensors" else "last"
     base_run = load(base, checkpoint=checkpoint)
@@ -197,13 +193,5 @@ def merge(base: str | Path, adapter: str | Path, *, out: str | Path,
     doc = _read_json((ft_dir or base_run.dir) / "config.json")
     doc.pop("lora", None)
     doc.pop("base", None)
-    doc["train"]["ema"] = 0.0  # the merged weights are model.safetensors itself
     doc["merged"] = {"base": str(base_file.resolve()), "adapter": str(adapter.resolve())}
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "config.json", doc)
-    for name in ("tokenizer.json",):
-        if (base_run.dir / name).exists():
-            shutil.copyfile(base_run.dir / name, out / name)
-    from .train.checkpoint import model_tensors
-    save_tensors(out / "model.safetensors", model_tensors(model), {"format": "pt"})
-    return load(out)
+    return load(write_weights_run(out, doc, model, base_run.dir / "tokenizer.json"))

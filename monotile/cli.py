@@ -173,6 +173,14 @@ def _print_json(obj) -> None:
     print(json.dumps(obj, indent=None, default=str))
 
 
+def _emit(a, figures: dict, line: str) -> None:
+    """The command's figures as one JSON object with --json, else its line for people."""
+    if a.json:
+        _print_json(figures)
+    else:
+        print(line)
+
+
 def _cmd_train(a) -> None:
     from .run import parse_overrides, train
     overrides = parse_overrides(a.overrides)
@@ -250,21 +258,15 @@ def _cmd_finetune(a) -> None:
 def _cmd_merge(a) -> None:
     from .adapt import merge
     run = merge(a.run, a.adapter, out=a.out, checkpoint=a.checkpoint)
-    figures = {"run": str(run.dir), "parameters": run.parameters()}
-    if a.json:
-        _print_json(figures)
-    else:
-        print(f"merged: {run.dir} ({figures['parameters']:,} parameters)")
+    _emit(a, {"run": str(run.dir), "parameters": run.parameters()},
+          f"merged: {run.dir} ({run.parameters():,} parameters)")
 
 
 def _cmd_quantize(a) -> None:
     from .infer.quantize import quantize_run
-    figures = quantize_run(a.run, a.out, checkpoint=a.checkpoint)
-    if a.json:
-        _print_json(figures)
-    else:
-        print(f"quantized: {figures['run']}, {figures['layers']} layers int8, weights "
-              f"{figures['bytes_before'] / 1e6:,.2f} MB -> {figures['bytes_after'] / 1e6:,.2f} MB")
+    f = quantize_run(a.run, a.out, checkpoint=a.checkpoint)
+    _emit(a, f, f"quantized: {f['run']}, {f['layers']} layers int8, weights "
+                f"{f['bytes_before'] / 1e6:,.2f} MB -> {f['bytes_after'] / 1e6:,.2f} MB")
 
 
 def _cmd_embed(a) -> None:
@@ -303,22 +305,16 @@ def _cmd_import(a) -> None:
     from .run import load
     run = load(import_hf(a.src, a.out))
     doc = json.loads((run.dir / "config.json").read_text(encoding="utf-8"))
-    figures = {"run": str(run.dir), "parameters": run.parameters(),
-               "model_type": doc["imported"]["model_type"]}
-    if a.json:
-        _print_json(figures)
-    else:
-        print(f"imported {a.src} ({figures['model_type']}, {figures['parameters']:,} "
-              f"parameters) as {run.dir}")
+    kind = doc["imported"]["model_type"]
+    _emit(a, {"run": str(run.dir), "parameters": run.parameters(), "model_type": kind},
+          f"imported {a.src} ({kind}, {run.parameters():,} parameters) as {run.dir}")
 
 
 def _cmd_export(a) -> None:
     from .interop.hf import export_hf
     out = export_hf(a.run, a.out)
-    if a.json:
-        _print_json({"out": str(out)})
-    else:
-        print(f"exported {a.run} to {out} (load it with transformers' from_pretrained)")
+    _emit(a, {"out": str(out)},
+          f"exported {a.run} to {out} (load it with transformers' from_pretrained)")
 
 
 def _cmd_eval(a) -> None:

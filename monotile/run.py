@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -178,8 +179,8 @@ def _new_run_dir(out: str | Path | None, preset: str | None) -> Path:
     if out is not None:
         path = Path(out)
         if (path / "config.json").exists():
-            raise ConfigError(f"{path} already holds a run; continue it with `monotile resume "
-                              f"{path}` or choose another --out")
+            raise ConfigError(f"{path} already holds a run; choose another --out (`monotile "
+                              f"resume {path}` continues a stopped training run)")
         if path.exists() and not path.is_dir():
             raise ConfigError(f"--out {path} is a file; give a directory path")
         return path
@@ -319,6 +320,22 @@ def weights_file(train_cfg: TrainConfig, checkpoint: str = "last") -> str:
     if name == "model.safetensors" and train_cfg.ema > 0:
         name = "ema.safetensors"  # the moving average is what training evaluated and kept
     return name
+
+
+def write_weights_run(out: Path, doc: dict, model: torch.nn.Module,
+                      tokenizer: Path | None = None, metadata: dict | None = None) -> Path:
+    """A run directory for inference (merge, quantize, import): config.json from `doc`, the
+    tokenizer copied, and `model`'s weights as model.safetensors, which is also what `load`
+    reads (so no moving average is named). `out` comes from _new_run_dir, checked early."""
+    from .train.checkpoint import model_tensors, save_tensors
+    doc = {**doc, "train": {**doc.get("train", {}), "ema": 0.0}}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "config.json", doc)
+    if tokenizer is not None and tokenizer.is_file():
+        shutil.copyfile(tokenizer, out / "tokenizer.json")
+    save_tensors(out / "model.safetensors", model_tensors(model),
+                 {"format": "pt", **(metadata or {})})
+    return out
 
 
 def _config_json(meta: dict, configs: dict) -> dict:

@@ -70,6 +70,17 @@ class Tokenizer:
                                 f"{len(vocab)} characters)")
         return ids
 
+    def keep_known(self, text: str) -> tuple[str, set[str]]:
+        """`text` without the characters a character vocabulary lacks (another text met by a
+        trained model), and those characters; any other tokenizer encodes every text."""
+        if self.kind != "char":
+            return text, set()
+        vocab = self.tok.get_vocab()
+        unknown = {c for c in set(text) if c not in vocab}
+        if not unknown:
+            return text, unknown
+        return "".join(c for c in text if c not in unknown), unknown
+
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(list(ids))
 

@@ -117,15 +117,11 @@ def weight_bytes(model: nn.Module) -> int:
 def quantize_run(run_dir, out, *, checkpoint: str = "last"):
     """A new run directory at `out` holding the run's model with int8 weights (config.json
     records it, so `load`, `eval`, `generate` and `predict` rebuild the int8 model)."""
-    import shutil
     from pathlib import Path
 
     from ..errors import ConfigError
-    from ..run import _read_json, load
-    from ..train.checkpoint import atomic_write_json, model_tensors, save_tensors
-    out = Path(out)
-    if (out / "config.json").exists():
-        raise ConfigError(f"{out} already holds a run; choose another --out")
+    from ..run import _new_run_dir, _read_json, load, write_weights_run
+    out = _new_run_dir(out, None)  # refused now if it holds a run
     run = load(run_dir, checkpoint=checkpoint, device="cpu")
     doc = _read_json(run.dir / "config.json")
     if doc.get("quantized"):
@@ -135,16 +131,8 @@ def quantize_run(run_dir, out, *, checkpoint: str = "last"):
                           "(monotile merge) and quantize the merged run")
     before = weight_bytes(run.model)
     layers = quantize_int8(run.model)
-    doc.pop("base", None)
-    doc["train"]["ema"] = 0.0  # the weights are model.safetensors itself
     doc["quantized"] = {"format": "int8-weight-only", "scales": "per output channel",
                         "layers": len(layers), "source": str(Path(run.dir).resolve())}
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "config.json", doc)
-    for name in ("tokenizer.json",):
-        if (run.dir / name).exists():
-            shutil.copyfile(run.dir / name, out / name)
-    save_tensors(out / "model.safetensors", model_tensors(run.model),
-                 {"format": "pt", "quantized": "int8"})
+    write_weights_run(out, doc, run.model, run.dir / "tokenizer.json", {"quantized": "int8"})
     return {"run": str(out), "layers": len(layers), "bytes_before": before,
             "bytes_after": weight_bytes(run.model)}

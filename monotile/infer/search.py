@@ -5,13 +5,12 @@
 DOCS is a text file (one document per line) or a folder of .txt/.md files (one document per
 file). Their embeddings are kept next to them (`DOCS.monotile-index.safetensors`, or
 `.monotile-index.safetensors` inside the folder) with a fingerprint of the documents and of the
-model's weights, and reused until either changes.
+model's weights file (path, size, modification time), and reused until either changes.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import warnings
 from pathlib import Path
 
@@ -50,18 +49,18 @@ def index_path(docs: Path) -> Path:
         docs.with_name(docs.name + ".monotile-index.safetensors")
 
 
-def fingerprint(documents: list[tuple[str, str]], model_sha: str) -> str:
-    h = hashlib.sha256(model_sha.encode())
+def fingerprint(documents: list[tuple[str, str]], model_id: str) -> str:
+    h = hashlib.sha256(model_id.encode())
     for where, text in documents:
         h.update(where.encode() + b"\0" + text.encode() + b"\0")
     return h.hexdigest()
 
 
-def document_embeddings(run, docs: Path, model_sha: str):
+def document_embeddings(run, docs: Path, model_id: str):
     """The documents and their (N, d) embeddings: from the index when it is current, else
     computed and stored. Returns (documents, embeddings, reused)."""
     documents = read_documents(docs)
-    key = fingerprint(documents, model_sha)
+    key = fingerprint(documents, model_id)
     path = index_path(docs)
     if path.is_file():
         try:
@@ -73,7 +72,7 @@ def document_embeddings(run, docs: Path, model_sha: str):
     vectors = run.embed([text for _, text in documents])
     try:
         save_tensors(path, {"embeddings": vectors},
-                     {"fingerprint": key, "documents": json.dumps(len(documents))})
+                     {"fingerprint": key, "documents": str(len(documents))})
     except OSError as e:
         warnings.warn(f"could not store the index at {path} ({e}); it is recomputed next time")
     return documents, vectors, False
@@ -81,12 +80,15 @@ def document_embeddings(run, docs: Path, model_sha: str):
 
 def search(run, docs: str | Path, query: str, top_k: int = 5) -> dict:
     """The top_k documents for `query` with their scores, best first."""
-    from ..data import sha256
     from ..run import weights_file
     if top_k <= 0:
         raise DataError(f"--top-k {top_k} is invalid: give a positive number")
-    model_sha = sha256(run.dir / weights_file(run.train_config))
-    documents, vectors, reused = document_embeddings(run, Path(docs), model_sha)
+    # the weights file's path, size and modification time name the model: hashing its bytes
+    # on every query would read the whole model a second time
+    weights = (run.dir / weights_file(run.train_config)).resolve()
+    stat = weights.stat()
+    model_id = f"{weights}:{stat.st_size}:{stat.st_mtime_ns}"
+    documents, vectors, reused = document_embeddings(run, Path(docs), model_id)
     q = run.embed([query])[0]
     scores = vectors @ q
     best = torch.topk(scores, min(top_k, len(documents)))

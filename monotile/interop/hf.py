@@ -284,7 +284,7 @@ def _bert_out(cfg: ModelConfig, sd: dict) -> dict[str, torch.Tensor]:
 
 def import_hf(src: str | Path, out: str | Path) -> Path:
     """A monotile run directory from a Hugging Face folder (see the module docstring)."""
-    from ..run import _new_run_dir
+    from ..run import _config_json, _new_run_dir, write_weights_run
     from ..tokenizers import Tokenizer
     src = Path(src)
     config, tensors = read_hf_dir(src)
@@ -317,22 +317,10 @@ def import_hf(src: str | Path, out: str | Path) -> Path:
     if tokenizer.vocab_size > cfg.vocab_size:
         raise CheckpointError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model "
                               f"only {cfg.vocab_size}; they do not belong together")
-    run_dir = _new_run_dir(out, src.name)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    doc = {"monotile_version": __version__, "task": "text", "preset": None,
-           "model": _asdict(cfg), "train": _asdict(TrainConfig()),
-           "text": _asdict(text_cfg),
+    meta = {"monotile_version": __version__, "task": "text", "preset": None}
+    doc = {**_config_json(meta, {"model": cfg, "train": TrainConfig(), "text": text_cfg}),
            "imported": {"from": str(src.resolve()), "model_type": config["model_type"]}}
-    atomic_write_json(run_dir / "config.json", doc)
-    shutil.copyfile(tok_path, run_dir / "tokenizer.json")
-    from ..train.checkpoint import model_tensors
-    save_tensors(run_dir / "model.safetensors", model_tensors(model), {"format": "pt"})
-    return run_dir
-
-
-def _asdict(obj) -> dict:
-    import dataclasses
-    return dataclasses.asdict(obj)
+    return write_weights_run(_new_run_dir(out, src.name), doc, model, tok_path)
 
 
 # ---- weights out -------------------------------------------------------------------------------

@@ -158,15 +158,9 @@ class TextTask:
             return self._load_chat()
         if text is None:
             text = read_text(find_data(self.config.data))
-        if self.tokenizer.kind == "char":  # a base model's vocabulary, met by new text
-            vocab = self.tokenizer.tok.get_vocab()
-            unknown = {c for c in set(text) if c not in vocab}
-            if unknown:
-                kept = "".join(c for c in text if c in vocab)
-                warnings.warn(f"dropped {len(text) - len(kept):,} characters "
-                              f"({(len(text) - len(kept)) / len(text):.2%}) of {self.config.data}"
-                              f" outside the model's vocabulary: {''.join(sorted(unknown))!r}")
-                text = kept
+        kept, unknown = self.tokenizer.keep_known(text)  # a base model's vocabulary
+        _warn_dropped(self.config.data, len(text) - len(kept), len(text), unknown)
+        text = kept
         cut = _split_at(text, self.config.val_fraction)
         for split, part in (("train", text[:cut]), ("val", text[cut:])):
             ids = torch.tensor(self.tokenizer.encode(part), dtype=torch.long)
@@ -181,25 +175,22 @@ class TextTask:
         val_fraction of the records is the validation split."""
         if examples is None:
             self.config, examples = _read_chat(self.config, find_data(self.config.data))
-        vocab = self.tokenizer.tok.get_vocab() if self.tokenizer.kind == "char" else None
         n_val = max(1, round(len(examples) * self.config.val_fraction))
-        splits, dropped = {"train": [], "val": []}, 0
+        splits, total, dropped, unknown = {"train": [], "val": []}, 0, 0, set()
         for i, e in enumerate(examples):
             ids, mask = [], []
             for piece, answer in e.pieces:
-                if vocab is not None and any(c not in vocab for c in piece):
-                    dropped += sum(c not in vocab for c in piece)
-                    piece = "".join(c for c in piece if c in vocab)
-                piece_ids = self.tokenizer.encode(piece) if piece else []
+                kept, missing = self.tokenizer.keep_known(piece)
+                total, dropped = total + len(piece), dropped + len(piece) - len(kept)
+                unknown |= missing
+                piece_ids = self.tokenizer.encode(kept) if kept else []
                 ids += piece_ids
                 mask += [answer] * len(piece_ids)
             ids, mask = ids[:self.context + 1], mask[:self.context + 1]
             if any(mask[1:]):  # an answer token is left to predict
                 split = "val" if i >= len(examples) - n_val else "train"
                 splits[split].append((torch.tensor(ids), torch.tensor(mask)))
-        if dropped:
-            warnings.warn(f"dropped {dropped:,} characters of {self.config.data} outside the "
-                          "model's vocabulary")
+        _warn_dropped(self.config.data, dropped, total, unknown)
         for name, records in splits.items():
             if not records:
                 raise DataError(f"the {name} part of {self.config.data} (the last val_fraction="
@@ -353,6 +344,12 @@ class TextTask:
 
     def predict(self, model, inputs: list[str], **options) -> list[str]:
         return ["".join(self.stream(model, prompt, **options)) for prompt in inputs]
+
+
+def _warn_dropped(data: str, dropped: int, total: int, unknown: set[str]) -> None:
+    if dropped:
+        warnings.warn(f"dropped {dropped:,} characters ({dropped / total:.2%}) of {data} outside "
+                      f"the model's vocabulary: {''.join(sorted(unknown))!r}")
 
 
 def is_chat_data(path: Path) -> bool:

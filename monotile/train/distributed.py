@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..core.transformer import Block
 from ..errors import ConfigError
 
 STRATEGIES = ("auto", "ddp", "fsdp")
@@ -156,7 +157,7 @@ def wrap(model: nn.Module, ctx: Context) -> nn.Module:
                                                    gradient_as_bucket_view=True)
     from torch.distributed.fsdp import fully_shard
     for module in model.modules():
-        if type(module).__name__ == "Block":  # the trunk's blocks (monotile.core.transformer)
+        if isinstance(module, Block):  # each of the trunk's blocks is one unit
             fully_shard(module)
     fully_shard(model)
     return model
@@ -224,7 +225,7 @@ def memory_per_process(model: nn.Module, strategy: str, world: int, *, batch: in
             seen.add(id(p))
             n += p.numel()
     blocks = [sum(p.numel() for p in m.parameters()) for m in model.modules()
-              if type(m).__name__ == "Block"]
+              if isinstance(m, Block)]
     cfg = getattr(getattr(model, "trunk", None), "cfg", None)
     w = world if strategy == "fsdp" else 1
     out = {"parameters": n, "weights": bytes_per_value * n / w,

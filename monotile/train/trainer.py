@@ -183,8 +183,7 @@ def fit(task, model: nn.Module, cfg: TrainConfig, run_dir: Path, *, state: dict 
     run_dir = Path(run_dir)
     device = next(model.parameters()).device
     amp = autocast_dtype(cfg.dtype, device)
-    ctx = distributed.current(cfg.strategy)
-    distributed.check(cfg, ctx, resuming=state is not None)
+    ctx = distributed.current(cfg.strategy)  # train and resume checked it before writing
     quiet = quiet or not ctx.main
     data_rng = torch.Generator().manual_seed(cfg.seed)
     ema = EMA(model, cfg.ema) if cfg.ema > 0 else None
