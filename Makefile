@@ -29,6 +29,8 @@ bench: setup
 	$(PY) bench/series.py
 	$(PY) bench/finetune.py
 	$(PY) bench/quantize.py
+	$(PY) bench/decode.py
+	$(PY) bench/embed.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -153,9 +153,13 @@ def main() -> None:
                   key=lambda n: rows[n]["tokens_per_s"])
     ratios = {f"{dt} vs {dt}": ratio(f"monotile {dt}", f"transformers {dt}") for dt in dtypes}
     ratios[f"{fastest.split()[1]} vs fp32 (target)"] = ratio(fastest, "transformers fp32")
+    # "equal loss": monotile's is no worse than the reference's after the same steps
+    equal_loss = rows[fastest]["val_loss"] <= rows["transformers fp32"]["val_loss"] + 0.01
     result = {"steps": a.steps, "batch": [tc.batch_size, model_cfg.context],
               "matmul_peak_gflops": {dt: p / 1e9 for dt, p in peaks.items()},
-              "flops_per_token": fpt, **rows, "speedup_tokens_per_s": ratios}
+              "flops_per_token": fpt, **rows, "speedup_tokens_per_s": ratios,
+              "target_met": ratios[f"{fastest.split()[1]} vs fp32 (target)"] >= 1.5
+              and equal_loss}
     if a.json:
         print(json.dumps(result))
         return
@@ -168,6 +172,10 @@ def main() -> None:
               f"{r['train_loss']:12.4f}{r['val_loss']:10.4f}")
     for what, value in ratios.items():
         print(f"monotile / transformers tokens/s, {what}: {value:.2f}x")
+    target = ratios[f"{fastest.split()[1]} vs fp32 (target)"]
+    print(f"target >= 1.5x at equal loss after equal steps: "
+          f"{'met' if target >= 1.5 and equal_loss else 'NOT met'} ({target:.2f}x; val loss "
+          f"{rows[fastest]['val_loss']:.4f} against {rows['transformers fp32']['val_loss']:.4f})")
     if len(dtypes) == 1:
         print("(no bf16 rows: this CPU has neither AVX512-BF16 nor AMX)")
 
