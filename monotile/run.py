@@ -155,7 +155,8 @@ class Run:
 
     def embed(self, texts: list[str], batch_size: int = 32) -> torch.Tensor:
         """(N, d) unit-length sentence embeddings of `texts` (encoder runs, e.g. MiniLM)."""
-        self.model.eval()
+        if self.model.training:  # eval() walks every module: 1 ms a call, a tenth of a sentence
+            self.model.eval()
         return self.task.embed(self.model, list(texts), batch_size=batch_size)
 
     @property
@@ -166,6 +167,14 @@ class Run:
         """What the task makes of `inputs` (image files -> top-k classes, prompts -> text)."""
         self.model.eval()
         return self.task.predict(self.model, inputs, **options)
+
+    def optimize_for_inference(self) -> "Run":
+        """Pack the model's linear layers for oneDNN's CPU kernels (infer/packed.py: ~1.8x faster
+        decoding at batch 1) and keep it in eval mode; the run can no longer be trained. A no-op
+        on GPUs. Returns the run."""
+        from .infer.packed import pack_linears
+        pack_linears(self.model)
+        return self
 
     def parameters(self) -> int:
         return count_parameters(self.model)

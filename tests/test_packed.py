@@ -1,0 +1,78 @@
+"""oneDNN-packed linear layers for CPU inference: the same products, the same tokens, the same
+saved weights."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import monotile
+from monotile.infer.generate import Sampling, generate_ids
+from monotile.infer.packed import PackedLinear, pack_linears, packing_available
+
+pytestmark = pytest.mark.skipif(not packing_available("cpu", torch.float32),
+                                reason="this PyTorch build has no oneDNN")
+
+
+def test_a_packed_layer_computes_x_w_transpose_plus_b():
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 40)
+    packed = PackedLinear.from_linear(linear).eval()
+    for x in (torch.randn(1, 96), torch.randn(2, 5, 96), torch.randn(4, 192)[:, ::2]):
+        torch.testing.assert_close(packed(x), x @ linear.weight.T + linear.bias,
+                                   atol=1e-5, rtol=1e-5)
+    assert torch.equal(packed.weight, linear.weight.detach())
+    no_bias = PackedLinear.from_linear(nn.Linear(96, 40, bias=False)).eval()
+    assert no_bias(torch.randn(3, 96)).shape == (3, 40)
+
+
+@pytest.mark.skipif(not packing_available("cpu", torch.bfloat16),
+                    reason="this CPU has no bf16 instructions")
+def test_a_packed_bf16_layer_matches_the_bf16_product():
+    torch.manual_seed(0)
+    linear = nn.Linear(128, 64).to(torch.bfloat16)
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    out = PackedLinear.from_linear(linear).eval()(x)
+    assert out.dtype == torch.bfloat16
+    # both accumulate in fp32 and round once to bf16: within one bf16 step of each other
+    torch.testing.assert_close(out, F.linear(x, linear.weight, linear.bias), atol=0.05,
+                               rtol=2 ** -7)
+
+
+def test_a_packed_model_decodes_the_same_tokens_and_saves_the_same_weights(tiny_run):
+    model = copy.deepcopy(tiny_run.model).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    prompt = torch.randint(0, model.trunk.cfg.vocab_size, (2, 7))
+    with torch.no_grad():
+        logits = model(prompt)
+    greedy = Sampling(temperature=0.0)
+    tokens = torch.stack(list(generate_ids(model, prompt, 24, greedy)))
+    names = pack_linears(model)
+    assert "head" in names and all(not isinstance(m, nn.Linear) for m in model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(model(prompt), logits, atol=1e-4, rtol=1e-4)
+    assert torch.equal(torch.stack(list(generate_ids(model, prompt, 24, greedy))), tokens)
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    fresh = copy.deepcopy(tiny_run.model)
+    fresh.load_state_dict(after)  # a packed model's weights load into a plain one
+    again = copy.deepcopy(model)  # and a packed model copies
+    again.load_state_dict(before)
+    with torch.no_grad():
+        torch.testing.assert_close(again(prompt), logits, atol=1e-4, rtol=1e-4)
+    model.train()
+    with pytest.raises(RuntimeError, match="for inference"):
+        model(prompt)
+
+
+def test_a_run_optimized_for_inference_generates_what_it_did(tiny_run):
+    run = monotile.load(tiny_run.dir)
+    text = run.generate("ROMEO:", max_new_tokens=40, temperature=0.0)
+    assert run.optimize_for_inference() is run
+    assert any(isinstance(m, PackedLinear) for m in run.model.modules())
+    assert run.generate("ROMEO:", max_new_tokens=40, temperature=0.0) == text
