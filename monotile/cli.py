@@ -79,6 +79,9 @@ def _parser() -> argparse.ArgumentParser:
                    "prompt")
     g.add_argument("--raw", action="store_true", help="chat runs: continue the prompt as plain "
                    "text instead of answering it through the chat template")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="weights while decoding: bfloat16 reads half the bytes a token "
+                   "(~1.6x faster on CPU, logits within ~0.04)")
     g.add_argument("--checkpoint", default="last", choices=["last", "best"])
     g.add_argument("--json", action="store_true")
 
@@ -359,7 +362,7 @@ def unescape(text: str) -> str:
 
 def _cmd_generate(a) -> None:
     from .run import load
-    run = load(a.run, checkpoint=a.checkpoint).optimize_for_inference()
+    run = load(a.run, checkpoint=a.checkpoint).optimize_for_inference(a.dtype)
     a.prompt = unescape(a.prompt)
     stop = [unescape(s) for s in a.stop] if a.stop else None
     options = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,

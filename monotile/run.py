@@ -168,11 +168,17 @@ class Run:
         self.model.eval()
         return self.task.predict(self.model, inputs, **options)
 
-    def optimize_for_inference(self) -> "Run":
-        """Pack the model's linear layers for oneDNN's CPU kernels (infer/packed.py: ~1.8x faster
-        decoding at batch 1) and keep it in eval mode; the run can no longer be trained. A no-op
-        on GPUs. Returns the run."""
+    def optimize_for_inference(self, dtype: str = "float32") -> "Run":
+        """Cast the weights to `dtype` ("float32" or "bfloat16": half the bytes to read a token,
+        logits within ~0.04 of fp32's), pack the linear layers for oneDNN's CPU kernels
+        (infer/packed.py: ~1.7x faster decoding at batch 1) and keep the model in eval mode; the
+        run can no longer be trained. Packing is skipped on GPUs. Returns the run."""
         from .infer.packed import pack_linears
+        dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+        if dtype not in dtypes:
+            raise ConfigError(f"dtype={dtype!r} is invalid for inference: choose "
+                              f"{' or '.join(dtypes)}")
+        self.model.to(dtypes[dtype])
         pack_linears(self.model)
         return self
 

@@ -4,6 +4,7 @@ saved weights."""
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -13,6 +14,8 @@ from torch import nn
 import monotile
 from monotile.infer.generate import Sampling, generate_ids
 from monotile.infer.packed import PackedLinear, pack_linears, packing_available
+
+from conftest import cli
 
 pytestmark = pytest.mark.skipif(not packing_available("cpu", torch.float32),
                                 reason="this PyTorch build has no oneDNN")
@@ -76,3 +79,18 @@ def test_a_run_optimized_for_inference_generates_what_it_did(tiny_run):
     assert run.optimize_for_inference() is run
     assert any(isinstance(m, PackedLinear) for m in run.model.modules())
     assert run.generate("ROMEO:", max_new_tokens=40, temperature=0.0) == text
+
+
+@pytest.mark.skipif(not packing_available("cpu", torch.bfloat16),
+                    reason="this CPU has no bf16 instructions")
+def test_generate_decodes_with_bf16_weights_and_refuses_other_dtypes(tiny_run):
+    done = cli("generate", str(tiny_run.dir), "--prompt", "ROMEO:", "--max-new-tokens", "30",
+               "--temperature", "0", "--dtype", "bfloat16", "--json")
+    assert done.returncode == 0, done.stderr
+    assert len(json.loads(done.stdout)["text"]) > 0
+    run = monotile.load(tiny_run.dir).optimize_for_inference("bfloat16")
+    assert run.model.head.dtype == torch.bfloat16
+    bad = cli("generate", str(tiny_run.dir), "--prompt", "x", "--dtype", "float16")
+    assert bad.returncode == 2 and "float16" in bad.stderr
+    with pytest.raises(monotile.errors.ConfigError, match="choose float32 or bfloat16"):
+        monotile.load(tiny_run.dir).optimize_for_inference("int4")
