@@ -156,7 +156,8 @@ def _parser() -> argparse.ArgumentParser:
 
     im = sub.add_parser("import", help="a run from a Hugging Face model folder")
     im.add_argument("format", choices=["hf"])
-    im.add_argument("src", metavar="DIR", help="config.json, model.safetensors, tokenizer.json")
+    im.add_argument("src", metavar="DIR", help="config.json, model.safetensors, and "
+                    "tokenizer.json or vocab.txt (text) or preprocessor_config.json (ViT)")
     im.add_argument("--out", help="the run directory to create (default runs/<DIR's name>)")
     im.add_argument("--json", action="store_true")
     ex = sub.add_parser("export", help="a Hugging Face model folder from a run")

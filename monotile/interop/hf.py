@@ -1,16 +1,21 @@
-"""Hugging Face checkpoints in and out: config.json + model.safetensors + tokenizer.json.
+"""Hugging Face checkpoints in and out: config.json + model.safetensors + tokenizer.json (or a
+WordPiece vocab.txt).
 
     monotile import hf DIR --out RUN        monotile export hf RUN --out DIR
 
 Supported: GPT-2 (`gpt2`), the Llama family (`llama`, `mistral`, `qwen2`: RoPE with its
 linear or llama3 scaling, grouped-query attention, SwiGLU, RMSNorm, tied or untied heads, Qwen2's
-q/k/v biases) and BERT-family encoders (`bert`, which MiniLM is: post-norm blocks, absolute
-positions, token types; imported as a sentence-embedding run). Anything else, or a setting
+q/k/v biases), BERT-family encoders (`bert`, which MiniLM is: post-norm blocks, absolute
+positions, token types; imported as a sentence-embedding run) and ViT image classifiers (`vit`,
+ViTForImageClassification: imported as a vision run, with its labels and pixel statistics from
+config.json and preprocessor_config.json). Anything else, or a setting
 of these that the trunk does not have, is refused by name before anything is written; a
 checkpoint is never half-loaded.
 
 The names and layouts differ; the numbers do not:
 - GPT-2 stores its projections as Conv1D, weight (in, out): ours are nn.Linear, (out, in).
+- ViT embeds patches with Conv2d(C, d, p, stride=p); ours is the same map as nn.Linear on
+  patchify()'s flattened patches, weight = conv.weight.flatten(1).
 - Llama's q_proj, k_proj, v_proj are one fused qkv here (rows q | k | v).
 - Llama rotates the pairs (x_j, x_{j+d/2}) of each head ("rotate_half"); monotile rotates
   (x_2j, x_2j+1). The same rotation after permuting each head's rows of Wq and Wk:
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -35,7 +41,7 @@ from ..train.checkpoint import atomic_write_json, load_tensors, save_tensors
 from ..train.trainer import TrainConfig
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
-SUPPORTED = ("gpt2",) + LLAMA_FAMILY + ("bert",)
+SUPPORTED = ("gpt2",) + LLAMA_FAMILY + ("bert", "vit")
 
 
 # ---- reading a Hugging Face folder -------------------------------------------------------------
@@ -99,6 +105,8 @@ def model_config(config: dict) -> ModelConfig:
             norm="layernorm", norm_eps=config.get("layer_norm_epsilon", 1e-5), mlp=mlp,
             positions="learned", bias=True, tie_embeddings=config.get("tie_word_embeddings",
                                                                       True))
+    if kind == "vit":
+        return _vit_config(config)
     if kind == "bert":
         if config.get("position_embedding_type", "absolute") != "absolute":
             raise ConfigError(f"position_embedding_type={config['position_embedding_type']!r} "
@@ -138,6 +146,60 @@ def model_config(config: dict) -> ModelConfig:
         tie_embeddings=config.get("tie_word_embeddings", False))
 
 
+def _square(config: dict, key: str) -> int:
+    value = config[key]
+    if isinstance(value, (list, tuple)):
+        if len(set(value)) != 1:
+            raise ConfigError(f"{key}={value} is not square; the vision model takes square "
+                              "images and patches")
+        value = value[0]
+    return int(value)
+
+
+def _vit_config(config: dict) -> ModelConfig:
+    act = config.get("hidden_act", "gelu")
+    mlp = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}.get(act)
+    if mlp is None:
+        raise ConfigError(f"hidden_act={act!r} is not supported")
+    size, patch = _square(config, "image_size"), _square(config, "patch_size")
+    if size % patch:
+        raise ConfigError(f"patch_size={patch} does not divide image_size={size}")
+    return ModelConfig(
+        vocab_size=0, n_layer=config["num_hidden_layers"], n_head=config["num_attention_heads"],
+        d_model=config["hidden_size"], d_ff=config["intermediate_size"],
+        context=(size // patch) ** 2 + 1, norm="layernorm",
+        norm_eps=config.get("layer_norm_eps", 1e-12), mlp=mlp, positions="none", bias=True,
+        qkv_bias=bool(config.get("qkv_bias", True)), tie_embeddings=False)
+
+
+def _vision_config(config: dict, src: Path):
+    """Our VisionConfig for a ViT: image size, channels and patches from config.json, class
+    names from id2label, pixel mean and std from preprocessor_config.json (x / 255 - mean) / std,
+    as transformers' ViTImageProcessor normalises."""
+    from ..modalities.vision import VisionConfig
+    channels = config.get("num_channels", 3)
+    if channels not in (1, 3):
+        raise ConfigError(f"num_channels={channels} is not supported (1 or 3)")
+    n = len(config.get("id2label") or {})
+    if n < 2:
+        raise ConfigError("config.json names fewer than 2 classes (id2label); import takes an "
+                          "image classifier (ViTForImageClassification)")
+    labels = tuple(str(config["id2label"][str(i)]) for i in range(n))
+    pre = src / "preprocessor_config.json"
+    proc = json.loads(pre.read_text(encoding="utf-8")) if pre.is_file() else {}
+    mean, std = proc.get("image_mean", [0.5] * 3), proc.get("image_std", [0.5] * 3)
+    if not proc.get("do_normalize", True):
+        mean, std = [0.0] * 3, [1.0] * 3
+    if proc.get("do_rescale", True) is False or abs(proc.get("rescale_factor", 1 / 255)
+                                                   - 1 / 255) > 1e-9:
+        raise ConfigError("preprocessor_config.json rescales pixels other than by 1/255; "
+                          "monotile reads 8-bit images and divides by 255")
+    mean, std = [float(m) for m in mean][:channels], [float(x) for x in std][:channels]
+    return VisionConfig(data="", image_size=_square(config, "image_size"), channels=channels,
+                        patch_size=_square(config, "patch_size"), stem="patch", pool="cls",
+                        labels=labels, mean=tuple(mean), std=tuple(std))
+
+
 # ---- the rotate-half permutation ---------------------------------------------------------------
 
 def _half_to_pairs(w: torch.Tensor, heads: int) -> torch.Tensor:
@@ -172,6 +234,8 @@ def to_monotile(kind: str, cfg: ModelConfig, tensors: dict) -> dict[str, torch.T
     d, L, V, hd = cfg.d_model, cfg.n_layer, cfg.vocab_size, cfg.head_dim
     if kind == "bert":
         return _bert_in(cfg, t)
+    if kind == "vit":
+        return _vit_in(cfg, t)
     if kind == "gpt2":
         p = "transformer." if any(k.startswith("transformer.") for k in t) else ""
         out["tok_emb.weight"] = _take(t, f"{p}wte.weight", (V, d))
@@ -261,6 +325,66 @@ def _bert_in(cfg: ModelConfig, t: dict) -> dict[str, torch.Tensor]:
     return out
 
 
+VIT_LAYER = (("norm1", "layernorm_before"), ("attn.wo", "attention.output.dense"),
+             ("norm2", "layernorm_after"), ("mlp.fc1", "intermediate.dense"),
+             ("mlp.fc2", "output.dense"))
+
+
+def _vit_in(cfg: ModelConfig, t: dict) -> dict[str, torch.Tensor]:
+    if "classifier.weight" not in t:
+        raise CheckpointError("tensor 'classifier.weight' is missing from the checkpoint; "
+                              "import takes an image classifier (ViTForImageClassification), "
+                              "not a bare ViTModel")
+    d, out, e = cfg.d_model, {}, "vit.embeddings."
+    conv = _take(t, e + "patch_embeddings.projection.weight")
+    if conv.dim() != 4 or conv.size(0) != d or conv.size(2) != conv.size(3):
+        raise CheckpointError(f"tensor '{e}patch_embeddings.projection.weight' has shape "
+                              f"{tuple(conv.shape)}, the config implies ({d}, C, p, p)")
+    out["patch_emb.proj.weight"] = conv.flatten(1)  # patchify's channel-major patches
+    out["patch_emb.proj.bias"] = _take(t, e + "patch_embeddings.projection.bias", (d,))
+    out["cls_token"] = _take(t, e + "cls_token", (1, 1, d))
+    out["pos_emb"] = _take(t, e + "position_embeddings", (1, cfg.context, d))
+    qkv = ("bias", "weight") if cfg.qkv_bias else ("weight",)
+    for i in range(cfg.n_layer):
+        h, b = f"vit.encoder.layer.{i}.", f"trunk.blocks.{i}."
+        for part in qkv:
+            shape = (d, d) if part == "weight" else (d,)
+            out[b + f"attn.qkv.{part}"] = torch.cat(
+                [_take(t, h + f"attention.attention.{x}.{part}", shape)
+                 for x in ("query", "key", "value")])
+        for part in ("weight", "bias"):
+            for ours, theirs in VIT_LAYER:
+                out[b + f"{ours}.{part}"] = _take(t, h + f"{theirs}.{part}")
+    out["trunk.norm.weight"] = _take(t, "vit.layernorm.weight", (d,))
+    out["trunk.norm.bias"] = _take(t, "vit.layernorm.bias", (d,))
+    out["head.weight"] = _take(t, "classifier.weight")
+    out["head.bias"] = _take(t, "classifier.bias", (out["head.weight"].size(0),))
+    if t:
+        raise CheckpointError(f"unexpected tensor {sorted(t)[0]!r} in the checkpoint; this "
+                              "model has parts the ViT here does not, so it is not imported")
+    return out
+
+
+def _vit_out(cfg: ModelConfig, sd: dict, channels: int, patch: int) -> dict[str, torch.Tensor]:
+    d, e = cfg.d_model, "vit.embeddings."
+    out = {e + "patch_embeddings.projection.weight":
+           sd["patch_emb.proj.weight"].reshape(d, channels, patch, patch),
+           e + "patch_embeddings.projection.bias": sd["patch_emb.proj.bias"],
+           e + "cls_token": sd["cls_token"], e + "position_embeddings": sd["pos_emb"]}
+    for i in range(cfg.n_layer):
+        h, b = f"vit.encoder.layer.{i}.", f"trunk.blocks.{i}."
+        for part in ("weight", "bias"):
+            if b + f"attn.qkv.{part}" in sd:
+                for x, chunk in zip(("query", "key", "value"), sd[b + f"attn.qkv.{part}"].split(d)):
+                    out[h + f"attention.attention.{x}.{part}"] = chunk
+            for ours, theirs in VIT_LAYER:
+                out[h + f"{theirs}.{part}"] = sd[b + f"{ours}.{part}"]
+    out["vit.layernorm.weight"], out["vit.layernorm.bias"] = sd["trunk.norm.weight"], \
+        sd["trunk.norm.bias"]
+    out["classifier.weight"], out["classifier.bias"] = sd["head.weight"], sd["head.bias"]
+    return out
+
+
 def _bert_out(cfg: ModelConfig, sd: dict) -> dict[str, torch.Tensor]:
     d, out = cfg.d_model, {}
     out["embeddings.word_embeddings.weight"] = sd["tok_emb.weight"]
@@ -289,6 +413,8 @@ def import_hf(src: str | Path, out: str | Path) -> Path:
     src = Path(src)
     config, tensors = read_hf_dir(src)
     cfg = model_config(config)
+    if config["model_type"] == "vit":
+        return _import_vit(src, config, cfg, tensors, out)
     weights = to_monotile(config["model_type"], cfg, tensors)
     encoder = config["model_type"] == "bert"
     text_cfg = TextConfig(tokenizer="hf")
@@ -309,34 +435,120 @@ def import_hf(src: str | Path, out: str | Path) -> Path:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"the converted weights do not fit the model: {e}") from None
-    tok_path = src / "tokenizer.json"
-    if not tok_path.is_file():
-        raise CheckpointError(f"{src} has no tokenizer.json; save the tokenizer beside the "
-                              "weights (tokenizer.save_pretrained(DIR)) and import again")
-    tokenizer = Tokenizer.load(tok_path)
-    if tokenizer.vocab_size > cfg.vocab_size:
-        raise CheckpointError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model "
-                              f"only {cfg.vocab_size}; they do not belong together")
-    meta = {"monotile_version": __version__, "task": "text", "preset": None}
-    doc = {**_config_json(meta, {"model": cfg, "train": TrainConfig(), "text": text_cfg}),
-           "imported": {"from": str(src.resolve()), "model_type": config["model_type"]}}
-    return write_weights_run(_new_run_dir(out, src.name), doc, model, tok_path)
+    out = _new_run_dir(out, src.name)  # refused now if it holds a run
+    with tempfile.TemporaryDirectory() as tmp:
+        tok_path = tokenizer_file(src, Path(tmp))
+        tokenizer = Tokenizer.load(tok_path)
+        if tokenizer.vocab_size > cfg.vocab_size:
+            raise CheckpointError(f"the tokenizer has {tokenizer.vocab_size} tokens but the "
+                                  f"model only {cfg.vocab_size}; they do not belong together")
+        meta = {"monotile_version": __version__, "task": "text", "preset": None}
+        doc = {**_config_json(meta, {"model": cfg, "train": TrainConfig(), "text": text_cfg}),
+               "imported": {"from": str(src.resolve()), "model_type": config["model_type"]}}
+        return write_weights_run(out, doc, model, tok_path)
+
+
+def tokenizer_file(src: Path, tmp: Path) -> Path:
+    """The folder's tokenizer.json; or, from a BERT-style vocab.txt alone, the WordPiece
+    tokenizer transformers' BertTokenizerFast builds from it (BERT's normaliser with the
+    tokenizer_config.json's lowercasing and accent stripping, [CLS] A [SEP]), saved in tmp."""
+    if (src / "tokenizer.json").is_file():
+        return src / "tokenizer.json"
+    if not (src / "vocab.txt").is_file():
+        raise CheckpointError(f"{src} has no tokenizer.json (nor a WordPiece vocab.txt); save "
+                              "the tokenizer beside the weights (tokenizer.save_pretrained(DIR)) "
+                              "and import again")
+    from tokenizers import BertWordPieceTokenizer
+    settings = src / "tokenizer_config.json"
+    settings = json.loads(settings.read_text(encoding="utf-8")) if settings.is_file() else {}
+    tok = BertWordPieceTokenizer(
+        str(src / "vocab.txt"), lowercase=settings.get("do_lower_case", True),
+        strip_accents=settings.get("strip_accents"),
+        handle_chinese_chars=settings.get("tokenize_chinese_chars", True),
+        unk_token=settings.get("unk_token", "[UNK]"), sep_token=settings.get("sep_token", "[SEP]"),
+        cls_token=settings.get("cls_token", "[CLS]"), pad_token=settings.get("pad_token", "[PAD]"),
+        mask_token=settings.get("mask_token", "[MASK]"))
+    tok.save(str(tmp / "tokenizer.json"))
+    return tmp / "tokenizer.json"
+
+
+def _import_vit(src: Path, config: dict, cfg: ModelConfig, tensors: dict, out) -> Path:
+    from ..modalities.vision import VisionTask
+    from ..run import _config_json, _new_run_dir, write_weights_run
+    out = _new_run_dir(out, src.name)  # refused now if it holds a run
+    vision = _vision_config(config, src)
+    weights = to_monotile("vit", cfg, tensors)
+    if weights["head.weight"].shape != (len(vision.labels), cfg.d_model):
+        raise CheckpointError(f"tensor 'classifier.weight' has shape "
+                              f"{tuple(weights['head.weight'].shape)}, the config implies "
+                              f"{(len(vision.labels), cfg.d_model)} ({len(vision.labels)} "
+                              "labels in id2label)")
+    model = VisionTask(vision).build_model(cfg)
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"the converted weights do not fit the model: {e}") from None
+    meta = {"monotile_version": __version__, "task": "vision", "preset": None}
+    doc = {**_config_json(meta, {"model": cfg, "train": TrainConfig(), "vision": vision}),
+           "imported": {"from": str(src.resolve()), "model_type": "vit"}}
+    return write_weights_run(out, doc, model)
+
+
+def _export_vit(run, out: Path) -> Path:
+    """A ViTForImageClassification folder with its preprocessor_config.json."""
+    cfg, vision = run.configs["model"], run.configs["vision"]
+    shaped = (vision.stem == "patch" and vision.pool == "cls" and cfg.norm == "layernorm"
+              and cfg.norm_position == "pre" and cfg.mlp in ("gelu", "gelu_tanh") and cfg.bias)
+    if not shaped:
+        raise ConfigError(f"{run.dir}'s model is not ViT-shaped (a patch stem, a CLS token, "
+                          "pre-norm LayerNorm blocks with GELU and biases): stem="
+                          f"{vision.stem}, pool={vision.pool}, norm={cfg.norm}, mlp={cfg.mlp}; "
+                          "transformers' ViT cannot hold it")
+    sd = {k: v.detach().float() for k, v in run.model.state_dict().items()}
+    labels = list(vision.labels)
+    hf_config = {"model_type": "vit", "architectures": ["ViTForImageClassification"],
+                 "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layer,
+                 "num_attention_heads": cfg.n_head, "intermediate_size": cfg.hidden,
+                 "hidden_act": "gelu" if cfg.mlp == "gelu" else "gelu_new",
+                 "layer_norm_eps": cfg.norm_eps, "image_size": vision.image_size,
+                 "patch_size": vision.patch_size, "num_channels": vision.channels,
+                 "qkv_bias": cfg.qkv_bias is not False, "hidden_dropout_prob": 0.0,
+                 "attention_probs_dropout_prob": 0.0,
+                 "id2label": {str(i): name for i, name in enumerate(labels)},
+                 "label2id": {name: i for i, name in enumerate(labels)}}
+    processor = {"image_processor_type": "ViTImageProcessor", "do_resize": True,
+                 "size": {"height": vision.image_size, "width": vision.image_size},
+                 "resample": 2, "do_rescale": True, "rescale_factor": 1 / 255,
+                 "do_normalize": True, "image_mean": list(vision.mean),
+                 "image_std": list(vision.std)}
+    tensors = _vit_out(cfg, sd, vision.channels, vision.patch_size)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "config.json", {**hf_config, "torch_dtype": "float32"})
+    atomic_write_json(out / "preprocessor_config.json", processor)
+    save_tensors(out / "model.safetensors", {k: v.contiguous() for k, v in tensors.items()},
+                 {"format": "pt"})
+    return out
 
 
 # ---- weights out -------------------------------------------------------------------------------
 
 def export_hf(run_dir: str | Path, out: str | Path) -> Path:
     """A Hugging Face folder (config.json, model.safetensors, tokenizer.json) from a text run
-    whose trunk is GPT-2- or Llama-shaped; transformers loads it with from_pretrained."""
+    whose trunk is GPT-2-, Llama- or BERT-shaped, or a ViT vision run (with
+    preprocessor_config.json instead of a tokenizer); transformers loads it with
+    from_pretrained."""
     from ..run import load
     run = load(run_dir, device="cpu")
-    if run.meta["task"] != "text":
-        raise ConfigError(f"{run.dir} is a {run.meta['task']} run; export hf takes text runs")
-    cfg = run.configs["model"]
-    sd = {k: v.detach().float() for k, v in run.model.state_dict().items()}
     out = Path(out)
     if (out / "config.json").exists():
         raise ConfigError(f"{out} already holds a model; choose another --out")
+    if run.meta["task"] == "vision":
+        return _export_vit(run, out)
+    if run.meta["task"] != "text":
+        raise ConfigError(f"{run.dir} is a {run.meta['task']} run; export hf takes text and "
+                          "vision runs")
+    cfg = run.configs["model"]
+    sd = {k: v.detach().float() for k, v in run.model.state_dict().items()}
     d, L, H, Hkv = cfg.d_model, cfg.n_layer, cfg.n_head, cfg.kv_heads
     hd = cfg.head_dim
     gpt2 = (cfg.positions == "learned" and cfg.norm == "layernorm" and cfg.bias

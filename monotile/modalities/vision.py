@@ -464,6 +464,9 @@ class VisionTask:
 
     def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         if not self._splits:
+            if not self.config.data:
+                raise DataError("this run has no data of its own (it was imported); give "
+                                "images with --data FOLDER (a folder of class folders)")
             path = None if self.config.data in BUILTIN else find_data(self.config.data)
             self._set_splits(load_image_data(self.config, path))
         return self._splits[name]
