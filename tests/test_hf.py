@@ -308,7 +308,8 @@ def test_a_wordpiece_vocab_txt_alone_tokenizes_as_tokenizer_json_does(tmp_path):
     ours = Tokenizer.from_file(str(tmp_path / "run" / "tokenizer.json"))
     theirs = Tokenizer.from_file(str(minilm.get_model_path() / "tokenizer.json"))
     theirs.no_padding(), theirs.no_truncation()  # its file pads and cuts to 128: not ours to copy
-    sentences = varied_sentences() + ["Crème Brûlée à la CAFÉ", "東京は日本の首都です", "  tabs\tand\n"]
+    sentences = varied_sentences() + ["Crème Brûlée à la CAFÉ", "東京は日本の首都です",
+                                      "  tabs\tand\n"]
     for text in sentences:
         assert ours.encode(text).ids == theirs.encode(text).ids, text
     st = pytest.importorskip("sentence_transformers")
