@@ -1,7 +1,8 @@
 """Weight-only int8 against fp32 on a trained run: size, validation loss, decoding tokens/s.
 
 A trained run (default: train the shakespeare-char preset, ~2 min): its weights' bytes, its
-validation loss in fp32 and in int8 (target: at most 1 % worse), and greedy decoding with the
+validation loss in fp32, in int8 (target: at most 1 % worse) and with bf16 weights (what
+`monotile generate --dtype bfloat16` decodes with), and greedy decoding with the
 KV cache in both, alternating in one process. Decoding a model large enough for the weights'
 bytes to matter (GPT-2 small, against transformers and the bandwidth limit) is bench/decode.py.
 
@@ -52,11 +53,13 @@ def main() -> None:
     figures = quantize_run(run_dir, out / "int8")
     int8 = monotile.load(out / "int8")
     loss32, loss8 = fp32.evaluate()["val_loss"], int8.evaluate()["val_loss"]
+    loss16 = monotile.load(run_dir).optimize_for_inference("bfloat16").evaluate()["val_loss"]
     prompt = torch.tensor([fp32.task.encode_prompt("ROMEO:")])
     speed = decode_tokens_per_s({"fp32": fp32.model, "int8": int8.model}, prompt, a.tokens)
     result["run"] = {"run": str(run_dir), "bytes_fp32": figures["bytes_before"],
                      "bytes_int8": figures["bytes_after"], "val_loss_fp32": loss32,
                      "val_loss_int8": loss8, "relative_change": (loss8 - loss32) / loss32,
+                     "val_loss_bf16_weights": loss16,
                      "tokens_per_s_fp32": speed["fp32"], "tokens_per_s_int8": speed["int8"]}
     if a.json:
         print(json.dumps(result))
@@ -67,6 +70,7 @@ def main() -> None:
     print(f"  val loss fp32 {r['val_loss_fp32']:.4f}, int8 {r['val_loss_int8']:.4f} "
           f"({r['relative_change']:+.3%}; target within 1 %: "
           f"{'met' if abs(r['relative_change']) <= 0.01 else 'NOT met'})")
+    print(f"  val loss with bf16 weights {loss16:.4f} ({(loss16 - loss32) / loss32:+.3%})")
     print(f"  greedy decoding, batch 1: fp32 {r['tokens_per_s_fp32']:,.0f} tokens/s, int8 "
           f"{r['tokens_per_s_int8']:,.0f} ({r['tokens_per_s_int8'] / r['tokens_per_s_fp32']:.2f}x)")
 
