@@ -166,6 +166,25 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, help="the folder to write")
     ex.add_argument("--json", action="store_true")
 
+    sv = sub.add_parser("serve", help="serve runs over HTTP with OpenAI's API (and a "
+                        "playground page at /)")
+    sv.add_argument("runs", nargs="+", metavar="RUN", help="run directories; each is served "
+                    "under its folder's name, or NAME=RUN")
+    sv.add_argument("--host", default="127.0.0.1", help="the address to listen on "
+                    "(0.0.0.0 for every interface)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route "
+                    "but /health and the playground page")
+    sv.add_argument("--cors-origin", action="append", default=None, metavar="ORIGIN",
+                    help="allow browser calls from this origin (repeatable; off by default)")
+    sv.add_argument("--max-batch", type=int, default=16, help="sequences decoded together "
+                    "per text model")
+    sv.add_argument("--max-queue", type=int, default=64, help="generation requests waiting "
+                    "beyond the batch before new ones get 429")
+    sv.add_argument("--max-body-mb", type=float, default=25.0, help="the largest request body")
+    sv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="text models' weights (bfloat16: ~1.6x faster decoding on CPU)")
+
     sub.add_parser("data", help="which data sets are present, and where").add_argument(
         "--json", action="store_true")
     sub.add_parser("presets", help="list the named recipes").add_argument(
@@ -302,6 +321,34 @@ def _cmd_search(a) -> None:
     print(f"{found['documents']} documents ({how})")
     for r in found["results"]:
         print(f"{r['score']:.4f}  {r['where']}  {r['text'][:100]}")
+
+
+def _cmd_serve(a) -> None:
+    from pathlib import Path
+
+    from .serve.app import serve
+    names, paths = [], []
+    for item in a.runs:
+        name, sep, path = item.partition("=")
+        if not sep or Path(item).exists():
+            name, path = Path(item).resolve().name, item
+        if not (Path(path) / "config.json").is_file():
+            raise MonotileError(f"{path} is not a monotile run (no config.json); give run "
+                                "directories made by `monotile train` or `monotile import`")
+        names.append(name)
+        paths.append(path)
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise MonotileError(f"two runs would be served as {twice[0]!r}; name them: "
+                            f"monotile serve NAME1=RUN1 NAME2=RUN2")
+    for flag, value in (("--port", a.port), ("--max-batch", a.max_batch),
+                        ("--max-queue", a.max_queue), ("--max-body-mb", a.max_body_mb)):
+        if value <= 0 or (flag == "--port" and value > 65535):
+            raise MonotileError(f"{flag} {value} is invalid: give a positive number"
+                                + (" up to 65535" if flag == "--port" else ""))
+    serve(paths, names=names, host=a.host, port=a.port, api_key=a.api_key,
+          cors_origins=a.cors_origin, max_batch=a.max_batch, max_queue=a.max_queue,
+          max_body_mb=a.max_body_mb, dtype=a.dtype)
 
 
 def _cmd_import(a) -> None:
@@ -540,6 +587,7 @@ def _cmd_presets(a) -> None:
 
 COMMANDS = {"train": _cmd_train, "resume": _cmd_resume, "eval": _cmd_eval,
             "finetune": _cmd_finetune, "merge": _cmd_merge, "quantize": _cmd_quantize,
+            "serve": _cmd_serve,
             "import": _cmd_import, "export": _cmd_export, "embed": _cmd_embed,
             "search": _cmd_search,
             "generate": _cmd_generate, "predict": _cmd_predict, "data": _cmd_data,

@@ -152,12 +152,31 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
-    def update(self, pos: int, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v (B, Hkv, T, d) at positions pos..pos+T-1; return all keys/values so far."""
-        end = pos + k.size(2)
-        self.k[:, :, pos:end] = k
-        self.v[:, :, pos:end] = v
+    def update(self, pos, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v (B, Hkv, T, d) at positions pos..pos+T-1; return all keys/values so far.
+        With pos a (B,) tensor (T = 1), row b's key goes to its own position pos[b], and the
+        keys up to the largest position come back (the caller masks each row's tail)."""
+        if torch.is_tensor(pos):
+            rows = torch.arange(k.size(0), device=k.device)
+            self.k[rows, :, pos] = k[:, :, 0]
+            self.v[rows, :, pos] = v[:, :, 0]
+            end = int(pos.max()) + 1
+        else:
+            end = pos + k.size(2)
+            self.k[:, :, pos:end] = k
+            self.v[:, :, pos:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
+
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """A view of rows start..stop-1: writing to it writes to this cache."""
+        view = KVCache.__new__(KVCache)
+        view.k, view.v = self.k[start:stop], self.v[start:stop]
+        return view
+
+    def move_row(self, src: int, dst: int) -> None:
+        """Copy row src over row dst (a server compacting its batch when a request ends)."""
+        self.k[dst] = self.k[src]
+        self.v[dst] = self.v[src]
 
 
 class SelfAttention(nn.Module):

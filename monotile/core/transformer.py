@@ -154,9 +154,13 @@ class Transformer(nn.Module):
         self.rope = (rope_frequencies(cfg.head_dim, cfg.context, cfg.rope_theta, cfg.rope_scaling)
                      if cfg.positions == "rope" else None)
 
-    def forward(self, x, *, causal: bool = True, key_padding=None, cache=None, pos: int = 0):
+    def forward(self, x, *, causal: bool = True, key_padding=None, cache=None, pos=0):
         """x: (B, T, d) token embeddings; `cache` a list of KVCache (one per block) and `pos` the
-        absolute position of x[:, 0] when decoding step by step."""
+        absolute position of x[:, 0] when decoding step by step: an int for the whole batch, or
+        a (B,) tensor of each row's own position for one token per row (T = 1), as a server
+        batching requests of different lengths decodes them."""
+        if torch.is_tensor(pos):
+            return self._forward_rows(x, cache, pos)
         T = x.size(1)
         if (self.pos_emb is not None or self.rope is not None) and pos + T > self.cfg.context:
             raise ValueError(f"sequence of {pos + T} tokens exceeds the context {self.cfg.context}")
@@ -174,6 +178,29 @@ class Transformer(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(x, rope=rope, causal=causal, key_padding=key_padding,
                       cache=None if cache is None else cache[i], pos=pos)
+        return self.norm(x)
+
+    def _forward_rows(self, x, cache, pos: torch.Tensor):
+        """One token per row at its own position pos[b]: row b's query sees its keys 0..pos[b]
+        (a key mask instead of the causal one, since the rows' lengths differ)."""
+        if cache is None or x.size(1) != 1 or pos.shape != (x.size(0),):
+            raise ValueError("per-row positions take one token per row, a cache and pos (B,)")
+        if int(pos.max()) >= self.cfg.context:
+            raise ValueError(f"position {int(pos.max())} is past the context {self.cfg.context}")
+        pos = pos.to(x.device)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb[pos][:, None]
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
+        rope = None
+        if self.rope is not None:
+            if self.rope.device != x.device:
+                self.rope = self.rope.to(x.device)
+            rope = qkv_rotations(self.rope[pos], self.cfg.n_head + self.cfg.kv_heads,
+                                 self.cfg.kv_heads)[:, None]  # (B, 1, heads, d/2, 2)
+        seen = torch.arange(int(pos.max()) + 1, device=x.device)[None] <= pos[:, None]  # (B, Tk)
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope=rope, causal=False, key_padding=seen, cache=cache[i], pos=pos)
         return self.norm(x)
 
     def make_cache(self, batch: int, max_len: int | None = None, dtype=None) -> list[KVCache]:

@@ -51,6 +51,16 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return logits.scatter(1, seen, picked)
 
 
+def apply_presence_frequency(logits: torch.Tensor, counts: torch.Tensor, presence: float,
+                             frequency: float) -> torch.Tensor:
+    """OpenAI's penalties: l_j - c_j * frequency - [c_j > 0] * presence, with c_j the number of
+    times token j was generated so far. logits and counts: (..., V)."""
+    if presence == 0 and frequency == 0:
+        return logits
+    counts = counts.to(logits.dtype)
+    return logits - counts * frequency - (counts > 0).to(logits.dtype) * presence
+
+
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
     """Set every logit below the k-th largest of its row to -inf."""
     k = min(k, logits.size(-1))
@@ -119,3 +129,46 @@ def generate_ids(model, prompt: torch.Tensor, max_new_tokens: int, sampling: Sam
             yield token
     finally:
         model.train(was_training)
+
+
+class TextPieces:
+    """Token ids in, text pieces out, ending before the first stop string.
+
+    The text of all ids so far is decoded again at each token (a token may complete a
+    multi-byte character, or change how its neighbours decode), and the last
+    len(longest stop) - 1 characters are held back until they cannot begin a stop string."""
+
+    def __init__(self, decode, stop: list[str] | None = None):
+        self.decode, self.stop = decode, [s for s in (stop or []) if s]
+        self.ids: list[int] = []
+        self.sent = 0  # characters of the decoded text already given out
+        self.hold = max((len(s) for s in self.stop), default=1) - 1
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        """The new text that token `token` makes final ("" if none); sets .stopped at a stop."""
+        self.ids.append(int(token))
+        text = self.decode(self.ids)
+        if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
+            return ""
+        cut = min((i for i in (text.find(s, max(0, self.sent - self.hold)) for s in self.stop)
+                   if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped = True
+            piece = text[self.sent:cut] if cut > self.sent else ""
+            self.sent = max(self.sent, cut)
+            return piece
+        ready = len(text) - self.hold  # keep back what could be the start of a stop string
+        if ready > self.sent:
+            piece, self.sent = text[self.sent:ready], ready
+            return piece
+        return ""
+
+    def flush(self) -> str:
+        """What is left once generation ends without a stop string."""
+        if self.stopped:
+            return ""
+        text = self.decode(self.ids)
+        piece, self.sent = text[self.sent:], len(text)
+        return piece
+

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from ..core.transformer import ModelConfig, Transformer, init_weights
 from ..data import find_data, read_text
 from ..errors import ConfigError, DataError, MonotileError
-from ..infer.generate import Sampling, generate_ids
+from ..infer.generate import Sampling, TextPieces, generate_ids
 from ..tokenizers import Tokenizer
 from .chat import PLAIN_STOP, PLAIN_TEMPLATE, read_jsonl, render
 
@@ -317,30 +317,18 @@ class TextTask:
         """Yield the continuation of `prompt` as text pieces, ending before a stop string."""
         if max_new_tokens < 0:
             raise ConfigError(f"max_new_tokens={max_new_tokens} is invalid: it must be >= 0")
-        stop = [s for s in (stop or []) if s]
         ids = torch.tensor([self.encode_prompt(prompt)])
-        new: list[int] = []
-        sent = 0  # characters of the decoded continuation already yielded
-        hold = max((len(s) for s in stop), default=1) - 1
+        pieces = TextPieces(self.tokenizer.decode, stop)
         for token in generate_ids(model, ids, max_new_tokens, sampling, seed=seed,
                                   use_cache=use_cache):
-            new.append(int(token[0]))
-            text = self.tokenizer.decode(new)
-            if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
-                continue
-            cut = min((i for i in (text.find(s, max(0, sent - hold)) for s in stop) if i >= 0),
-                      default=-1)
-            if cut >= 0:
-                if cut > sent:
-                    yield text[sent:cut]
+            piece = pieces.push(int(token[0]))
+            if piece:
+                yield piece
+            if pieces.stopped:
                 return
-            ready = len(text) - hold  # keep back what could be the start of a stop string
-            if ready > sent:
-                yield text[sent:ready]
-                sent = ready
-        text = self.tokenizer.decode(new)
-        if len(text) > sent:
-            yield text[sent:]
+        piece = pieces.flush()
+        if piece:
+            yield piece
 
     def predict(self, model, inputs: list[str], **options) -> list[str]:
         return ["".join(self.stream(model, prompt, **options)) for prompt in inputs]
