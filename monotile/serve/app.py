@@ -110,6 +110,7 @@ class Models:
         self.dtype, self.max_batch, self.max_queue = dtype, max_batch, max_queue
         self.ready = threading.Event()
         self.failed: str | None = None
+        self.metrics: Metrics | None = None  # set by create_app
 
     def load_all(self) -> None:
         from ..run import load
@@ -123,9 +124,12 @@ class Models:
                     run.optimize_for_inference(self.dtype)
                 served.run, served.task = run, task
                 if task == "text":
+                    rows = self.metrics.batch_rows.labels(served.name)
+                    cancelled = self.metrics.cancelled.labels(served.name)
                     served.engine = Engine(run.model, run.task.tokenizer.decode,
                                            max_batch=self.max_batch, max_queue=self.max_queue,
-                                           name=served.name)
+                                           name=served.name, on_step=rows.observe,
+                                           on_cancel=cancelled.inc)
                 log.info("loaded %s (%s) from %s", served.name, task, served.path)
             self.ready.set()
         except Exception as e:  # reported by /health and the CLI
@@ -169,6 +173,11 @@ class Metrics:
         self.per_token = Histogram("monotile_time_per_output_token_seconds",
                                    "time between a stream's tokens", ["model"], registry=r,
                                    buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1))
+        self.batch_rows = Histogram("monotile_batch_rows", "sequences decoded together per "
+                                    "step", ["model"], registry=r,
+                                    buckets=(1, 2, 4, 8, 16, 32, 64))
+        self.cancelled = Counter("monotile_cancelled", "generations dropped because their "
+                                 "client went away", ["model"], registry=r)
         queue = Gauge("monotile_queue_depth", "generation requests waiting", ["model"],
                       registry=r)
         running = Gauge("monotile_running_sequences", "sequences in the running batch",
@@ -255,7 +264,7 @@ def create_app(paths: list[str | Path], *, names: list[str] | None = None,
     paths = [Path(p) for p in paths]
     names = names or [p.resolve().name for p in paths]
     models = Models(paths, names, dtype=dtype, max_batch=max_batch, max_queue=max_queue)
-    metrics = Metrics(models)
+    metrics = models.metrics = Metrics(models)
 
     from contextlib import asynccontextmanager
 
@@ -531,8 +540,8 @@ class Generation:
                  stops: list[str], *, logprobs: int | None, chat: bool):
         self.served, self.metrics, self.body, self.stops = served, metrics, body, stops
         self.logprobs, self.chat = logprobs, chat
-        context = served.run.configs["model"].context
-        self.max_tokens = context if max_tokens is None else max_tokens
+        self.context = served.run.configs["model"].context
+        self.max_tokens = max_tokens  # None: up to the context
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
         self.queue: asyncio.Queue = asyncio.Queue()
@@ -548,14 +557,20 @@ class Generation:
         for i, ids in enumerate(prompts):
             def emit(event, i=i):
                 loop.call_soon_threadsafe(self.queue.put_nowait, (i, event))
-            jobs.append(Job(ids, self.max_tokens, sampling, emit, presence=b.presence_penalty,
+            limit = self.context - len(ids) if self.max_tokens is None else self.max_tokens
+            if len(ids) + limit > self.context:  # as OpenAI answers it
+                raise ApiError(400, f"this model's context is {self.context} tokens; the prompt "
+                               f"has {len(ids)} and max_tokens asks for {limit} more: lower "
+                               f"max_tokens to at most {self.context - len(ids)}",
+                               param="max_tokens", code="context_length_exceeded")
+            jobs.append(Job(ids, limit, sampling, emit, presence=b.presence_penalty,
                             frequency=b.frequency_penalty,
                             seed=None if b.seed is None else b.seed + i, stop=self.stops,
                             logprobs=self.logprobs))
         self.metrics.tokens.labels(self.served.name, "prompt").inc(
             sum(len(p) for p in {id(p): p for p in prompts}.values()))
-        if self.max_tokens == 0:  # nothing to generate: answer at once
-            for i, job in enumerate(jobs):
+        if all(job.max_tokens == 0 for job in jobs):  # nothing to generate: answer at once
+            for job in jobs:
                 job.emit({"type": "done", "finish_reason": "length",
                           "prompt_tokens": len(job.prompt), "completion_tokens": 0})
             return jobs

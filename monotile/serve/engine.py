@@ -65,8 +65,12 @@ class Engine:
     """A thread that owns `model` (a LanguageModel) and decodes all submitted jobs together."""
 
     def __init__(self, model, decode, *, max_batch: int = 16, max_queue: int = 64,
-                 name: str = "model"):
+                 name: str = "model", on_step: Callable[[int], None] | None = None,
+                 on_cancel: Callable[[], None] | None = None):
+        """`on_step(rows)` is called after each decoding step, `on_cancel()` for each request
+        dropped because its client went away (the server's metrics)."""
         self.model, self.decode = model.eval(), decode
+        self.on_step, self.on_cancel = on_step, on_cancel
         self.context = model.trunk.cfg.context
         self.vocab = model.trunk.cfg.vocab_size
         self.max_batch, self.max_queue = max_batch, max_queue
@@ -144,6 +148,8 @@ class Engine:
         pos = torch.tensor([row.pos for row in self.rows])
         logits = self.model(tokens, cache=[c.rows(0, n) for c in self.cache], pos=pos)[:, 0]
         self.steps += 1
+        if self.on_step:
+            self.on_step(n)
         done = []
         for i, row in enumerate(self.rows):
             row.pos += 1
@@ -161,6 +167,8 @@ class Engine:
         """Sample the row's next token from its logits (V,), emit it; True when the row ends."""
         job = row.job
         if job.cancelled:
+            if self.on_cancel:
+                self.on_cancel()
             return True
         logits = logits.float()
         shaped = apply_presence_frequency(logits, row.counts, job.presence, job.frequency)
