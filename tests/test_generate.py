@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from monotile.core.transformer import ModelConfig, init_weights
-from monotile.infer.generate import (Sampling, apply_repetition_penalty, generate_ids,
+from monotile.infer.generate import (Sampling, TextPieces, apply_presence_frequency,
+                                     apply_repetition_penalty, generate_ids,
                                      top_k_filter, top_p_filter)
 from monotile.modalities.text import LanguageModel
 
@@ -102,3 +103,27 @@ def test_sampling_equals_hugging_face_processors_applied_in_order():
     s = Sampling(temperature=0.7, top_k=10, top_p=0.8, repetition_penalty=1.3)
     ours = next_token(logits, seen, s, torch.Generator().manual_seed(5))
     assert torch.equal(ours, expected)
+
+
+def test_presence_and_frequency_penalties_follow_openais_formula():
+    logits = torch.tensor([[1.0, -2.0, 0.5, 3.0]])
+    counts = torch.tensor([[0, 2, 1, 5]])
+    out = apply_presence_frequency(logits, counts, presence=0.5, frequency=0.25)
+    # l_j - c_j * frequency - [c_j > 0] * presence, by hand
+    expected = torch.tensor([[1.0, -2.0 - 0.5 - 0.5, 0.5 - 0.25 - 0.5, 3.0 - 1.25 - 0.5]])
+    torch.testing.assert_close(out, expected)
+    assert apply_presence_frequency(logits, counts, 0.0, 0.0) is logits
+
+
+def test_text_pieces_hold_back_what_may_start_a_stop_string():
+    chars = list("hello world. bye")
+    pieces = TextPieces(lambda ids: "".join(chars[i] for i in ids), stop=["d. b"])
+    out = ""
+    for i in range(len(chars)):
+        out += pieces.push(i)
+        if pieces.stopped:
+            break
+    assert out == "hello worl" and pieces.stopped and pieces.flush() == ""
+    plain = TextPieces(lambda ids: "".join(chars[i] for i in ids))
+    assert "".join(plain.push(i) for i in range(5)) + plain.flush() == "hello"
+

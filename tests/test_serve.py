@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import json
 import os
 import re
 import socket
@@ -71,6 +72,12 @@ def runs(tmp_path_factory, tiny_run):
     out["long"] = monotile.train("text", "shakespeare-char", out=root / "long", quiet=True,
                                  data=tiny_run.configs["text"].data,
                                  overrides=dict(small, context="1024", batch_size="2")).dir
+    from monotile.modalities.chat import dialogues_from_script
+    records = dialogues_from_script(find_data("tinyshakespeare/input.txt").read_text(), 39)
+    (root / "dialogues.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:200]))
+    out["chat"] = monotile.train("text", "shakespeare-char", out=root / "chat", quiet=True,
+                                 data=root / "dialogues.jsonl",
+                                 overrides=dict(small, context="256", batch_size="2")).dir
     out["vision"] = monotile.train("vision", "digits", out=root / "vision", quiet=True,
                                    overrides=dict(small, ema="0")).dir
     out["speech"] = monotile.train("speech", "fsdd", out=root / "speech", quiet=True,
@@ -129,8 +136,8 @@ def test_health_is_open_and_everything_else_needs_the_key(server):
     wrong = httpx.get(server + "/v1/models", headers={"Authorization": "Bearer nope"})
     assert wrong.status_code == 401
     cards = {m["id"]: m["task"] for m in get(server, "/v1/models").json()["data"]}
-    assert cards == {"text": "text", "long": "text", "vision": "vision", "speech": "speech",
-                     "series": "series", "mini": "embedding"}
+    assert cards == {"text": "text", "long": "text", "chat": "text", "vision": "vision",
+                     "speech": "speech", "series": "series", "mini": "embedding"}
     schema = get(server, "/openapi.json").json()
     assert {"/v1/completions", "/v1/chat/completions", "/v1/embeddings",
             "/v1/audio/transcriptions", "/v1/images/classifications", "/v1/forecasts",
@@ -197,6 +204,18 @@ def test_chat_streams_through_the_plain_template(server, client, runs):
     finishes = [c.choices[0].finish_reason for c in with_choices]
     assert finishes[-1] in ("stop", "length") and not any(finishes[:-1])
     assert chunks[-1].usage.total_tokens == whole.usage.total_tokens
+
+
+def test_chat_uses_the_runs_own_template_and_stops(server, client, runs):
+    run = monotile.load(runs["chat"])
+    assert run.has_chat_template
+    messages = [{"role": "user", "content": "Who comes here?"}]
+    expected = run.chat(messages, max_new_tokens=40, temperature=0.0)
+    answer = client.chat.completions.create(model="chat", messages=messages, max_tokens=40,
+                                            temperature=0)
+    assert answer.choices[0].message.content == expected
+    card = next(m for m in get(server, "/v1/models").json()["data"] if m["id"] == "chat")
+    assert card["chat_template"] is True
 
 
 def test_n_stop_penalties_and_logprobs(server, client):

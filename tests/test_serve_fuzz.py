@@ -1,6 +1,7 @@
 """Fuzzing `monotile serve` from its own /openapi.json: schemathesis generates valid and invalid
 requests for every route (each with the API key), and none may get a 5xx or take the server down.
-"""
+The server bugs the fuzzing found are pinned below as strict xfails: each turns into a failure
+(XPASS) once fixed, as a reminder to drop its marker, and its exclusion from the fuzzing."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import collections
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis.errors import Unsatisfiable
 
 from test_serve import start_server, stop
 
@@ -23,9 +25,12 @@ EXCLUDED = [
     # kind, a prompt in the model's vocabulary and within its context, a readable upload
     schemathesis.checks.positive_data_acceptance,
     # /openapi.json documents 422 for a bad request, the server answers 400 (OpenAI's
-    # status): test_openapi_documents_the_statuses_the_server_answers below
+    # status): test_openapi_documents_the_400_the_server_answers
     schemathesis.checks.status_code_conformance,
 ]
+# near-zero sampling values overflow the logits to inf and the sampler fails (a 500):
+# test_near_zero_sampling_values_are_not_a_server_error
+NEAR_ZERO = ("temperature", "top_p", "repetition_penalty")
 
 
 @pytest.fixture(scope="module")
@@ -42,20 +47,36 @@ def api_schema(server):
     return schema
 
 
+def steer(body, mode: GenerationMode):
+    """Valid bodies that reach the generation code: the schema cannot say that `model` names the
+    served run, nor that a prompt needs characters of its vocabulary (else both are a 400)."""
+    if not isinstance(body, dict):
+        return body
+    if isinstance(body.get("model"), str):
+        body["model"] = "tiny"
+    if mode == GenerationMode.POSITIVE:
+        prompt = body.get("prompt")
+        if isinstance(prompt, str):
+            body["prompt"] = "ROMEO: " + prompt
+        elif isinstance(prompt, list):
+            body["prompt"] = ["ROMEO: " + p for p in prompt]
+        assume(not any(isinstance(body.get(k), float) and 0 < body[k] < 1e-6
+                       for k in NEAR_ZERO))
+    return body
+
+
 def fuzz(operation, mode: GenerationMode, seen: collections.Counter) -> None:
     """EXAMPLES requests of `mode` to `operation`; raises at the first one that fails a check."""
 
     @given(case=operation.as_strategy(generation_mode=mode))
-    @settings(max_examples=EXAMPLES, deadline=None, database=None,
+    @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
               suppress_health_check=list(HealthCheck))
     def one(case):
-        # a JSON body's `model` names the served run: the schema cannot say which names are
-        # served, and a made-up one is a 400 before any generation code runs
-        if isinstance(case.body, dict) and isinstance(case.body.get("model"), str):
-            case.body["model"] = "tiny"
+        case.body = steer(case.body, mode)
         response = case.call(headers=AUTH, timeout=60)
         seen[response.status_code] += 1
-        assert response.status_code < 500, f"{response.status_code}: {response.text[:500]}"
+        assert response.status_code < 500, \
+            f"{response.status_code}: {response.text[:500]}\n{case.as_curl_command()}"
         case.validate_response(response, headers=AUTH, excluded_checks=EXCLUDED)
 
     one()
@@ -70,8 +91,45 @@ def test_no_generated_request_gets_a_server_error(server, api_schema):
             seen[name] = collections.Counter()
             try:
                 fuzz(operation, mode, seen[name])
+            except Unsatisfiable:  # a GET without parameters: nothing invalid to send
+                pass
             except Exception as e:  # every route's first failure, not only the first route's
                 failures[name] = f"{type(e).__name__}: {e}"
     print("\n".join(f"{name}: {dict(statuses)}" for name, statuses in seen.items()))
     assert not failures, "\n\n".join(f"{name}\n{text}" for name, text in failures.items())
+    assert seen["POST /v1/completions (positive)"][200] > 0  # generation was reached
+    assert seen["POST /v1/chat/completions (positive)"][200] > 0
     assert httpx.get(f"{server}/health", timeout=10).status_code == 200
+    assert httpx.get(f"{server}/v1/models", headers=AUTH, timeout=10).status_code == 200
+
+
+# ---- what the fuzzing found ---------------------------------------------------------------
+
+@pytest.mark.xfail(strict=True, reason="Sampling divides the logits by a near-zero temperature "
+                   "or repetition penalty (inf, then nan), and top_p < 1.4e-45 rounds to 0 in "
+                   "float32 so top_p_filter drops every token: torch.multinomial raises")
+@pytest.mark.parametrize("extreme", [{"temperature": 1e-300}, {"repetition_penalty": 1e-300},
+                                     {"top_p": 5e-324}], ids=lambda d: next(iter(d)))
+def test_near_zero_sampling_values_are_not_a_server_error(server, extreme):
+    r = httpx.post(f"{server}/v1/completions", headers=AUTH, timeout=60,
+                   json={"model": "tiny", "prompt": "ROMEO:", "max_tokens": 3, **extreme})
+    assert r.status_code < 500, r.text
+
+
+@pytest.mark.xfail(strict=True, reason="the routes document 200 and FastAPI's 422; a bad "
+                   "request is answered 400 in OpenAI's shape (and 401, 413, 429, 503 too)")
+def test_openapi_documents_the_400_the_server_answers(server):
+    schema = httpx.get(f"{server}/openapi.json", headers=AUTH, timeout=10).json()
+    assert httpx.post(f"{server}/v1/completions", headers=AUTH, json={},
+                      timeout=10).status_code == 400
+    undocumented = [path for path, item in schema["paths"].items()
+                    if "post" in item and "400" not in item["post"]["responses"]]
+    assert not undocumented
+
+
+@pytest.mark.xfail(strict=True, reason="the 405 handler answers without the Allow header "
+                   "(RFC 9110 requires it): error_response drops the HTTPException's headers")
+def test_a_wrong_method_is_a_405_that_says_which_are_allowed(server):
+    r = httpx.request("TRACE", f"{server}/v1/models", headers=AUTH, timeout=10)
+    assert r.status_code == 405
+    assert r.headers.get("allow") == "GET"

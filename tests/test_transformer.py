@@ -66,3 +66,28 @@ def test_flops_per_token_matches_torch_flop_counter(style):
         F.cross_entropy(model(x).view(-1, 512), x.view(-1)).backward()
     counted = counter.get_total_flops() / x.numel()
     assert flops_per_token(cfg) == pytest.approx(counted, rel=0.05)
+
+
+@pytest.mark.parametrize("positions", ["learned", "rope"])
+def test_rows_at_their_own_positions_decode_as_each_row_alone(positions):
+    """A server's batch: rows of different lengths, one token each at its own position, give
+    the logits each sequence gives alone (and a finished row's place can be taken over)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=50, n_layer=2, n_head=4, n_kv_head=2, d_model=32, context=32,
+                      positions=positions)
+    model = LanguageModel(cfg).eval()
+    seqs = [torch.randint(0, 50, (n,)) for n in (5, 12, 3)]
+    cache = model.trunk.make_cache(4)
+    with torch.no_grad():
+        for b, s in enumerate(seqs):  # prefill each alone into its own row
+            model(s[None, :-1], cache=[c.rows(b, b + 1) for c in cache], pos=0)
+        for c in cache:  # the row 0 request ends: the last one moves into its place
+            c.move_row(2, 0)
+        seqs = [seqs[2], seqs[1]]
+        last = torch.stack([s[-1] for s in seqs])[:, None]
+        pos = torch.tensor([len(s) - 1 for s in seqs])
+        batched = model(last, cache=[c.rows(0, 2) for c in cache], pos=pos)[:, 0]
+        for b, s in enumerate(seqs):
+            torch.testing.assert_close(batched[b], model(s[None])[0, -1], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="past the context"):
+        model(last, cache=cache, pos=torch.tensor([32, 3]))
