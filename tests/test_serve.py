@@ -293,8 +293,12 @@ def test_a_client_that_goes_away_frees_its_row(server):
 
 
 def test_a_full_queue_answers_429_and_the_rest_are_served(runs):
-    proc, url = start_server(f"long={runs['long']}", "--max-batch", "1", "--max-queue", "1")
+    proc, url = start_server(f"long={runs['long']}", "--max-batch", "1", "--max-queue", "1",
+                             "--cors-origin", "http://example.org")
     try:
+        preflight = httpx.options(url + "/v1/completions", headers={
+            "Origin": "http://example.org", "Access-Control-Request-Method": "POST"})
+        assert preflight.headers["access-control-allow-origin"] == "http://example.org"
         def ask(i):
             return httpx.post(url + "/v1/completions", timeout=120, json={
                 "model": "long", "prompt": "ROMEO:", "max_tokens": 600, "seed": i})
@@ -308,6 +312,25 @@ def test_a_full_queue_answers_429_and_the_rest_are_served(runs):
         assert httpx.get(url + "/v1/models").status_code == 200
     finally:
         stop(proc)
+
+
+def test_cors_is_off_unless_asked_and_health_says_loading_before_ready(server, runs):
+    preflight = httpx.options(server + "/v1/completions", headers={
+        "Origin": "http://example.org", "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in preflight.headers
+    from starlette.testclient import TestClient
+
+    from monotile.serve.app import create_app
+    app = create_app([runs["text"]])
+    not_started = TestClient(app)  # no lifespan: the models never load
+    assert not_started.get("/health").status_code == 503
+    loading = not_started.get("/v1/models")
+    assert loading.status_code == 503 and loading.json()["error"]["code"] == "loading"
+    with TestClient(app) as started:
+        deadline = time.monotonic() + 60
+        while started.get("/health").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert started.get("/health").json()["status"] == "ok"
 
 
 def test_metrics_count_requests_tokens_and_latency(server, client):

@@ -27,6 +27,9 @@ EXCLUDED = [
     # /openapi.json documents 422 for a bad request, the server answers 400 (OpenAI's
     # status): test_openapi_documents_the_400_the_server_answers
     schemathesis.checks.status_code_conformance,
+    # pydantic's lax mode takes "3" or true for an integer, "yes" for a boolean, where the
+    # schema says integer or boolean: test_a_value_of_the_wrong_json_type_is_a_400
+    schemathesis.checks.negative_data_rejection,
 ]
 # near-zero sampling values overflow the logits to inf and the sampler fails (a 500):
 # test_near_zero_sampling_values_are_not_a_server_error
@@ -60,8 +63,7 @@ def steer(body, mode: GenerationMode):
             body["prompt"] = "ROMEO: " + prompt
         elif isinstance(prompt, list):
             body["prompt"] = ["ROMEO: " + p for p in prompt]
-        assume(not any(isinstance(body.get(k), float) and 0 < body[k] < 1e-6
-                       for k in NEAR_ZERO))
+    assume(not any(isinstance(body.get(k), float) and 0 < body[k] < 1e-6 for k in NEAR_ZERO))
     return body
 
 
@@ -125,6 +127,18 @@ def test_openapi_documents_the_400_the_server_answers(server):
     undocumented = [path for path, item in schema["paths"].items()
                     if "post" in item and "400" not in item["post"]["responses"]]
     assert not undocumented
+
+
+@pytest.mark.xfail(strict=True, reason="the bodies validate in pydantic's lax mode: "
+                   "numeric strings and booleans pass for integers (ConfigDict(strict=True) "
+                   "on schemas._Body would keep to the JSON types the schema documents)")
+@pytest.mark.parametrize("wrong", [{"max_tokens": "3"}, {"max_tokens": True},
+                                   {"stream": "yes"}, {"temperature": "0.5"}],
+                         ids=lambda d: f"{next(iter(d))}={next(iter(d.values()))!r}")
+def test_a_value_of_the_wrong_json_type_is_a_400(server, wrong):
+    r = httpx.post(f"{server}/v1/completions", headers=AUTH, timeout=60,
+                   json={"model": "tiny", "prompt": "ROMEO:", "max_tokens": 3, **wrong})
+    assert r.status_code == 400, r.text
 
 
 @pytest.mark.xfail(strict=True, reason="the 405 handler answers without the Allow header "
