@@ -166,6 +166,24 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, help="the folder to write")
     ex.add_argument("--json", action="store_true")
 
+    xp = sub.add_parser("explain", help="attention maps of a run on one input, or its budget "
+                        "of parameters, FLOPs and memory (--budget)")
+    xp.add_argument("run")
+    xp.add_argument("input", nargs="?", help="a prompt (text), an image or audio file, or a "
+                    "history CSV (series)")
+    xp.add_argument("--layer", type=int, default=None, help="attention layer (default: the "
+                    "last; negative counts from the end)")
+    xp.add_argument("--head", type=int, default=None, help="one head (default: their mean)")
+    xp.add_argument("--out", help="folder for the PNG (default RUN/plots)")
+    xp.add_argument("--top-k", type=int, default=5, help="text: next tokens shown per position")
+    xp.add_argument("--budget", action="store_true", help="a table of parameters, FLOPs per "
+                    "token and training memory per component, at fp32 and bf16")
+    xp.add_argument("--batch", type=int, default=None, help="budget: sequences per batch "
+                    "(default: the run's batch size)")
+    xp.add_argument("--context", type=int, default=None, help="budget: tokens per sequence "
+                    "(default: the model's context)")
+    xp.add_argument("--json", action="store_true")
+
     sv = sub.add_parser("serve", help="serve runs over HTTP with OpenAI's API (and a "
                         "playground page at /)")
     sv.add_argument("runs", nargs="+", metavar="RUN", help="run directories; each is served "
@@ -321,6 +339,35 @@ def _cmd_search(a) -> None:
     print(f"{found['documents']} documents ({how})")
     for r in found["results"]:
         print(f"{r['score']:.4f}  {r['where']}  {r['text'][:100]}")
+
+
+def _cmd_explain(a) -> None:
+    from .run import load
+    run = load(a.run)
+    if a.budget:
+        from .explain.budget import budget, format_budget
+        if a.input is not None:
+            raise MonotileError("--budget takes no input; drop the input, or drop --budget to "
+                                "draw attention maps")
+        b = budget(run, batch=a.batch, context=a.context)
+        return _emit(a, b, format_budget(b))
+    if a.input is None:
+        raise MonotileError("give an input to explain (a prompt, an image or audio file, or a "
+                            "history CSV), or --budget for the cost table")
+    if a.batch is not None or a.context is not None:
+        raise MonotileError("--batch and --context are for --budget")
+    from .explain.maps import explain
+    result = explain(run, unescape(a.input) if run.meta["task"] == "text" else a.input,
+                     layer=a.layer, head=a.head, out=a.out, top_k=a.top_k)
+    if a.json:
+        _print_json(result)
+        return
+    print(f"layer {result['layer']}, {result['head']}: {result['plot']}")
+    for row in result.get("next_tokens", []):
+        tops = "  ".join(f"{t['token']!s:>6} {t['probability']:.2f}" for t in row["top"])
+        print(f"  after {row['token']!s:>8}: {tops}")
+    if "label" in result:
+        print(f"  predicted {result['label']} ({result['probability']:.1%})")
 
 
 def _cmd_serve(a) -> None:
@@ -587,7 +634,7 @@ def _cmd_presets(a) -> None:
 
 COMMANDS = {"train": _cmd_train, "resume": _cmd_resume, "eval": _cmd_eval,
             "finetune": _cmd_finetune, "merge": _cmd_merge, "quantize": _cmd_quantize,
-            "serve": _cmd_serve,
+            "serve": _cmd_serve, "explain": _cmd_explain,
             "import": _cmd_import, "export": _cmd_export, "embed": _cmd_embed,
             "search": _cmd_search,
             "generate": _cmd_generate, "predict": _cmd_predict, "data": _cmd_data,

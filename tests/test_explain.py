@@ -1,0 +1,144 @@
+"""monotile explain: attention maps for each modality, and the budget of parameters, FLOPs and
+memory checked against PyTorch's FLOP counter and a real training step."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+import monotile
+from monotile.data import find_data
+from monotile.explain.budget import budget, sample_input
+from monotile.explain.maps import attention_weights
+from monotile.train.optim import make_optimizer
+
+from conftest import cli
+
+SMALL = {"n_layer": "2", "n_head": "2", "d_model": "32", "d_ff": "64", "max_steps": "2",
+         "eval_interval": "2", "log_interval": "1", "warmup_steps": "1", "seed": "0", "ema": "0"}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_run):
+    root = tmp_path_factory.mktemp("explain")
+    return {"text": monotile.load(tiny_run.dir),
+            "vision": monotile.train("vision", "digits", out=root / "vision", quiet=True,
+                                     overrides=SMALL),
+            "speech": monotile.train("speech", "fsdd", out=root / "speech", quiet=True,
+                                     overrides=dict(SMALL, batch_size="4")),
+            "series": monotile.train("series", "etth1", out=root / "series", quiet=True,
+                                     overrides=dict(SMALL, lookback="96", horizon="24",
+                                                    batch_size="8"))}
+
+
+def test_attention_weights_are_the_softmax_that_weighs_the_values():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
+    a = attention_weights(q, k, is_causal=True)
+    assert torch.allclose(a.sum(-1), torch.ones(2, 4, 5))
+    assert (a.triu(1) == 0).all()  # no query sees a later key
+    expected = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1),
+                                              v.repeat_interleave(2, 1), is_causal=True)
+    torch.testing.assert_close(a @ v.repeat_interleave(2, 1), expected)
+
+
+@pytest.mark.parametrize("kind", ["text", "vision", "speech", "series"])
+def test_the_budget_counts_the_flops_pytorch_counts(runs, kind):
+    run = runs[kind]
+    b = budget(run, batch=2)
+    args, T = sample_input(run, 2, None)
+    model = run.model
+    # FlopCounterMode has no formula for the CPU's fused attention kernel: use the written-out
+    # attention (the same products) so that it sees every multiplication
+    model.trunk.set_attention_impl("math")
+    try:
+        with FlopCounterMode(display=False) as forward, torch.no_grad():
+            model.eval()(*args)
+        with FlopCounterMode(display=False) as step:
+            out = model.train()(*args)
+            (out[0] if isinstance(out, tuple) else out).float().square().mean().backward()
+    finally:
+        model.trunk.set_attention_impl("sdpa")
+        model.zero_grad(set_to_none=True)
+    tokens = 2 * T
+    assert b["total"]["forward_flops"] == pytest.approx(forward.get_total_flops() / tokens,
+                                                        rel=0.05)
+    assert b["total"]["training_flops"] == pytest.approx(step.get_total_flops() / tokens,
+                                                         rel=0.05)
+
+
+@pytest.mark.parametrize("kind", ["text", "vision", "speech", "series"])
+def test_the_budget_holds_what_a_training_step_holds(runs, kind):
+    run = runs[kind]
+    b = budget(run, batch=8)
+    args, _ = sample_input(run, 8, None)
+    model = run.model.train()
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def keep(t):  # every tensor autograd keeps for backward, each storage once
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+    opt = make_optimizer(model, lr=1e-3, weight_decay=0.1, beta1=0.9, beta2=0.99)
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        out = model(*args)
+        loss = (out[0] if isinstance(out, tuple) else out).float().square().mean()
+    loss.backward()
+    opt.step()
+    held = {"weights": sum(p.numel() * 4 for p in model.parameters()),
+            "gradients": sum(p.grad.numel() * 4 for p in model.parameters()
+                             if p.grad is not None),
+            "adamw": sum(v.numel() * 4 for st in opt.state.values() for k, v in st.items()
+                         if k != "step"),
+            "activations": sum(saved.values())}
+    model.zero_grad(set_to_none=True)
+    for name in ("weights", "gradients", "adamw"):
+        assert b["total"][f"{name}_fp32"] == held[name], name
+    assert b["total"]["activations_fp32"] == pytest.approx(held["activations"], rel=0.2)
+    assert b["total"]["weights_bf16"] * 2 == b["total"]["weights_fp32"]
+
+
+def test_explain_draws_each_modality_and_refuses_bad_input(runs, tmp_path):
+    text = cli("explain", str(runs["text"].dir), "ROMEO: what say you?", "--out",
+               str(tmp_path), "--json", "--head", "1")
+    assert text.returncode == 0, text.stderr
+    shown = json.loads(text.stdout)
+    assert shown["head"] == "head 1" and (tmp_path / "attention_text_layer1.png").stat().st_size
+    a = torch.tensor(shown["attention"])
+    assert torch.allclose(a.sum(-1), torch.ones(len(a)), atol=1e-5) and (a.triu(1) == 0).all()
+    for row in shown["next_tokens"]:
+        probs = [t["probability"] for t in row["top"]]
+        assert probs == sorted(probs, reverse=True) and sum(probs) <= 1 + 1e-6
+    from PIL import Image
+    from sklearn.datasets import load_digits
+    png = tmp_path / "digit.png"
+    Image.fromarray((load_digits().images[0] * 16).astype("uint8")).save(png)
+    wav = find_data("fsdd/recordings") / "3_theo_0.wav"
+    csv = find_data("ett/ETTh1.csv")
+    for kind, item in (("vision", png), ("speech", wav), ("series", csv)):
+        done = cli("explain", str(runs[kind].dir), str(item), "--out", str(tmp_path), "--json")
+        assert done.returncode == 0, done.stderr
+        assert (tmp_path / f"attention_{item.stem}_layer1.png").stat().st_size > 1000
+    # the wrong modality, a layer or head that is not there, a budget past the context
+    for args, message in ((("vision", str(wav)), "not a readable image"),
+                          (("speech", str(png)), "audio"),
+                          (("text", str(png)), "this is a text run"),
+                          (("text", "hello", "--layer", "7"), "--layer 7 is invalid"),
+                          (("text", "hello", "--head", "9"), "--head 9 is invalid"),
+                          (("text", "--budget", "--context", "999"), "longer than the model's")):
+        done = cli("explain", str(runs[args[0]].dir), *args[1:], "--out", str(tmp_path))
+        assert done.returncode == 2 and message in done.stderr, (args, done.stderr)
+
+
+def test_the_budget_table_on_the_command_line(runs):
+    done = cli("explain", str(runs["text"].dir), "--budget", "--batch", "4", "--context", "16")
+    assert done.returncode == 0, done.stderr
+    assert "attention" in done.stdout and "a training step holds" in done.stdout
+    figures = json.loads(cli("explain", str(runs["text"].dir), "--budget", "--json").stdout)
+    assert figures["total"]["parameters"] == runs["text"].parameters()
