@@ -184,6 +184,23 @@ def _parser() -> argparse.ArgumentParser:
                     "(default: the model's context)")
     xp.add_argument("--json", action="store_true")
 
+    sc = sub.add_parser("scaling", help="train a grid of sizes and lengths, fit L(N, D) = "
+                        "E + A/N^alpha + B/D^beta, predict a larger model and check it")
+    sc.add_argument("--task", default="text", choices=["text"])
+    sc.add_argument("--preset", default="speeches-bpe")
+    sc.add_argument("--sizes", default="64,96,128,192", help="model widths (d_model), "
+                    "comma-separated")
+    sc.add_argument("--tokens", default="1M,2M,4M", help="training tokens per run, "
+                    "comma-separated (k, M suffixes)")
+    sc.add_argument("--predict", type=int, default=256, help="a larger width to predict, "
+                    "then train on the largest budget (0: none)")
+    sc.add_argument("--out", default="runs/scaling", help="folder of the runs, the fit and "
+                    "the plot (finished runs in it are reused)")
+    sc.add_argument("--data", help="another text file to train on")
+    sc.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
+                    help="settings for every run of the sweep")
+    sc.add_argument("--json", action="store_true")
+
     sv = sub.add_parser("serve", help="serve runs over HTTP with OpenAI's API (and a "
                         "playground page at /)")
     sv.add_argument("runs", nargs="+", metavar="RUN", help="run directories; each is served "
@@ -368,6 +385,34 @@ def _cmd_explain(a) -> None:
         print(f"  after {row['token']!s:>8}: {tops}")
     if "label" in result:
         print(f"  predicted {result['label']} ({result['probability']:.1%})")
+
+
+def _cmd_scaling(a) -> None:
+    from .run import parse_overrides
+    from .scaling import parse_tokens, sweep
+    try:
+        sizes = [int(x) for x in a.sizes.split(",") if x.strip()]
+    except ValueError:
+        raise MonotileError(f"--sizes {a.sizes!r} is not a list of widths; write e.g. "
+                            "64,96,128") from None
+    tokens = [parse_tokens(x) for x in a.tokens.split(",") if x.strip()]
+    say = (lambda line: None) if a.json else (lambda line: print(line, file=sys.stderr))
+    r = sweep(a.preset, sizes=sizes, tokens=tokens, predict=a.predict or None, out=a.out,
+              data=a.data, overrides=parse_overrides(a.overrides), progress=say)
+    if a.json:
+        _print_json(r)
+        return
+    print(f"{'d_model':>8} {'N (trunk)':>11} {'D (tokens)':>12} {'val loss':>9}")
+    for row in r["runs"]:
+        print(f"{row['d_model']:>8} {row['N']:>11,} {row['D']:>12,} {row['val_loss']:>9.4f}")
+    f = r["fit"]
+    print(f"fit: L(N, D) = {f['E']:.3f} + {f['A']:.4g} / N^{f['alpha']:.3f} + "
+          f"{f['B']:.4g} / D^{f['beta']:.3f}")
+    if "prediction" in r:
+        p = r["prediction"]
+        print(f"d_model {p['d_model']} (N = {p['N']:,}) on {p['D']:,} tokens: predicted "
+              f"{p['predicted']:.4f}, measured {p['measured']:.4f} ({p['error']:+.1%})")
+    print(f"plot: {r['plot']}")
 
 
 def _cmd_serve(a) -> None:
@@ -635,6 +680,7 @@ def _cmd_presets(a) -> None:
 COMMANDS = {"train": _cmd_train, "resume": _cmd_resume, "eval": _cmd_eval,
             "finetune": _cmd_finetune, "merge": _cmd_merge, "quantize": _cmd_quantize,
             "serve": _cmd_serve, "explain": _cmd_explain,
+            "scaling": _cmd_scaling,
             "import": _cmd_import, "export": _cmd_export, "embed": _cmd_embed,
             "search": _cmd_search,
             "generate": _cmd_generate, "predict": _cmd_predict, "data": _cmd_data,
