@@ -22,6 +22,7 @@ import base64
 import io
 import json
 import logging
+import math
 import tempfile
 import threading
 import time
@@ -444,13 +445,14 @@ def _routes(app: FastAPI, models: Models, metrics: Metrics) -> None:
             if response_format == "vtt":
                 srt = "WEBVTT\n\n" + srt.replace(",", ".")
             return PlainTextResponse(srt)
+        usage = {"type": "duration", "seconds": math.ceil(r["duration"])}  # as OpenAI bills
         if response_format == "verbose_json":
             return {"task": "transcribe", "language": language or "english",
                     "duration": r["duration"], "text": r["text"],
                     "words": r["words"],
                     "segments": [{"id": 0, "start": 0.0, "end": r["duration"],
-                                  "text": r["text"]}]}
-        return {"text": r["text"]}
+                                  "text": r["text"]}], "usage": usage}
+        return {"text": r["text"], "usage": usage}
 
     @app.post("/v1/images/classifications", tags=["images"])
     async def classify(model: str = Form(...), file: UploadFile | None = File(None),
