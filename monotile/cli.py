@@ -531,7 +531,7 @@ def _cmd_generate(a) -> None:
 def _cmd_predict(a) -> None:
     from .run import load
     run = load(a.run, checkpoint=a.checkpoint)
-    if run.meta["task"] == "speech":
+    if run.meta["task"] in ("speech", "transcribe"):  # transcribe: an imported Whisper
         return _predict_speech(run, a)
     if run.meta["task"] == "series":
         return _predict_series(run, a)
@@ -587,7 +587,7 @@ def _predict_speech(run, a) -> None:
         for i, r in enumerate(preds):
             if not single:
                 print(f"{'' if i == 0 else chr(10)}==> {r['path']} <==")
-            sys.stdout.write(to_srt(r["words"]))
+            sys.stdout.write(to_srt(r["segments"] if "segments" in r else r["words"]))
     else:
         single = len(a.inputs) == 1 and Path(a.inputs[0]).expanduser().is_file()
         for r in preds:

@@ -2,6 +2,8 @@
 
 Attention(Q, K, V) = softmax(Q K^T / sqrt(d_head) + M) V        (Vaswani et al. 2017)
 M[i, j] = 0 where query i may see key j, -inf elsewhere (causal: j <= i; padding: key j is real).
+Self-attention: Q, K, V = x Wq, x Wk, x Wv. Cross-attention (an encoder-decoder's decoder):
+Q = x Wq from the decoder's tokens, K, V = m Wk, m Wv from the encoder's output m (the memory).
 Grouped-query attention: n_head query heads share n_kv_head key/value heads, each K/V head
 serving n_head / n_kv_head query heads (Ainslie et al. 2023).
 RoPE rotates each pair (x_2i, x_2i+1) of q and k by the angle p * theta^(-2i/d) at position p,
@@ -178,36 +180,71 @@ class KVCache:
         self.k[dst] = self.k[src]
         self.v[dst] = self.v[src]
 
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Row b becomes old row rows[b] (beam search following the beams that survive)."""
+        self.k, self.v = self.k[rows], self.v[rows]
+
 
 class SelfAttention(nn.Module):
-    """Multi-head (or grouped-query) self-attention: wo(Attention(x Wq, x Wk, x Wv)).
+    """Multi-head (or grouped-query) attention: wo(Attention(x Wq, m Wk, m Wv)), m = x.
 
     q, k and v come from one fused projection `qkv` of width (n_head + 2 n_kv_head) * d_head.
+    With cross=True it is cross-attention: m is the `memory` (an encoder's output), q comes
+    from `q` over x and k, v from one fused `kv` over m, unmasked. The memory's keys and values
+    are computed once per sequence: given `memory` and a `cache` sized to it, they are written
+    there, and later calls without `memory` read them back.
     """
 
     def __init__(self, dim: int, n_head: int, n_kv_head: int, bias: bool, dropout: float = 0.0,
-                 qkv_bias: bool | None = None):
+                 qkv_bias: bool | None = None, cross: bool = False):
         super().__init__()
         self.n_head, self.n_kv_head = n_head, n_kv_head
         self.head_dim = dim // n_head
-        self.qkv = nn.Linear(dim, (n_head + 2 * n_kv_head) * self.head_dim,
-                             bias=bias if qkv_bias is None else qkv_bias)
+        self.cross = cross
+        qkv_bias = bias if qkv_bias is None else qkv_bias
+        if cross:
+            self.q = nn.Linear(dim, n_head * self.head_dim, bias=qkv_bias)
+            self.kv = nn.Linear(dim, 2 * n_kv_head * self.head_dim, bias=qkv_bias)
+        else:
+            self.qkv = nn.Linear(dim, (n_head + 2 * n_kv_head) * self.head_dim, bias=qkv_bias)
         self.wo = nn.Linear(n_head * self.head_dim, dim, bias=bias)
         self.dropout = nn.Dropout(dropout)
         self.impl = "sdpa"
 
-    def forward(self, x, *, rope=None, causal=True, key_padding=None, cache=None, pos=0):
+    def forward(self, x, *, rope=None, causal=True, key_padding=None, cache=None, pos=0,
+                memory=None):
         B, T, _ = x.shape
         H, Hkv, hd = self.n_head, self.n_kv_head, self.head_dim
-        qkv = self.qkv(x).view(B, T, H + 2 * Hkv, hd)  # q heads, then k heads, then v heads
-        if rope is not None:  # (T, H + 2 Hkv, hd/2, 2): q, k rotate, v gets the identity
-            qkv = apply_rope(qkv, rope)
-        q, k, v = qkv.split([H, Hkv, Hkv], dim=2)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
-        if cache is not None:
-            k, v = cache.update(pos, k, v)
+        if self.cross:
+            q, k, v = self._cross_qkv(x, memory, cache)
+            causal, key_padding = False, None  # every query sees the whole memory
+        else:
+            qkv = self.qkv(x).view(B, T, H + 2 * Hkv, hd)  # q heads, then k heads, then v heads
+            if rope is not None:  # (T, H + 2 Hkv, hd/2, 2): q, k rotate, v gets the identity
+                qkv = apply_rope(qkv, rope)
+            q, k, v = qkv.split([H, Hkv, Hkv], dim=2)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
+            if cache is not None:
+                k, v = cache.update(pos, k, v)
         # key_padding (B, Tk): True for real tokens -> (B, 1, 1, Tk), broadcast over heads/queries
         mask = None if key_padding is None else key_padding[:, None, None, :].to(torch.bool)
         y = attention(q, k, v, mask=mask, is_causal=causal, impl=self.impl)
         y = y.transpose(1, 2).reshape(B, T, H * hd)  # (B, T, H*hd)
         return self.dropout(self.wo(y))
+
+    def _cross_qkv(self, x, memory, cache):
+        """q (B, H, T, hd) from x; k, v (B, Hkv, Tm, hd) from the memory, or from the cache the
+        first call with the memory filled."""
+        B, T, _ = x.shape
+        H, Hkv, hd = self.n_head, self.n_kv_head, self.head_dim
+        q = self.q(x).view(B, T, H, hd).transpose(1, 2)
+        if memory is None:
+            if cache is None:
+                raise ValueError("cross-attention needs the encoder's output (memory), or a "
+                                 "cache that holds its keys and values")
+            return q, cache.k, cache.v
+        kv = self.kv(memory).view(B, memory.size(1), 2 * Hkv, hd).transpose(1, 2)
+        k, v = kv.split([Hkv, Hkv], dim=1)  # (B, Hkv, Tm, hd) each
+        if cache is not None:
+            k, v = cache.update(0, k, v)
+        return q, k, v

@@ -1,6 +1,8 @@
 """The Transformer trunk: a stack of pre-norm blocks over tokens (B, T, d).
 
 Block:  h = x + Attention(Norm(x));  out = h + MLP(Norm(h))             (pre-norm, GPT-2)
+        with cross-attention (a decoder): h = x + Attention(Norm(x)); h = h + Cross(Norm(h), m);
+        out = h + MLP(Norm(h)), m the encoder's output                  (Vaswani et al. 2017)
 Trunk:  Norm(Block_L(... Block_1(x + P) ...)), P the learned positions when positions="learned"
 Init:   every weight ~ N(0, 0.02), residual projections ~ N(0, 0.02 / sqrt(2 L)), biases 0 (GPT-2)
 Cost:   training FLOPs per token = 6 N + 12 L d T (N matmul parameters, T context; PaLM App. B);
@@ -49,6 +51,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     dropout: float = 0.0
     drop_path: float = 0.0        # stochastic depth of the last block; block i gets i/(L-1) of it
+    cross_attention: bool = False  # each block also attends to an encoder's output (a decoder)
 
     def __post_init__(self):
         def bad(name, value, fix):
@@ -109,27 +112,42 @@ class ModelConfig:
 class Block(nn.Module):
     """h = x + attn(norm1(x)); out = h + mlp(norm2(h)); each branch through DropPath when
     stochastic depth is on. Post-norm (BERT, 2018): h = norm1(x + attn(x));
-    out = norm2(h + mlp(h))."""
+    out = norm2(h + mlp(h)). With cfg.cross_attention a decoder block: between the two,
+    h = h + cross_attn(norm_cross(h), memory) (post-norm: h = norm_cross(h + cross_attn(h)))."""
 
     def __init__(self, cfg: ModelConfig, drop_path: float = 0.0):
         super().__init__()
         self.norm1 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
         self.attn = SelfAttention(cfg.d_model, cfg.n_head, cfg.kv_heads, cfg.bias, cfg.dropout,
                                   qkv_bias=cfg.qkv_bias)
+        self.norm_cross = self.cross_attn = None
+        if cfg.cross_attention:
+            self.norm_cross = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
+            self.cross_attn = SelfAttention(cfg.d_model, cfg.n_head, cfg.kv_heads, cfg.bias,
+                                            cfg.dropout, qkv_bias=cfg.qkv_bias, cross=True)
         self.norm2 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
         self.mlp = make_mlp(cfg.mlp, cfg.d_model, cfg.hidden, cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
         self.drop_path = DropPath(drop_path)
         self.post_norm = cfg.norm_position == "post"
 
-    def forward(self, x, *, rope=None, causal=True, key_padding=None, cache=None, pos=0):
+    def forward(self, x, *, rope=None, causal=True, key_padding=None, cache=None, pos=0,
+                memory=None, cross_cache=None):
+        """`memory` (B, Tm, d) is the encoder's output the cross-attention reads (kept in
+        `cross_cache` when decoding step by step)."""
         if self.post_norm:
             x = self.norm1(x + self.drop_path(self.attn(x, rope=rope, causal=causal,
                                                         key_padding=key_padding, cache=cache,
                                                         pos=pos)))
+            if self.cross_attn is not None:
+                x = self.norm_cross(x + self.drop_path(self.cross_attn(
+                    x, memory=memory, cache=cross_cache)))
             return self.norm2(x + self.drop_path(self.dropout(self.mlp(x))))
         x = x + self.drop_path(self.attn(self.norm1(x), rope=rope, causal=causal,
                                          key_padding=key_padding, cache=cache, pos=pos))
+        if self.cross_attn is not None:
+            x = x + self.drop_path(self.cross_attn(self.norm_cross(x), memory=memory,
+                                                   cache=cross_cache))
         return x + self.drop_path(self.dropout(self.mlp(self.norm2(x))))
 
 
@@ -154,13 +172,19 @@ class Transformer(nn.Module):
         self.rope = (rope_frequencies(cfg.head_dim, cfg.context, cfg.rope_theta, cfg.rope_scaling)
                      if cfg.positions == "rope" else None)
 
-    def forward(self, x, *, causal: bool = True, key_padding=None, cache=None, pos=0):
+    def forward(self, x, *, causal: bool = True, key_padding=None, cache=None, pos=0,
+                memory=None, cross_cache=None):
         """x: (B, T, d) token embeddings; `cache` a list of KVCache (one per block) and `pos` the
         absolute position of x[:, 0] when decoding step by step: an int for the whole batch, or
         a (B,) tensor of each row's own position for one token per row (T = 1), as a server
-        batching requests of different lengths decodes them."""
+        batching requests of different lengths decodes them. With cross-attention, `memory`
+        (B, Tm, d) is the encoder's output and `cross_cache` (make_cross_cache) keeps its keys
+        and values: give the memory at the first step only."""
+        if (memory is not None or cross_cache is not None) and not self.cfg.cross_attention:
+            raise ValueError("this trunk has no cross-attention (cross_attention=false); it "
+                             "takes no memory")
         if torch.is_tensor(pos):
-            return self._forward_rows(x, cache, pos)
+            return self._forward_rows(x, cache, pos, memory, cross_cache)
         T = x.size(1)
         if (self.pos_emb is not None or self.rope is not None) and pos + T > self.cfg.context:
             raise ValueError(f"sequence of {pos + T} tokens exceeds the context {self.cfg.context}")
@@ -177,10 +201,11 @@ class Transformer(nn.Module):
                                  self.cfg.kv_heads)
         for i, block in enumerate(self.blocks):
             x = block(x, rope=rope, causal=causal, key_padding=key_padding,
-                      cache=None if cache is None else cache[i], pos=pos)
+                      cache=None if cache is None else cache[i], pos=pos, memory=memory,
+                      cross_cache=None if cross_cache is None else cross_cache[i])
         return self.norm(x)
 
-    def _forward_rows(self, x, cache, pos: torch.Tensor):
+    def _forward_rows(self, x, cache, pos: torch.Tensor, memory=None, cross_cache=None):
         """One token per row at its own position pos[b]: row b's query sees its keys 0..pos[b]
         (a key mask instead of the causal one, since the rows' lengths differ)."""
         if cache is None or x.size(1) != 1 or pos.shape != (x.size(0),):
@@ -200,7 +225,8 @@ class Transformer(nn.Module):
                                  self.cfg.kv_heads)[:, None]  # (B, 1, heads, d/2, 2)
         seen = torch.arange(int(pos.max()) + 1, device=x.device)[None] <= pos[:, None]  # (B, Tk)
         for i, block in enumerate(self.blocks):
-            x = block(x, rope=rope, causal=False, key_padding=seen, cache=cache[i], pos=pos)
+            x = block(x, rope=rope, causal=False, key_padding=seen, cache=cache[i], pos=pos,
+                      memory=memory, cross_cache=None if cross_cache is None else cross_cache[i])
         return self.norm(x)
 
     def make_cache(self, batch: int, max_len: int | None = None, dtype=None) -> list[KVCache]:
@@ -210,10 +236,20 @@ class Transformer(nn.Module):
         return [KVCache(batch, cfg.kv_heads, max_len or cfg.context, cfg.head_dim,
                         dtype or p.dtype, p.device) for _ in range(cfg.n_layer)]
 
+    def make_cross_cache(self, batch: int, memory_len: int, dtype=None) -> list[KVCache]:
+        """One KVCache per block for the cross-attention's keys and values of a memory of
+        memory_len positions (filled at the first decoding step, then only read)."""
+        cfg = self.cfg
+        p = next(self.parameters())
+        return [KVCache(batch, cfg.kv_heads, memory_len, cfg.head_dim, dtype or p.dtype,
+                        p.device) for _ in range(cfg.n_layer)]
+
     def set_attention_impl(self, impl: str) -> None:
         """"sdpa" (fused) or "math" (written out) in every block; the two are tested equal."""
         for block in self.blocks:
             block.attn.impl = impl
+            if block.cross_attn is not None:
+                block.cross_attn.impl = impl
 
 
 def init_weights(model: nn.Module, n_layer: int, std: float = 0.02, *,
@@ -242,9 +278,11 @@ def count_parameters(model: nn.Module, *, trainable_only: bool = False) -> int:
 def matmul_parameters(cfg: ModelConfig, head_outputs: int | None = None) -> int:
     """Parameters that multiply an activation once per token: every Linear of the blocks plus
     the output head (vocab_size x d for a language model, or `head_outputs` x d).
-    Embedding lookups, norms and biases are not matmuls and are left out."""
+    Embedding lookups, norms and biases are not matmuls and are left out; a cross-attention
+    counts as a second attention (its k, v projections run over the memory instead)."""
     d, hd = cfg.d_model, cfg.head_dim
     attn = d * (cfg.n_head + 2 * cfg.kv_heads) * hd + cfg.n_head * hd * d
+    attn *= 2 if cfg.cross_attention else 1
     mlp = (3 if cfg.mlp == "swiglu" else 2) * d * cfg.hidden
     out = head_outputs if head_outputs is not None else cfg.vocab_size
     return cfg.n_layer * (attn + mlp) + out * d

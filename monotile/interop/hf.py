@@ -8,7 +8,8 @@ linear or llama3 scaling, grouped-query attention, SwiGLU, RMSNorm, tied or unti
 q/k/v biases), BERT-family encoders (`bert`, which MiniLM is: post-norm blocks, absolute
 positions, token types; imported as a sentence-embedding run) and ViT image classifiers (`vit`,
 ViTForImageClassification: imported as a vision run, with its labels and pixel statistics from
-config.json and preprocessor_config.json). Anything else, or a setting
+config.json and preprocessor_config.json) and Whisper (`whisper`, WhisperForConditionalGeneration:
+an encoder-decoder imported as a transcribe run; interop/whisper.py). Anything else, or a setting
 of these that the trunk does not have, is refused by name before anything is written; a
 checkpoint is never half-loaded.
 
@@ -41,7 +42,7 @@ from ..train.checkpoint import atomic_write_json, load_tensors, save_tensors
 from ..train.trainer import TrainConfig
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
-SUPPORTED = ("gpt2",) + LLAMA_FAMILY + ("bert", "vit")
+SUPPORTED = ("gpt2",) + LLAMA_FAMILY + ("bert", "vit", "whisper")
 
 
 # ---- reading a Hugging Face folder -------------------------------------------------------------
@@ -412,6 +413,9 @@ def import_hf(src: str | Path, out: str | Path) -> Path:
     from ..tokenizers import Tokenizer
     src = Path(src)
     config, tensors = read_hf_dir(src)
+    if config.get("model_type") == "whisper":
+        from .whisper import import_whisper
+        return import_whisper(src, config, tensors, out)
     cfg = model_config(config)
     if config["model_type"] == "vit":
         return _import_vit(src, config, cfg, tensors, out)
@@ -534,9 +538,9 @@ def _export_vit(run, out: Path) -> Path:
 
 def export_hf(run_dir: str | Path, out: str | Path) -> Path:
     """A Hugging Face folder (config.json, model.safetensors, tokenizer.json) from a text run
-    whose trunk is GPT-2-, Llama- or BERT-shaped, or a ViT vision run (with
-    preprocessor_config.json instead of a tokenizer); transformers loads it with
-    from_pretrained."""
+    whose trunk is GPT-2-, Llama- or BERT-shaped, a ViT vision run (with
+    preprocessor_config.json instead of a tokenizer) or a Whisper transcribe run;
+    transformers loads it with from_pretrained."""
     from ..run import load
     run = load(run_dir, device="cpu")
     out = Path(out)
@@ -544,9 +548,12 @@ def export_hf(run_dir: str | Path, out: str | Path) -> Path:
         raise ConfigError(f"{out} already holds a model; choose another --out")
     if run.meta["task"] == "vision":
         return _export_vit(run, out)
+    if run.meta["task"] == "transcribe":
+        from .whisper import export_whisper
+        return export_whisper(run, out)
     if run.meta["task"] != "text":
-        raise ConfigError(f"{run.dir} is a {run.meta['task']} run; export hf takes text and "
-                          "vision runs")
+        raise ConfigError(f"{run.dir} is a {run.meta['task']} run; export hf takes text, "
+                          "vision and transcribe (Whisper) runs")
     cfg = run.configs["model"]
     sd = {k: v.detach().float() for k, v in run.model.state_dict().items()}
     d, L, H, Hkv = cfg.d_model, cfg.n_layer, cfg.n_head, cfg.kv_heads

@@ -27,7 +27,9 @@ def task_class(name: str):
     from .series import SeriesTask
     from .speech import SpeechTask
     from .vision import VisionTask
-    tasks = {"text": TextTask, "vision": VisionTask, "speech": SpeechTask, "series": SeriesTask}
+    from .whisper import TranscribeTask
+    tasks = {"text": TextTask, "vision": VisionTask, "speech": SpeechTask, "series": SeriesTask,
+             "transcribe": TranscribeTask}
     if name not in tasks:
         raise ConfigError(f"unknown task {name!r}; choose one of: {', '.join(sorted(tasks))}")
     return tasks[name]

@@ -661,9 +661,14 @@ def _model_config(config: SpeechConfig, model_cfg: ModelConfig) -> ModelConfig:
 
 
 def to_srt(words: list[dict], max_chars: int = 42, max_seconds: float = 5.0) -> str:
-    """SubRip cues of consecutive words, each at most max_chars characters and max_seconds."""
+    """SubRip cues of consecutive words, each at most max_chars characters and max_seconds;
+    segments ({"text", "start", "end"}, Whisper's) are a cue each."""
     cues, current = [], []
     for w in words:
+        if "text" in w:  # a segment
+            cues += [current, [w]] if current else [[w]]
+            current = []
+            continue
         text = " ".join(x["word"] for x in current + [w])
         if current and (len(text) > max_chars or w["end"] - current[0]["start"] > max_seconds):
             cues.append(current)
@@ -676,4 +681,5 @@ def to_srt(words: list[dict], max_chars: int = 42, max_seconds: float = 5.0) -> 
         ms = round(t * 1000)
         return f"{ms // 3600000:02d}:{ms // 60000 % 60:02d}:{ms // 1000 % 60:02d},{ms % 1000:03d}"
     return "".join(f"{i}\n{stamp(c[0]['start'])} --> {stamp(c[-1]['end'])}\n"
-                   f"{' '.join(w['word'] for w in c)}\n\n" for i, c in enumerate(cues, 1))
+                   f"{' '.join(w.get('word', w.get('text')) for w in c)}\n\n"
+                   for i, c in enumerate(cues, 1))

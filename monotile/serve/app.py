@@ -121,6 +121,8 @@ class Models:
                 task = run.meta["task"]
                 if task == "text" and run.configs["text"].model == "encoder":
                     task = "embedding"
+                if task == "transcribe":  # an imported Whisper: transcriptions as speech
+                    task = "speech"
                 if task in ("text", "embedding"):
                     run.optimize_for_inference(self.dtype)
                 served.run, served.task = run, task
@@ -441,17 +443,19 @@ def _routes(app: FastAPI, models: Models, metrics: Metrics) -> None:
             return PlainTextResponse(r["text"] + "\n")
         if response_format in ("srt", "vtt"):
             from ..modalities.speech import to_srt
-            srt = to_srt(r["words"])
+            srt = to_srt(r.get("segments") or r["words"])
             if response_format == "vtt":
                 srt = "WEBVTT\n\n" + srt.replace(",", ".")
             return PlainTextResponse(srt)
         usage = {"type": "duration", "seconds": math.ceil(r["duration"])}  # as OpenAI bills
         if response_format == "verbose_json":
+            segments = r.get("segments") or [{"start": 0.0, "end": r["duration"],
+                                              "text": r["text"]}]
             return {"task": "transcribe", "language": language or "english",
-                    "duration": r["duration"], "text": r["text"],
-                    "words": r["words"],
-                    "segments": [{"id": 0, "start": 0.0, "end": r["duration"],
-                                  "text": r["text"]}], "usage": usage}
+                    "duration": r["duration"], "text": r["text"], "words": r.get("words", []),
+                    "segments": [{"id": i, "start": seg["start"], "end": seg["end"],
+                                  "text": seg["text"]} for i, seg in enumerate(segments)],
+                    "usage": usage}
         return {"text": r["text"], "usage": usage}
 
     @app.post("/v1/images/classifications", tags=["images"])
