@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import warnings
@@ -188,11 +189,11 @@ def _parser() -> argparse.ArgumentParser:
                         "E + A/N^alpha + B/D^beta, predict a larger model and check it")
     sc.add_argument("--task", default="text", choices=["text"])
     sc.add_argument("--preset", default="speeches-bpe")
-    sc.add_argument("--sizes", default="64,96,128,192", help="model widths (d_model), "
+    sc.add_argument("--sizes", default="32,48,64,96", help="model widths (d_model), "
                     "comma-separated")
-    sc.add_argument("--tokens", default="1M,2M,4M", help="training tokens per run, "
+    sc.add_argument("--tokens", default="250k,500k,1M", help="training tokens per run, "
                     "comma-separated (k, M suffixes)")
-    sc.add_argument("--predict", type=int, default=256, help="a larger width to predict, "
+    sc.add_argument("--predict", type=int, default=128, help="a larger width to predict, "
                     "then train on the largest budget (0: none)")
     sc.add_argument("--out", default="runs/scaling", help="folder of the runs, the fit and "
                     "the plot (finished runs in it are reused)")
@@ -689,6 +690,13 @@ COMMANDS = {"train": _cmd_train, "resume": _cmd_resume, "eval": _cmd_eval,
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if argv is None and args.command == "serve" and "OMP_WAIT_POLICY" not in os.environ:
+        # A server's threads (the event loop, one engine per model, uploads) share the cores
+        # with whatever else runs there, and OpenMP workers that spin while they wait starve
+        # them: decoding ran 20-30x slower under load (bench/serve.py). Passive workers sleep.
+        # libgomp reads the setting when torch loads it, so the server starts again with it.
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        os.execv(sys.executable, [sys.executable, "-m", "monotile", *sys.argv[1:]])
     warnings.formatwarning = lambda msg, cat, *rest: f"warning: {msg}\n"
     try:
         COMMANDS[args.command](args)

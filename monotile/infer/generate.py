@@ -73,7 +73,8 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
     probs = sorted_logits.softmax(-1)
     mass_before = probs.cumsum(-1) - probs       # mass of the more likely tokens
-    drop_sorted = mass_before >= p               # the top token always stays (mass 0)
+    drop_sorted = mass_before >= p
+    drop_sorted[..., 0] = False                  # the top token always stays, even for p ~ 0
     drop = drop_sorted.scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 
@@ -84,7 +85,10 @@ def next_token(logits: torch.Tensor, seen: torch.Tensor, s: Sampling,
     logits = apply_repetition_penalty(logits.float(), seen, s.repetition_penalty)
     if s.temperature == 0:
         return logits.argmax(-1)
-    logits = logits / s.temperature
+    # divide after taking out the largest logit: a tiny temperature then tends to greedy
+    # instead of overflowing to inf - inf = nan
+    # (in float64: a temperature like 1e-300 is 0 in float32)
+    logits = ((logits - logits.max(-1, keepdim=True).values).double() / s.temperature).float()
     if s.top_k is not None:
         logits = top_k_filter(logits, s.top_k)
     if s.top_p is not None and s.top_p < 1:

@@ -283,6 +283,7 @@ def create_app(paths: list[str | Path], *, names: list[str] | None = None,
     app.state.models, app.state.metrics = models, metrics
     _errors(app)
     _routes(app, models, metrics)
+    app.openapi = lambda: _openapi(app)
     if cors_origins:
         from starlette.middleware.cors import CORSMiddleware
         app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"],
@@ -290,6 +291,45 @@ def create_app(paths: list[str | Path], *, names: list[str] | None = None,
     app.add_middleware(Gate, api_key=api_key, max_body=int(max_body_mb * 2 ** 20),
                        metrics=metrics)
     return app
+
+
+ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {
+    "type": "object", "required": ["message", "type"], "properties": {
+        "message": {"type": "string"}, "type": {"type": "string"},
+        "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
+ERRORS = {"400": "a bad parameter, an unknown model, a model of another kind",
+          "401": "no valid API key (with --api-key)", "413": "a body over --max-body-mb",
+          "415": "an upload that is not audio or an image", "429": "the queue is full",
+          "503": "the models are still loading"}
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's schema, saying what the server answers: OpenAI's error shape with 400 (not
+    FastAPI's 422) and the other statuses, and server-sent events for streamed text."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    from fastapi.openapi.utils import get_openapi
+    schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                         routes=app.routes)
+    error = {"content": {"application/json": {"schema": ERROR_SCHEMA}}}
+    for path, item in schema["paths"].items():
+        for method, op in item.items():
+            responses = op.setdefault("responses", {})
+            responses.pop("422", None)
+            if path == "/health":
+                responses["503"] = {"description": "the models are still loading"}
+                continue
+            for status, why in ERRORS.items():
+                if status == "415" and "multipart/form-data" not in json.dumps(op):
+                    continue
+                responses.setdefault(status, {"description": why, **error})
+            if path in ("/v1/completions", "/v1/chat/completions"):
+                # with stream: true, `data: {chunk}` events, then `data: [DONE]`
+                responses["200"].setdefault("content", {})["text/event-stream"] = {}
+    schema.get("components", {}).get("schemas", {}).pop("HTTPValidationError", None)
+    schema.get("components", {}).get("schemas", {}).pop("ValidationError", None)
+    app.openapi_schema = schema
+    return schema
 
 
 def _version() -> str:
@@ -315,7 +355,9 @@ def _errors(app: FastAPI) -> None:
         message = {404: f"no route {request.url.path}; see /openapi.json",
                    405: f"{request.method} is not allowed on {request.url.path}"}.get(
             e.status_code, str(e.detail))
-        return error_response(e.status_code, message)
+        response = error_response(e.status_code, message)
+        response.headers.update(getattr(e, "headers", None) or {})  # 405's Allow
+        return response
 
     @app.exception_handler(MonotileError)
     async def refused(request, e: MonotileError):
@@ -490,6 +532,12 @@ def _routes(app: FastAPI, models: Models, metrics: Metrics) -> None:
                 raise ApiError(400, f"quantiles {missing or body.quantiles} are not this "
                                f"model's; it forecasts {known}", param="quantiles")
         text = _history_csv(body)
+        if body.series is not None and any(
+                v is not None and not (math.isfinite(v) and abs(v) < 1e15)
+                for values in body.series.values() for v in values):
+            raise ApiError(400, "series holds a value that is not finite or is beyond 1e15; "
+                           "give the history in units where its values are ordinary numbers",
+                           param="series")
 
         def work():
             with tempfile.TemporaryDirectory() as tmp, served.lock:
@@ -497,6 +545,10 @@ def _routes(app: FastAPI, models: Models, metrics: Metrics) -> None:
                 path.write_text(text, encoding="utf-8")
                 return run.predict([str(path)], horizon=body.horizon)
         result = await run_in_threadpool(work)
+        if not all(math.isfinite(v) for r in result["forecast"] for v in r.values()
+                   if isinstance(v, float)):
+            raise ApiError(400, "the forecast is not finite: the history holds values too large "
+                           "(or inf/nan); rescale it", param="csv" if body.csv else "series")
         keep = body.quantiles or known
         labels = {f"q{round(q * 100):02d}" for q in known if
                   not any(abs(q - k) < 1e-9 for k in keep)}

@@ -164,12 +164,21 @@ class Engine:
             self.rows.pop()
 
     def _take(self, row: _Row, logits: torch.Tensor) -> bool:
-        """Sample the row's next token from its logits (V,), emit it; True when the row ends."""
+        """Sample the row's next token from its logits (V,), emit it; True when the row ends.
+        A failure ends this row alone, with an error event: the others decode on."""
         job = row.job
         if job.cancelled:
             if self.on_cancel:
                 self.on_cancel()
             return True
+        try:
+            return self._sample(row, logits)
+        except Exception as e:
+            job.emit({"type": "error", "message": f"{type(e).__name__}: {e}"})
+            return True
+
+    def _sample(self, row: _Row, logits: torch.Tensor) -> bool:
+        job = row.job
         logits = logits.float()
         shaped = apply_presence_frequency(logits, row.counts, job.presence, job.frequency)
         seen = torch.tensor([row.seq])

@@ -15,7 +15,9 @@ MAX_STOPS = 4
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # clients send fields we do not use (user, ...)
+    # clients send fields we do not use (user, ...); a value of the wrong JSON type is refused
+    # rather than coerced ("3" is not an integer)
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class _Sampling(_Body):
@@ -29,7 +31,7 @@ class _Sampling(_Body):
     seed: int | None = Field(None, ge=0, le=2 ** 63 - 1)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    repetition_penalty: float = Field(1.0, gt=0, le=10, description="an extension")
+    repetition_penalty: float = Field(1.0, ge=0.01, le=10, description="an extension")
     stream_options: dict | None = None
 
 
