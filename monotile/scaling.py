@@ -11,8 +11,8 @@ misses. The fit is Chinchilla's: minimise the Huber loss (delta 1e-3) of
 log L(N, D) - log L_measured over (log A, log B, log E, alpha, beta) with L-BFGS, from a grid of
 starting points, keeping the best.
 
-    monotile scaling --task text --preset speeches-bpe [--sizes 64,96,128,192]
-                     [--tokens 1M,2M,4M] [--predict 256] [--out runs/scaling]
+    monotile scaling --task text --preset speeches-bpe [--sizes 32,48,64,96]
+                     [--tokens 250k,500k,1M] [--predict 128] [--out runs/scaling]
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ import numpy as np
 
 from .errors import ConfigError
 
-DEFAULT_SIZES = (64, 96, 128, 192)
-DEFAULT_TOKENS = (1_000_000, 2_000_000, 4_000_000)
-DEFAULT_PREDICT = 256
+DEFAULT_SIZES = (32, 48, 64, 96)
+DEFAULT_TOKENS = (250_000, 500_000, 1_000_000)
+DEFAULT_PREDICT = 128
 
 
 def law(N, D, E, A, B, alpha, beta):
