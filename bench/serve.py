@@ -18,9 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -29,39 +26,12 @@ from pathlib import Path
 import httpx
 
 import monotile
+from monotile.serve.process import start_server, stop
 
 PROMPT = "ROMEO:\nWhat light through yonder window breaks?\n"
 SIZE = {"n_layer": "6", "n_head": "6", "d_model": "384", "context": "256"}
 QUICK = {"max_steps": "10", "batch_size": "4", "eval_interval": "10", "log_interval": "5",
          "warmup_steps": "2", "eval_tokens": "2000", "seed": "0"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(run: Path, *args: str, wait: float = 300):
-    """`python -m monotile serve RUN ARGS` on a free port: (process, URL) once /health is 200."""
-    port = free_port()
-    log = tempfile.TemporaryFile("w+")
-    proc = subprocess.Popen([sys.executable, "-m", "monotile", "serve", f"bench={run}",
-                             "--port", str(port), *args], stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + wait
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            log.seek(0)
-            raise RuntimeError(f"the server exited: {log.read()[-2000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError("the server did not become ready")
 
 
 def stream(client: httpx.Client, url: str, seed: int, max_tokens: int) -> dict:
@@ -143,15 +113,14 @@ def main() -> None:
         out = Path(tempfile.mkdtemp(prefix="monotile-bench-")) / "serve"
         run = monotile.train("text", "shakespeare-char", out=out, quiet=True,
                              overrides={**SIZE, **QUICK}).dir
-    proc, url = start_server(run, "--max-batch", str(max(a.clients, 1)), "--dtype", a.dtype)
+    proc, url = start_server(f"bench={run}", "--max-batch", str(max(a.clients, 1)), "--dtype", a.dtype)
     load_before = os.getloadavg()[0]  # other work on the machine slows the server's threads
     try:
         load(url, 1, 1, 20, seed=0)  # warm up
         one = load(url, 1, a.requests, a.max_tokens, seed=1)
         many = load(url, a.clients, a.requests, a.max_tokens, seed=2)
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        stop(proc)
     ratio = many["tokens_per_s"] / one["tokens_per_s"]
     cfg = monotile.load(run).configs["model"]
     result = {"model": {"n_layer": cfg.n_layer, "d_model": cfg.d_model, "context": cfg.context},

@@ -6,13 +6,8 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import json
-import os
 import re
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -20,46 +15,10 @@ import torch
 
 import monotile
 from monotile.data import find_data
+from monotile.serve.process import start_server, stop
 
 openai = pytest.importorskip("openai")
 KEY = "sk-test-key"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(*args: str, wait: float = 180):
-    """`python -m monotile serve ARGS` on a free port; returns (process, base URL) once
-    /health answers 200."""
-    port = free_port()
-    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"monotile-serve-{port}.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "monotile", "serve", *args, "--port",
-                             str(port)], stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + wait
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            log.seek(0)
-            raise RuntimeError(f"the server exited: {log.read()[-2000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError("the server did not become ready")
-
-
-def stop(proc) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
 
 
 @pytest.fixture(scope="module")

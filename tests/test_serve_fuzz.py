@@ -15,7 +15,7 @@ from hypothesis.errors import Unsatisfiable
 
 import monotile
 import test_serve
-from test_serve import start_server, stop
+from monotile.serve.process import start_server, stop
 
 schemathesis = pytest.importorskip("schemathesis")
 from schemathesis.generation import GenerationMode  # noqa: E402

@@ -15,7 +15,8 @@ import time
 import httpx
 import pytest
 
-from test_serve import metric, start_server, stop
+from monotile.serve.process import start_server, stop
+from test_serve import metric
 
 CLIENTS = 32
 SECONDS = float(os.environ.get("MONOTILE_LOAD_SECONDS", "60"))

@@ -317,7 +317,7 @@ def test_whisper_settings_that_cannot_run_are_refused_by_name_and_nothing_is_wri
 
 def test_a_served_whisper_transcribes_as_predict_does(whisper, fsdd):
     openai = pytest.importorskip("openai")
-    from test_serve import start_server, stop
+    from monotile.serve.process import start_server, stop
     _, _, run_dir = whisper
     wav = fsdd / "3_theo_0.wav"
     expected = monotile.load(run_dir).predict([str(wav)])["predictions"][0]
