@@ -188,6 +188,21 @@ def test_kv_cache_step_by_step_equals_one_full_forward(style):
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("style", ["gpt2", "llama"])
+def test_a_trunk_configured_with_math_attention_equals_the_fused_one(style):
+    cfg = ModelConfig(n_layer=2, n_head=4, d_model=32, context=16, **STYLES[style])
+    torch.manual_seed(0)
+    fused = Transformer(cfg).eval()
+    plain = Transformer(cfg.replace(attention="math")).eval()
+    plain.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 12, 32)
+    padding = torch.tensor([[True] * 12, [False] * 3 + [True] * 9])
+    for causal in (True, False):
+        torch.testing.assert_close(plain(x, causal=causal, key_padding=padding),
+                                   fused(x, causal=causal, key_padding=padding),
+                                   atol=1e-5, rtol=1e-5)
+
+
 STYLES = {
     "gpt2": dict(norm="layernorm", mlp="gelu", positions="learned", bias=True),
     "llama": dict(norm="rmsnorm", mlp="swiglu", positions="rope", bias=False, n_kv_head=2),

@@ -51,19 +51,15 @@ def test_the_budget_counts_the_flops_pytorch_counts(runs, kind):
     run = runs[kind]
     b = budget(run, batch=2)
     args, T = sample_input(run, 2, None)
-    model = run.model
     # FlopCounterMode has no formula for the CPU's fused attention kernel: use the written-out
     # attention (the same products) so that it sees every multiplication
-    model.trunk.set_attention_impl("math")
-    try:
-        with FlopCounterMode(display=False) as forward, torch.no_grad():
-            model.eval()(*args)
-        with FlopCounterMode(display=False) as step:
-            out = model.train()(*args)
-            (out[0] if isinstance(out, tuple) else out).float().square().mean().backward()
-    finally:
-        model.trunk.set_attention_impl("sdpa")
-        model.zero_grad(set_to_none=True)
+    model = run.task.build_model(run.configs["model"].replace(attention="math"))
+    model.load_state_dict(run.model.state_dict())
+    with FlopCounterMode(display=False) as forward, torch.no_grad():
+        model.eval()(*args)
+    with FlopCounterMode(display=False) as step:
+        out = model.train()(*args)
+        (out[0] if isinstance(out, tuple) else out).float().square().mean().backward()
     tokens = 2 * T
     assert b["total"]["forward_flops"] == pytest.approx(forward.get_total_flops() / tokens,
                                                         rel=0.05)

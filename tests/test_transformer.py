@@ -1,11 +1,15 @@
-"""The trunk: configuration checks, init, parameter and FLOP counts against references."""
+"""The trunk: configuration checks, init, parameter and FLOP counts against references, and
+the rope table's dtype and place."""
+
+import copy
+import dataclasses
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from monotile.core.transformer import (ModelConfig, count_parameters, flops_per_token,
-                                       init_weights)
+from monotile.core.transformer import (ModelConfig, Transformer, count_parameters,
+                                       flops_per_token, init_weights)
 from monotile.errors import ConfigError
 from monotile.modalities.text import LanguageModel
 
@@ -16,6 +20,7 @@ from monotile.modalities.text import LanguageModel
     (dict(n_kv_head=3), "n_kv_head=3 is invalid"),
     (dict(norm="batchnorm"), "norm='batchnorm' is invalid"),
     (dict(dropout=1.5), "dropout=1.5 is invalid"),
+    (dict(attention="flash"), "attention='flash' is invalid: choose sdpa or math"),
 ])
 def test_invalid_model_settings_are_refused_by_name(bad, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
@@ -58,8 +63,7 @@ def test_gpt2_init_scales_residual_projections():
 def test_flops_per_token_matches_torch_flop_counter(style):
     from torch.utils.flop_counter import FlopCounterMode
     cfg = ModelConfig(vocab_size=512, n_layer=3, n_head=4, d_model=128, context=64, **style)
-    model = LanguageModel(cfg)
-    model.trunk.set_attention_impl("math")  # the flop counter sees the matmuls one by one
+    model = LanguageModel(cfg.replace(attention="math"))  # the counter sees each matmul
     x = torch.randint(512, (2, 64))
     counter = FlopCounterMode(display=False)
     with counter:
@@ -91,3 +95,33 @@ def test_rows_at_their_own_positions_decode_as_each_row_alone(positions):
             torch.testing.assert_close(batched[b], model(s[None])[0, -1], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="past the context"):
         model(last, cache=cache, pos=torch.tensor([32, 3]))
+
+
+def test_a_config_written_before_the_attention_field_loads_with_the_fused_attention():
+    old = {f.name: getattr(ModelConfig(), f.name) for f in dataclasses.fields(ModelConfig)
+           if f.name != "attention"}  # a run's config.json from before the field existed
+    cfg = ModelConfig(**old)
+    assert cfg.attention == "sdpa"
+    assert {b.attn.impl for b in Transformer(cfg).blocks} == {"sdpa"}
+    math = Transformer(cfg.replace(attention="math", cross_attention=True))
+    assert {m.impl for b in math.blocks for m in (b.attn, b.cross_attn)} == {"math"}
+
+
+def test_the_rope_table_stays_fp32_through_casts_and_is_not_saved():
+    cfg = ModelConfig(n_layer=2, n_head=4, n_kv_head=2, d_model=32, context=16,
+                      positions="rope", norm="rmsnorm", mlp="swiglu", bias=False)
+    fresh = Transformer(cfg).rope
+    assert fresh.dtype == torch.float32 and fresh.shape == (16, 4, 2)
+    for name, cast in [("bfloat16", lambda m: m.to(torch.bfloat16)), ("half", lambda m: m.half()),
+                       ("deepcopy", lambda m: copy.deepcopy(m.to(torch.bfloat16))),
+                       ("meta", lambda m: m.to("meta").to_empty(device="cpu"))]:
+        trunk = cast(Transformer(cfg))
+        assert trunk.rope.dtype == torch.float32, name
+        torch.testing.assert_close(trunk.rope, fresh, atol=0, rtol=0, msg=name)
+        assert "rope" in dict(trunk.named_buffers()), name  # so .to(device) moves it
+        assert not any("rope" in key for key in trunk.state_dict()), name
+    with torch.device("meta"):  # a size that does not fit here: nothing is computed
+        assert Transformer(cfg).rope.device.type == "meta"
+    trunk = Transformer(cfg).to(torch.bfloat16)
+    out = trunk(torch.randn(2, 16, 32, dtype=torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and out.isfinite().all()

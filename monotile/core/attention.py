@@ -12,6 +12,7 @@ so q_m . k_n depends only on m - n (Su et al. 2021).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -43,6 +44,36 @@ def attention_math(q, k, v, mask: torch.Tensor | None = None) -> torch.Tensor:
     return weights.to(q.dtype) @ v
 
 
+ATTENTION_IMPLS = ("sdpa", "math")
+
+
+def _cpu_attends_in_fp32(q: torch.Tensor) -> bool:
+    """True for CPU inputs in bf16 or fp16, or in fp32 under CPU autocast (which would run the
+    kernel in bf16): those are attended in fp32 (see _fp32_on_cpu)."""
+    if q.device.type != "cpu":
+        return False
+    return q.dtype in (torch.bfloat16, torch.float16) or (
+        q.dtype == torch.float32 and torch.is_autocast_enabled("cpu"))
+
+
+def _fp32_on_cpu(attend):
+    """`attend(q, k, v, **options)` computed in fp32 with autocast off where
+    _cpu_attends_in_fp32(q), the result cast back to q's dtype; elsewhere `attend` as it is.
+
+    The CPU kernel's bf16 backward is ~5x slower than its fp32 one at these sizes
+    (bench/train_text.py), so a bf16 model or a bf16-autocast step would lose there what its
+    bf16 matmuls gain; and an fp32 softmax is the more accurate anyway."""
+    @functools.wraps(attend)
+    def attend_on_cpu_in_fp32(q, k, v, **options):
+        if not _cpu_attends_in_fp32(q):
+            return attend(q, k, v, **options)
+        with torch.autocast("cpu", enabled=False):
+            out = attend(q.float(), k.float(), v.float(), **options)
+        return out.to(q.dtype)
+    return attend_on_cpu_in_fp32
+
+
+@_fp32_on_cpu
 def attention(q, k, v, *, mask=None, is_causal=False, impl: str = "sdpa") -> torch.Tensor:
     """Scaled dot-product attention with grouped-query heads.
 
@@ -51,16 +82,9 @@ def attention(q, k, v, *, mask=None, is_causal=False, impl: str = "sdpa") -> tor
     the last Tq of the Tk positions (as with a KV cache). `impl` is "sdpa" (PyTorch's fused
     kernel) or "math" (attention_math); tests prove the two equal.
 
-    On CPU, bf16/fp16 inputs (a bf16 model, or autocast) are attended in fp32 and the result cast
-    back: the CPU kernel's bf16 backward is ~5x slower than its fp32 one at these sizes
-    (bench/train_text.py), and an fp32 softmax is the more accurate anyway.
+    On CPU, bf16/fp16 inputs (a bf16 model, or autocast) are attended in fp32 and the result
+    cast back (_fp32_on_cpu: the CPU kernel's bf16 backward is ~5x slower than its fp32 one).
     """
-    if q.device.type == "cpu" and (q.dtype in (torch.bfloat16, torch.float16) or (
-            q.dtype == torch.float32 and torch.is_autocast_enabled("cpu"))):
-        with torch.autocast("cpu", enabled=False):
-            out = attention(q.float(), k.float(), v.float(), mask=mask, is_causal=is_causal,
-                            impl=impl)
-        return out.to(q.dtype)
     n_rep = q.size(1) // k.size(1)
     if n_rep > 1:  # each K/V head serves n_rep query heads
         k = k.repeat_interleave(n_rep, dim=1)
@@ -169,7 +193,7 @@ class KVCache:
             self.v[:, :, pos:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
 
-    def rows(self, start: int, stop: int) -> "KVCache":
+    def rows(self, start: int, stop: int) -> KVCache:
         """A view of rows start..stop-1: writing to it writes to this cache."""
         view = KVCache.__new__(KVCache)
         view.k, view.v = self.k[start:stop], self.v[start:stop]
@@ -192,12 +216,16 @@ class SelfAttention(nn.Module):
     With cross=True it is cross-attention: m is the `memory` (an encoder's output), q comes
     from `q` over x and k, v from one fused `kv` over m, unmasked. The memory's keys and values
     are computed once per sequence: given `memory` and a `cache` sized to it, they are written
-    there, and later calls without `memory` read them back.
+    there, and later calls without `memory` read them back. `impl` is attention()'s path:
+    "sdpa" (fused) or "math" (written out), as ModelConfig.attention says.
     """
 
     def __init__(self, dim: int, n_head: int, n_kv_head: int, bias: bool, dropout: float = 0.0,
-                 qkv_bias: bool | None = None, cross: bool = False):
+                 qkv_bias: bool | None = None, cross: bool = False, impl: str = "sdpa"):
         super().__init__()
+        if impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention impl {impl!r} is unknown; choose "
+                             f"{' or '.join(ATTENTION_IMPLS)}")
         self.n_head, self.n_kv_head = n_head, n_kv_head
         self.head_dim = dim // n_head
         self.cross = cross
@@ -209,7 +237,7 @@ class SelfAttention(nn.Module):
             self.qkv = nn.Linear(dim, (n_head + 2 * n_kv_head) * self.head_dim, bias=qkv_bias)
         self.wo = nn.Linear(n_head * self.head_dim, dim, bias=bias)
         self.dropout = nn.Dropout(dropout)
-        self.impl = "sdpa"
+        self.impl = impl  # sdpa | math: the same numbers, tested equal
 
     def forward(self, x, *, rope=None, causal=True, key_padding=None, cache=None, pos=0,
                 memory=None):

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .attention import (ROPE_SCALINGS, KVCache, SelfAttention, qkv_rotations,
+from .attention import (ATTENTION_IMPLS, ROPE_SCALINGS, KVCache, SelfAttention, qkv_rotations,
                         rope_frequencies)
 from .layers import DropPath, make_mlp, make_norm
 
@@ -52,6 +52,7 @@ class ModelConfig:
     dropout: float = 0.0
     drop_path: float = 0.0        # stochastic depth of the last block; block i gets i/(L-1) of it
     cross_attention: bool = False  # each block also attends to an encoder's output (a decoder)
+    attention: str = "sdpa"       # sdpa (PyTorch's fused kernel) | math (written-out reference)
 
     def __post_init__(self):
         def bad(name, value, fix):
@@ -83,6 +84,8 @@ class ModelConfig:
         if self.rope_scaling and self.rope_scaling.get(
                 "rope_type", self.rope_scaling.get("type")) not in ROPE_SCALINGS:
             bad("rope_scaling", self.rope_scaling, f"supported: {', '.join(ROPE_SCALINGS)}")
+        if self.attention not in ATTENTION_IMPLS:
+            bad("attention", self.attention, "choose sdpa or math")
         if self.norm_position not in ("pre", "post"):
             bad("norm_position", self.norm_position, "choose pre or post")
         if self.norm_eps <= 0 or self.rope_theta <= 0:
@@ -105,7 +108,7 @@ class ModelConfig:
         # SwiGLU: 8/3 d rounded to a multiple of 32 has the parameters of a 4 d GELU MLP
         return 32 * max(1, round(8 * self.d_model / 3 / 32))
 
-    def replace(self, **changes) -> "ModelConfig":
+    def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
@@ -119,12 +122,13 @@ class Block(nn.Module):
         super().__init__()
         self.norm1 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
         self.attn = SelfAttention(cfg.d_model, cfg.n_head, cfg.kv_heads, cfg.bias, cfg.dropout,
-                                  qkv_bias=cfg.qkv_bias)
+                                  qkv_bias=cfg.qkv_bias, impl=cfg.attention)
         self.norm_cross = self.cross_attn = None
         if cfg.cross_attention:
             self.norm_cross = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
             self.cross_attn = SelfAttention(cfg.d_model, cfg.n_head, cfg.kv_heads, cfg.bias,
-                                            cfg.dropout, qkv_bias=cfg.qkv_bias, cross=True)
+                                            cfg.dropout, qkv_bias=cfg.qkv_bias, cross=True,
+                                            impl=cfg.attention)
         self.norm2 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
         self.mlp = make_mlp(cfg.mlp, cfg.d_model, cfg.hidden, cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
@@ -168,9 +172,29 @@ class Transformer(nn.Module):
                      if cfg.norm_position == "pre" else nn.Identity())
         self.embed_norm = (make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
                            if cfg.embed_norm else None)
-        # the rotation table stays fp32 (a plain attribute, so module.to(dtype) leaves it alone)
-        self.rope = (rope_frequencies(cfg.head_dim, cfg.context, cfg.rope_theta, cfg.rope_scaling)
-                     if cfg.positions == "rope" else None)
+        # the rotation table (context, d_head/2, 2): a buffer, so that .to(device), .cuda() and
+        # DDP/FSDP move it with the weights; not saved, since the config determines it
+        self.register_buffer("rope", self._rope_table(torch.get_default_device()),
+                             persistent=False)
+
+    def _rope_table(self, device) -> torch.Tensor | None:
+        """cos, sin of p theta_j in fp32 for p < context on `device`, or None without RoPE;
+        computed on the CPU, then moved, so that every device holds the same numbers."""
+        cfg = self.cfg
+        if cfg.positions != "rope":
+            return None
+        with torch.device("cpu"):
+            table = rope_frequencies(cfg.head_dim, cfg.context, cfg.rope_theta, cfg.rope_scaling)
+        return table.to(device)
+
+    def _apply(self, fn, recurse=True):
+        """nn.Module._apply (under .to, .cuda, .half, .to_empty), then the rope table made anew
+        in fp32 on the device it went to: a bf16 table would be off by up to ~0.4 % of each
+        cos and sin, and to_empty (meta-device init) leaves it uninitialised."""
+        super()._apply(fn, recurse)
+        if self.rope is not None:
+            self.rope = self._rope_table(self.rope.device)
+        return self
 
     def forward(self, x, *, causal: bool = True, key_padding=None, cache=None, pos=0,
                 memory=None, cross_cache=None):
@@ -192,8 +216,6 @@ class Transformer(nn.Module):
             x = x + self.pos_emb[pos:pos + T]
         if self.embed_norm is not None:
             x = self.embed_norm(x)
-        if self.rope is not None and self.rope.device != x.device:
-            self.rope = self.rope.to(x.device)
         x = self.drop(x)
         rope = None
         if self.rope is not None:  # one table for all blocks, for the positions of x
@@ -219,8 +241,6 @@ class Transformer(nn.Module):
             x = self.embed_norm(x)
         rope = None
         if self.rope is not None:
-            if self.rope.device != x.device:
-                self.rope = self.rope.to(x.device)
             rope = qkv_rotations(self.rope[pos], self.cfg.n_head + self.cfg.kv_heads,
                                  self.cfg.kv_heads)[:, None]  # (B, 1, heads, d/2, 2)
         seen = torch.arange(int(pos.max()) + 1, device=x.device)[None] <= pos[:, None]  # (B, Tk)
@@ -243,13 +263,6 @@ class Transformer(nn.Module):
         p = next(self.parameters())
         return [KVCache(batch, cfg.kv_heads, memory_len, cfg.head_dim, dtype or p.dtype,
                         p.device) for _ in range(cfg.n_layer)]
-
-    def set_attention_impl(self, impl: str) -> None:
-        """"sdpa" (fused) or "math" (written out) in every block; the two are tested equal."""
-        for block in self.blocks:
-            block.attn.impl = impl
-            if block.cross_attn is not None:
-                block.cross_attn.impl = impl
 
 
 def init_weights(model: nn.Module, n_layer: int, std: float = 0.02, *,

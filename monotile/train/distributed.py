@@ -152,9 +152,12 @@ def wrap(model: nn.Module, ctx: Context) -> nn.Module:
     if ctx.strategy == "ddp":
         device = next(model.parameters()).device
         ids = [device.index] if device.type == "cuda" else None
-        # gradients live in DDP's all-reduce buckets: no second copy of them
+        # gradients live in DDP's all-reduce buckets: no second copy of them. The trunk's
+        # buffers (the RoPE table) are computed from the config, the same on every rank:
+        # nothing to broadcast before each forward
         return nn.parallel.DistributedDataParallel(model, device_ids=ids,
-                                                   gradient_as_bucket_view=True)
+                                                   gradient_as_bucket_view=True,
+                                                   broadcast_buffers=False)
     from torch.distributed.fsdp import fully_shard
     for module in model.modules():
         if isinstance(module, Block):  # each of the trunk's blocks is one unit
