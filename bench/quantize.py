@@ -21,7 +21,7 @@ import torch
 
 import monotile
 from monotile.infer.generate import Sampling, generate_ids
-from monotile.infer.quantize import quantize_run
+from monotile.adapt import quantize_run
 
 
 def decode_tokens_per_s(models: dict, prompt: torch.Tensor, tokens: int, rounds: int = 3):

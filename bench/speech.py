@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import monotile
 from monotile.data import find_data
 from monotile.infer.ctc import ctc_loss
-from monotile.modalities.speech import FSDD_WORDS
+from monotile.modalities.speech_io import FSDD_WORDS
 
 SPEAKERS = ["george", "jackson", "lucas", "nicolas", "theo", "yweweler"]
 

@@ -7,12 +7,10 @@
     ft = monotile.finetune("runs/shakespeare-char", "speeches.txt", rank=8)   # LoRA
 """
 
-__version__ = "0.1.0"
-
-from .errors import MonotileError  # noqa: E402
-from .run import Run, load, resume, train  # noqa: E402
-from .adapt import finetune, merge  # noqa: E402
-from . import adapt  # noqa: E402
+from .version import __version__
+from .errors import MonotileError
+from .run import Run, load, resume, train
+from .adapt import finetune, merge
 
 __all__ = ["MonotileError", "Run", "finetune", "load", "merge", "resume", "train",
            "__version__"]

@@ -1,4 +1,5 @@
-"""Fine-tuning with LoRA adapters, and folding them back in: `monotile finetune` and `merge`.
+"""Runs made from runs: LoRA fine-tuning and folding adapters back in (`monotile finetune`,
+`merge`), and int8 copies for inference (`monotile quantize`).
 
 A fine-tuning run is a run directory like any other (`resume`, `eval`, `generate`, `predict`
 work on it). Its config.json names its base run (path, checkpoint file and the SHA-256 of that
@@ -23,13 +24,13 @@ from .core.lora import add_lora, merge_lora
 from .core.transformer import ModelConfig, count_parameters
 from .data import find_data, sha256
 from .errors import CheckpointError, ConfigError
-from .modalities import task_class
-from .run import (Run, _config_json, _new_run_dir, _read_json, build_configs, load,
-                  weights_file, write_weights_run)
-from .train.checkpoint import atomic_write_json, load_model_weights, load_tensors, save_tensors
+from .infer.quantize import quantize_int8, weight_bytes
+from .modalities import is_trainable, task_class
+from .run import Run, load
+from .rundir import (ADAPTER, build_configs, config_document, new_run_dir, read_json,
+                     weights_file, write_adapter, write_weights_run)
+from .train.checkpoint import atomic_write_json, load_model_weights
 from .train.trainer import fit
-
-ADAPTER = "adapter.safetensors"
 # QLoRA (Dettmers et al. 2023): adapting every linear layer of the blocks, not only Wq and Wv,
 # is what matches full fine-tuning; `--lora-targets q,v` gives the original paper's choice.
 DEFAULT_TARGETS = ("qkv", "wo", "fc1", "fc2", "gate_up", "down")
@@ -38,23 +39,6 @@ DEFAULT_TARGETS = ("qkv", "wo", "fc1", "fc2", "gate_up", "down")
 def _base_record(base: Run, checkpoint: str) -> dict:
     name = weights_file(base.train_config, checkpoint)
     return {"run": str(base.dir.resolve()), "file": name, "sha256": sha256(base.dir / name)}
-
-
-def attach_adapters(model: torch.nn.Module, doc: dict) -> None:
-    """For `load`: the base run's weights into `model`, then empty adapters where the
-    fine-tuning run put them (its own checkpoint fills them next)."""
-    base = doc["base"]
-    path = Path(base["run"]) / base["file"]
-    if not path.is_file():
-        raise CheckpointError(f"the base run of this fine-tuning run is gone ({path}); put it "
-                              "back, or load a merged copy (monotile merge)")
-    if sha256(path) != base["sha256"]:
-        raise CheckpointError(f"the base run's weights {path} changed since the adapter was "
-                              "trained on them (SHA-256 differs); restore them, or fine-tune "
-                              "again on the new base")
-    load_model_weights(model, path)
-    lora = doc["lora"]
-    add_lora(model, lora["rank"], lora["alpha"], lora["targets"])
 
 
 def finetune(base: str | Path, data: str | Path, *, rank: int = 8, alpha: float | None = None,
@@ -68,15 +52,19 @@ def finetune(base: str | Path, data: str | Path, *, rank: int = 8, alpha: float 
     if distributed.launched():
         raise ConfigError("finetune runs in one process; start it without torchrun")
     base_run = load(base, checkpoint=checkpoint)
-    base_doc = _read_json(base_run.dir / "config.json")
+    base_doc = read_json(base_run.dir / "config.json")
     if "lora" in base_doc:
         raise ConfigError(f"{base_run.dir} is itself a fine-tuning run; merge it first "
                           f"(monotile merge) and fine-tune the merged run")
     if base_doc.get("quantized"):
         raise ConfigError(f"{base_run.dir} has int8 weights, which cannot train; fine-tune the "
                           f"run it was quantized from ({base_doc['quantized']['source']})")
-    task_name = base_run.meta["task"]
-    shape_fields = {f.name for f in dataclasses.fields(ModelConfig)} - {"dropout", "drop_path"}
+    task_name = base_run.kind
+    if not is_trainable(task_class(task_name)):
+        raise ConfigError(f"{base_run.dir} is a {task_name} run, which cannot be trained here; "
+                          "there is nothing to fine-tune it with")
+    shape_fields = {f.name for f in dataclasses.fields(ModelConfig)} - {
+        "dropout", "drop_path", "attention"}  # how the weights are used, not their shape
     fixed = sorted(set(overrides or {}) & shape_fields)
     if fixed:
         raise ConfigError(f"--set {fixed[0]} would change the base model's shape; fine-tuning "
@@ -97,13 +85,13 @@ def finetune(base: str | Path, data: str | Path, *, rank: int = 8, alpha: float 
             "targets": list(targets or DEFAULT_TARGETS)}
     adapted = add_lora(model, lora["rank"], lora["alpha"], lora["targets"])
     lora["layers"] = adapted
-    run_dir = _new_run_dir(out, f"{base_run.dir.name}-lora")
+    run_dir = new_run_dir(out, f"{base_run.dir.name}-lora")
     model.eval()
     with torch.no_grad():
         before = task.evaluate(model)  # B = 0: the base model itself, on the new data
     run_dir.mkdir(parents=True, exist_ok=True)  # nothing is written before this point
     meta = {**base_run.meta, "preset": None}
-    doc = {**_config_json(meta, configs), "base": _base_record(base_run, checkpoint),
+    doc = {**config_document(meta, configs), "base": _base_record(base_run, checkpoint),
            "lora": lora}
     atomic_write_json(run_dir / "config.json", doc)
     task.save(run_dir)
@@ -116,7 +104,7 @@ def finetune(base: str | Path, data: str | Path, *, rank: int = 8, alpha: float 
               f"{trainable:,} trainable parameters of {total:,} ({trainable / total:.2%})")
     run.state = fit(task, model, configs["train"], run_dir, until_step=until_step, quiet=quiet)
     run.state.update(trainable_parameters=trainable, base_eval=before)
-    write_adapter(run)
+    write_adapter(run.dir, run.train_config, run.state.get("step"))
     return run
 
 
@@ -127,25 +115,11 @@ def _with_dropout(base_run: Run, model_cfg: ModelConfig) -> torch.nn.Module:
     return model.to(next(base_run.model.parameters()).device)
 
 
-def write_adapter(run: Run) -> Path:
-    """RUN/adapter.safetensors: the adapters `load` uses (the moving average when the run keeps
-    one), with what a merge needs to check."""
-    doc = _read_json(run.dir / "config.json")
-    tensors, _ = load_tensors(run.dir / weights_file(run.train_config))
-    metadata = {"format": "pt", "base_sha256": doc["base"]["sha256"],
-                "base_file": doc["base"]["file"],
-                "lora": json.dumps({k: doc["lora"][k] for k in ("rank", "alpha", "targets")}),
-                "step": str(run.state.get("step", ""))}
-    path = run.dir / ADAPTER
-    save_tensors(path, tensors, metadata)
-    return path
-
-
 def _adapter_source(adapter: Path) -> tuple[Path, dict]:
     """The file holding the adapters to merge and what it was trained on: a fine-tuning run's
     own checkpoint (what `load` and `eval` use), or an adapter.safetensors on its own."""
     if adapter.is_dir():
-        doc = _read_json(adapter / "config.json")
+        doc = read_json(adapter / "config.json")
         if "lora" not in doc:
             raise ConfigError(f"{adapter} is not a fine-tuning run (no adapter in its "
                               "config.json); give the run `monotile finetune` made")
@@ -175,11 +149,11 @@ def merge(base: str | Path, adapter: str | Path, *, out: str | Path,
     ft_dir = Path(adapter) if Path(adapter).is_dir() else None
     adapter, meta = _adapter_source(Path(adapter))
     lora = meta["lora"]
-    out = _new_run_dir(out, None)  # refused now if it holds a run
+    out = new_run_dir(out, None)  # refused now if it holds a run
     if checkpoint is None:
         checkpoint = "best" if meta.get("base_file") == "best.safetensors" else "last"
     base_run = load(base, checkpoint=checkpoint)
-    if "lora" in _read_json(base_run.dir / "config.json"):
+    if "lora" in read_json(base_run.dir / "config.json"):
         raise ConfigError(f"{base_run.dir} is a fine-tuning run; give its base run as RUN")
     base_file = base_run.dir / weights_file(base_run.train_config, checkpoint)
     if sha256(base_file) != meta.get("base_sha256"):
@@ -190,8 +164,28 @@ def merge(base: str | Path, adapter: str | Path, *, out: str | Path,
     add_lora(model, lora["rank"], lora["alpha"], lora["targets"])
     load_model_weights(model, adapter)
     merge_lora(model)
-    doc = _read_json((ft_dir or base_run.dir) / "config.json")
+    doc = read_json((ft_dir or base_run.dir) / "config.json")
     doc.pop("lora", None)
     doc.pop("base", None)
     doc["merged"] = {"base": str(base_file.resolve()), "adapter": str(adapter.resolve())}
     return load(write_weights_run(out, doc, model, base_run.dir / "tokenizer.json"))
+
+
+def quantize_run(run_dir, out, *, checkpoint: str = "last") -> dict:
+    """A new run directory at `out` holding the run's model with int8 weights (config.json
+    records it, so `load`, `eval`, `generate` and `predict` rebuild the int8 model)."""
+    out = new_run_dir(out, None)  # refused now if it holds a run
+    run = load(run_dir, checkpoint=checkpoint, device="cpu")
+    doc = read_json(run.dir / "config.json")
+    if doc.get("quantized"):
+        raise ConfigError(f"{run.dir} is already quantized ({doc['quantized']['format']})")
+    if "lora" in doc:
+        raise ConfigError(f"{run.dir} is a fine-tuning run; merge its adapter first "
+                          "(monotile merge) and quantize the merged run")
+    before = weight_bytes(run.model)
+    layers = quantize_int8(run.model)
+    doc["quantized"] = {"format": "int8-weight-only", "scales": "per output channel",
+                        "layers": len(layers), "source": str(Path(run.dir).resolve())}
+    write_weights_run(out, doc, run.model, run.dir / "tokenizer.json", {"quantized": "int8"})
+    return {"run": str(out), "layers": len(layers), "bytes_before": before,
+            "bytes_after": weight_bytes(run.model)}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import urllib.request
+import warnings
 from pathlib import Path
 
 from .errors import DataError
@@ -116,10 +117,42 @@ def expand_inputs(inputs: list, suffixes: tuple[str, ...], kind: str) -> list[Pa
     return files
 
 
+def listed_file(listing: Path, cell: str, what: str) -> Path:
+    """A file named in a listing (a CSV or manifest of files): absolute, or relative to the
+    listing's folder; DataError when it does not exist."""
+    path = Path(cell.strip())
+    path = path if path.is_absolute() else Path(listing).parent / path
+    if not path.exists():
+        raise DataError(f"{listing}: {what} {path} does not exist; fix the path (relative paths "
+                        "are read from the listing's folder)")
+    return path
+
+
+def read_each(items: list, read, what: str, unit: str = "file") -> tuple[list, list]:
+    """read(item) for each item: (the values, the items they came from). An item whose read
+    raises DataError is skipped, with one warning naming the first; none readable is a
+    DataError. A progress bar for long lists, on a terminal."""
+    from tqdm.auto import tqdm
+    values, kept, skipped = [], [], []
+    for item in tqdm(items, desc=f"reading {what}", unit=unit,
+                     disable=True if len(items) < 2000 else None):  # None: on a terminal
+        try:
+            values.append(read(item))
+            kept.append(item)
+        except DataError as e:
+            skipped.append(str(e))
+    if skipped:
+        warnings.warn(f"{len(skipped)} of {len(items)} {what} files could not be read and were "
+                      f"skipped; the first: {skipped[0]}", stacklevel=3)
+    if not values:
+        raise DataError(f"none of the {what} files is readable; the first: {skipped[0]}")
+    return values, kept
+
+
 def nothing_readable(skipped: list[dict], kind: str) -> DataError:
-    """The error when every input was skipped: the one file's own error, or a count."""
+    """The error when every input was skipped: the one input's own error, or a count."""
     return DataError(skipped[0]["error"] if len(skipped) == 1 else
-                     f"none of the {len(skipped)} files is {kind}; the first: "
+                     f"none of the {len(skipped)} inputs could be read as {kind}; the first: "
                      f"{skipped[0]['error']}")
 
 

@@ -97,9 +97,10 @@ def sweep(preset: str, *, sizes=DEFAULT_SIZES, tokens=DEFAULT_TOKENS,
     from . import presets as preset_table
     from .run import train
     spec = preset_table.PRESETS.get(preset)
-    if spec is None or spec["task"] != "text":
-        raise ConfigError(f"scaling sweeps text presets; {preset!r} is not one (see "
-                          "`monotile presets`)")
+    if spec is None or "context" not in spec["model"]:
+        raise ConfigError(f"scaling sweeps presets of sequence models with a context (tokens "
+                          f"per step = batch x context), as the text ones; {preset!r} is not "
+                          "one (see `monotile presets`)")
     sizes, tokens = sorted(set(sizes)), sorted(set(tokens))
     if len(sizes) < 2 or len(tokens) < 2:
         raise ConfigError("a sweep needs at least 2 sizes and 2 token budgets to separate N "
@@ -123,7 +124,11 @@ def sweep(preset: str, *, sizes=DEFAULT_SIZES, tokens=DEFAULT_TOKENS,
         settings = {**(overrides or {}), "d_model": str(d), "max_steps": str(steps),
                     "eval_interval": str(steps), "warmup_steps": str(min(100, steps // 10 + 1))}
         progress(f"training d_model={d} for {steps} steps ({steps * per_step:,} tokens)")
-        run = train("text", preset, out=folder, data=data, overrides=settings, quiet=quiet)
+        run = train(spec["task"], preset, out=folder, data=data, overrides=settings,
+                    quiet=quiet)
+        if "val_loss" not in run.state["last_eval"]:
+            raise ConfigError(f"scaling fits a validation loss, and {spec['task']} runs report "
+                              "none (val_loss)")
         row = {"d_model": d, "N": trunk_parameters(run.model), "D": steps * per_step,
                "val_loss": run.state["last_eval"]["val_loss"], "run": str(folder)}
         done.write_text(json.dumps(row))

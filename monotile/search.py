@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 
-from ..errors import DataError
-from ..train.checkpoint import load_tensors, save_tensors
+from .errors import DataError
+from .rundir import weights_file
+from .train.checkpoint import load_tensors, save_tensors
 
 SUFFIXES = (".txt", ".md")
 
@@ -74,13 +75,13 @@ def document_embeddings(run, docs: Path, model_id: str):
         save_tensors(path, {"embeddings": vectors},
                      {"fingerprint": key, "documents": str(len(documents))})
     except OSError as e:
-        warnings.warn(f"could not store the index at {path} ({e}); it is recomputed next time")
+        warnings.warn(f"could not store the index at {path} ({e}); it is recomputed next time",
+                      stacklevel=2)
     return documents, vectors, False
 
 
 def search(run, docs: str | Path, query: str, top_k: int = 5) -> dict:
     """The top_k documents for `query` with their scores, best first."""
-    from ..run import weights_file
     if top_k <= 0:
         raise DataError(f"--top-k {top_k} is invalid: give a positive number")
     # the weights file's path, size and modification time name the model: hashing its bytes

@@ -13,8 +13,9 @@ import monotile
 from monotile.data import find_data
 from monotile.modalities.audio import (hann_window, log_mel, mel_filters, read_audio, resample,
                                        stft)
-from monotile.modalities.speech import (FSDD_WORDS, SpeechConfig, SpeechTask, edit_distance,
-                                        error_rates, normalize_text, to_srt)
+from monotile.modalities.metrics import edit_distance, error_rates
+from monotile.modalities.speech import SpeechConfig, SpeechTask
+from monotile.modalities.speech_io import FSDD_WORDS, normalize_text, to_srt
 
 from conftest import cli, set_args
 
@@ -166,7 +167,7 @@ def _fsdd_subset(fsdd, speakers=("george", "jackson"), digits=(1, 2, 3), index=r
 
 
 def test_fsdd_split_and_a_held_out_speaker(fsdd):
-    from monotile.modalities.speech import split_utterances
+    from monotile.modalities.speech_io import split_utterances
     splits = split_utterances(SpeechConfig(), fsdd)
     assert len(splits["train"]) == 2700 and len(splits["test"]) == 300
     assert {u.text for u in splits["test"]} == {"zero", "one", "two", "three", "four", "five",
@@ -179,7 +180,7 @@ def test_fsdd_split_and_a_held_out_speaker(fsdd):
 
 
 def test_manifest_and_librispeech_folders_list_the_same_recordings(tmp_path, fsdd):
-    from monotile.modalities.speech import list_utterances
+    from monotile.modalities.speech_io import list_utterances
 
     files = _fsdd_subset(fsdd)
     words = ["zero", "one", "two", "three"]
@@ -198,7 +199,8 @@ def test_manifest_and_librispeech_folders_list_the_same_recordings(tmp_path, fsd
             f.write(f"{uid} {words[int(d)].upper()}\n")
     a, _ = list_utterances(SpeechConfig(), manifest)
     b, _ = list_utterances(SpeechConfig(), root)
-    key = lambda u: (u.speaker, u.text.lower(), u.path.stem.split("_")[-1].split("-")[-1].lstrip("0"))
+    key = lambda u: (u.speaker, u.text.lower(),
+                     u.path.stem.split("_")[-1].split("-")[-1].lstrip("0"))
     assert sorted(map(key, a)) == sorted(map(key, b)) and len(a) == len(files)
 
 

@@ -15,9 +15,10 @@ import monotile
 from monotile.core.layers import DropPath
 from monotile.core.transformer import ModelConfig
 from monotile.data import find_data
+from monotile.modalities.metrics import confusion_matrix, precision_recall_f1
 from monotile.modalities.vision import (ImageClassifier, VisionConfig, VisionTask, affine,
-                                        confusion_matrix, patchify, precision_recall_f1,
-                                        read_image, resample_pos_emb)
+                                        patchify, resample_pos_emb)
+from monotile.modalities.vision_io import read_image
 from monotile.train.ema import EMA
 
 from conftest import cli, set_args

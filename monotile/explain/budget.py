@@ -15,6 +15,9 @@ with AdamW, in bytes per value b (4 for fp32, 2 for bf16):
     output, q, k, v, the attended values), b (2 d + 2 h) for the MLP (4 h for SwiGLU), b d for
     the embedding and 2 b V for a language model's logits and their gradient.
 
+The example batch comes from the run's task (Task.example_inputs), so every modality that says
+what its model's input looks like has a budget.
+
 tests/test_explain.py checks the FLOPs against torch.utils.flop_counter.FlopCounterMode and the
 memory against what a real training step holds.
 """
@@ -47,9 +50,9 @@ def component(name: str) -> str:
 
 
 def sample_input(run, batch: int, context: int | None):
-    """A batch the run's model takes, with `context` tokens in its trunk where the task lets
-    the length vary (text, speech); returns (args, trunk tokens per sequence)."""
-    cfg, task = run.configs["model"], run.meta["task"]
+    """A batch the run's model takes (its task's example_inputs), with `context` tokens in its
+    trunk where the task lets the length vary; returns (args, trunk tokens per sequence)."""
+    cfg, task = run.configs["model"], run.task
     if context is not None and context > cfg.context:
         raise ConfigError(f"--context {context} is longer than the model's context "
                           f"{cfg.context}; give at most {cfg.context}")
@@ -57,25 +60,10 @@ def sample_input(run, batch: int, context: int | None):
         raise ConfigError(f"--context {context} is invalid: give a positive number of tokens")
     if batch <= 0:
         raise ConfigError(f"--batch {batch} is invalid: give a positive number of sequences")
-    T = context or cfg.context
-    if task == "text":
-        ids = torch.randint(0, cfg.vocab_size, (batch, T))
-        if run.configs["text"].model == "encoder":
-            return (ids, torch.ones_like(ids)), T
-        return (ids,), T
-    if context is not None and task in ("vision", "series"):
-        raise ConfigError(f"--context is for text and speech runs; a {task} model's sequence "
+    if context is not None and not task.variable_length:
+        raise ConfigError(f"--context does not apply to {task.name} runs: the model's sequence "
                           f"is fixed by its config ({cfg.context} tokens)")
-    if task == "vision":
-        c = run.configs["vision"]
-        return (torch.randn(batch, c.channels, c.image_size, c.image_size),), cfg.context
-    if task == "series":
-        return (torch.randn(batch, run.configs["series"].lookback),), cfg.context
-    if task == "speech":
-        c = run.configs["speech"]
-        frames = T * c.subsample
-        return (torch.randn(batch, frames, c.n_mels), torch.full((batch,), frames)), T
-    raise ConfigError(f"a budget for {task} runs is not supported")
+    return task.example_inputs(cfg, batch, context)
 
 
 def forward_flops(model: nn.Module, args) -> tuple[dict[str, float], dict[str, float]]:
@@ -138,7 +126,7 @@ def budget(run, *, batch: int | None = None, context: int | None = None) -> dict
             seen.add(id(p))
             params[component(name)] += p.numel()
     cfg = run.configs["model"]
-    act = _activations_per_token(run, cfg, {k: v / tokens for k, v in outside.items()})
+    act = _activations_per_token(run.task, cfg, {k: v / tokens for k, v in outside.items()})
     rows = {}
     for c in COMPONENTS:
         n = params.get(c, 0)
@@ -148,21 +136,20 @@ def budget(run, *, batch: int | None = None, context: int | None = None) -> dict
                        ("weights", b * n), ("gradients", b * n), ("adamw", 2 * b * n),
                        ("activations", b * act.get(c, 0.0) * tokens))}}
     total = {k: sum(r[k] for r in rows.values()) for k in rows["embedding"]}
-    return {"run": str(run.dir), "task": run.meta["task"], "batch": batch, "tokens": T,
+    return {"run": str(run.dir), "task": run.kind, "batch": batch, "tokens": T,
             "components": rows, "total": total}
 
 
-def _activations_per_token(run, cfg, outside: dict[str, float]) -> dict[str, float]:
+def _activations_per_token(task, cfg, outside: dict[str, float]) -> dict[str, float]:
     """Values kept for backward per trunk token, per component: the trunk's by the module
     docstring's counts; a stem's and a head's (convolutions, patch and output projections) as
-    the inputs and outputs their layers saw (`outside`, per token)."""
+    the inputs and outputs their layers saw (`outside`, per token), unless the task knows its
+    head better (a language model: the logits and their gradient)."""
     d, L = cfg.d_model, cfg.n_layer
-    out = {"embedding": outside.get("embedding", d), "attention": 6 * d * L,
-           "mlp": (2 * d + (4 if cfg.mlp == "swiglu" else 2) * cfg.hidden) * L,
-           "norms": d, "head": outside.get("head", 0.0)}
-    if run.meta["task"] == "text" and run.configs["text"].model != "encoder":
-        out["head"] = 2 * cfg.vocab_size  # the logits and their gradient
-    return out
+    head = task.head_activations(cfg)
+    return {"embedding": outside.get("embedding", d), "attention": 6 * d * L,
+            "mlp": (2 * d + (4 if cfg.mlp == "swiglu" else 2) * cfg.hidden) * L,
+            "norms": d, "head": outside.get("head", 0.0) if head is None else head}
 
 
 def format_budget(b: dict) -> str:

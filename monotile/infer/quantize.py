@@ -46,7 +46,7 @@ class Int8Linear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None)
         layer.weight_int8, layer.scale = quantize_rows(linear.weight)
         if linear.bias is not None:
@@ -105,34 +105,11 @@ def quantize_int8(model: nn.Module) -> list[str]:
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes of the model's parameters and buffers, a shared tensor counted once."""
+    """Bytes of what the model saves (its parameters and persistent buffers), a tensor shared
+    by two names counted once."""
     seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
+    for t in model.state_dict().values():
         if t.data_ptr() not in seen:
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size()
     return total
-
-
-def quantize_run(run_dir, out, *, checkpoint: str = "last"):
-    """A new run directory at `out` holding the run's model with int8 weights (config.json
-    records it, so `load`, `eval`, `generate` and `predict` rebuild the int8 model)."""
-    from pathlib import Path
-
-    from ..errors import ConfigError
-    from ..run import _new_run_dir, _read_json, load, write_weights_run
-    out = _new_run_dir(out, None)  # refused now if it holds a run
-    run = load(run_dir, checkpoint=checkpoint, device="cpu")
-    doc = _read_json(run.dir / "config.json")
-    if doc.get("quantized"):
-        raise ConfigError(f"{run.dir} is already quantized ({doc['quantized']['format']})")
-    if "lora" in doc:
-        raise ConfigError(f"{run.dir} is a fine-tuning run; merge its adapter first "
-                          "(monotile merge) and quantize the merged run")
-    before = weight_bytes(run.model)
-    layers = quantize_int8(run.model)
-    doc["quantized"] = {"format": "int8-weight-only", "scales": "per output channel",
-                        "layers": len(layers), "source": str(Path(run.dir).resolve())}
-    write_weights_run(out, doc, run.model, run.dir / "tokenizer.json", {"quantized": "int8"})
-    return {"run": str(out), "layers": len(layers), "bytes_before": before,
-            "bytes_after": weight_bytes(run.model)}

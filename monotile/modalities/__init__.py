@@ -1,35 +1,56 @@
-"""The Task contract: what the trainer, the CLI and the server need from a modality.
+"""The modalities: how each kind of data becomes tokens and comes back, one file each.
 
-    class Task(Protocol):
-        name: str                                  # "text", "vision", ...
-        config: TaskConfig                         # JSON-serialisable, validated
-        best_metric: tuple[str, str]               # e.g. ("val_loss", "min")
-        def build_model(self, cfg: ModelConfig) -> nn.Module
-        def batches(self, split, rng, batch_size) -> Iterator[Batch]  # randomness from rng only
-        def loss(self, model, batch) -> Tensor
-        def tokens(self, batch) -> int                     # tokens the trunk saw, for tokens/s
-        def evaluate(self, model, progress=False) -> dict[str, float]
-        def predict(self, model, inputs, **options) -> list
-        def save(self, run_dir) / classmethod load(config, run_dir)  # tokenizer and the like
-        def report(self, model, run_dir, data=None, progress=False) -> dict   # optional: the
-            # full evaluation `monotile eval` prints (per-class figures, plots); default evaluate
+The contract every modality meets is code, in base.py: `Task` (what every run's modality is:
+load, save, build_model, read, predict, evaluate), `Trainable` (what `fit` needs on top:
+prepare, batches, loss, tokens), the capabilities `TextGenerator` and `Embedder`, and
+`TaskBase`, the optional hooks with their defaults. TASKS is the registry by name; importing
+this package registers the built-in modalities:
 
-A modality is one file here with one Task class registered in TASKS.
+    text        text.py       a causal language model (or an imported sentence encoder)
+    vision      vision.py     a Vision Transformer classifier
+    speech      speech.py     a CTC speech recogniser
+    series      series.py     a patch forecaster with quantiles
+    transcribe  whisper.py    an imported Whisper (encoder-decoder), not trained here
+
+A new modality is one file with a Task class decorated by @register. Importing it registers
+it; so that `monotile` itself imports it, name its module in $MONOTILE_MODALITIES (comma-
+separated), or give its package an entry point in the group "monotile.modalities". Then every
+command, `explain`, the budget and the server take it (tests/test_a_modality_is_one_file.py).
 """
 
 from __future__ import annotations
 
-from ..errors import ConfigError
+from .base import (TASKS, Embedder, Task, TaskBase, TextGenerator, Trainable, call_with_options,
+                   check_options, is_trainable, members, register, takes, task_class)
+# isort: off  (the order they register in is the order `monotile train --help` lists them)
+from . import text, vision, speech, series, whisper  # noqa: F401
+# isort: on
 
 
-def task_class(name: str):
-    from .text import TextTask
-    from .series import SeriesTask
-    from .speech import SpeechTask
-    from .vision import VisionTask
-    from .whisper import TranscribeTask
-    tasks = {"text": TextTask, "vision": VisionTask, "speech": SpeechTask, "series": SeriesTask,
-             "transcribe": TranscribeTask}
-    if name not in tasks:
-        raise ConfigError(f"unknown task {name!r}; choose one of: {', '.join(sorted(tasks))}")
-    return tasks[name]
+def load_plugins() -> list[str]:
+    """Import the modalities of other modules, which register themselves: the entry points of
+    the group "monotile.modalities", then the modules named in $MONOTILE_MODALITIES. A module
+    that cannot be imported is a warning, not a crash. Returns the modules imported."""
+    import importlib
+    import os
+    import warnings
+    from importlib.metadata import entry_points
+    names = [ep.value for ep in entry_points(group="monotile.modalities")]
+    names += [n.strip() for n in os.environ.get("MONOTILE_MODALITIES", "").split(",")
+              if n.strip()]
+    loaded = []
+    for name in dict.fromkeys(names):
+        try:
+            importlib.import_module(name.split(":")[0])
+            loaded.append(name)
+        except Exception as e:  # a broken plugin must not take the built-in modalities down
+            warnings.warn(f"the modality module {name!r} could not be imported ({e}); check "
+                          "$MONOTILE_MODALITIES and the plugin's installation", stacklevel=2)
+    return loaded
+
+
+load_plugins()
+
+__all__ = ["TASKS", "Embedder", "Task", "TaskBase", "TextGenerator", "Trainable",
+           "call_with_options", "check_options", "is_trainable", "load_plugins", "members",
+           "register", "takes", "task_class"]

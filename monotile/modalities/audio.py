@@ -9,6 +9,8 @@ Mel:      mel(f) = 3 f / 200 below 1 kHz, 15 + 27 ln(f / 1000) / ln 6.4 above (S
           2 / (f_{m+2} - f_m) so its area is constant (Slaney normalisation)
 Log-mel:  L = log10(max(M |X|^2, 1e-10)); L = max(L, max(L) - 8); L = (L + 4) / 4  (Whisper:
           an 80 dB floor below each utterance's loudest bin, then roughly unit scale)
+Stem:     frames -> tokens by a 3-wide convolution and GELU, then log2(s) stride-2 3-wide
+          convolutions and GELU, each halving the frame rate (Whisper's encoder stem, s = 2)
 
 Written on torch (no torchaudio, no librosa); tests check them against torch.stft and
 transformers' WhisperFeatureExtractor.
@@ -16,6 +18,7 @@ transformers' WhisperFeatureExtractor.
 
 from __future__ import annotations
 
+import io
 import math
 from math import gcd
 from pathlib import Path
@@ -23,22 +26,26 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..errors import DataError
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".aiff", ".aif", ".mp3")
+SILENCE = 1e-4  # a peak below -80 dBFS is silence: nothing to transcribe
 
 
-def read_audio(path: Path, sample_rate: int) -> torch.Tensor:
-    """Any audio file soundfile reads -> float32 mono waveform (N,) at sample_rate, values in
-    [-1, 1]; DataError if the file is not readable audio."""
+def read_audio(source: Path | bytes, sample_rate: int) -> torch.Tensor:
+    """Any audio soundfile reads, a file or its bytes -> float32 mono waveform (N,) at
+    sample_rate, values in [-1, 1]; DataError if it is not readable audio."""
     import soundfile as sf
 
+    upload = isinstance(source, (bytes, bytearray))
     try:
-        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+        data, rate = sf.read(io.BytesIO(source) if upload else str(source), dtype="float32",
+                             always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
-        raise DataError(f"{path} is not a readable audio file ({str(e).strip().rstrip('.')}); "
-                        "give a WAV, FLAC or OGG file") from None
+        raise DataError(f"{'the upload' if upload else source} is not a readable audio file "
+                        f"({str(e).strip().rstrip('.')}); give a WAV, FLAC or OGG file") from None
     mono = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
     return torch.from_numpy(np.ascontiguousarray(resample(mono, rate, sample_rate)))
 
@@ -113,3 +120,29 @@ def log_mel(x: torch.Tensor, filters: torch.Tensor, n_fft: int, hop: int) -> tor
         spec = torch.maximum(spec, peak - 8.0)
     spec = (spec + 4.0) / 4.0
     return spec[0] if squeeze else spec
+
+
+def silent(wave: torch.Tensor) -> bool:
+    """Empty, or a peak below -80 dBFS: nothing to transcribe."""
+    return len(wave) == 0 or float(wave.abs().max()) < SILENCE
+
+
+class Subsampler(nn.Module):
+    """(B, T, n_mels) -> (B, ceil(T / s), d): a 3-wide convolution to d channels and GELU,
+    then log2(s) stride-2 3-wide convolutions and GELU (Whisper's stem has s = 2)."""
+
+    def __init__(self, n_mels: int, d: int, subsample: int):
+        super().__init__()
+        layers = [nn.Conv1d(n_mels, d, 3, padding=1), nn.GELU()]
+        for _ in range(int(math.log2(subsample))):
+            layers += [nn.Conv1d(d, d, 3, stride=2, padding=1), nn.GELU()]
+        self.convs = nn.Sequential(*layers)
+        self.subsample = subsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.convs(x.transpose(1, 2)).transpose(1, 2)
+
+    def lengths(self, frames: torch.Tensor) -> torch.Tensor:
+        for _ in range(int(math.log2(self.subsample))):
+            frames = (frames + 1) // 2  # floor((T + 2 - 3) / 2) + 1
+        return frames

@@ -24,7 +24,6 @@ Loss:      pinball: mean over steps and quantiles tau of max(tau (y - q_tau), (t
 from __future__ import annotations
 
 import dataclasses
-import math
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,9 +37,16 @@ from tqdm.auto import tqdm
 from ..core.transformer import ModelConfig, Transformer, init_weights
 from ..data import find_data
 from ..errors import ConfigError, DataError, check_positive, invalid
-from .series_io import (BUILTIN, SeriesData, continue_times, fill_missing, load_series,
-                        read_table, window_index)
+from .base import TaskBase, register
+from .metrics import mase, smape
+from .series_eval import rolling_backtest, with_baselines
+from .series_io import (BUILTIN, History, SeriesData, continue_times, forecast_rows,
+                        format_backtest, format_forecasts, load_series, read_history,
+                        window_index)
 
+
+
+MAX_HORIZON = 10_000  # steps one forecast may reach (recursively: a bound on the work)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -140,17 +146,6 @@ def quantile_shifts(q: torch.Tensor, y: torch.Tensor, sigma: torch.Tensor,
                          for k, tau in enumerate(quantiles)])
 
 
-def mase(pred: torch.Tensor, y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Mean over windows of mean_h |y_h - pred_h| / scale, scale = the in-sample mean absolute
-    error of the seasonal naive forecast, mean_t |x_t - x_(t-m)| (Hyndman & Koehler 2006)."""
-    return ((pred - y).abs().mean(-1) / scale).mean()
-
-
-def smape(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean of 200 |y - pred| / (|y| + |pred|) over steps and windows, in % (M4's sMAPE)."""
-    return (200 * (y - pred).abs() / (y.abs() + pred.abs()).clamp_min(1e-8)).mean()
-
-
 # ---- the model ----------------------------------------------------------------------------
 
 class PatchForecaster(nn.Module):
@@ -189,11 +184,16 @@ class PatchForecaster(nn.Module):
 
 # ---- the task -----------------------------------------------------------------------------
 
-class SeriesTask:
+@register
+class SeriesTask(TaskBase):
     """Forecasting: a patch Transformer over each channel's look-back window, quantile head."""
 
     name = "series"
     Config = SeriesConfig
+    what = "history CSV"
+    suffixes = (".csv",)
+    routes = ("forecasts",)
+    picture = "forecast.png"
 
     @property
     def best_metric(self) -> tuple[str, str]:
@@ -214,13 +214,6 @@ class SeriesTask:
         d = task.data()
         task.config = dataclasses.replace(config, columns=d.names, mean=d.mean, std=d.std)
         return task, _model_config(task.config, model_cfg)
-
-    @classmethod
-    def load(cls, config: SeriesConfig, model_cfg: ModelConfig, run_dir: Path):
-        return cls(config)
-
-    def save(self, run_dir: Path) -> None:
-        pass  # the series' names and scaling live in config.json
 
     def build_model(self, cfg: ModelConfig) -> nn.Module:
         c = self.config
@@ -379,71 +372,21 @@ class SeriesTask:
 
     def report(self, model, run_dir: Path, *, data: str | None = None,
                backtest: int | None = None, progress: bool = False) -> dict:
-        """evaluate(), with the naive and seasonal naive forecasts of the same test windows;
-        or, with `backtest`, a rolling-origin comparison with the statistical forecasters."""
+        """evaluate(), with the naive, seasonal naive and Naive2 forecasts of the same test
+        windows; or, with `backtest`, a rolling-origin comparison with the statistical
+        forecasters (series_eval.py)."""
         if data is not None:
             raise DataError("`eval --data` is not supported for series runs; use `predict` on "
                             "a history CSV, or train on the data")
         if backtest is not None:
             return self.backtest(model, backtest, progress=progress)
-        out, (index, x, y) = self._evaluate(model, progress)
-        m = self.config.season
-        for name, pred in (("naive", x[:, -1:].expand_as(y)),
-                           ("seasonal_naive", _repeat_season(x, m, y.size(1)))):
-            q = pred.unsqueeze(-1).expand(*pred.shape, len(self.config.quantiles))
-            figures = self.metrics(index, q, y)
-            out.update({f"{name}_{k}": v for k, v in figures.items()
-                        if k in ("mse", "mae", "mase", "smape")})
-        if len(index) <= 5000:  # M4's overall weighted average against its Naive2 benchmark
-            from .statistical import naive2
-            raw = self.unscale(index, x)[0].double().numpy()
-            pred = torch.from_numpy(np.stack([naive2(r, y.size(1), m) for r in raw]))
-            q = self.scale(index, pred).float().unsqueeze(-1).expand(
-                *pred.shape, len(self.config.quantiles))
-            figures = self.metrics(index, q, y)
-            out["naive2_smape"], out["naive2_mase"] = figures["smape"], figures["mase"]
-            out["owa"] = 0.5 * (out["test_smape"] / figures["smape"] +
-                                out["test_mase"] / figures["mase"])
-        return out
+        return with_baselines(self, model, progress)
 
     def backtest(self, model, k: int, methods=("naive", "seasonal_naive", "ets"),
                  progress: bool = False) -> dict:
-        """Rolling origin: each series is forecast from k origins H apart, the last one H
-        before its end, all in its test part; the model from the look-back before each origin,
-        the statistical methods fitted on everything before it (at most 4000 values). Per
-        method: MSE and MAE (model units), MASE, sMAPE; the model's interval coverage."""
-        from . import statistical
-        c, d = self.config, self.data()
-        H = c.horizon
-        if k <= 0:
-            raise DataError(f"--backtest {k} is invalid: give a positive number of origins")
-        fits = min((b[2] - b[1]) // H for b in d.borders)
-        if k > fits:
-            raise DataError(f"--backtest {k} needs {k * H} test values per series; this run's "
-                            f"test part holds {fits} forecast{'s' if fits != 1 else ''} of {H}"
-                            f": use --backtest {max(fits, 1)}")
-        index = torch.tensor([(i, b[2] - H * (k - j) - c.lookback) for i, b in enumerate(d.borders)
-                              for j in range(k)])
-        x, y = self.windows(index)
-        with torch.no_grad():
-            q = model(x.to(next(model.parameters()).device)).float().cpu()
-        results = {"model": self.metrics(index, self.calibrated(q, x, self.shifts(model)), y)}
-        raw = [self.unscale(torch.tensor([[i, 0]]), v[None])[0][0].numpy()
-               for i, v in enumerate(d.values)]
-        for method in tqdm(methods, disable=not progress, desc="baselines", unit="method"):
-            preds = []
-            for i, start in index.tolist():
-                origin = start + c.lookback
-                preds.append(statistical.forecast(method, raw[i][max(0, origin - 4000):origin],
-                                                  H, c.season))
-            pred = torch.from_numpy(np.stack(preds))
-            pred = self.scale(index, pred).float()
-            qs = pred.unsqueeze(-1).expand(*pred.shape, len(c.quantiles))
-            figures = self.metrics(index, qs, y)
-            figures.pop("coverage"), figures.pop("pinball")
-            results[method] = figures
-        return {"origins": k, "windows": len(index), "horizon": H, "season": c.season,
-                "methods": results}
+        """A rolling-origin comparison from k origins per series with the statistical
+        `methods` (series_eval.rolling_backtest)."""
+        return rolling_backtest(self, model, k, methods, progress=progress)
 
     # ---- using the model --------------------------------------------------------------------
     @torch.no_grad()
@@ -462,62 +405,110 @@ class SeriesTask:
             x = torch.cat([x, q[..., c.quantiles.index(0.5)]], dim=1)[:, -c.lookback:]
         return torch.cat(out, dim=1)[:, :horizon]
 
-    def predict(self, model, inputs: list, *, horizon: int | None = None,
-                plot: str | Path | None = None, progress: bool = False) -> dict:
-        """Forecast every series of a history CSV (wide or long) `horizon` steps past its end:
-        the run's quantiles (10/50/90 %) per step and series, timestamps continued at the
-        series' frequency, and a PNG of the history, the median and the band at `plot`.
-        With RevIN any series can be forecast; without it, only the run's own columns."""
+    def read(self, source) -> History:
+        """A history to forecast from (series_io.read_history): a CSV file, its bytes, or JSON
+        {"csv": text} or {"series": {name: values}, "timestamps": [...]}."""
+        return read_history(source, self.config)
+
+    def _history_tensor(self, history: History) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+        """The last `lookback` values of each series in model units (S, L), and the scaling
+        back to the data's units: mean (S,) and std (S,)."""
         c = self.config
-        if len(inputs) != 1:
-            raise DataError(f"give one history CSV, not {len(inputs)} files")
-        path = Path(inputs[0]).expanduser()
-        if not path.is_file():
-            raise DataError(f"{path} does not exist; give a CSV of the history to forecast from")
-        horizon = c.horizon if horizon is None else horizon
-        if horizon <= 0:
-            raise DataError(f"horizon {horizon} is invalid: give a positive number of steps")
-        wanted = () if c.revin else c.columns
-        _, table, stamps = read_table(path, dataclasses.replace(c, target=wanted))
-        names, raw = list(table), []
-        for name in names:
-            v = fill_missing(table[name])
-            if len(v) < c.lookback or np.isnan(v).any():
-                raise DataError(f"series {name!r} of {path} has {np.isfinite(v).sum()} values; "
-                                f"the model looks back {c.lookback}: give at least that many")
-            raw.append(v[-c.lookback:])
+        names = list(history.values)
         known = {n: i for i, n in enumerate(c.columns)}
         mean = np.array([c.mean[known[n]] if c.scale and n in known else 0.0 for n in names])
         std = np.array([c.std[known[n]] if c.scale and n in known else 1.0 for n in names])
-        history = torch.from_numpy(((np.stack(raw) - mean[:, None]) / std[:, None])
-                                   .astype(np.float32))
-        q = self.forecast(model, history, horizon).double().numpy()
-        q = q * std[:, None, None] + mean[:, None, None]  # (S, horizon, Q), in the CSV's units
+        raw = np.stack([history.values[n][-c.lookback:] for n in names])
+        x = torch.from_numpy(((raw - mean[:, None]) / std[:, None]).astype(np.float32))
+        return x, mean, std
+
+    def predict(self, model, items: list[History], *, horizon: int | None = None,
+                plot: str | Path | None = None, progress: bool = False) -> list[dict]:
+        """Forecast every series of each history `horizon` steps past its end: the run's
+        quantiles (10/50/90 %) per step and series, timestamps continued at the series'
+        frequency: {"series", "horizon", "quantiles", "forecast": [{"timestamp", "series",
+        "forecast", "q10", ...}]}; and a PNG of the history, the median and the band at
+        `plot` (several histories: plot-1.png, plot-2.png, ...)."""
+        c = self.config
+        horizon = c.horizon if horizon is None else horizon
+        if not 0 < horizon <= MAX_HORIZON:
+            raise DataError(f"horizon {horizon} is invalid: give a positive number of steps, "
+                            f"at most {MAX_HORIZON}")
         labels = [f"q{round(t * 100):02d}" if round(t * 100, 6) == round(t * 100) else f"q{t:g}"
                   for t in c.quantiles]
         median = c.quantiles.index(0.5)
-        forecast, panels = [], []
-        for i, name in enumerate(names):
-            future, x_hist, x_future = continue_times(stamps[name], horizon)
-            forecast += [{"timestamp": future[h], "series": name,
-                          "forecast": float(q[i, h, median]),
-                          **{label: float(q[i, h, k]) for k, label in enumerate(labels)}}
-                         for h in range(horizon)]
-            shown = min(len(x_hist), max(c.lookback, 3 * horizon))
-            panels.append((name, x_hist[-shown:], table[name][-shown:], x_future, q[i]))
-        out = {"history": str(path), "series": names, "horizon": horizon,
-               "quantiles": list(c.quantiles), "forecast": forecast}
-        if plot is not None:
-            from ..train.plots import plot_forecast
-            out["plot"] = str(plot_forecast(Path(plot), panels, c.quantiles))
+        out = []
+        for k, history in enumerate(items):
+            x, mean, std = self._history_tensor(history)
+            q = self.forecast(model, x, horizon).double().numpy()
+            q = q * std[:, None, None] + mean[:, None, None]  # (S, horizon, Q), the data's units
+            forecast, panels = [], []
+            for i, name in enumerate(history.values):
+                future, x_hist, x_future = continue_times(history.stamps[name], horizon)
+                forecast += [{"timestamp": future[h], "series": name,
+                              "forecast": float(q[i, h, median]),
+                              **{label: float(q[i, h, j]) for j, label in enumerate(labels)}}
+                             for h in range(horizon)]
+                shown = min(len(x_hist), max(c.lookback, 3 * horizon))
+                panels.append((name, x_hist[-shown:], history.table[name][-shown:], x_future,
+                               q[i]))
+            result = {"series": list(history.values), "horizon": horizon,
+                      "quantiles": list(c.quantiles), "forecast": forecast}
+            if plot is not None:
+                from ..train.plots import plot_forecast
+                where = Path(plot)
+                if len(items) > 1:
+                    where = where.with_name(f"{where.stem}-{k + 1}{where.suffix}")
+                result["plot"] = str(plot_forecast(where, panels, c.quantiles))
+            out.append(result)
         return out
 
+    def summarize(self, results: list[dict], sources: list, skipped: list[dict]) -> dict:
+        """One history: its forecast, with the file it came from ("history"); several: the
+        forecasts under "predictions", and the files skipped."""
+        rows = [{"history": str(s), **r} if isinstance(s, Path) else r
+                for s, r in zip(sources, results)]
+        if len(rows) == 1 and not skipped:
+            return rows[0]
+        return {"predictions": rows, "skipped": skipped}
 
-def _repeat_season(x: torch.Tensor, m: int, h: int) -> torch.Tensor:
-    """The seasonal naive forecast of windows x (N, L): their last m values repeated."""
-    if m <= 1 or x.size(1) < m:
-        return x[:, -1:].expand(-1, h)
-    return x[:, -m:].repeat(1, math.ceil(h / m))[:, :h]
+    def format_predictions(self, summary: dict, fmt: str = "text") -> str:
+        return format_forecasts(summary)
+
+    def rows(self, summary: dict) -> tuple[list[str], list[list]]:
+        return forecast_rows(summary)
+
+    def format_report(self, figures: dict) -> str:
+        """A backtest's table (one row per method), or the default figure per line."""
+        return format_backtest(figures) if "methods" in figures else \
+            super().format_report(figures)
+
+    # ---- explaining ---------------------------------------------------------------------------
+    def example_inputs(self, model_cfg, batch: int, length: int | None):
+        return (torch.randn(batch, self.config.lookback),), model_cfg.context
+
+    def attention_inputs(self, history: History) -> tuple:
+        return (self._history_tensor(history)[0][:1],)  # the first series
+
+    def draw_attention(self, history, weights, outputs, title, *, top_k: int = 5):
+        """How much each patch of the first series' look-back is attended to, over all
+        queries, under the series."""
+        from ..train.plots import figure
+        c = self.config
+        name = next(iter(history.values))
+        window = history.values[name][-c.lookback:]
+        received = weights.mean(0)
+        starts = [i * c.stride for i in range(received.numel())]
+        fig, axes = figure(9, 5, rows=2, sharex=True, gridspec_kw={"height_ratios": [2, 1]})
+        axes[0].plot(range(c.lookback), window, color="tab:blue")
+        axes[0].set_title(f"{name}: the last {c.lookback} values", fontsize=9)
+        axes[1].bar([s + c.patch_len / 2 for s in starts], received.numpy(),
+                    width=c.stride * 0.9, color="tab:orange")
+        axes[1].set_xlabel("step of the look-back (patch centres)")
+        axes[1].set_ylabel("attention")
+        axes[1].set_title(f"{title}: attention each patch receives", fontsize=9)
+        return fig, {"series": name, "patch_starts": starts,
+                     "attention_received": received.tolist()}
 
 
 def _model_config(config: SeriesConfig, model_cfg: ModelConfig) -> ModelConfig:

@@ -12,6 +12,8 @@ Splits:    each series in time order: [0, train_end) trains, [train_end, val_end
 from __future__ import annotations
 
 import csv
+import dataclasses
+import io
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,18 +48,68 @@ class SeriesData:
         self.offsets = torch.tensor([0] + [len(v) for v in self.values[:-1]]).cumsum(0)
 
 
-def read_table(path: Path, config: SeriesConfig
+@dataclass
+class History:
+    """The series of one history to forecast from, in the data's own units: as read (gaps
+    are NaN), with the gaps filled, and each series' timestamps."""
+    table: dict[str, np.ndarray]
+    values: dict[str, np.ndarray]
+    stamps: dict[str, list[str]]
+
+
+def history_rows(obj: dict) -> list[list[str]]:
+    """A history given as JSON, {"csv": CSV text} or {"series": {name: values (null for a
+    gap)}, "timestamps": [...] (optional)}, as the rows of a CSV."""
+    if not isinstance(obj, dict) or ("csv" in obj) == ("series" in obj):
+        raise DataError("give the history as {\"csv\": CSV text} or as {\"series\": {name: "
+                        "values}}, one of the two")
+    if "csv" in obj:
+        if not isinstance(obj["csv"], str) or not obj["csv"].strip():
+            raise DataError("csv is empty; give a header line and the values")
+        return list(csv.reader(io.StringIO(obj["csv"])))
+    series, stamps = obj["series"], obj.get("timestamps")
+    if not isinstance(series, dict) or not series or not all(
+            isinstance(v, list) for v in series.values()):
+        raise DataError("series is empty; give at least one {name: [values]}")
+    lengths = {len(v) for v in series.values()}
+    if len(lengths) != 1:
+        raise DataError(f"the series have different lengths {sorted(lengths)}; give equally "
+                        "long histories")
+    n = lengths.pop()
+    if stamps is not None and len(stamps) != n:
+        raise DataError(f"timestamps has {len(stamps)} entries for {n} values")
+    names = list(series)
+    rows = [(["date"] if stamps else []) + names]
+    for t in range(n):
+        try:
+            cells = ["" if series[k][t] is None else repr(float(series[k][t])) for k in names]
+        except (TypeError, ValueError):
+            raise DataError(f"series hold a value that is not a number at step {t}; give "
+                            "numbers (null for a gap)") from None
+        rows.append(([str(stamps[t])] if stamps else []) + cells)
+    return rows
+
+
+def read_table(source: Path | str, config: SeriesConfig
                ) -> tuple[list[str], dict[str, np.ndarray], dict[str, list[str]]]:
-    """A CSV with a header -> (the time column's strings, {series: float values}, {series: its
-    times}). Wide: one column per series and a time column; long: columns id, timestamp,
-    value (or unique_id, ds, y), one series per id. Empty cells are NaN. DataError for an
-    empty file, an unknown or a non-numeric target column."""
+    """A CSV with a header, a file or its text -> (the time column's strings, {series: float
+    values}, {series: its times}). Wide: one column per series and a time column; long:
+    columns id, timestamp, value (or unique_id, ds, y), one series per id. Empty cells are
+    NaN. DataError for an empty file, an unknown or a non-numeric target column."""
+    if isinstance(source, str):
+        return table_from_rows(list(csv.reader(io.StringIO(source))), config, "the CSV text")
     try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
+        with open(source, newline="", encoding="utf-8-sig") as f:
             rows = list(csv.reader(f))
     except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read {path} as a CSV file ({e}); give a UTF-8 CSV with a "
+        raise DataError(f"cannot read {source} as a CSV file ({e}); give a UTF-8 CSV with a "
                         "header row") from None
+    return table_from_rows(rows, config, source)
+
+
+def table_from_rows(rows: list[list[str]], config: SeriesConfig, path
+                    ) -> tuple[list[str], dict[str, np.ndarray], dict[str, list[str]]]:
+    """read_table on the rows of a CSV; `path` names it in errors."""
     rows = [r for r in rows if any(cell.strip() for cell in r)]
     if len(rows) < 2:
         raise DataError(f"{path} has no data rows; give a CSV with a header and one row per "
@@ -102,8 +154,8 @@ def _numeric(cells: list[str]) -> tuple[np.ndarray | None, int | None]:
 def _long_columns(header: list[str]) -> tuple[str, str, str] | None:
     """The (id, time, value) columns of a long-format header, or None."""
     lower = {h.lower(): h for h in header}
-    for names in (("id", "timestamp", "value"), ("unique_id", "ds", "y"), ("series", "time", "value"),
-                  ("id", "date", "value"), ("id", "time", "value")):
+    for names in (("id", "timestamp", "value"), ("unique_id", "ds", "y"),
+                  ("series", "time", "value"), ("id", "date", "value"), ("id", "time", "value")):
         if len(header) == 3 and all(n in lower for n in names):
             return tuple(lower[n] for n in names)
     return None
@@ -136,6 +188,47 @@ def _sortable(t: str):
         return (0, float(t), "")
     except ValueError:
         return (1, 0.0, t)
+
+
+def read_history(source, c: SeriesConfig) -> History:
+    """A history to forecast from: a CSV file (wide or long, as training reads one), its
+    bytes, or JSON: {"csv": text} or {"series": {name: values}, "timestamps": [...]}. With
+    RevIN (c.revin) any series can be forecast; without it, only the run's own columns. Each
+    series needs `lookback` values once its gaps are filled."""
+    config = dataclasses.replace(c, target=() if c.revin else c.columns)
+    if isinstance(source, dict):
+        where = "the history"
+        _, table, stamps = table_from_rows(history_rows(source), config, where)
+    elif isinstance(source, (bytes, bytearray)):
+        try:
+            text = bytes(source).decode("utf-8-sig")
+        except UnicodeDecodeError:
+            raise DataError("the upload is not a UTF-8 CSV; give a CSV with a header row "
+                            "and one row per time step") from None
+        where = "the upload"
+        _, table, stamps = read_table(text, config)
+    elif isinstance(source, (str, Path)):
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise DataError(f"{path} does not exist; give a CSV of the history to forecast "
+                            "from")
+        where = path
+        _, table, stamps = read_table(path, config)
+    else:
+        raise DataError("give the history as a CSV file, its text as {\"csv\": ...}, or "
+                        "{\"series\": {name: values}}")
+    filled = {}
+    for name, v in table.items():
+        f = fill_missing(v)
+        if len(f) < c.lookback or np.isnan(f).any():
+            raise DataError(f"series {name!r} of {where} has {np.isfinite(v).sum()} values; "
+                            f"the model looks back {c.lookback}: give at least that many")
+        if not (np.isfinite(f).all() and np.abs(f).max() < 1e15):
+            raise DataError(f"series {name!r} of {where} holds a value that is not finite or "
+                            "is beyond 1e15; give the history in units where its values are "
+                            "ordinary numbers")
+        filled[name] = f
+    return History(table, filled, stamps)
 
 
 def fill_missing(v: np.ndarray) -> np.ndarray:
@@ -300,3 +393,46 @@ def continue_times(times: list[str], n: int) -> tuple[list[str], list, list]:
     daily = (t.dt.normalize() == t).all() and (fut.normalize() == fut).all()
     fmt = fut.strftime("%Y-%m-%d" if daily else "%Y-%m-%d %H:%M:%S").tolist()
     return fmt, list(t), list(fut)
+
+
+# ---- writing forecasts ---------------------------------------------------------------------
+
+def _columns(result: dict) -> list[str]:
+    first = result["forecast"][0]
+    return ["timestamp", "series", "forecast", *[k for k in first if k.startswith("q")]]
+
+
+def format_forecasts(summary: dict) -> str:
+    """A table per history: timestamp, series, the median forecast and the quantiles."""
+    parts = summary.get("predictions", [summary])
+    out = []
+    for r in parts:
+        keys = _columns(r)
+        if len(parts) > 1:
+            out.append(f"==> {r.get('history', '')} <==")
+        out.append("  ".join(f"{k:>19}" if k == "timestamp" else f"{k:>10}" for k in keys))
+        out += ["  ".join(f"{row[k]:>19}" if k == "timestamp" else
+                          f"{row[k]:>10}" if k == "series" else f"{row[k]:10.4g}"
+                          for k in keys) for row in r["forecast"]]
+    return "\n".join(out)
+
+
+def forecast_rows(summary: dict) -> tuple[list[str], list[list]]:
+    """timestamp, series, forecast and one column per quantile, a row per step."""
+    parts = summary.get("predictions", [summary])
+    keys = _columns(parts[0])
+    return keys, [[row[k] if isinstance(row[k], str) else f"{row[k]:.6g}" for k in keys]
+                  for r in parts for row in r["forecast"]]
+
+
+def format_backtest(figures: dict) -> str:
+    """A rolling-origin backtest's table: one row per method."""
+    lines = [f"rolling-origin backtest: {figures['origins']} origins x "
+             f"{figures['windows'] // figures['origins']} series, horizon "
+             f"{figures['horizon']}, season {figures['season']}",
+             f"{'method':>15}  {'MSE':>8}  {'MAE':>8}  {'MASE':>8}  {'sMAPE':>8}  coverage"]
+    for name, m in figures["methods"].items():
+        cover = f"{m['coverage']:8.1%}" if "coverage" in m else f"{'-':>8}"
+        lines.append(f"{name:>15}  {m['mse']:8.4f}  {m['mae']:8.4f}  {m['mase']:8.4f}  "
+                     f"{m['smape']:8.3f}  {cover}")
+    return "\n".join(lines)

@@ -14,13 +14,10 @@ Augment:   speed perturbation (resampling by 1 +- speed), white noise at a rando
 Metrics:   WER = word edit distance / reference words, CER the same over characters
 """
 
+
 from __future__ import annotations
 
-import csv
 import dataclasses
-import math
-import unicodedata
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,14 +29,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.transformer import ModelConfig, Transformer, init_weights
-from ..data import expand_inputs, find_data, nothing_readable
-from ..errors import DataError, check_positive, invalid
+from ..data import find_data
+from ..errors import ConfigError, DataError, check_positive, invalid
 from ..infer.ctc import Lexicon, beam_search, ctc_loss, forced_align, greedy_decode
-from .audio import AUDIO_SUFFIXES, log_mel, mel_filters, read_audio
+from .audio import Subsampler, log_mel, mel_filters, silent
+from .base import register
+from .metrics import confusion_matrix, error_rates, per_class_figures
+from .speech_io import (BUILTIN, MAX_BEAM, Transcriber, Utterance, list_utterances,
+                        normalize_text, read_all, split_utterances)
 
-BUILTIN = {"fsdd": "fsdd/recordings"}
-FSDD_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-SILENCE = 1e-4  # a peak below -80 dBFS is silence: an empty transcript
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -115,28 +113,8 @@ class SpeechConfig:
         return -(-frames // self.subsample)
 
 
+
 # ---- the model ----------------------------------------------------------------------------
-
-class Subsampler(nn.Module):
-    """(B, T, n_mels) -> (B, ceil(T / s), d): a 3-wide convolution to d channels and GELU,
-    then log2(s) stride-2 3-wide convolutions and GELU (Whisper's stem has s = 2)."""
-
-    def __init__(self, n_mels: int, d: int, subsample: int):
-        super().__init__()
-        layers = [nn.Conv1d(n_mels, d, 3, padding=1), nn.GELU()]
-        for _ in range(int(math.log2(subsample))):
-            layers += [nn.Conv1d(d, d, 3, stride=2, padding=1), nn.GELU()]
-        self.convs = nn.Sequential(*layers)
-        self.subsample = subsample
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.convs(x.transpose(1, 2)).transpose(1, 2)
-
-    def lengths(self, frames: torch.Tensor) -> torch.Tensor:
-        for _ in range(int(math.log2(self.subsample))):
-            frames = (frames + 1) // 2  # floor((T + 2 - 3) / 2) + 1
-        return frames
-
 
 class SpeechRecognizer(nn.Module):
     """Log-mel frames -> convolutional subsampler -> bidirectional trunk -> CTC head."""
@@ -157,174 +135,16 @@ class SpeechRecognizer(nn.Module):
         return self.head(x).float().log_softmax(dim=-1), n
 
 
-# ---- text -----------------------------------------------------------------------------------
-
-def normalize_text(text: str) -> str:
-    """Lower case, letters, digits and apostrophes; anything else becomes a space; single
-    spaces (what WER compares and what the model spells)."""
-    text = unicodedata.normalize("NFKC", text).lower().replace("’", "'")
-    text = "".join(c if c.isalnum() or c == "'" else " " for c in text)
-    return " ".join(text.split())
-
-
-def edit_distance(ref, hyp) -> int:
-    """Levenshtein distance: the fewest substitutions, deletions and insertions turning ref
-    into hyp; D[i][j] = min(D[i-1][j] + 1, D[i][j-1] + 1, D[i-1][j-1] + [ref_i != hyp_j])."""
-    prev = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        cur = [i]
-        for j, h in enumerate(hyp, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != h)))
-        prev = cur
-    return prev[-1]
-
-
-def error_rates(refs: list[str], hyps: list[str]) -> dict[str, float]:
-    """WER = sum of word edit distances / reference words; CER the same over characters
-    (spaces included), both pooled over the corpus as jiwer computes them."""
-    words = sum(edit_distance(r.split(), h.split()) for r, h in zip(refs, hyps))
-    chars = sum(edit_distance(r, h) for r, h in zip(refs, hyps))
-    n_words = sum(len(r.split()) for r in refs)
-    n_chars = sum(len(r) for r in refs)
-    return {"wer": words / max(n_words, 1), "cer": chars / max(n_chars, 1)}
-
-
-# ---- reading data ---------------------------------------------------------------------------
-
-@dataclass
-class Utterance:
-    path: Path
-    text: str
-    speaker: str = ""
-
-
-def _fsdd(root: Path) -> tuple[list[Utterance], list[Utterance] | None]:
-    """{digit}_{speaker}_{index}.wav; the official test split is index 0-4."""
-    items, test = [], []
-    for p in sorted(root.glob("*.wav")):
-        parts = p.stem.split("_")
-        if len(parts) != 3 or not parts[0].isdigit() or not parts[2].isdigit():
-            continue
-        u = Utterance(p, FSDD_WORDS[int(parts[0])], parts[1])
-        (test if int(parts[2]) < 5 else items).append(u)
-    if not items:
-        raise DataError(f"{root} holds no FSDD recordings ({{digit}}_{{speaker}}_{{index}}.wav)")
-    return items, test
-
-
-def _manifest(path: Path) -> list[Utterance]:
-    """Lines of path, transcript[, speaker]; comma or tab separated; a header is optional."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise DataError(f"{path} is not a UTF-8 manifest; give lines of path,transcript") \
-            from None
-    delimiter = "\t" if path.suffix.lower() == ".tsv" or "\t" in text.split("\n", 1)[0] else ","
-    rows = [r for r in csv.reader(text.splitlines(), delimiter=delimiter) if r]
-    if rows and rows[0][0].strip().lower() in ("path", "file", "audio", "filename"):
-        rows = rows[1:]
-    if not rows or any(len(r) < 2 for r in rows):
-        raise DataError(f"{path} must hold lines of path{delimiter!r}transcript (one recording "
-                        "each), optionally a third column with the speaker")
-    out = []
-    for r in rows:
-        file = Path(r[0].strip())
-        file = file if file.is_absolute() else path.parent / file
-        if not file.exists():
-            raise DataError(f"{path}: recording {file} does not exist; fix the path (relative "
-                            "paths are read from the manifest's folder)")
-        out.append(Utterance(file, r[1], r[2].strip() if len(r) > 2 else ""))
-    return out
-
-
-def _librispeech(root: Path) -> list[Utterance]:
-    """Every <id> <TRANSCRIPT> line of every *.trans.txt, audio in <id>.flac (or .wav) beside
-    it; the speaker is the id up to its first dash."""
-    out = []
-    for trans in sorted(root.rglob("*.trans.txt")):
-        for line in trans.read_text(encoding="utf-8").splitlines():
-            if not line.strip():
-                continue
-            uid, _, words = line.strip().partition(" ")
-            audio = next((trans.parent / f"{uid}{s}" for s in (".flac", ".wav", ".ogg")
-                          if (trans.parent / f"{uid}{s}").exists()), None)
-            if audio is None:
-                raise DataError(f"{trans}: no audio file {uid}.flac or {uid}.wav beside it")
-            out.append(Utterance(audio, words, uid.split("-")[0]))
-    return out
-
-
-def list_utterances(cfg: SpeechConfig, path: Path) -> tuple[list[Utterance], list | None]:
-    """(train-or-all utterances, the data's own test utterances or None)."""
-    if path.is_dir():
-        if (path / "train").is_dir() and ((path / "test").is_dir() or (path / "val").is_dir()):
-            test_dir = path / "test" if (path / "test").is_dir() else path / "val"
-            return list_utterances(cfg, path / "train")[0], list_utterances(cfg, test_dir)[0]
-        if any(path.rglob("*.trans.txt")):
-            items = _librispeech(path)
-        elif any(path.glob("[0-9]_*_[0-9]*.wav")):
-            return _fsdd(path)
-        else:
-            raise DataError(f"{path} has no *.trans.txt transcripts or FSDD recordings; give a "
-                            "manifest (path,transcript) or a LibriSpeech-style folder")
-    elif path.suffix.lower() in (".csv", ".tsv", ".txt"):
-        items = _manifest(path)
-    else:
-        raise DataError(f"{path}: unknown speech data; give a manifest .csv/.tsv of "
-                        "path,transcript or a LibriSpeech-style folder of *.trans.txt")
-    if not items:
-        raise DataError(f"{path} lists no recordings")
-    return items, None
-
-
-def split_utterances(cfg: SpeechConfig, path: Path) -> dict[str, list[Utterance]]:
-    items, test = list_utterances(cfg, path)
-    if cfg.holdout_speaker:
-        everyone = items + (test or [])
-        speakers = sorted({u.speaker for u in everyone if u.speaker})
-        if cfg.holdout_speaker not in speakers:
-            raise DataError(f"speaker {cfg.holdout_speaker!r} is not in {path}; speakers: "
-                            f"{', '.join(speakers) or 'none (the data names no speakers)'}")
-        return {"train": [u for u in everyone if u.speaker != cfg.holdout_speaker],
-                "test": [u for u in everyone if u.speaker == cfg.holdout_speaker]}
-    if test is None:
-        g = torch.Generator().manual_seed(cfg.split_seed)
-        order = torch.randperm(len(items), generator=g).tolist()
-        n_test = max(1, round(len(items) * cfg.val_fraction))
-        if len(items) < 2:
-            raise DataError(f"{path} lists {len(items)} recording; give at least 2 so one can "
-                            "be held out for testing")
-        test = [items[i] for i in sorted(order[:n_test])]
-        items = [items[i] for i in sorted(order[n_test:])]
-    return {"train": items, "test": test}
-
-
-def _read_all(items: list[Utterance], cfg: SpeechConfig, what: str):
-    """Waveforms and normalised transcripts; unreadable files are reported and skipped."""
-    waves, kept, skipped = [], [], []
-    for u in tqdm(items, desc=f"reading {what}", unit="file",
-                  disable=True if len(items) < 2000 else None):  # None: only on a terminal
-        try:
-            waves.append(read_audio(u.path, cfg.sample_rate))
-            kept.append(dataclasses.replace(u, text=normalize_text(u.text)))
-        except DataError as e:
-            skipped.append(str(e))
-    if skipped:
-        warnings.warn(f"{len(skipped)} of {len(items)} {what} files could not be read and were "
-                      f"skipped; the first: {skipped[0]}", stacklevel=3)
-    if not waves:
-        raise DataError(f"no readable recording among the {what} files; give WAV/FLAC files")
-    return waves, kept
-
-
 # ---- the task -----------------------------------------------------------------------------
 
-class SpeechTask:
+@register
+class SpeechTask(Transcriber):
     """Speech recognition with CTC, scored by word and character error rates."""
 
     name = "speech"
     Config = SpeechConfig
     best_metric = ("wer", "min")
+    variable_length = True
 
     def __init__(self, config: SpeechConfig):
         self.config = config
@@ -351,13 +171,6 @@ class SpeechTask:
         task.config, task.symbols = config, {c: i + 1 for i, c in enumerate(alphabet)}
         return task, _model_config(config, model_cfg)
 
-    @classmethod
-    def load(cls, config: SpeechConfig, model_cfg: ModelConfig, run_dir: Path):
-        return cls(config)
-
-    def save(self, run_dir: Path) -> None:
-        pass  # the alphabet and word list live in config.json
-
     def build_model(self, cfg: ModelConfig) -> nn.Module:
         c = self.config
         model = SpeechRecognizer(_model_config(c, cfg), n_mels=c.n_mels, subsample=c.subsample,
@@ -374,7 +187,7 @@ class SpeechTask:
         if name not in self._data:
             if self._listing is None:
                 self._listing = split_utterances(self.config, _data_path(self.config))
-            self._data[name] = _read_all(self._listing[name], self.config, name)
+            self._data[name] = read_all(self._listing[name], self.config, name)
         return self._data[name]
 
     # ---- features ---------------------------------------------------------------------------
@@ -539,7 +352,7 @@ class SpeechTask:
     def _score(self, model, waves, items, progress):
         lps = self.log_probs(model, waves, progress)
         lex = self._default_lexicon(None)
-        hyps = ["" if _silent(w) else self.spell(self.decode(lp, lexicon=lex))
+        hyps = ["" if silent(w) else self.spell(self.decode(lp, lexicon=lex))
                 for lp, w in zip(lps, waves)]
         refs = [u.text for u in items]
         ys = [torch.tensor(self.encode(r), dtype=torch.long) for r in refs]
@@ -562,14 +375,13 @@ class SpeechTask:
                 raise DataError(f"{path} does not exist; give a manifest or a folder of "
                                 "recordings")
             items, test = list_utterances(self.config, path)
-            waves, items = _read_all(items + (test or []), self.config, "eval")
+            waves, items = read_all(items + (test or []), self.config, "eval")
         else:
             waves, items = self.split("test")
         figures, refs, hyps = self._score(model, waves, items, progress)
         vocab = sorted(set(refs))
         if all(len(r.split()) == 1 for r in refs) and 1 < len(vocab) <= 50:
             from ..train.plots import plot_confusion
-            from .vision import confusion_matrix, per_class_figures
             order = [w for w in self.config.words if w in vocab] or vocab
             order += [w for w in vocab if w not in order]
             labels = order + ["(other)"]
@@ -583,45 +395,37 @@ class SpeechTask:
         return figures
 
     # ---- using the model --------------------------------------------------------------------
-    def predict(self, model, inputs: list, *, method: str | None = None,
+    def predict(self, model, items: list[torch.Tensor], *, method: str | None = None,
                 beam_width: int | None = None, words: list[str] | None = None,
-                progress: bool = False) -> dict:
-        """Transcripts of audio files and folders (searched recursively), with per-word start
-        and end times from the CTC alignment. Audio longer than max_seconds is transcribed in
-        chunks. Unreadable files are reported in "skipped"; if nothing is readable, DataError.
-
-        Returns {"predictions": [{"path", "text", "duration", "words": [{"word", "start",
-        "end"}]}], "skipped": [...]}."""
+                progress: bool = False) -> list[dict]:
+        """The transcript of each waveform, with per-word start and end times from the CTC
+        alignment: {"text", "duration", "words": [{"word", "start", "end"}]}. Audio longer
+        than max_seconds is transcribed in chunks. A beam width or a closed vocabulary of
+        `words` means prefix beam search (unless method="greedy")."""
         c = self.config
-        files = expand_inputs(inputs, AUDIO_SUFFIXES, "audio")
+        if beam_width is not None and not 0 < beam_width <= MAX_BEAM:
+            raise ConfigError(f"--beam {beam_width} is invalid: give a beam width from 1 to "
+                              f"{MAX_BEAM}")
+        method = method or ("beam" if beam_width or words else None)
         lex = None if method == "greedy" else self._default_lexicon(
             self.lexicon([normalize_text(w) for w in words]) if words else None)
-        predictions, skipped = [], []
         chunk = int(c.max_seconds * c.sample_rate)
-        for path in tqdm(files, disable=not progress or len(files) < 2, desc="transcribe",
+        out = []
+        for wave in tqdm(items, disable=not progress or len(items) < 2, desc="transcribe",
                          unit="file"):
-            try:
-                wave = read_audio(path, c.sample_rate)
-            except DataError as e:
-                skipped.append({"path": str(path), "error": str(e)})
-                continue
             pieces = [wave[i:i + chunk] for i in range(0, len(wave), chunk)] or [wave]
             words_out = []
             for k, (piece, lp) in enumerate(zip(pieces, self.log_probs(model, pieces))):
-                if _silent(piece):
+                if silent(piece):
                     continue
                 ids = self.decode(lp, method=method, beam_width=beam_width, lexicon=lex)
                 offset = k * c.max_seconds
                 words_out += [dict(w, start=round(w["start"] + offset, 3),
                                    end=round(w["end"] + offset, 3))
                               for w in self.word_times(lp, ids)]
-            predictions.append({"path": str(path),
-                                "text": " ".join(w["word"] for w in words_out),
-                                "duration": round(len(wave) / c.sample_rate, 3),
-                                "words": words_out})
-        if not predictions:
-            raise nothing_readable(skipped, "readable audio")
-        return {"predictions": predictions, "skipped": skipped}
+            out.append({"text": " ".join(w["word"] for w in words_out),
+                        "duration": round(len(wave) / c.sample_rate, 3), "words": words_out})
+        return out
 
     def word_times(self, lp: torch.Tensor, ids: list[int]) -> list[dict]:
         """Words of a decoded transcript with start and end seconds: each character's frames
@@ -645,10 +449,36 @@ class SpeechTask:
                 current.append((i, span))
         return words
 
+    # ---- explaining ---------------------------------------------------------------------------
+    def example_inputs(self, model_cfg, batch: int, length: int | None):
+        T = length or model_cfg.context
+        frames = T * self.config.subsample
+        return (torch.randn(batch, frames, self.config.n_mels),
+                torch.full((batch,), frames)), T
 
-def _silent(wave: torch.Tensor) -> bool:
-    """Empty, or a peak below -80 dBFS: nothing to transcribe."""
-    return len(wave) == 0 or float(wave.abs().max()) < SILENCE
+    def attention_inputs(self, wave: torch.Tensor) -> tuple:
+        c = self.config
+        return self.features([wave[:int(c.max_seconds * c.sample_rate)]])
+
+    def draw_attention(self, wave, weights, outputs, title, *, top_k: int = 5):
+        """The attention over the audio's frames (query time by key time) under its log-mel
+        spectrogram."""
+        from ..train.plots import figure
+        c = self.config
+        frames, _ = self.attention_inputs(wave)
+        seconds = min(len(wave), int(c.max_seconds * c.sample_rate)) / c.sample_rate
+        fig, axes = figure(9, 6, rows=2, sharex=True, gridspec_kw={"height_ratios": [1, 2]})
+        axes[0].imshow(frames[0].T.numpy(), origin="lower", aspect="auto", cmap="magma",
+                       extent=(0, seconds, 0, c.n_mels))
+        axes[0].set_ylabel("mel bin")
+        axes[0].set_title("log-mel frames", fontsize=9)
+        axes[1].imshow(weights.numpy(), origin="lower", aspect="auto", cmap="viridis",
+                       extent=(0, seconds, 0, seconds))
+        axes[1].set_xlabel("key time (s)")
+        axes[1].set_ylabel("query time (s)")
+        axes[1].set_title(title, fontsize=9)
+        return fig, {"seconds": seconds, "tokens": weights.size(0),
+                     "attention": weights.tolist()}
 
 
 def _data_path(config: SpeechConfig) -> Path:
@@ -658,28 +488,3 @@ def _data_path(config: SpeechConfig) -> Path:
 def _model_config(config: SpeechConfig, model_cfg: ModelConfig) -> ModelConfig:
     """The trunk of a speech model: long enough for max_seconds of audio, no vocabulary."""
     return model_cfg.replace(context=config.max_tokens, vocab_size=0)
-
-
-def to_srt(words: list[dict], max_chars: int = 42, max_seconds: float = 5.0) -> str:
-    """SubRip cues of consecutive words, each at most max_chars characters and max_seconds;
-    segments ({"text", "start", "end"}, Whisper's) are a cue each."""
-    cues, current = [], []
-    for w in words:
-        if "text" in w:  # a segment
-            cues += [current, [w]] if current else [[w]]
-            current = []
-            continue
-        text = " ".join(x["word"] for x in current + [w])
-        if current and (len(text) > max_chars or w["end"] - current[0]["start"] > max_seconds):
-            cues.append(current)
-            current = []
-        current.append(w)
-    if current:
-        cues.append(current)
-
-    def stamp(t: float) -> str:
-        ms = round(t * 1000)
-        return f"{ms // 3600000:02d}:{ms // 60000 % 60:02d}:{ms // 1000 % 60:02d},{ms % 1000:03d}"
-    return "".join(f"{i}\n{stamp(c[0]['start'])} --> {stamp(c[-1]['end'])}\n"
-                   f"{' '.join(w.get('word', w.get('text')) for w in c)}\n\n"
-                   for i, c in enumerate(cues, 1))

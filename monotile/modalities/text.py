@@ -25,6 +25,7 @@ from ..data import find_data, read_text
 from ..errors import ConfigError, DataError, MonotileError
 from ..infer.generate import Sampling, TextPieces, generate_ids
 from ..tokenizers import Tokenizer
+from .base import TaskBase, register
 from .chat import PLAIN_STOP, PLAIN_TEMPLATE, read_jsonl, render
 
 
@@ -77,12 +78,20 @@ class LanguageModel(nn.Module):
         return self.head(self.trunk(self.tok_emb(idx), causal=True, cache=cache, pos=pos))
 
 
-class TextTask:
-    """Next-token prediction on one text file, split by characters into train and validation."""
+@register
+class TextTask(TaskBase):
+    """Next-token prediction on one text file, split by characters into train and validation;
+    or, for an imported encoder (BERT, MiniLM), sentence embeddings."""
 
     name = "text"
     Config = TextConfig
     best_metric = ("val_loss", "min")
+    what = "prompt"
+    variable_length = True
+
+    @property
+    def routes(self) -> tuple[str, ...]:
+        return ("embeddings",) if self.config.model == "encoder" else ("completions", "chat")
 
     def __init__(self, config: TextConfig, tokenizer: Tokenizer, context: int):
         self.config, self.tokenizer, self.context = config, tokenizer, context
@@ -126,6 +135,7 @@ class TextTask:
         return cls(config, tok, model_cfg.context)
 
     def save(self, run_dir: Path) -> None:
+        """The tokenizer, as tokenizer.json."""
         self.tokenizer.save(Path(run_dir) / "tokenizer.json")
 
     def build_model(self, cfg: ModelConfig) -> nn.Module:
@@ -330,14 +340,122 @@ class TextTask:
         if piece:
             yield piece
 
-    def predict(self, model, inputs: list[str], **options) -> list[str]:
-        return ["".join(self.stream(model, prompt, **options)) for prompt in inputs]
+    def read(self, source) -> str:
+        """A prompt: text, its UTF-8 bytes, or JSON {"prompt": text}. A path to an image, a
+        recording or a CSV is refused: it is a mistake here, not a prompt."""
+        if isinstance(source, (bytes, bytearray)):
+            try:
+                return bytes(source).decode("utf-8")
+            except UnicodeDecodeError:
+                raise DataError("the prompt is not UTF-8 text") from None
+        if isinstance(source, dict):
+            source = source.get("prompt")
+        if not isinstance(source, str):
+            raise DataError("give the prompt as text, or as JSON {\"prompt\": text}")
+        suffix = Path(source).suffix.lower()
+        if suffix in FILE_SUFFIXES and Path(source).is_file():
+            raise DataError(f"{source} is a {suffix} file, and this is a text run: give it a "
+                            "prompt, or use a run of that file's modality")
+        return source
+
+    def predict(self, model, items: list[str], *, max_new_tokens: int = 200,
+                temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                repetition_penalty: float = 1.0, stop: list[str] | None = None,
+                seed: int | None = None, progress: bool = False) -> list[dict]:
+        """The continuation of each prompt ({"text"}), sampled as `stream` samples; an
+        encoder's unit-length embedding of each text instead ({"embedding"})."""
+        if self.config.model == "encoder":
+            return [{"embedding": v} for v in self.embed(model, items).tolist()]
+        if not 0 <= max_new_tokens <= self.context:
+            raise ConfigError(f"max_new_tokens={max_new_tokens} is invalid: predict continues a "
+                              f"prompt by at most the context ({self.context} tokens); "
+                              "`monotile generate` writes longer text")
+        sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p,
+                            repetition_penalty=repetition_penalty)
+        return [{"text": "".join(self.stream(model, prompt, max_new_tokens=max_new_tokens,
+                                             sampling=sampling, stop=stop, seed=seed))}
+                for prompt in tqdm(items, disable=not progress or len(items) < 2,
+                                   desc="generate", unit="prompt")]
+
+    def summarize(self, results: list[dict], sources: list, skipped: list[dict]) -> dict:
+        return {"predictions": [{"prompt": s, **r} for s, r in zip(sources, results)],
+                "skipped": skipped}
+
+    def format_predictions(self, summary: dict, fmt: str = "text") -> str:
+        preds = summary["predictions"]
+        if len(preds) == 1:
+            return _shown(preds[0])
+        return "\n".join(f"==> {p['prompt']} <==\n{_shown(p)}" for p in preds)
+
+    # ---- explaining ---------------------------------------------------------------------------
+    def example_inputs(self, model_cfg, batch: int, length: int | None):
+        T = length or model_cfg.context
+        ids = torch.randint(0, model_cfg.vocab_size, (batch, T))
+        return ((ids, torch.ones_like(ids)) if self.config.model == "encoder" else (ids,)), T
+
+    def head_activations(self, model_cfg) -> float | None:
+        """A language model's logits and their gradient: 2 V values per token."""
+        return None if self.config.model == "encoder" else 2 * model_cfg.vocab_size
+
+    def attention_inputs(self, prompt: str) -> tuple:
+        ids = self.tokenizer.encode(prompt)
+        if not ids:
+            raise DataError("the text is empty; give at least one character the model knows")
+        if len(ids) > self.context:
+            raise DataError(f"the text has {len(ids)} tokens, more than the context "
+                            f"{self.context}; give a shorter one")
+        x = torch.tensor([ids])
+        return (x, torch.ones_like(x)) if self.config.model == "encoder" else (x,)
+
+    def draw_attention(self, prompt, weights, outputs, title, *, top_k: int = 5):
+        """The tokens x tokens map labelled with the tokens; for a language model, the
+        likeliest next tokens at each position."""
+        from ..train.plots import attention_heatmap, figure
+        tok = self.tokenizer
+        ids = tok.encode(prompt)
+        labels = [_token_label(tok.decode([i])) for i in ids]
+        size = min(14, 3 + 0.25 * len(ids))
+        fig, ax = figure(size, size)
+        attention_heatmap(ax, weights, labels, labels, title)
+        out = {"tokens": labels, "attention": weights.tolist()}
+        if self.config.model != "encoder":
+            probs = outputs[0].float().softmax(-1)
+            top = probs.topk(min(top_k, probs.size(-1)), dim=-1)
+            out["next_tokens"] = [
+                {"position": t, "token": labels[t],
+                 "top": [{"token": _token_label(tok.decode([i])), "probability": p}
+                         for i, p in zip(top.indices[t].tolist(), top.values[t].tolist())]}
+                for t in range(len(ids))]
+        return fig, out
+
+    def format_explanation(self, result: dict) -> str:
+        lines = [super().format_explanation(result)]
+        for row in result.get("next_tokens", []):
+            tops = "  ".join(f"{t['token']!s:>6} {t['probability']:.2f}" for t in row["top"])
+            lines.append(f"  after {row['token']!s:>8}: {tops}")
+        return "\n".join(lines)
+
+
+# files that are not prompts: a text run refuses them by suffix (`read`)
+FILE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".wav",
+                 ".flac", ".ogg", ".mp3", ".csv", ".npz")
+
+
+def _token_label(text: str) -> str:
+    return repr(text)[1:-1] or "''"
+
+
+def _shown(prediction: dict) -> str:
+    if "embedding" in prediction:
+        v = prediction["embedding"]
+        return f"[{', '.join(f'{x:.4f}' for x in v[:6])}, ...] ({len(v)} dimensions)"
+    return prediction["text"]
 
 
 def _warn_dropped(data: str, dropped: int, total: int, unknown: set[str]) -> None:
     if dropped:
         warnings.warn(f"dropped {dropped:,} characters ({dropped / total:.2%}) of {data} outside "
-                      f"the model's vocabulary: {''.join(sorted(unknown))!r}")
+                      f"the model's vocabulary: {''.join(sorted(unknown))!r}", stacklevel=3)
 
 
 def is_chat_data(path: Path) -> bool:

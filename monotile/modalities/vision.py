@@ -11,27 +11,23 @@ Positions: E_pos is learned on the (H/p, W/p) grid; at another image size it is 
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import math
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.transformer import ModelConfig, Transformer, init_weights
-from ..data import expand_inputs, find_data, nothing_readable
+from ..data import find_data
 from ..errors import ConfigError, DataError, check_positive, invalid
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm",
-                  ".pgm")
-BUILTIN = {"digits": "scikit-learn's 8x8 digits", "mnist": "mnist/mnist.npz"}
+from .base import TaskBase, register
+from .metrics import confusion_matrix, per_class_figures
+from .vision_io import BUILTIN, IMAGE_SUFFIXES, load_image_data, read_image
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -177,226 +173,19 @@ class ImageClassifier(nn.Module):
         return self.head(x[:, 0] if self.cls_token is not None else x.mean(dim=1))
 
 
-# ---- reading images -----------------------------------------------------------------------
-
-def read_image(path: Path, channels: int, size: int, fit: str = "squash") -> torch.Tensor:
-    """Any image file Pillow reads -> uint8 (channels, size, size); DataError if unreadable."""
-    from PIL import Image, ImageOps
-
-    try:
-        with Image.open(path) as im:
-            im.load()  # decode now: a truncated file fails here, not later
-            im = ImageOps.exif_transpose(im)
-            if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit or float grey
-                a = np.asarray(im, dtype=np.float64)
-                im = Image.fromarray(np.uint8(255 * a / max(a.max(), 1.0)))
-            im = im.convert("L" if channels == 1 else "RGB")
-            if im.size != (size, size):
-                resample = Image.Resampling.BILINEAR
-                if fit == "crop":
-                    im = ImageOps.fit(im, (size, size), resample)
-                elif fit == "pad":
-                    im = ImageOps.pad(im, (size, size), resample, color=0)
-                else:
-                    im = im.resize((size, size), resample)
-            a = np.array(im, dtype=np.uint8)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise DataError(f"{path} is not a readable image ({str(e).rstrip('.')}); give a "
-                        "PNG, JPEG, BMP, GIF, WebP or TIFF file") from None
-    t = torch.from_numpy(a)
-    return t[None] if t.dim() == 2 else t.permute(2, 0, 1).contiguous()
-
-
-def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*")
-                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-
-
-def _class_folders(root: Path) -> dict[str, list[Path]]:
-    """{class name: image files} for each sub-folder of root that holds images."""
-    out = {}
-    for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = _image_files(sub)
-        if files:
-            out[sub.name] = files
-    return out
-
-
-def _read_listed(items: list[tuple[Path, str]], cfg: VisionConfig, source: Path):
-    """Read (path, label) pairs; unreadable files are reported and skipped."""
-    images, labels, skipped = [], [], []
-    for path, label in tqdm(items, desc=f"reading {source.name}", unit="image",
-                            disable=True if len(items) < 2000 else None):  # None: only on a terminal
-        try:
-            images.append(read_image(path, cfg.channels, cfg.image_size, cfg.fit))
-            labels.append(label)
-        except DataError as e:
-            skipped.append(str(e))
-    if skipped:
-        warnings.warn(f"{len(skipped)} of {len(items)} files in {source} could not be read and "
-                      f"were skipped; the first: {skipped[0]}", stacklevel=3)
-    if not images:
-        raise DataError(f"no readable image in {source}; give PNG/JPEG files")
-    return torch.stack(images), labels
-
-
-def _stratified(labels: list[str], cfg: VisionConfig) -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.model_selection import train_test_split
-
-    idx = np.arange(len(labels))
-    counts = {k: labels.count(k) for k in set(labels)}
-    if min(counts.values()) < 2:
-        rare = min(counts, key=counts.get)
-        raise DataError(f"class {rare!r} has only {counts[rare]} image; each class needs at "
-                        "least 2 so that one can be held out for testing")
-    return train_test_split(idx, test_size=cfg.val_fraction, random_state=cfg.split_seed,
-                            stratify=labels)
-
-
-def _split_pairs(x: torch.Tensor, labels: list[str], cfg: VisionConfig) -> dict:
-    train, test = _stratified(labels, cfg)
-    return {"train": (x[train], [labels[i] for i in train]),
-            "test": (x[test], [labels[i] for i in test])}
-
-
-def _from_arrays(x: np.ndarray, cfg: VisionConfig, source: str) -> torch.Tensor:
-    """An array of images (N, H, W), (N, H, W, C) or (N, C, H, W), uint8 or float in [0, 1]
-    -> uint8 (N, channels, image_size, image_size)."""
-    if x.ndim == 3:
-        x = x[:, None]
-    elif x.ndim == 4 and x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):
-        x = x.transpose(0, 3, 1, 2)  # channels last (Keras) -> channels first
-    elif not (x.ndim == 4 and x.shape[1] in (1, 3, 4)):
-        raise DataError(f"{source}: images have shape {x.shape}; expected (N, H, W), "
-                        "(N, H, W, C) or (N, C, H, W) with C = 1, 3 or 4")
-    if x.dtype == np.uint8:
-        t = torch.from_numpy(np.ascontiguousarray(x)).float()
-    elif np.issubdtype(x.dtype, np.floating) and x.size and x.max() <= 1.0:
-        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)) * 255
-    elif np.issubdtype(x.dtype, np.number):
-        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-        top = float(t.max()) if t.numel() else 1.0
-        if top > 255:
-            t = t * (255 / top)
-    else:
-        raise DataError(f"{source}: images have dtype {x.dtype}; expected numbers")
-    t = t[:, :3]
-    if t.size(1) == 3 and cfg.channels == 1:  # ITU-R 601 luma, as Pillow's convert("L")
-        t = (t * torch.tensor([0.299, 0.587, 0.114])[None, :, None, None]).sum(1, keepdim=True)
-    elif t.size(1) == 1 and cfg.channels == 3:
-        t = t.expand(-1, 3, -1, -1)
-    if t.shape[-2:] != (cfg.image_size, cfg.image_size):
-        t = F.interpolate(t, size=(cfg.image_size, cfg.image_size), mode="bilinear",
-                          antialias=True, align_corners=False)
-    return t.round().clamp(0, 255).to(torch.uint8)
-
-
-def _label_names(y: np.ndarray) -> list[str]:
-    return [str(int(v)) if np.issubdtype(type(v), np.integer) else str(v) for v in y]
-
-
-def _load_npz(path: Path, cfg: VisionConfig) -> dict:
-    try:
-        npz = np.load(path, allow_pickle=False)
-        keys = set(npz.files)
-    except (OSError, ValueError) as e:
-        raise DataError(f"{path} is not a readable .npz file ({e})") from None
-    missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in keys]
-    if missing:
-        raise DataError(f"{path} lacks {', '.join(missing)}; an image .npz needs x_train, "
-                        f"y_train, x_test and y_test (it has: {', '.join(sorted(keys)) or 'none'})")
-    splits = {}
-    for split in ("train", "test"):
-        x, y = npz[f"x_{split}"], npz[f"y_{split}"].reshape(-1)
-        if len(x) != len(y):
-            raise DataError(f"{path}: x_{split} has {len(x)} images but y_{split} has {len(y)} "
-                            "labels; they must be the same length")
-        if len(x) == 0:
-            raise DataError(f"{path}: x_{split} is empty; give at least one image")
-        splits[split] = (_from_arrays(x, cfg, f"{path}:x_{split}"), _label_names(y))
-    return splits
-
-
-def _load_digits(cfg: VisionConfig) -> dict:
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()  # 1797 images 8x8, values 0..16
-    x = np.round(digits.images * (255 / 16)).astype(np.uint8)
-    return _split_pairs(_from_arrays(x, cfg, "digits"), _label_names(digits.target), cfg)
-
-
-def _load_folder(root: Path, cfg: VisionConfig, split: bool = True) -> dict:
-    parts = {s: root / s for s in ("train", "test", "val") if (root / s).is_dir()}
-    test_dir = parts.get("test", parts.get("val"))
-    if "train" in parts and test_dir is not None:  # the data's own split
-        if not split:
-            return {"test": _folder_pairs(test_dir, cfg)}
-        return {"train": _folder_pairs(parts["train"], cfg),
-                "test": _folder_pairs(test_dir, cfg)}
-    x, labels = _folder_pairs(root, cfg)
-    return _split_pairs(x, labels, cfg) if split else {"test": (x, labels)}
-
-
-def _folder_pairs(root: Path, cfg: VisionConfig):
-    classes = _class_folders(root)
-    if not classes:
-        raise DataError(f"{root} has no class sub-folders with images; put the images of "
-                        f"each class in {root}/<class name>/ (PNG, JPEG, ...)")
-    items = [(p, name) for name, files in classes.items() for p in files]
-    return _read_listed(items, cfg, root)
-
-
-def _load_csv(path: Path, cfg: VisionConfig, split: bool = True) -> dict:
-    try:
-        rows = [r for r in csv.reader(path.read_text(encoding="utf-8").splitlines()) if r]
-    except UnicodeDecodeError:
-        raise DataError(f"{path} is not a UTF-8 CSV; give lines of path,label") from None
-    if rows and [c.strip().lower() for c in rows[0][:2]] == ["path", "label"]:
-        rows = rows[1:]
-    if not rows or any(len(r) < 2 for r in rows):
-        raise DataError(f"{path} must hold lines of path,label (one image each)")
-    items = []
-    for r in rows:
-        file = Path(r[0].strip())
-        file = file if file.is_absolute() else path.parent / file
-        if not file.exists():
-            raise DataError(f"{path}: image {file} does not exist; fix the path (relative paths "
-                            "are read from the CSV's folder)")
-        items.append((file, r[1].strip()))
-    x, labels = _read_listed(items, cfg, path)
-    return _split_pairs(x, labels, cfg) if split else {"test": (x, labels)}
-
-
-def load_image_data(cfg: VisionConfig, path: Path | None, split: bool = True) -> dict:
-    """{"train": (uint8 images, label names), "test": (...)} from a built-in data set, an .npz,
-    a folder of class folders (with train/ and test/ inside, or split here) or a CSV.
-    split=False: only {"test": ...}, all images of a folder or CSV (for evaluating on them)."""
-    if path is None and cfg.data == "digits":
-        return _load_digits(cfg)
-    if path is None:
-        path = find_data(BUILTIN.get(cfg.data, cfg.data))
-    if path.is_dir():
-        if not any(path.iterdir()):
-            raise DataError(f"{path} is empty; put the images of each class in "
-                            f"{path}/<class name>/")
-        return _load_folder(path, cfg, split)
-    suffix = path.suffix.lower()
-    if suffix == ".npz":
-        return _load_npz(path, cfg)
-    if suffix in (".csv", ".txt"):
-        return _load_csv(path, cfg, split)
-    raise DataError(f"{path}: unknown image data; give a .npz (x_train, y_train, x_test, "
-                    "y_test), a folder of class folders, or a CSV of path,label")
-
 
 # ---- the task -----------------------------------------------------------------------------
 
-class VisionTask:
+@register
+class VisionTask(TaskBase):
     """Image classification: a ViT on the shared trunk, evaluated by accuracy on held-out images."""
 
     name = "vision"
     Config = VisionConfig
     best_metric = ("accuracy", "max")
+    what = "image"
+    suffixes = IMAGE_SUFFIXES
+    routes = ("classifications",)
 
     def __init__(self, config: VisionConfig):
         self.config = config
@@ -429,13 +218,6 @@ class VisionTask:
         task = cls(config)
         task._set_splits(splits)
         return task, _model_config(config, model_cfg)
-
-    @classmethod
-    def load(cls, config: VisionConfig, model_cfg: ModelConfig, run_dir: Path):
-        return cls(config)
-
-    def save(self, run_dir: Path) -> None:
-        pass  # the class names and pixel statistics live in config.json
 
     def build_model(self, cfg: ModelConfig) -> nn.Module:
         c = self.config
@@ -559,37 +341,92 @@ class VisionTask:
         return out
 
     # ---- using the model --------------------------------------------------------------------
-    def predict(self, model, inputs: list, *, top_k: int = 3, progress: bool = False) -> dict:
-        """Top-k classes for image files and folders (searched recursively). Unreadable files
-        are reported in "skipped"; if nothing is readable, DataError.
-
-        Returns {"predictions": [{"path", "labels", "probs"[, "true"]}], "skipped": [...],
-        "accuracy": over files whose parent folder is named after a class, or None}."""
+    def read(self, source) -> torch.Tensor:
+        """An image file (or its bytes) -> uint8 (channels, size, size) as the run sees it."""
         c = self.config
+        if not isinstance(source, (bytes, bytearray)):
+            source = Path(source).expanduser()
+        return read_image(source, c.channels, c.image_size, c.fit)
+
+    def predict(self, model, items: list[torch.Tensor], *, top_k: int = 3,
+                progress: bool = False) -> list[dict]:
+        """The top_k classes of each image, most probable first: {"labels", "probs"}."""
         if top_k <= 0:
             raise ConfigError(f"top_k={top_k} is invalid: it must be a positive integer")
-        files = expand_inputs(inputs, IMAGE_SUFFIXES, "image")
-        images, kept, skipped = [], [], []
-        for path in tqdm(files, disable=not progress, desc="reading", unit="image"):
-            try:
-                images.append(read_image(path, c.channels, c.image_size, c.fit))
-                kept.append(path)
-            except DataError as e:
-                skipped.append({"path": str(path), "error": str(e)})
-        if not kept:
-            raise nothing_readable(skipped, "a readable image")
-        probs = torch.softmax(self.logits(model, torch.stack(images), progress), dim=-1)
+        probs = torch.softmax(self.logits(model, torch.stack(items), progress), dim=-1)
         top = probs.topk(min(top_k, probs.size(1)), dim=-1)
-        predictions, right, known = [], 0, 0
-        for path, p, i in zip(kept, top.values.tolist(), top.indices.tolist()):
-            rec = {"path": str(path), "labels": [c.labels[j] for j in i], "probs": p}
-            if path.parent.name in c.labels:  # a folder named after a class: a known answer
-                rec["true"] = path.parent.name
+        return [{"labels": [self.config.labels[j] for j in i], "probs": p}
+                for p, i in zip(top.values.tolist(), top.indices.tolist())]
+
+    def summarize(self, results: list[dict], sources: list, skipped: list[dict]) -> dict:
+        """The predictions with their paths; an image in a folder named after a class has a
+        known answer ("true"), and "accuracy" is over those (None when there are none)."""
+        out = super().summarize(results, sources, skipped)
+        right = known = 0
+        for rec, source in zip(out["predictions"], sources):
+            parent = Path(source).parent.name if isinstance(source, Path) else None
+            if parent in self.config.labels:
+                rec["true"] = parent
                 known += 1
-                right += rec["labels"][0] == rec["true"]
-            predictions.append(rec)
-        return {"predictions": predictions, "skipped": skipped,
-                "accuracy": right / known if known else None, "labelled": known}
+                right += rec["labels"][0] == parent
+        return {**out, "accuracy": right / known if known else None, "labelled": known}
+
+    def format_predictions(self, summary: dict, fmt: str = "text") -> str:
+        lines = ["{}  {}".format(r["path"], "  ".join(f"{label} {p:.3f}" for label, p in
+                                                      zip(r["labels"], r["probs"])))
+                 for r in summary["predictions"]]
+        if summary["accuracy"] is not None:
+            lines.append(f"accuracy {summary['accuracy']:.2%} on the {summary['labelled']} "
+                         "images in folders named after a class")
+        return "\n".join(lines)
+
+    def rows(self, summary: dict) -> tuple[list[str], list[list]]:
+        """path, label_1, prob_1, ..., label_k, prob_k, true."""
+        preds = summary["predictions"]
+        k = max((len(r["labels"]) for r in preds), default=0)
+        header = ["path", *[f"{c}_{i}" for i in range(1, k + 1) for c in ("label", "prob")],
+                  "true"]
+        return header, [[r["path"], *[v for pair in zip(r["labels"], (f"{p:.6f}" for p in
+                                                                      r["probs"]))
+                                      for v in pair], r.get("true", "")] for r in preds]
+
+    # ---- explaining ---------------------------------------------------------------------------
+    def example_inputs(self, model_cfg, batch: int, length: int | None):
+        c = self.config
+        return (torch.randn(batch, c.channels, c.image_size, c.image_size),), model_cfg.context
+
+    def attention_inputs(self, item: torch.Tensor) -> tuple:
+        return (self.normalise(item[None]),)
+
+    def draw_attention(self, item, weights, outputs, title, *, top_k: int = 5):
+        """The class token's attention over the patches (without one: the attention each
+        patch receives, averaged over the queries), resized onto the image."""
+        from ..train.plots import figure
+        c = self.config
+        grid = c.image_size // c.patch_size
+        if c.pool == "cls":
+            over, what = weights[0, 1:], "the class token's attention"
+        else:
+            over, what = weights.mean(0), "mean attention received"
+        heat = F.interpolate(over.reshape(1, 1, grid, grid), size=(c.image_size, c.image_size),
+                             mode="bilinear", align_corners=False)[0, 0]
+        fig, axes = figure(8, 4, columns=2)
+        shown = item.permute(1, 2, 0).numpy()
+        shown, cmap = (shown.squeeze(-1), "gray") if c.channels == 1 else (shown, None)
+        for ax in axes:
+            ax.imshow(shown, cmap=cmap)
+            ax.axis("off")
+        axes[0].set_title("input", fontsize=9)
+        axes[1].imshow(heat.numpy(), cmap="inferno", alpha=0.55)
+        axes[1].set_title(f"{title}: {what}", fontsize=9)
+        probs = outputs[0].float().softmax(-1)
+        best = int(probs.argmax())
+        return fig, {"grid": [grid, grid], "attention": over.reshape(grid, grid).tolist(),
+                     "label": c.labels[best], "probability": float(probs[best])}
+
+    def format_explanation(self, result: dict) -> str:
+        return (super().format_explanation(result)
+                + f"\n  predicted {result['label']} ({result['probability']:.1%})")
 
 
 def affine(images: torch.Tensor, angle: torch.Tensor, zoom: torch.Tensor, shift: torch.Tensor,
@@ -604,35 +441,6 @@ def affine(images: torch.Tensor, angle: torch.Tensor, zoom: torch.Tensor, shift:
     grid = F.affine_grid(theta.to(images.dtype), list(images.shape), align_corners=False)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros",
                          align_corners=False)
-
-
-def confusion_matrix(y: torch.Tensor, pred: torch.Tensor, k: int) -> torch.Tensor:
-    """C[i, j] = number of images of class i predicted as class j."""
-    return torch.bincount(y * k + pred, minlength=k * k).reshape(k, k)
-
-
-def precision_recall_f1(cm: torch.Tensor):
-    """Per class k: precision = C_kk / sum_i C_ik, recall = C_kk / sum_j C_kj,
-    F1 = 2 P R / (P + R); 0 where a denominator is 0 (scikit-learn's zero_division=0)."""
-    cm = cm.double()
-    tp = cm.diag()
-    predicted, actual = cm.sum(0), cm.sum(1)
-    p = torch.where(predicted > 0, tp / predicted.clamp_min(1), 0.0)
-    r = torch.where(actual > 0, tp / actual.clamp_min(1), 0.0)
-    f1 = torch.where(p + r > 0, 2 * p * r / (p + r).clamp_min(1e-300), 0.0)
-    return p, r, f1
-
-
-def per_class_figures(cm: torch.Tensor, labels) -> dict:
-    """{"per_class": {label: precision, recall, f1, support}, "macro_f1"} from a confusion
-    matrix whose first len(labels) rows are the labels' (extra rows, e.g. "other", are not
-    reported)."""
-    p, r, f1 = precision_recall_f1(cm)
-    k = len(labels)
-    return {"per_class": {name: {"precision": p[i].item(), "recall": r[i].item(),
-                                 "f1": f1[i].item(), "support": int(cm[i].sum())}
-                          for i, name in enumerate(labels)},
-            "macro_f1": f1[:k].mean().item()}
 
 
 def _model_config(config: VisionConfig, model_cfg: ModelConfig) -> ModelConfig:

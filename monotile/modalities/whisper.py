@@ -27,11 +27,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.transformer import ModelConfig, Transformer, init_weights
-from ..data import expand_inputs, nothing_readable
 from ..errors import ConfigError, DataError, check_positive, invalid
 from ..tokenizers import Tokenizer
-from .audio import AUDIO_SUFFIXES, log_mel, mel_filters, read_audio
-from .speech import SILENCE, Subsampler
+from .audio import Subsampler, log_mel, mel_filters, silent
+from .base import register
+from .speech_io import MAX_BEAM, Transcriber
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -262,29 +262,24 @@ def beam_decode(model: WhisperModel, memory: torch.Tensor, prompt: list[int],
 
 # ---- the task -----------------------------------------------------------------------------
 
-class TranscribeTask:
-    """Speech to text with an imported Whisper checkpoint: `monotile predict RUN a.wav`."""
+@register
+class TranscribeTask(Transcriber):
+    """Speech to text with an imported Whisper checkpoint: `monotile predict RUN a.wav`. Not
+    trained here (no batches or loss): runs come from `monotile import hf`."""
 
     name = "transcribe"
     Config = TranscribeConfig
     best_metric = ("wer", "min")
+    origin = ("import a Whisper checkpoint with `monotile import hf DIR`, or train a CTC "
+              "recogniser with `monotile train speech`")
 
     def __init__(self, config: TranscribeConfig, tokenizer: Tokenizer | None = None):
         self.config, self.tokenizer = config, tokenizer
         self.filters = mel_filters(config.sample_rate, config.n_fft, config.n_mels)
 
     @classmethod
-    def prepare(cls, config, model_cfg, data=None):
-        raise ConfigError("transcribe runs are not trained here: import a Whisper checkpoint "
-                          "with `monotile import hf DIR`, or train a CTC recogniser with "
-                          "`monotile train speech`")
-
-    @classmethod
     def load(cls, config: TranscribeConfig, model_cfg: ModelConfig, run_dir: Path):
         return cls(config, Tokenizer.load(Path(run_dir) / "tokenizer.json"))
-
-    def save(self, run_dir: Path) -> None:
-        pass  # the tokenizer is copied in by the import
 
     def build_model(self, cfg: ModelConfig) -> WhisperModel:
         c = self.config
@@ -350,47 +345,39 @@ class TranscribeTask:
 
     # ---- using the model ----------------------------------------------------------------------
     @torch.no_grad()
-    def predict(self, model, inputs: list, *, method: str | None = None,
+    def predict(self, model, items: list[torch.Tensor], *, method: str | None = None,
                 beam_width: int | None = None, timestamps: bool | None = None,
-                words: list[str] | None = None, progress: bool = False) -> dict:
-        """Transcripts of audio files and folders, window by window (30 s each), with the
-        segments' times. Unreadable files are reported in "skipped"; if nothing is readable,
-        DataError. Returns {"predictions": [{"path", "text", "duration", "segments": [{"start",
-        "end", "text"}]}], "skipped": [...]}."""
+                words: list[str] | None = None, progress: bool = False) -> list[dict]:
+        """The transcript of each waveform, window by window (30 s each), with the segments'
+        times: {"text", "duration", "segments": [{"start", "end", "text"}]}."""
         c = self.config
         if words:
             raise ConfigError("--words (a closed vocabulary) is for CTC speech runs; a Whisper "
                               "run spells freely, leave it out")
+        if beam_width is not None and not 0 < beam_width <= MAX_BEAM:
+            raise ConfigError(f"--beam {beam_width} is invalid: give a beam width from 1 to "
+                              f"{MAX_BEAM}")
         timestamps = c.timestamps if timestamps is None else timestamps
         if timestamps and c.no_timestamps_id is None:
             raise ConfigError("timestamps are not available: the checkpoint has no "
                               "<|notimestamps|> token")
-        method = method or c.decode
+        method = method or ("beam" if beam_width else c.decode)
         beam_width = beam_width or c.beam_width
-        files = expand_inputs(inputs, AUDIO_SUFFIXES, "audio")
         window = c.frames * c.hop
-        predictions, skipped = [], []
-        for path in tqdm(files, disable=not progress or len(files) < 2, desc="transcribe",
+        out = []
+        for wave in tqdm(items, disable=not progress or len(items) < 2, desc="transcribe",
                          unit="file"):
-            try:
-                wave = read_audio(path, c.sample_rate)
-            except DataError as e:
-                skipped.append({"path": str(path), "error": str(e)})
-                continue
             duration = len(wave) / c.sample_rate
             segments = []
             for begin in range(0, len(wave), window):
                 piece = wave[begin:begin + window]
-                if float(piece.abs().max()) < SILENCE:
+                if silent(piece):
                     continue  # Whisper makes words up in silence
                 ids = self.decode_window(model, piece, method=method, beam_width=beam_width,
                                          timestamps=timestamps)
                 start = begin / c.sample_rate
                 segments += self.segments(ids, start, min(start + c.window_seconds, duration),
                                           timestamps)
-            predictions.append({"path": str(path),
-                                "text": " ".join(s["text"] for s in segments),
-                                "duration": round(duration, 3), "segments": segments})
-        if not predictions:
-            raise nothing_readable(skipped, "readable audio")
-        return {"predictions": predictions, "skipped": skipped}
+            out.append({"text": " ".join(s["text"] for s in segments),
+                        "duration": round(duration, 3), "segments": segments})
+        return out

@@ -104,3 +104,34 @@ def plot_forecast(out: Path, panels: list, quantiles) -> Path:
     atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight"))
     plt.close(fig)
     return out
+
+
+def figure(width: float, height: float, *, rows: int = 1, columns: int = 1, **options):
+    """A matplotlib figure (Agg backend) of width x height inches and its axes: one, or an
+    array of rows x columns."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt.subplots(rows, columns, figsize=(width, height), **options)
+
+
+def save_figure(fig, path: Path, dpi: int = 110) -> Path:
+    """Write `fig` as a PNG at `path` (atomically, its folder made) and close it."""
+    import matplotlib.pyplot as plt
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
+    plt.close(fig)
+    return path
+
+
+def attention_heatmap(ax, weights, labels_q, labels_k, title: str) -> None:
+    """An attention map (Tq, Tk), queries down and keys across, labelled when it is small."""
+    ax.imshow(weights.numpy(), cmap="viridis", vmin=0, aspect="auto")
+    ax.set_title(title, fontsize=9)
+    if labels_k is not None and len(labels_k) <= 80:
+        ax.set_xticks(range(len(labels_k)), labels_k, rotation=90, fontsize=7)
+        ax.set_yticks(range(len(labels_q)), labels_q, fontsize=7)
+    ax.set_xlabel("key (attended to)")
+    ax.set_ylabel("query")

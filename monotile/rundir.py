@@ -1,0 +1,234 @@
+"""A run directory is the unit users handle: what it holds, and how it is read and written.
+
+    runs/<name>/config.json          {"monotile_version", "task", "preset", "model": {...},
+                                      "train": {...}, "<task>": {...}} and, for runs made from
+                                      other runs, "base" and "lora", "merged", "quantized" or
+                                      "imported"
+                model.safetensors    the weights `load` reads (ema.safetensors instead when a
+                best.safetensors     moving average is kept); the best evaluation's weights
+                optimizer.safetensors  trainer_state.json  metrics.jsonl   (training runs)
+                tokenizer.json  plots/*.png
+
+config.json is read back into one frozen, validated config object per section; `--set
+key=value` overrides any field of any section by its bare name. Every write is atomic
+(train/checkpoint.py): a reader sees the old file or the new one, never half of either.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from .core.transformer import ModelConfig
+from .data import sha256
+from .errors import CheckpointError, ConfigError
+from .modalities import task_class
+from .train.checkpoint import atomic_write_json, load_tensors, model_tensors, save_tensors
+from .train.trainer import TrainConfig
+from .version import __version__
+
+CONFIG = "config.json"
+ADAPTER = "adapter.safetensors"  # a fine-tuning run's LoRA adapters, on their own
+
+
+# ---- settings --------------------------------------------------------------------------------
+
+def parse_setting(value, annotation: str, name: str):
+    """A --set string as the field's type: int, float, bool, str or a comma-separated tuple,
+    optionally None ("none", "null" or "")."""
+    if not isinstance(value, str):
+        return value
+    kinds = [k.strip() for k in annotation.split("|")]
+    if "None" in kinds and value.lower() in ("none", "null", ""):
+        return None
+    for kind in kinds:
+        try:
+            if kind == "bool":
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            if kind == "int":
+                return int(value)
+            if kind == "float":
+                return float(value)
+            if kind == "str":
+                return value
+            if kind == "tuple":  # a comma-separated list, e.g. --set noise_snr=20,40
+                return tuple(v.strip() for v in value.split(",") if v.strip())
+        except ValueError:
+            continue
+    raise ConfigError(f"{name}={value!r} is invalid: expected {annotation}")
+
+
+def sections(task_name: str) -> dict[str, type]:
+    """The config classes of a run of `task_name`: the trunk's, training's and the task's."""
+    return {"model": ModelConfig, "train": TrainConfig, task_name: task_class(task_name).Config}
+
+
+def build_configs(task_name: str, base: dict, overrides: dict | None = None) -> dict:
+    """Frozen, validated config objects per section from a preset (or config.json) plus
+    overrides by bare field name; an unknown name is refused with the closest names."""
+    classes = sections(task_name)
+    values = {s: dict(base.get(s, {})) for s in classes}
+    fields = {f.name: (s, f) for s, cls in classes.items() for f in dataclasses.fields(cls)}
+    for key, value in (overrides or {}).items():
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=3)
+            hint = f"did you mean {', '.join(close)}?" if close else \
+                f"settings are: {', '.join(sorted(fields))}"
+            raise ConfigError(f"unknown setting {key!r}; {hint}")
+        section, field = fields[key]
+        values[section][key] = parse_setting(value, str(field.type), key)
+    out = {}
+    for section, cls in classes.items():
+        try:
+            out[section] = cls(**values[section])
+        except TypeError as e:
+            raise ConfigError(f"config section {section!r} is invalid: {e}") from None
+    return out
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, str]:
+    """["lr=3e-4", "n_layer=6"] -> {"lr": "3e-4", "n_layer": "6"}."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {pair!r} is not key=value; write e.g. --set lr=3e-4")
+        out[key.strip()] = value.strip()
+    return out
+
+
+# ---- config.json -----------------------------------------------------------------------------
+
+def new_meta(task: str, preset: str | None = None) -> dict:
+    """The head of a new run's config.json: which monotile wrote it, for which task."""
+    return {"monotile_version": __version__, "task": task, "preset": preset}
+
+
+def config_document(meta: dict, configs: dict, **extra) -> dict:
+    """config.json's content: the meta fields, each config section as a dict, and `extra`
+    top-level records (e.g. imported={...})."""
+    return {**meta, **{name: dataclasses.asdict(cfg) for name, cfg in configs.items()}, **extra}
+
+
+def read_json(path: Path) -> dict:
+    """A JSON file of a run; CheckpointError naming the file when it is missing or corrupt."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing; the run was not checkpointed yet or is "
+                              "damaged") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is corrupt ({e}); restore it or retrain") from None
+
+
+def check_run_dir(run_dir: str | Path) -> Path:
+    """`run_dir` as a Path, refused with a one-line fix when it is not a run directory."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run directory {run_dir} does not exist; give the path of a run "
+                              "made by `monotile train`")
+    if not (run_dir / CONFIG).exists():
+        raise CheckpointError(f"{run_dir} is not a monotile run (no config.json); give the path "
+                              "of a run made by `monotile train`")
+    return run_dir
+
+
+def read_config(run_dir: Path) -> tuple[dict, dict, dict]:
+    """(the config.json document, its meta fields, its config objects per section)."""
+    path = Path(run_dir) / CONFIG
+    doc = read_json(path)
+    try:
+        task_name = doc["task"]
+        meta = {k: doc.get(k) for k in ("monotile_version", "task", "preset")}
+        configs = build_configs(task_name, doc)
+    except (KeyError, TypeError, ConfigError) as e:
+        raise CheckpointError(f"{path} is not a valid monotile config ({e}); restore it or "
+                              "retrain") from None
+    return doc, meta, configs
+
+
+def new_run_dir(out: str | Path | None, default_name: str | None) -> Path:
+    """The directory a new run goes to: `out`, refused when it already holds a run or is a
+    file; or runs/<default_name>, runs/<default_name>-2, ... (the first empty one). Nothing is
+    created here: callers make it once every check has passed."""
+    if out is not None:
+        path = Path(out)
+        if (path / CONFIG).exists():
+            raise ConfigError(f"{path} already holds a run; choose another --out (`monotile "
+                              f"resume {path}` continues a stopped training run)")
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"--out {path} is a file; give a directory path")
+        return path
+    base = Path("runs") / (default_name or "run")
+    path, n = base, 1
+    while path.exists() and any(path.iterdir()):
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
+
+
+# ---- weights ---------------------------------------------------------------------------------
+
+def weights_file(train_cfg: TrainConfig, checkpoint: str = "last") -> str:
+    """The file `load` reads: last (the moving average when one is kept) or best."""
+    name = {"last": "model.safetensors", "best": "best.safetensors"}.get(checkpoint)
+    if name is None:
+        raise ConfigError(f"checkpoint={checkpoint!r} is invalid: choose last or best")
+    if name == "model.safetensors" and train_cfg.ema > 0:
+        name = "ema.safetensors"  # the moving average is what training evaluated and kept
+    return name
+
+
+def base_weights(doc: dict) -> Path:
+    """A fine-tuning run's base weights file (config.json's "base": run, file, sha256), checked
+    to be there and unchanged since the adapter was trained on it."""
+    base = doc["base"]
+    path = Path(base["run"]) / base["file"]
+    if not path.is_file():
+        raise CheckpointError(f"the base run of this fine-tuning run is gone ({path}); put it "
+                              "back, or load a merged copy (monotile merge)")
+    if sha256(path) != base["sha256"]:
+        raise CheckpointError(f"the base run's weights {path} changed since the adapter was "
+                              "trained on them (SHA-256 differs); restore them, or fine-tune "
+                              "again on the new base")
+    return path
+
+
+def write_weights_run(out: Path, doc: dict, model: torch.nn.Module,
+                      tokenizer: Path | None = None, metadata: dict | None = None) -> Path:
+    """A run directory for inference (merge, quantize, import): config.json from `doc`, the
+    tokenizer copied, and `model`'s weights as model.safetensors, which is also what `load`
+    reads (so no moving average is named). `out` comes from new_run_dir, checked early."""
+    out = Path(out)
+    doc = {**doc, "train": {**doc.get("train", {}), "ema": 0.0}}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / CONFIG, doc)
+    if tokenizer is not None and Path(tokenizer).is_file():
+        shutil.copyfile(tokenizer, out / "tokenizer.json")
+    save_tensors(out / "model.safetensors", model_tensors(model),
+                 {"format": "pt", **(metadata or {})})
+    return out
+
+
+def write_adapter(run_dir: Path, train_cfg: TrainConfig, step: int | None = None) -> Path:
+    """RUN/adapter.safetensors: a fine-tuning run's adapters as `load` uses them (the moving
+    average when the run keeps one), with the base's SHA-256 and the adapter's settings in
+    its metadata, so that `monotile merge` can refuse it for another base."""
+    doc = read_json(Path(run_dir) / CONFIG)
+    tensors, _ = load_tensors(Path(run_dir) / weights_file(train_cfg))
+    metadata = {"format": "pt", "base_sha256": doc["base"]["sha256"],
+                "base_file": doc["base"]["file"],
+                "lora": json.dumps({k: doc["lora"][k] for k in ("rank", "alpha", "targets")}),
+                "step": "" if step is None else str(step)}
+    path = Path(run_dir) / ADAPTER
+    save_tensors(path, tensors, metadata)
+    return path
