@@ -1,0 +1,67 @@
+"""The `monotile` command: thin verbs over the Python API (monotile.train, load, resume).
+
+Each verb is a pair in one of the modules here, its arguments beside its handler:
+training.py (train, resume, finetune, merge, quantize, scaling), using.py (eval, generate,
+predict, embed, search, explain), service.py (import, export, serve, data, presets). A verb
+asks the run's task for whatever differs between modalities (which files it reads, how its
+results print); none of them branches on a task's name.
+
+Every user error is one line on stderr and exit status 2; figures go to stdout, as one JSON
+object with --json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+
+from ..errors import MonotileError
+from . import service, training, using
+
+# the verbs in the order `monotile --help` lists them
+VERBS = (training.train, training.resume, using.eval_, using.generate, using.predict,
+         training.finetune, training.merge, training.quantize, using.embed, using.search,
+         service.import_, service.export, using.explain, training.scaling, service.serve,
+         service.data, service.presets)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="monotile", description="One Transformer trunk for text, "
+                                "images, speech and time series.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for verb in VERBS:
+        verb(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if argv is None and args.command == "serve" and "OMP_WAIT_POLICY" not in os.environ:
+        # A server's threads (the event loop, one engine per model, uploads) share the cores
+        # with whatever else runs there, and OpenMP workers that spin while they wait starve
+        # them: decoding ran 20-30x slower under load (bench/serve.py). Passive workers sleep.
+        # libgomp reads the setting when torch loads it, so the server starts again with it.
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        os.execv(sys.executable, [sys.executable, "-m", "monotile", *sys.argv[1:]])
+    warnings.formatwarning = lambda msg, cat, *rest: f"warning: {msg}\n"
+    try:
+        args.handler(args)
+    except MonotileError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    finally:
+        if "torch" in sys.modules:  # leave torchrun's process group cleanly
+            from ..train.distributed import shutdown
+            shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

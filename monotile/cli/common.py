@@ -1,0 +1,74 @@
+"""What the verbs share: printing figures, the common flags, and writing --output files."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from ..errors import MonotileError
+
+
+def print_json(obj) -> None:
+    print(json.dumps(obj, indent=None, default=str))
+
+
+def emit(a, figures: dict, line: str) -> None:
+    """The command's figures as one JSON object with --json, else its line for people."""
+    if a.json:
+        print_json(figures)
+    else:
+        print(line)
+
+
+def finish(p, handler, *, checkpoint: bool | str = False, json: bool | str = False,
+           quiet: bool = False) -> None:
+    """The flags verbs share, each with its help (or the given one), and the function that
+    runs the verb: --checkpoint last|best, --json, --quiet."""
+    if checkpoint:
+        p.add_argument("--checkpoint", default="last", choices=["last", "best"],
+                       help=checkpoint if isinstance(checkpoint, str) else "which weights: the "
+                       "last checkpoint's (default) or the best evaluation's")
+    if json:
+        p.add_argument("--json", action="store_true", help=json if isinstance(json, str) else
+                       "print the figures as one JSON object")
+    if quiet:
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=handler)
+
+
+def unescape(text: str) -> str:
+    """\\n, \\t and \\\\ typed on a command line become a newline, a tab and a backslash
+    (llama.cpp's --escape), so `--stop "\\n\\n"` means a blank line."""
+    return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)],
+                  text)
+
+
+def stop_at(a) -> int | None:
+    if a.stop_at is not None and a.stop_at <= 0:
+        raise MonotileError(f"--stop-at {a.stop_at} is invalid: give a step >= 1")
+    return a.stop_at
+
+
+def check_output(path: str) -> Path:
+    """The --output file's Path; an error for a folder or a missing parent folder."""
+    target = Path(path)
+    if target.is_dir():
+        raise MonotileError(f"--output {path} is a folder; give a file name, e.g. preds.csv")
+    if not target.parent.exists():
+        raise MonotileError(f"--output {path}: folder {target.parent} does not exist")
+    return target
+
+
+def write_rows_csv(path: str, header: list[str], rows: list[list]) -> None:
+    """A CSV file written atomically: the header, then the rows."""
+    import csv
+    import io
+
+    from ..train.checkpoint import atomic_write_text
+    target = check_output(path)
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(header)
+    w.writerows(rows)
+    atomic_write_text(target, buf.getvalue())
