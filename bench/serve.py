@@ -113,7 +113,8 @@ def main() -> None:
         out = Path(tempfile.mkdtemp(prefix="monotile-bench-")) / "serve"
         run = monotile.train("text", "shakespeare-char", out=out, quiet=True,
                              overrides={**SIZE, **QUICK}).dir
-    proc, url = start_server(f"bench={run}", "--max-batch", str(max(a.clients, 1)), "--dtype", a.dtype)
+    proc, url = start_server(f"bench={run}", "--max-batch", str(max(a.clients, 1)),
+                             "--dtype", a.dtype)
     load_before = os.getloadavg()[0]  # other work on the machine slows the server's threads
     try:
         load(url, 1, 1, 20, seed=0)  # warm up

@@ -363,11 +363,18 @@ def test_images_are_classified_from_a_file_or_base64(server, runs, tmp_path):
     assert neither.status_code == 400
 
 
-def test_forecasts_from_csv_text_or_named_series(server, runs, tmp_path):
+@pytest.fixture
+def etth1(tmp_path):
+    """ETTh1's first 200 hours: its lines, as CSV text, and as a file."""
     source = find_data("ett/ETTh1.csv").read_text().splitlines()
     history = "\n".join(source[:1 + 200]) + "\n"
     path = tmp_path / "history.csv"
     path.write_text(history)
+    return source, history, path
+
+
+def test_forecasts_from_csv_text_or_named_series(server, runs, etth1):
+    source, history, path = etth1
     expected = monotile.load(runs["series"]).predict([str(path)])
     answer = post(server, "/v1/forecasts", json={"model": "series", "csv": history})
     assert answer.status_code == 200, answer.text
@@ -388,6 +395,46 @@ def test_forecasts_from_csv_text_or_named_series(server, runs, tmp_path):
     odd = post(server, "/v1/forecasts", json={"model": "series", "csv": history,
                                              "quantiles": [0.3]})
     assert odd.status_code == 400
+
+
+def test_predictions_answer_every_run_as_its_task_predicts(server, runs, etth1):
+    """/v1/predictions: the task reads a JSON input and predicts it, as `Run.predict` does."""
+    _, history, path = etth1
+    expected = monotile.load(runs["series"]).predict([str(path)], horizon=5)
+    answer = post(server, "/v1/predictions", json={"model": "series", "input": {"csv": history},
+                                                   "options": {"horizon": 5}})
+    assert answer.status_code == 200, answer.text
+    assert [r["forecast"] for r in answer.json()["data"]["forecast"]] == pytest.approx(
+        [r["forecast"] for r in expected["forecast"]], rel=1e-5)
+    text = monotile.load(runs["text"])
+    expected = text.generate("ROMEO:", max_new_tokens=8, temperature=0.0)
+    answer = post(server, "/v1/predictions", json={
+        "model": "text", "input": {"prompt": "ROMEO:"},
+        "options": {"max_new_tokens": 8, "temperature": 0.0}})
+    assert answer.status_code == 200 and answer.json()["data"]["text"] == expected
+    for options, message in (({"plot": "/tmp/x.png"}, "not for a server's clients"),
+                             ({"horizon": "ten"}, "horizon='ten' is invalid"),
+                             ({"horizon": 10 ** 9}, "at most 10000"),
+                             ({"top_k": 3}, "option 'top_k' does not apply")):
+        refused = post(server, "/v1/predictions", json={"model": "series",
+                                                        "input": {"csv": history},
+                                                        "options": options})
+        assert refused.status_code == 400 and message in refused.json()["error"]["message"], \
+            (options, refused.text)
+    for junk in ([1, 2], None, {"base64": 3}):
+        unreadable = post(server, "/v1/predictions", json={"model": "series", "input": junk})
+        assert unreadable.status_code == 400, (junk, unreadable.text)
+    # a file's bytes, as base64: an image to a vision run, as its predict sees the file
+    from PIL import Image
+    from sklearn.datasets import load_digits
+    image = path.with_name("three.png")
+    Image.fromarray((load_digits().images[3] * 16).astype("uint8")).save(image)
+    expected = monotile.load(runs["vision"]).predict([str(image)], top_k=2)["predictions"][0]
+    answer = post(server, "/v1/predictions", json={
+        "model": "vision", "input": {"base64": base64.b64encode(image.read_bytes()).decode()},
+        "options": {"top_k": 2}})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["data"]["labels"] == expected["labels"]
 
 
 def test_serve_refuses_what_is_not_a_run(tmp_path, tiny_run):

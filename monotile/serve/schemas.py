@@ -4,7 +4,7 @@ against these and lists them in /openapi.json; a value out of range is a 400."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -77,3 +77,12 @@ class ForecastRequest(_Body):
     horizon: int | None = Field(None, ge=1, le=10_000,
                                 description="steps to forecast (default: the model's horizon)")
     quantiles: list[float] | None = Field(None, description="a subset of the model's quantiles")
+
+
+class PredictionRequest(_Body):
+    model: str
+    input: Any = Field(description="one input as JSON, as the run's task reads it (e.g. "
+                       "{\"prompt\": text} for text, {\"csv\": text} for a series), or a "
+                       "file's bytes as {\"base64\": ...} (an image, a recording)")
+    options: dict[str, Any] = Field(default_factory=dict, description="options of the task's "
+                                    "predict, e.g. {\"top_k\": 3} or {\"horizon\": 24}")

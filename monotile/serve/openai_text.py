@@ -1,0 +1,307 @@
+"""OpenAI's text protocol: /v1/completions and /v1/chat/completions on the runs that generate
+text, answered whole or streamed as server-sent events.
+
+A request becomes one Job per choice on the run's Engine (engine.py: continuous batching); the
+engine's events (a token's text, the end and why) are gathered into OpenAI's answer, or sent
+as chunks: `data: {chunk}` per piece, the finish_reason in each choice's last chunk, a usage
+chunk, then `data: [DONE]`. Chat formats the messages with the run's chat template, or with
+the plain one (each message as "ROLE:\ncontent" and a blank line, then "ASSISTANT:\n"; the
+answer ends at a blank line) for a run trained on plain text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
+
+from ..infer.generate import Sampling
+from ..modalities.chat import PLAIN_STOP, PLAIN_TEMPLATE, render
+from .engine import Job, QueueFull
+from .gate import ApiError, error_body
+from .schemas import MAX_STOPS, ChatRequest, CompletionRequest
+
+
+def add_text_routes(app: FastAPI, models, metrics) -> None:
+    """POST /v1/completions and /v1/chat/completions."""
+
+    @app.post("/v1/completions", tags=["text"])
+    async def completions(body: CompletionRequest, request: Request):
+        served = models.get(body.model, "completions")
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if not prompts:
+            raise ApiError(400, "prompt is an empty list; give at least one prompt",
+                           param="prompt")
+        encoded = [_encode(served, p) for p in prompts]
+        gen = Generation(served, metrics, body, body.max_tokens, _stops(body.stop),
+                         logprobs=body.logprobs, chat=False)
+        jobs = gen.start([ids for ids in encoded for _ in range(body.n)])
+        echo = [p for p in prompts for _ in range(body.n)] if body.echo else None
+        if body.stream:
+            return _sse(gen.stream_completions(jobs, request, echo))
+        return await gen.complete_completions(jobs, sum(len(e) for e in encoded), echo)
+
+    @app.post("/v1/chat/completions", tags=["text"])
+    async def chat(body: ChatRequest, request: Request):
+        served = models.get(body.model, "chat")
+        messages = [{"role": "system" if m.role == "developer" else m.role,
+                     "content": m.content if isinstance(m.content, str) else
+                     "".join(p.text for p in m.content or [])} for m in body.messages]
+        task = served.run.task
+        stops = _stops(body.stop)
+        if served.run.has_chat_template:
+            prompt = task.chat_prompt(messages)
+            stops += list(task.config.chat_stop)
+        else:
+            prompt = render(PLAIN_TEMPLATE, messages, add_generation_prompt=True)
+            stops += list(PLAIN_STOP)
+        ids = _encode(served, prompt)
+        limit = body.max_completion_tokens if body.max_completion_tokens is not None \
+            else body.max_tokens
+        top = (body.top_logprobs or 0) if body.logprobs else None
+        gen = Generation(served, metrics, body, limit, stops, logprobs=top, chat=True)
+        jobs = gen.start([ids] * body.n)
+        if body.stream:
+            return _sse(gen.stream_chat(jobs, request))
+        return await gen.complete_chat(jobs, len(ids))
+
+
+def _stops(stop) -> list[str]:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > MAX_STOPS:
+        raise ApiError(400, f"stop has {len(stops)} strings; give at most {MAX_STOPS}",
+                       param="stop")
+    return [s for s in stops if s]
+
+
+def _encode(served, prompt: str) -> list[int]:
+    task = served.run.task
+    ids = task.tokenizer.encode(prompt)
+    if not ids:
+        raise ApiError(400, "the prompt is empty (or holds no character this model knows); "
+                       "give at least one", param="prompt")
+    context = served.run.configs["model"].context
+    if len(ids) >= context:
+        raise ApiError(400, f"the prompt has {len(ids)} tokens; this model's context is "
+                       f"{context}, so it takes at most {context - 1}", param="prompt",
+                       code="context_length_exceeded")
+    return ids
+
+
+def _sse(events) -> StreamingResponse:
+    return StreamingResponse(events, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _chunk(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+class Generation:
+    """One completions or chat request: its jobs on the engine, and their events gathered
+    into OpenAI's answer or stream."""
+
+    def __init__(self, served, metrics, body, max_tokens: int | None,
+                 stops: list[str], *, logprobs: int | None, chat: bool):
+        self.served, self.metrics, self.body, self.stops = served, metrics, body, stops
+        self.logprobs, self.chat = logprobs, chat
+        self.context = served.run.configs["model"].context
+        self.max_tokens = max_tokens  # None: up to the context
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        self.created = int(time.time())
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.started = time.perf_counter()
+        self.tokenizer = served.run.task.tokenizer
+
+    def start(self, prompts: list[list[int]]) -> list[Job]:
+        b, loop = self.body, asyncio.get_running_loop()
+        sampling = Sampling(temperature=b.temperature, top_k=b.top_k,
+                            top_p=b.top_p if b.top_p < 1 else None,
+                            repetition_penalty=b.repetition_penalty)
+        jobs = []
+        for i, ids in enumerate(prompts):
+            def emit(event, i=i):
+                loop.call_soon_threadsafe(self.queue.put_nowait, (i, event))
+            limit = self.context - len(ids) if self.max_tokens is None else self.max_tokens
+            if len(ids) + limit > self.context:  # as OpenAI answers it
+                raise ApiError(400, f"this model's context is {self.context} tokens; the prompt "
+                               f"has {len(ids)} and max_tokens asks for {limit} more: lower "
+                               f"max_tokens to at most {self.context - len(ids)}",
+                               param="max_tokens", code="context_length_exceeded")
+            jobs.append(Job(ids, limit, sampling, emit, presence=b.presence_penalty,
+                            frequency=b.frequency_penalty,
+                            seed=None if b.seed is None else b.seed + i, stop=self.stops,
+                            logprobs=self.logprobs))
+        self.metrics.tokens.labels(self.served.name, "prompt").inc(
+            sum(len(p) for p in {id(p): p for p in prompts}.values()))
+        if all(job.max_tokens == 0 for job in jobs):  # nothing to generate: answer at once
+            for job in jobs:
+                job.emit({"type": "done", "finish_reason": "length",
+                          "prompt_tokens": len(job.prompt), "completion_tokens": 0})
+            return jobs
+        try:
+            self.served.engine.submit(jobs)
+        except QueueFull as e:
+            raise ApiError(429, str(e), code="queue_full") from None
+        return jobs
+
+    async def events(self, jobs: list[Job]):
+        """(index, event) until every job is done; token timing goes to the metrics."""
+        open_jobs, first, last = len(jobs), True, None
+        while open_jobs:
+            i, event = await self.queue.get()
+            if event["type"] == "token" and event.get("token") is not None:
+                now = time.perf_counter()
+                if first:
+                    self.metrics.ttft.labels(self.served.name).observe(now - self.started)
+                    first = False
+                elif last is not None:
+                    self.metrics.per_token.labels(self.served.name).observe(now - last)
+                last = now
+            if event["type"] == "done":
+                open_jobs -= 1
+                self.metrics.tokens.labels(self.served.name, "completion").inc(
+                    event["completion_tokens"])
+            if event["type"] == "error":
+                open_jobs -= 1
+            yield i, event
+
+    def usage(self, prompt_tokens: int, completion: int) -> dict:
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                "total_tokens": prompt_tokens + completion}
+
+    def _token_text(self, token: int) -> str:
+        return self.tokenizer.decode([token])
+
+    def _chat_logprob(self, event) -> dict:
+        text = self._token_text(event["token"])
+        return {"token": text, "logprob": event["logprob"], "bytes": list(text.encode()),
+                "top_logprobs": [{"token": self._token_text(t), "logprob": lp,
+                                  "bytes": list(self._token_text(t).encode())}
+                                 for t, lp in event["top"]]}
+
+    async def _gather(self, jobs):
+        n = len(jobs)
+        texts, finish = [""] * n, [None] * n
+        lps = [[] for _ in range(n)]
+        completion = 0
+        async for i, event in self.events(jobs):
+            if event["type"] == "error":
+                raise ApiError(500, f"generation failed: {event['message']}")
+            if event["type"] == "token":
+                texts[i] += event["text"]
+                if event.get("token") is not None and self.logprobs is not None:
+                    lps[i].append(event)
+            else:
+                finish[i] = event["finish_reason"]
+                completion += event["completion_tokens"]
+        return texts, finish, lps, completion
+
+    async def complete_completions(self, jobs, prompt_tokens: int, echo):
+        texts, finish, lps, completion = await self._gather(jobs)
+        choices = []
+        for i, text in enumerate(texts):
+            prefix = echo[i] if echo else ""
+            choice = {"index": i, "text": prefix + text, "finish_reason": finish[i],
+                      "logprobs": None}
+            if self.logprobs is not None:
+                choice["logprobs"] = self._completion_logprobs(lps[i], len(prefix))
+            choices.append(choice)
+        return {"id": self.id, "object": "text_completion", "created": self.created,
+                "model": self.served.name, "choices": choices,
+                "usage": self.usage(prompt_tokens, completion)}
+
+    def _completion_logprobs(self, events, offset: int) -> dict:
+        tokens = [self._token_text(e["token"]) for e in events]
+        offsets, at = [], offset
+        for t in tokens:
+            offsets.append(at)
+            at += len(t)
+        return {"tokens": tokens, "token_logprobs": [e["logprob"] for e in events],
+                "top_logprobs": [{self._token_text(t): lp for t, lp in e["top"]}
+                                 for e in events], "text_offset": offsets}
+
+    async def complete_chat(self, jobs, prompt_tokens: int):
+        texts, finish, lps, completion = await self._gather(jobs)
+        choices = [{"index": i, "message": {"role": "assistant", "content": text},
+                    "logprobs": ({"content": [self._chat_logprob(e) for e in lps[i]]}
+                                 if self.logprobs is not None else None),
+                    "finish_reason": finish[i]} for i, text in enumerate(texts)]
+        return {"id": self.id, "object": "chat.completion", "created": self.created,
+                "model": self.served.name, "choices": choices,
+                "usage": self.usage(prompt_tokens, completion)}
+
+    def _head(self, kind: str) -> dict:
+        return {"id": self.id, "object": kind, "created": self.created,
+                "model": self.served.name}
+
+    async def stream_completions(self, jobs, request: Request, echo):
+        head = self._head("text_completion")
+        prompt_tokens = sum(len(p) for p in {id(j.prompt): j.prompt for j in jobs}.values())
+        completion = 0
+        try:
+            if echo:
+                for i, prefix in enumerate(echo):
+                    yield _chunk({**head, "choices": [{"index": i, "text": prefix,
+                                                       "logprobs": None,
+                                                       "finish_reason": None}]})
+            async for i, event in self.events(jobs):
+                if event["type"] == "error":
+                    yield _chunk(error_body(500, f"generation failed: {event['message']}"))
+                    continue
+                if event["type"] == "token":
+                    if not event["text"] and event.get("token") is None:
+                        continue
+                    lp = (self._completion_logprobs([event], 0)
+                          if self.logprobs is not None and event.get("token") is not None
+                          else None)
+                    yield _chunk({**head, "choices": [{"index": i, "text": event["text"],
+                                                       "logprobs": lp,
+                                                       "finish_reason": None}]})
+                else:
+                    completion += event["completion_tokens"]
+                    yield _chunk({**head, "choices": [{"index": i, "text": "",
+                                                       "logprobs": None, "finish_reason":
+                                                       event["finish_reason"]}]})
+            yield _chunk({**head, "choices": [], "usage": self.usage(prompt_tokens, completion)})
+            yield "data: [DONE]\n\n"
+        finally:  # the client may have gone: free the rows
+            for job in jobs:
+                job.cancelled = True
+
+    async def stream_chat(self, jobs, request: Request):
+        head = self._head("chat.completion.chunk")
+        prompt_tokens, completion = len(jobs[0].prompt), 0
+        try:
+            for i in range(len(jobs)):
+                yield _chunk({**head, "choices": [{"index": i, "delta": {"role": "assistant",
+                                                                         "content": ""},
+                                                   "logprobs": None, "finish_reason": None}]})
+            async for i, event in self.events(jobs):
+                if event["type"] == "error":
+                    yield _chunk(error_body(500, f"generation failed: {event['message']}"))
+                    continue
+                if event["type"] == "token":
+                    if not event["text"] and (event.get("token") is None
+                                              or self.logprobs is None):
+                        continue
+                    lp = ({"content": [self._chat_logprob(event)]}
+                          if self.logprobs is not None and event.get("token") is not None
+                          else None)
+                    yield _chunk({**head, "choices": [{"index": i,
+                                                       "delta": {"content": event["text"]},
+                                                       "logprobs": lp, "finish_reason": None}]})
+                else:
+                    completion += event["completion_tokens"]
+                    yield _chunk({**head, "choices": [{"index": i, "delta": {},
+                                                       "logprobs": None, "finish_reason":
+                                                       event["finish_reason"]}]})
+            yield _chunk({**head, "choices": [], "usage": self.usage(prompt_tokens, completion)})
+            yield "data: [DONE]\n\n"
+        finally:
+            for job in jobs:
+                job.cancelled = True
