@@ -19,6 +19,7 @@ demo: setup
 	$(VENV)/bin/monotile train text --preset shakespeare-char --sample 300
 
 test: setup
+	$(PY) -m ruff check monotile tests bench
 	$(PY) -m pytest -q
 
 bench: setup

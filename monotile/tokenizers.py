@@ -9,7 +9,6 @@ the file format the rest of the ecosystem reads.
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 
@@ -27,14 +26,14 @@ class Tokenizer:
         self.vocab_size = tok.get_vocab_size()
 
     @classmethod
-    def train_char(cls, text: str) -> "Tokenizer":
+    def train_char(cls, text: str) -> Tokenizer:
         chars = sorted(set(text))
         tok = HFTokenizer(models.BPE(vocab={c: i for i, c in enumerate(chars)}, merges=[]))
         tok.decoder = decoders.Fuse()
         return cls(tok, "char")
 
     @classmethod
-    def train_bpe(cls, text: str, vocab_size: int) -> "Tokenizer":
+    def train_bpe(cls, text: str, vocab_size: int) -> Tokenizer:
         tok = HFTokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
@@ -44,7 +43,7 @@ class Tokenizer:
         return cls(tok, "bpe")
 
     @classmethod
-    def load(cls, path: str | Path) -> "Tokenizer":
+    def load(cls, path: str | Path) -> Tokenizer:
         try:
             tok = HFTokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception on bad JSON
@@ -84,9 +83,13 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(list(ids))
 
-    @functools.cache
     def token_bytes(self) -> list[int]:
         """UTF-8 length in bytes of each token id, for bits per byte (computed once)."""
+        if getattr(self, "_token_bytes", None) is None:
+            self._token_bytes = self._count_token_bytes()
+        return self._token_bytes
+
+    def _count_token_bytes(self) -> list[int]:
         out = [0] * self.vocab_size
         for token, i in self.tok.get_vocab().items():
             # byte-level tokens spell one byte per character (GPT-2's byte-to-unicode map)

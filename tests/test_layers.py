@@ -11,8 +11,10 @@ def test_layernorm_equals_torch_layernorm():
     x = torch.randn(3, 5, 16)
     ours, ref = LayerNorm(16, eps=1e-5), torch.nn.LayerNorm(16, eps=1e-5)
     with torch.no_grad():
-        ours.weight.normal_(); ours.bias.normal_()
-        ref.weight.copy_(ours.weight); ref.bias.copy_(ours.bias)
+        ours.weight.normal_()
+        ours.bias.normal_()
+        ref.weight.copy_(ours.weight)
+        ref.bias.copy_(ours.bias)
     torch.testing.assert_close(ours(x), ref(x))
 
 

@@ -247,7 +247,7 @@ def beam_search(log_probs: torch.Tensor, *, beam_width: int = 8, blank: int = 0,
     for t, p in enumerate(lp.tolist()):
         grown: dict[tuple[int, ...], list] = {}
 
-        def add(prefix, b, nb, state):
+        def add(prefix, b, nb, state, grown=grown):  # this step's hypotheses
             old = grown.setdefault(prefix, [-math.inf, -math.inf, state])
             old[0], old[1] = _logaddexp(old[0], b), _logaddexp(old[1], nb)
 

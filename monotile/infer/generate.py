@@ -1,7 +1,8 @@
 """Autoregressive decoding with a KV cache, and the sampling rules applied to each step.
 
 x_{t+1} ~ softmax(top_p(top_k(penalise(logits_t) / T))), in Hugging Face's order:
-  repetition penalty r: a logit l of a token already in the sequence becomes l / r if l > 0, else l r
+  repetition penalty r: a logit l of a token already in the sequence becomes l / r if l > 0,
+  else l r
   temperature T (T = 0 means greedy: argmax)
   top-k: keep the k largest logits
   top-p (nucleus): keep the smallest set of tokens whose probabilities sum to at least p

@@ -27,7 +27,8 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
-        """Fold in the weights after optimizer step `step` (0-based): ema += (1 - d)(theta - ema)."""
+        """Fold in the weights after optimizer step `step` (0-based):
+        ema += (1 - d)(theta - ema)."""
         ema = [p for p in self.model.parameters()]
         new = [p.detach() for p in model.parameters()]
         torch._foreach_lerp_(ema, new, 1.0 - self.decay_at(step))

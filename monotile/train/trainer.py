@@ -115,7 +115,8 @@ def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
     if name == "bfloat16":
         if device.type == "cpu" and not cpu_has_bf16():
             warnings.warn("dtype=bfloat16 on a CPU without AVX512-BF16 or AMX: PyTorch emulates "
-                          "bf16 here and trains slower than fp32; use --set dtype=float32")
+                          "bf16 here and trains slower than fp32; use --set dtype=float32",
+                          stacklevel=2)
         return torch.bfloat16
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
