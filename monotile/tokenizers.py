@@ -59,8 +59,10 @@ class Tokenizer:
         from .train.checkpoint import atomic_write_text
         atomic_write_text(Path(path), self.tok.to_str(pretty=True))
 
-    def encode(self, text: str) -> list[int]:
-        ids = self.tok.encode(text).ids
+    def encode(self, text: str, special_tokens: bool = True) -> list[int]:
+        """The ids of `text`; special_tokens=False leaves out what the tokenizer adds around a
+        text (Llama's BOS), as a rendered chat template already holds them."""
+        ids = self.tok.encode(text, add_special_tokens=special_tokens).ids
         if self.kind == "char" and len(ids) != len(text):
             vocab = self.tok.get_vocab()
             unknown = sorted({c for c in text if c not in vocab})

@@ -127,3 +127,115 @@ def test_text_pieces_hold_back_what_may_start_a_stop_string():
     plain = TextPieces(lambda ids: "".join(chars[i] for i in ids))
     assert "".join(plain.push(i) for i in range(5)) + plain.flush() == "hello"
 
+
+
+# ---- ending at the model's end tokens ------------------------------------------------------------
+
+def chat_tokenizer(special_id: int, vocab: int = 50):
+    """A character vocabulary of `vocab` ids in which `special_id` is the special token
+    <|im_end|> (decoding leaves it out, as a checkpoint's tokenizer does)."""
+    from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models
+    from monotile.tokenizers import Tokenizer
+    chars = iter("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,")
+    tokens = {("<|im_end|>" if i == special_id else next(chars)): i for i in range(vocab)}
+    tok = HFTokenizer(models.BPE(vocab=tokens, merges=[]))
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens([AddedToken("<|im_end|>", special=True)])
+    return Tokenizer(tok, "hf")
+
+
+def greedy_ids(model, prompt_ids, n=12) -> list[int]:
+    out = generate_ids(model, torch.tensor([prompt_ids]), n, Sampling(temperature=0))
+    return [int(t[0]) for t in out]
+
+
+def forced_end(model, prompt_ids) -> tuple[list[int], int]:
+    """The greedy continuation of a random model and a step k whose token has not come before:
+    made an end id, generation must stop there with the text of the first k tokens."""
+    ids = greedy_ids(model, prompt_ids)
+    k = next(k for k in range(2, len(ids)) if ids[k] not in ids[:k])
+    return ids, k
+
+
+def text_task(tokenizer, **config):
+    from monotile.modalities.text import TextConfig, TextTask
+    return TextTask(TextConfig(tokenizer="hf", **config), tokenizer, context=48)
+
+
+@pytest.mark.parametrize("as_list", [False, True])
+def test_generation_stops_at_an_end_id_which_is_not_shown(as_list):
+    model = random_lm()
+    prompt = "abc"
+    tok = chat_tokenizer(special_id=49)
+    ids, k = forced_end(model, tok.encode(prompt))
+    unused = next(i for i in range(50) if i not in ids)
+    eos_ids = (unused, ids[k]) if as_list else (ids[k],)  # a checkpoint may list several
+    task = text_task(tok, eos_ids=eos_ids)
+    pieces = list(task.stream(model, prompt, max_new_tokens=12, sampling=Sampling(temperature=0)))
+    assert "".join(pieces) == tok.decode(ids[:k])
+    assert "".join(text_task(tok).stream(model, prompt, max_new_tokens=12,
+                                         sampling=Sampling(temperature=0))) == tok.decode(ids)
+
+
+def test_a_stop_string_that_is_a_special_token_stops_generation():
+    model = random_lm()
+    probe = chat_tokenizer(special_id=49)
+    ids, k = forced_end(model, probe.encode("abc"))
+    tok = chat_tokenizer(special_id=ids[k])  # the model's k-th token is <|im_end|>
+    task = text_task(tok)
+    assert task.special_texts == {ids[k]: "<|im_end|>"}
+    greedy = Sampling(temperature=0)
+    shown = "".join(task.stream(model, "abc", max_new_tokens=12, sampling=greedy))
+    assert "<|im_end|>" not in shown and shown == tok.decode(ids)  # the user never sees it
+    stopped = "".join(task.stream(model, "abc", max_new_tokens=12, sampling=greedy,
+                                  stop=["<|im_end|>"]))
+    assert stopped == tok.decode(ids[:k])
+
+
+def test_text_pieces_match_stop_strings_across_special_tokens_and_end_at_end_ids():
+    chars = {i: c for i, c in enumerate("ab c\n")}
+    specials = {7: "<|im_end|>", 8: "</s>"}
+
+    def run(ids, **options):
+        pieces = TextPieces(lambda seq: "".join(chars.get(i, "") for i in seq),
+                            specials=specials, **options)
+        out = ""
+        for i in ids:
+            out += pieces.push(i)
+            if pieces.stopped:
+                break
+        return out + pieces.flush(), pieces.stopped
+
+    assert run([0, 1, 7, 4, 3]) == ("ab\nc", False)  # special tokens are not shown
+    assert run([0, 1, 7, 4, 3], stop=["<|im_end|>"]) == ("ab", True)
+    assert run([0, 1, 7, 4, 3], stop=["b<|im_end|>\n"]) == ("a", True)
+    assert run([0, 1, 7, 4, 3], stop=["<|im_end|>\nc"]) == ("ab", True)
+    assert run([0, 1, 2, 3, 8, 4], stop=["zzzzzz"], end_ids=[8]) == ("ab c", True)
+    assert run([8, 0], end_ids=(8,)) == ("", True)
+
+
+def test_the_serving_engine_stops_at_end_ids_and_special_stop_strings():
+    import queue
+    from monotile.serve.engine import Engine, Job
+    model = random_lm()
+    probe = chat_tokenizer(special_id=49)
+    ids, k = forced_end(model, probe.encode("abc"))
+    tok = chat_tokenizer(special_id=ids[k])
+    task = text_task(tok)
+    engine = Engine(model, tok.decode, max_batch=4)
+    try:
+        def answer(**options):
+            events = queue.Queue()
+            engine.submit([Job(tok.encode("abc"), 12, Sampling(temperature=0), events.put,
+                               **options)])
+            text = ""
+            while (event := events.get(timeout=60))["type"] == "token":
+                text += event["text"]
+            assert event["type"] == "done", event
+            return text, event["finish_reason"], event["completion_tokens"]
+        assert answer() == (tok.decode(ids), "length", 12)
+        assert answer(end_ids=(ids[k],)) == (tok.decode(ids[:k]), "stop", k + 1)
+        assert answer(stop=["<|im_end|>"], specials=task.special_texts) == \
+            (tok.decode(ids[:k]), "stop", k + 1)
+    finally:
+        engine.close()

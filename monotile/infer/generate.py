@@ -137,27 +137,39 @@ def generate_ids(model, prompt: torch.Tensor, max_new_tokens: int, sampling: Sam
 
 
 class TextPieces:
-    """Token ids in, text pieces out, ending before the first stop string.
+    """Token ids in, text pieces out, ending before the first stop string or at an end id.
 
     The text of all ids so far is decoded again at each token (a token may complete a
     multi-byte character, or change how its neighbours decode), and the last
-    len(longest stop) - 1 characters are held back until they cannot begin a stop string."""
+    len(longest stop) - 1 characters are held back until they cannot begin a stop string.
+    Decoding leaves special tokens out; stop strings are matched against the text with each
+    special token's text (`specials`: id -> text) put back where it came, so "<|im_end|>"
+    stops too. An id of `end_ids` (the model's end of sequence) ends the text, unshown."""
 
-    def __init__(self, decode, stop: list[str] | None = None):
+    def __init__(self, decode, stop: list[str] | None = None, *,
+                 specials: dict[int, str] | None = None, end_ids=()):
         self.decode, self.stop = decode, [s for s in (stop or []) if s]
+        self.specials, self.end_ids = specials or {}, frozenset(int(i) for i in end_ids)
         self.ids: list[int] = []
+        self.marks: list[tuple[int, str]] = []  # (offset in the decoded text, special's text)
         self.sent = 0  # characters of the decoded text already given out
         self.hold = max((len(s) for s in self.stop), default=1) - 1
         self.stopped = False
 
     def push(self, token: int) -> str:
-        """The new text that token `token` makes final ("" if none); sets .stopped at a stop."""
-        self.ids.append(int(token))
+        """The new text that token `token` makes final ("" if none); sets .stopped at a stop
+        string or an end id."""
+        token = int(token)
+        if token in self.end_ids:
+            self.stopped = True
+            return self._rest()
+        self.ids.append(token)
         text = self.decode(self.ids)
+        if token in self.specials:
+            self.marks.append((len(text), self.specials[token]))
         if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
             return ""
-        cut = min((i for i in (text.find(s, max(0, self.sent - self.hold)) for s in self.stop)
-                   if i >= 0), default=-1)
+        cut = self._stop_at(text) if self.stop else -1
         if cut >= 0:
             self.stopped = True
             piece = text[self.sent:cut] if cut > self.sent else ""
@@ -170,10 +182,42 @@ class TextPieces:
         return ""
 
     def flush(self) -> str:
-        """What is left once generation ends without a stop string."""
-        if self.stopped:
-            return ""
+        """What is left once generation ends without a stop string or end id."""
+        return "" if self.stopped else self._rest()
+
+    def _rest(self) -> str:
         text = self.decode(self.ids)
-        piece, self.sent = text[self.sent:], len(text)
+        piece, self.sent = text[self.sent:], max(self.sent, len(text))
         return piece
 
+    def _stop_at(self, text: str) -> int:
+        """Where in `text` the first stop string begins, -1 if none does (searched from what
+        was held back)."""
+        seen = self._with_specials(text)
+        start = self._in_seen(max(0, self.sent - self.hold))
+        cut = min((i for i in (seen.find(s, start) for s in self.stop) if i >= 0), default=-1)
+        return self._in_text(cut) if cut >= 0 else -1
+
+    def _with_specials(self, text: str) -> str:
+        """The decoded text with the special tokens' texts put back at their offsets."""
+        out, at = [], 0
+        for offset, special in self.marks:
+            out += [text[at:offset], special]
+            at = offset
+        return "".join(out) + text[at:]
+
+    def _in_seen(self, i: int) -> int:
+        """Offset i of the decoded text in _with_specials' text (before specials at i)."""
+        return i + sum(len(special) for offset, special in self.marks if offset < i)
+
+    def _in_text(self, i: int) -> int:
+        """Offset i of _with_specials' text in the decoded text (a special's start, inside
+        one)."""
+        shift = 0
+        for offset, special in self.marks:
+            if i < offset + shift:
+                break
+            if i < offset + shift + len(special):
+                return offset
+            shift += len(special)
+        return i - shift

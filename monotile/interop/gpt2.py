@@ -13,7 +13,7 @@ from ..core.transformer import ModelConfig
 from ..errors import ConfigError
 from .adapter import (GELU, Adapter, Pair, affine, keys_in, keys_out, one, tie, value_in,
                       value_out)
-from .causal_lm import CLAIMS, build, task_in
+from .causal_lm import CLAIMS, build, files_out, task_in
 
 CONV1D = Pair(lambda w, dims: w.T, lambda w, dims: w.T)  # (in, out) <-> nn.Linear's (out, in)
 
@@ -61,7 +61,7 @@ def model_in(config: dict) -> ModelConfig:
 def config_out(cfg: ModelConfig, text_cfg, kept: dict) -> tuple[dict, dict]:
     return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], **keys_out(cfg, KEYS),
             "n_inner": cfg.hidden, "activation_function": value_out(GELU, cfg.mlp),
-            "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}, {}
+            "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}, files_out(text_cfg)
 
 
 GPT2 = Adapter(

@@ -1,6 +1,7 @@
 """A Hugging Face model folder, read and written: config.json, model.safetensors (or its
 shards model-00001-of-0000N.safetensors), tokenizer.json (or a BERT-style vocab.txt) and
-the other JSON files beside them (preprocessor_config.json, generation_config.json, ...).
+the other JSON files beside them (preprocessor_config.json, generation_config.json, ...), and
+chat_template.jinja where transformers saved the chat template apart.
 
 Only safetensors are read; a pickled pytorch_model.bin is refused with the command that
 converts it (unpickling can run code). The folder becomes a Checkpoint (interop/convert.py)
@@ -41,7 +42,7 @@ def read_hf_dir(src: str | Path, tmp: Path | None = None) -> Checkpoint:
     for f in weights:
         tensors.update(load_tensors(f)[0])
     return Checkpoint(src, config, tensors, tokenizer_file(src, tmp),
-                      {f.name: f for f in src.glob("*.json")},
+                      {f.name: f for f in [*src.glob("*.json"), *src.glob("chat_template.jinja")]},
                       "has no tokenizer.json (nor a WordPiece vocab.txt)")
 
 

@@ -18,7 +18,7 @@ import torch
 from ..core.transformer import ModelConfig
 from ..errors import ConfigError
 from .adapter import TRUNK_KEYS, Adapter, Pair, Part, fuse, keys_in, keys_out, one, tie
-from .causal_lm import CLAIMS, build, task_in
+from .causal_lm import CLAIMS, build, files_out, task_in
 
 
 def half_to_pairs(w: torch.Tensor, heads: int) -> torch.Tensor:
@@ -113,7 +113,7 @@ def config_out(cfg: ModelConfig, text_cfg, kept: dict) -> tuple[dict, dict]:
             "architectures": ["Qwen2ForCausalLM" if qkv_bias else "LlamaForCausalLM"],
             **keys_out(cfg, KEYS), "head_dim": cfg.head_dim, "hidden_act": "silu",
             "rope_theta": cfg.rope_theta, "rope_scaling": cfg.rope_scaling,
-            "attention_bias": qkv_bias}, {}
+            "attention_bias": qkv_bias}, files_out(text_cfg)
 
 
 LLAMA = Adapter(

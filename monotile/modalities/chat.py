@@ -10,13 +10,17 @@ end of its turn, or the completion) or not; the loss averages over answer tokens
     L = -(1 / |A|) sum_{t in A} log p(x_t | x_<t),   A = the answer positions
 
 The template is written into the run's config.json, so that `generate` and the server format a
-conversation exactly as training did.
+conversation exactly as training did. A template renders as transformers' apply_chat_template
+renders it (the same Jinja environment, and the special tokens as bos_token, eos_token, ...), so
+an imported checkpoint's own template gives the text its model was trained on.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 from ..errors import DataError
@@ -37,41 +41,138 @@ class Example:
     conversation: bool = False      # from "messages" (rendered by the template)
 
 
-def render(template: str, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    """The conversation as text, by the Jinja `template` in a sandbox (a template cannot reach
-    Python objects, as transformers renders them)."""
+class ChatPrompt(str):
+    """A conversation as a chat template rendered it. It is encoded as transformers'
+    apply_chat_template encodes one: without the special tokens the tokenizer adds to a text
+    (a template writes its own BOS), where a plain prompt keeps them."""
+
+
+def render(template: str, messages: list[dict], add_generation_prompt: bool = False, *,
+           tokens: dict[str, str] | None = None, tools: list[dict] | None = None,
+           documents: list[dict] | None = None) -> str:
+    """The conversation as text, rendered as transformers' apply_chat_template renders it: the
+    Jinja `template` in a sandbox (a template cannot reach Python objects) with trim_blocks
+    and lstrip_blocks, seeing `messages` (keys holding None dropped), `add_generation_prompt`,
+    `tools`, `documents` and the special tokens `tokens` ({"bos_token": "<s>", ...})."""
     from jinja2.exceptions import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-    env = ImmutableSandboxedEnvironment(trim_blocks=False, lstrip_blocks=False)
+    messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
     try:
-        return env.from_string(template).render(messages=messages,
-                                                add_generation_prompt=add_generation_prompt)
-    except TemplateError as e:
-        raise DataError(f"the chat template does not render ({e}); fix chat_template") from None
+        return _compiled(template).render(messages=messages, tools=tools, documents=documents,
+                                          add_generation_prompt=add_generation_prompt,
+                                          **(tokens or {}))
+    except _Refused as e:
+        raise DataError(f"the chat template refuses this conversation ({_one_line(e)}); give "
+                        "one it accepts (some templates take no system message, or want user "
+                        "and assistant turns to alternate)") from None
+    except (TemplateError, TypeError, ValueError, LookupError, ArithmeticError) as e:
+        what = _one_line(e) if isinstance(e, TemplateError) else f"{type(e).__name__}: " \
+            f"{_one_line(e)}"
+        raise DataError(f"the chat template does not render ({what}); fix chat_template") \
+            from None
 
 
-def conversation_pieces(template: str, messages: list[dict]) -> list[tuple[str, bool]]:
+class _Refused(Exception):
+    """raise_exception(message) called by a template (a TemplateError inside Jinja)."""
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled(template: str):
+    """The template compiled in transformers' environment (chat_template_utils.py): a sandbox
+    with trim_blocks, lstrip_blocks and loop controls, {% generation %} blocks (which mark an
+    assistant's tokens there and render their body), raise_exception, strftime_now, a tojson
+    that does not escape HTML, and dict and namespace that refuse names starting with _."""
+    import jinja2.ext
+    import jinja2.utils
+    from jinja2 import nodes
+    from jinja2.exceptions import SecurityError, TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Refused(_Refused, TemplateError):
+        pass
+
+    class Generation(jinja2.ext.Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    class Namespace(jinja2.utils.Namespace):
+        def __init__(*args, **kwargs):  # Jinja's signature, so that namespace(self=...) works
+            self, attrs = args[0], dict(*args[1:], **kwargs)
+            for name in attrs:
+                Namespace._check(name)
+            jinja2.utils.Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name, value):
+            Namespace._check(name)
+            jinja2.utils.Namespace.__setitem__(self, name, value)
+
+        @staticmethod
+        def _check(name):
+            if isinstance(name, str) and name.startswith("_"):
+                raise SecurityError(f"a namespace cannot hold {name!r} (a name starting "
+                                    "with _)")
+
+    class Dict:
+        def __call__(self, *args, **kwargs):
+            return dict(*args, **kwargs)
+
+        def fromkeys(self, *args, **kwargs):
+            return dict.fromkeys(*args, **kwargs)
+
+    def raise_exception(message):
+        raise Refused(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                          sort_keys=sort_keys)
+
+    def strftime_now(format):
+        return datetime.now().strftime(format)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[Generation, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now,
+                       dict=Dict(), namespace=Namespace)
+    return env.from_string(template)
+
+
+def conversation_pieces(template: str, messages: list[dict],
+                        tokens: dict[str, str] | None = None) -> list[tuple[str, bool]]:
     """Split a rendered conversation into prompt and answer pieces: an assistant turn's answer
-    is what rendering it adds after the generation prompt of the turns before it."""
+    is what rendering it adds after the generation prompt of the turns before it. `tokens`:
+    the special tokens the template may name (see render)."""
     pieces, done = [], ""
     for i, m in enumerate(messages):
         if m["role"] == "assistant":
-            prompt = render(template, messages[:i], add_generation_prompt=True)
-            full = render(template, messages[:i + 1])
+            prompt = render(template, messages[:i], add_generation_prompt=True, tokens=tokens)
+            full = render(template, messages[:i + 1], tokens=tokens)
             if not (prompt.startswith(done) and full.startswith(prompt)):
                 raise DataError("the chat template renders a conversation differently from its "
                                 "beginning, so answers cannot be told from prompts; use a "
                                 "template where each turn only appends text")
             pieces += [(prompt[len(done):], False), (full[len(prompt):], True)]
             done = full
-    rest = render(template, messages)[len(done):]
+    rest = render(template, messages, tokens=tokens)[len(done):]
     if rest:
         pieces.append((rest, False))
     return [(text, answer) for text, answer in pieces if text]
 
 
-def read_jsonl(path: Path, template: str) -> list[Example]:
-    """The examples of a JSONL file; a one-line DataError names the first bad line."""
+def read_jsonl(path: Path, template: str,
+               tokens: dict[str, str] | None = None) -> list[Example]:
+    """The examples of a JSONL file (conversations rendered by `template` with the special
+    tokens `tokens`); a one-line DataError names the first bad line."""
     examples = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -83,7 +184,7 @@ def read_jsonl(path: Path, template: str) -> list[Example]:
             except json.JSONDecodeError as e:
                 raise DataError(f"{where} is not JSON ({e.msg}); give one JSON object per "
                                 "line") from None
-            examples.append(Example(_pieces(record, template, where),
+            examples.append(Example(_pieces(record, template, where, tokens),
                                     isinstance(record, dict) and "messages" in record))
     if not examples:
         raise DataError(f"{path} holds no records; give lines of {{\"messages\": [...]}} or "
@@ -91,7 +192,7 @@ def read_jsonl(path: Path, template: str) -> list[Example]:
     return examples
 
 
-def _pieces(record, template: str, where: str) -> list[tuple[str, bool]]:
+def _pieces(record, template: str, where: str, tokens) -> list[tuple[str, bool]]:
     if isinstance(record, dict) and "messages" in record:
         messages = record["messages"]
         if not isinstance(messages, list) or not messages:
@@ -103,7 +204,7 @@ def _pieces(record, template: str, where: str) -> list[tuple[str, bool]]:
                                 f"a string content; got {json.dumps(m)[:80]}")
         if not any(m["role"] == "assistant" for m in messages):
             raise DataError(f"{where}: the conversation has no assistant message to learn")
-        return conversation_pieces(template, messages)
+        return conversation_pieces(template, messages, tokens)
     if isinstance(record, dict) and {"prompt", "completion"} <= set(record):
         if not all(isinstance(record[k], str) for k in ("prompt", "completion")):
             raise DataError(f"{where}: prompt and completion must be strings")

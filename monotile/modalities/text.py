@@ -9,6 +9,7 @@ Metrics: perplexity = exp(L);  bits per byte = sum_t -log2 p(x_{t+1} | x_<=t) / 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import warnings
 from collections.abc import Iterator
@@ -26,7 +27,7 @@ from ..errors import ConfigError, DataError, MonotileError
 from ..infer.generate import Sampling, TextPieces, generate_ids
 from ..tokenizers import Tokenizer
 from .base import TaskBase, register
-from .chat import PLAIN_STOP, PLAIN_TEMPLATE, read_jsonl, render
+from .chat import PLAIN_STOP, PLAIN_TEMPLATE, ChatPrompt, read_jsonl, render
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -40,6 +41,12 @@ class TextConfig:
     chat_template: str | None = None         # Jinja template of a conversation; set from
                                              # chat data (.jsonl with "messages") if None
     chat_stop: tuple = ()                    # strings that end an answer (the template's)
+    eos_ids: tuple = ()                      # token ids that end generation (a checkpoint's
+                                             # end-of-text and end-of-turn tokens)
+    bos_token: str | None = None             # the special tokens a chat template may name,
+    eos_token: str | None = None             #   as their text (a checkpoint's
+    unk_token: str | None = None             #   tokenizer_config.json)
+    pad_token: str | None = None
     model: str = "causal_lm"                 # causal_lm | encoder (sentence embeddings; imported)
     type_vocab: int = 0                      # encoder: token types (BERT's segments)
     pooler: bool = False                     # encoder: keeps BERT's pooler (for export)
@@ -48,6 +55,7 @@ class TextConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "chat_stop", tuple(self.chat_stop))  # config.json gives lists
+        object.__setattr__(self, "eos_ids", tuple(int(i) for i in self.eos_ids))
         if self.tokenizer not in ("char", "bpe", "hf"):
             raise ConfigError(f"tokenizer={self.tokenizer!r} is invalid: choose char or bpe "
                               "(hf marks an imported Hugging Face tokenizer)")
@@ -60,6 +68,12 @@ class TextConfig:
             raise ConfigError(f"val_fraction={self.val_fraction} is invalid: it must be in (0, 1)")
         if self.eval_tokens is not None and self.eval_tokens <= 0:
             raise ConfigError(f"eval_tokens={self.eval_tokens} is invalid: it must be positive")
+
+    @property
+    def template_tokens(self) -> dict[str, str]:
+        """The special tokens a chat template sees, as transformers passes them (those set)."""
+        return {name: text for name in ("bos_token", "eos_token", "unk_token", "pad_token")
+                if (text := getattr(self, name)) is not None}
 
 
 class LanguageModel(nn.Module):
@@ -189,11 +203,15 @@ class TextTask(TaskBase):
         splits, total, dropped, unknown = {"train": [], "val": []}, 0, 0, set()
         for i, e in enumerate(examples):
             ids, mask = [], []
-            for piece, answer in e.pieces:
+            for j, (piece, answer) in enumerate(e.pieces):
                 kept, missing = self.tokenizer.keep_known(piece)
                 total, dropped = total + len(piece), dropped + len(piece) - len(kept)
                 unknown |= missing
-                piece_ids = self.tokenizer.encode(kept) if kept else []
+                # one text in pieces: the tokenizer's own special tokens (a BOS) before the
+                # first piece of a prompt and completion only; a conversation as a template
+                # rendered it, which writes its own (as prompt_ids encodes a ChatPrompt)
+                first = j == 0 and not e.conversation
+                piece_ids = self._ids(kept, special_tokens=first) if kept else []
                 ids += piece_ids
                 mask += [answer] * len(piece_ids)
             ids, mask = ids[:self.context + 1], mask[:self.context + 1]
@@ -302,15 +320,37 @@ class TextTask(TaskBase):
                 "bits_per_byte": nll / math.log(2) / n_bytes, "val_tokens": float(count)}
 
     # ---- using the model --------------------------------------------------------------------
-    def chat_prompt(self, messages: list[dict]) -> str:
+    def chat_prompt(self, messages: list[dict]) -> ChatPrompt:
         """The conversation rendered by the run's chat template, ready for the answer."""
         if not self.config.chat_template:
             raise ConfigError("this run has no chat template (it was not trained on chat data); "
                               "generate from a plain prompt instead")
-        return render(self.config.chat_template, messages, add_generation_prompt=True)
+        return ChatPrompt(render(self.config.chat_template, messages, add_generation_prompt=True,
+                                 tokens=self.config.template_tokens))
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """The token ids of a prompt: a plain one with the special tokens the tokenizer adds to
+        a text (Llama's BOS), a ChatPrompt without them, as transformers' apply_chat_template
+        encodes a rendered conversation (its template writes its own)."""
+        return self._ids(prompt, special_tokens=not isinstance(prompt, ChatPrompt))
+
+    def _ids(self, text: str, special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, special_tokens=special_tokens)
+
+    @functools.cached_property
+    def special_texts(self) -> dict[int, str]:
+        """id -> text of the special tokens that decoding leaves out (<|im_end|>, </s>)."""
+        return {i: t.content for i, t in self.tokenizer.tok.get_added_tokens_decoder().items()
+                if t.special}
+
+    def text_pieces(self, stop: list[str] | None = None) -> TextPieces:
+        """Generated ids to the text given out, ending before a stop string (a special token's
+        text matches too) or at one of the run's end-of-sequence ids (eos_ids), unshown."""
+        return TextPieces(self.tokenizer.decode, stop, specials=self.special_texts,
+                          end_ids=self.config.eos_ids)
 
     def encode_prompt(self, prompt: str) -> list[int]:
-        ids = self.tokenizer.encode(prompt)
+        ids = self.prompt_ids(prompt)
         if not ids:
             raise MonotileError("the prompt is empty; give at least one character of text "
                                 "(e.g. --prompt $'\\n' for a newline)")
@@ -324,11 +364,12 @@ class TextTask(TaskBase):
     def stream(self, model, prompt: str, *, max_new_tokens: int = 200,
                sampling: Sampling = Sampling(), stop: list[str] | None = None,
                seed: int | None = None, use_cache: bool = True) -> Iterator[str]:
-        """Yield the continuation of `prompt` as text pieces, ending before a stop string."""
+        """Yield the continuation of `prompt` as text pieces, ending before a stop string or
+        at an end-of-sequence id of the run (eos_ids)."""
         if max_new_tokens < 0:
             raise ConfigError(f"max_new_tokens={max_new_tokens} is invalid: it must be >= 0")
         ids = torch.tensor([self.encode_prompt(prompt)])
-        pieces = TextPieces(self.tokenizer.decode, stop)
+        pieces = self.text_pieces(stop)
         for token in generate_ids(model, ids, max_new_tokens, sampling, seed=seed,
                                   use_cache=use_cache):
             piece = pieces.push(int(token[0]))
@@ -466,7 +507,7 @@ def _read_chat(config: TextConfig, path: Path):
     """The records of a .jsonl file, and the config with the chat template the run keeps (the
     plain one when records hold messages and none was given)."""
     template = config.chat_template or PLAIN_TEMPLATE
-    examples = read_jsonl(path, template)
+    examples = read_jsonl(path, template, config.template_tokens)
     if config.chat_template is None and any(e.conversation for e in examples):
         config = dataclasses.replace(config, chat_template=PLAIN_TEMPLATE,
                                      chat_stop=config.chat_stop or PLAIN_STOP)

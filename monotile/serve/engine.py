@@ -11,7 +11,8 @@ in one batch. A decoding step at batch 1 is bound by reading the weights from me
 cost little more than one: the weights are read once for all of them (bench/serve.py).
 
 Each request keeps its own sampling rules, seed and stop strings, so it gets the same tokens
-alone or batched with others (tests/test_serve.py).
+alone or batched with others (tests/test_serve.py). A request ends ("stop") at a stop string or
+at one of the model's end-of-sequence ids (Job.end_ids), whose text is not given out.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ class Job:
     frequency: float = 0.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    end_ids: tuple[int, ...] = ()  # the model's end-of-sequence ids: the answer ends, unshown
+    specials: dict[int, str] = field(default_factory=dict)  # special ids' texts, for `stop`
     logprobs: int | None = None  # how many alternatives per token; None: no log-probabilities
     cancelled: bool = False      # set by the server when the client goes away
 
@@ -137,7 +140,8 @@ class Engine:
         generator = torch.Generator()
         generator.manual_seed(job.seed if job.seed is not None else torch.seed())
         row = _Row(job, list(job.prompt), len(job.prompt), generator,
-                   torch.zeros(self.vocab, dtype=torch.long), TextPieces(self.decode, job.stop))
+                   torch.zeros(self.vocab, dtype=torch.long),
+                   TextPieces(self.decode, job.stop, specials=job.specials, end_ids=job.end_ids))
         self.rows.append(row)
         if self._take(row, logits):
             self.rows.pop()

@@ -6,7 +6,8 @@ engine's events (a token's text, the end and why) are gathered into OpenAI's ans
 as chunks: `data: {chunk}` per piece, the finish_reason in each choice's last chunk, a usage
 chunk, then `data: [DONE]`. Chat formats the messages with the run's chat template, or with
 the plain one (each message as "ROLE:\ncontent" and a blank line, then "ASSISTANT:\n"; the
-answer ends at a blank line) for a run trained on plain text.
+answer ends at a blank line) for a run trained on plain text. An answer also ends, with
+finish_reason "stop", at the model's end-of-sequence ids (an imported checkpoint's eos_ids).
 """
 
 from __future__ import annotations
@@ -79,8 +80,9 @@ def _stops(stop) -> list[str]:
 
 
 def _encode(served, prompt: str) -> list[int]:
-    task = served.run.task
-    ids = task.tokenizer.encode(prompt)
+    """The prompt's ids: a chat template's rendering without the tokenizer's own special tokens
+    (the template writes its BOS), any other prompt with them (TextTask.prompt_ids)."""
+    ids = served.run.task.prompt_ids(prompt)
     if not ids:
         raise ApiError(400, "the prompt is empty (or holds no character this model knows); "
                        "give at least one", param="prompt")
@@ -116,6 +118,8 @@ class Generation:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.started = time.perf_counter()
         self.tokenizer = served.run.task.tokenizer
+        task = served.run.task  # answers end at the model's end-of-sequence ids too
+        self.end_ids, self.specials = task.config.eos_ids, task.special_texts
 
     def start(self, prompts: list[list[int]]) -> list[Job]:
         b, loop = self.body, asyncio.get_running_loop()
@@ -135,6 +139,7 @@ class Generation:
             jobs.append(Job(ids, limit, sampling, emit, presence=b.presence_penalty,
                             frequency=b.frequency_penalty,
                             seed=None if b.seed is None else b.seed + i, stop=self.stops,
+                            end_ids=self.end_ids, specials=self.specials,
                             logprobs=self.logprobs))
         self.metrics.tokens.labels(self.served.name, "prompt").inc(
             sum(len(p) for p in {id(p): p for p in prompts}.values()))
