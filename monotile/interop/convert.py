@@ -1,7 +1,7 @@
 """A checkpoint through an adapter into a run directory, and a run back out: the steps every
 format and family share.
 
-    reader (a Hugging Face folder, a GGUF file; later CTranslate2) -> Checkpoint
+    reader (a Hugging Face folder, a GGUF file, a CTranslate2 folder) -> Checkpoint
     Checkpoint --adapter.model_in, task_in, tensors_in--> configs + weights -> run directory
     run --pick(adapters), tensors_out, config_out--> (config.json, other JSON files, tensors)
 

@@ -1,9 +1,10 @@
-"""Where a model comes from: a run directory, a Hugging Face folder, a GGUF file, or a name on
-the Hugging Face hub, each made a run directory once.
+"""Where a model comes from: a run directory, a Hugging Face folder, a GGUF file, a CTranslate2
+folder, or a name on the Hugging Face hub, each made a run directory once.
 
     run directory        runs/shakespeare-char           used as it is
     Hugging Face folder  ./SmolLM2 (config.json, ...)    imported
     GGUF file            model.Q4_K_M.gguf               imported (llama.cpp, ollama, LM Studio)
+    CTranslate2 folder   ./whisper-tiny.en (model.bin)   imported (faster-whisper's Whisper)
     hub name             HuggingFaceTB/SmolLM2-135M-Instruct[@revision]
                                                          downloaded (huggingface_hub's cache and
                                                          progress bars), then imported
@@ -79,6 +80,10 @@ def run_dir_for(spec: str | Path, *, revision: str | None = None) -> Path:
     path = Path(str(spec)).expanduser()
     if (path / "config.json").is_file() and _is_run(path):
         return path
+    if path.is_dir() and not any((path / f).is_file() for f in ("config.json", "model.bin")):
+        raise CheckpointError(f"{path} is not a monotile run (no config.json) nor a model "
+                              "folder; give a run made by `monotile train`, a Hugging Face or "
+                              "CTranslate2 folder, a GGUF file or a hub name ORG/NAME")
     if path.exists():
         stat = path.stat()
         key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
@@ -88,21 +93,26 @@ def run_dir_for(spec: str | Path, *, revision: str | None = None) -> Path:
         folder = hub_folder(name, revision or at)
         key = f"hub:{name}:{folder.name}"  # the snapshot folder is named by its commit
         return _cached(name.replace("/", "--"), key, lambda out: _import(folder, out))
-    raise CheckpointError(f"{spec} is not a run directory, a model folder, a GGUF file or a "
-                          "hub name (ORG/NAME); check the path")
+    raise CheckpointError(f"{spec} is not a run directory, a model folder, a GGUF file, a "
+                          "CTranslate2 folder or a hub name (ORG/NAME); check the path")
 
 
 def import_any(src: Path, out: str | Path | None) -> Path:
-    """A run directory at `out` from a Hugging Face folder or a GGUF file (by what it is)."""
+    """A run directory at `out` from a Hugging Face folder, a GGUF file or a CTranslate2
+    folder (model.bin), by what it is."""
     src = Path(src)
     if src.is_file() and _magic(src) == b"GGUF":
         from .gguf import import_gguf
         return import_gguf(src, out)
+    if src.is_dir() and (src / "model.bin").is_file():
+        from .ct2 import import_ct2
+        return import_ct2(src, out)
     if src.is_dir():
         from .hf import import_hf
         return import_hf(src, out)
     raise CheckpointError(f"{src} is neither a Hugging Face model folder (config.json, "
-                          "model.safetensors) nor a GGUF file; check the path")
+                          "model.safetensors), a CTranslate2 folder (model.bin) nor a GGUF "
+                          "file; check the path")
 
 
 def _magic(path: Path) -> bytes:
@@ -111,12 +121,13 @@ def _magic(path: Path) -> bytes:
 
 
 def _is_run(path: Path) -> bool:
-    """A monotile run's config.json names its task; a Hugging Face one names a model_type."""
+    """A monotile run's config.json names its task; a Hugging Face one names a model_type. One
+    that cannot be read is taken for a run's, so that loading it says what is wrong with it."""
     import json
     try:
         return "task" in json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return False
+        return True
 
 
 def _import(src: Path, out: Path) -> None:

@@ -1,7 +1,8 @@
 """Whisper (`whisper`, WhisperForConditionalGeneration) as a transcribe run: config.json,
 model.safetensors, tokenizer.json, and where present generation_config.json (the decoding
-prompt's tokens, what to suppress; kept in the run for export) and preprocessor_config.json
-(the log-mel settings).
+prompt's tokens, what to suppress, the alignment heads and the languages; kept in the run for
+export) and preprocessor_config.json (the log-mel settings). A CTranslate2 model (ct2.py) comes
+in through the same adapter.
 
 The names and layouts differ; the numbers do not:
 - q_proj, k_proj, v_proj of the self-attention are one fused qkv here (rows q | k | v); the
@@ -146,12 +147,22 @@ def task_in(ckpt, cfg: ModelConfig, tokenizer) -> TranscribeConfig:
                           "Whisper's layout is text, then special tokens, then timestamps")
     suppress = gen.get("suppress_tokens", config.get("suppress_tokens")) or ()
     begin = gen.get("begin_suppress_tokens", config.get("begin_suppress_tokens")) or ()
+    heads = [tuple(pair) for pair in gen.get("alignment_heads") or ()]
+    bad = [p for p in heads
+           if len(p) != 2 or not (0 <= p[0] < cfg.n_layer and 0 <= p[1] < cfg.n_head)]
+    if bad:
+        raise ConfigError(f"generation_config.json's alignment_heads holds {list(bad[0])}, not a "
+                          f"(layer, head) of this decoder's {cfg.n_layer} layers x {cfg.n_head} "
+                          "heads")
+    languages = sorted(((name.strip("<|>"), int(i)) for name, i in
+                        (gen.get("lang_to_id") or {}).items()), key=lambda x: x[1])
     return TranscribeConfig(
         **task, sample_rate=rate, n_fft=int(pre.get("n_fft", 400)), hop=hop,
         start_id=start, language_id=language, task_id=task_id, no_timestamps_id=no_ts,
         eos_id=eos, suppress=tuple(suppress), begin_suppress=tuple(begin),
         max_initial_timestamp=gen.get("max_initial_timestamp_index"),
-        timestamps=no_ts is not None, max_new_tokens=max(1, cfg.context // 2))
+        timestamps=no_ts is not None, max_new_tokens=max(1, cfg.context // 2),
+        alignment_heads=tuple(heads), languages=tuple(languages) if multilingual else ())
 
 
 def config_out(cfg: ModelConfig, task: TranscribeConfig, kept: dict) -> tuple[dict, dict]:
@@ -172,6 +183,10 @@ def config_out(cfg: ModelConfig, task: TranscribeConfig, kept: dict) -> tuple[di
         generation["no_timestamps_token_id"] = task.no_timestamps_id
     if task.max_initial_timestamp is not None:
         generation["max_initial_timestamp_index"] = task.max_initial_timestamp
+    if task.alignment_heads:
+        generation["alignment_heads"] = [list(pair) for pair in task.alignment_heads]
+    if task.languages:
+        generation["lang_to_id"] = {f"<|{code}|>": i for code, i in task.languages}
     if task.language_id is not None:
         generation["lang_to_id"] = {**generation.get("lang_to_id", {}),
                                     "<|en|>": task.language_id}
