@@ -156,7 +156,7 @@ def _predict(a) -> None:
     if a.output:  # check the destinations before the work
         check_output(a.output)
     if a.output_dir:
-        _check_output_dir(a.output_dir, fmt, task, run.kind)
+        _check_output_dir(a.output_dir, fmt, task, run.kind, a.inputs)
     elif fmt == "all":
         raise MonotileError("--format all writes every file format; give --output-dir DIR")
     a.words = _words(a.words)
@@ -188,9 +188,10 @@ def _predict(a) -> None:
         print(f"wrote {path}", file=sys.stderr)
 
 
-def _check_output_dir(value: str, fmt: str, task, kind: str) -> None:
+def _check_output_dir(value: str, fmt: str, task, kind: str, inputs: list) -> None:
     """--output-dir: a task that writes files, a format it writes, a folder (or a path one can
-    be made at) whose nearest existing parent is a folder."""
+    be made at) whose nearest existing parent is a folder, inputs of different stems (the
+    files are named by them)."""
     if not task.file_formats:
         raise MonotileError(f"--output-dir is not supported by {kind} runs; print the "
                             "predictions, or write them as CSV with --output")
@@ -201,6 +202,14 @@ def _check_output_dir(value: str, fmt: str, task, kind: str) -> None:
     parent = next(p for p in (target, *target.parents) if p.exists())
     if not parent.is_dir():
         raise MonotileError(f"--output-dir {value}: {parent} is a file, not a folder")
+    seen: dict[str, str] = {}
+    for source in task.sources(list(inputs)):
+        stem = Path(str(source)).stem
+        if stem in seen:
+            raise MonotileError(f"{seen[stem]} and {source} would both be written as "
+                                f"{stem}.*; transcribe them into different --output-dir "
+                                "folders")
+        seen[stem] = str(source)
 
 
 def _write_output_dir(value: str, files: dict[str, str]) -> list[str]:

@@ -127,14 +127,15 @@ class TaskBase:
     """The optional hooks of a Task, each with its default; a modality overrides what it has.
 
     Inputs and results: `suffixes`, `sources`, `summarize`, `formats`, `format_predictions`,
-    `rows`. Evaluation: `report`, `format_report`. Explaining: `example_inputs` (the budget),
-    `attention_inputs`, `draw_attention`, `format_explanation`, `head_activations`. Serving:
-    `routes`."""
+    `rows`, `file_formats`, `output_files`. Evaluation: `report`, `format_report`. Explaining:
+    `example_inputs` (the budget), `attention_inputs`, `draw_attention`, `format_explanation`,
+    `head_activations`. Serving: `routes`."""
 
     name: ClassVar[str] = ""
     what: ClassVar[str] = "input"  # what `read` takes, for messages: "image", "audio"...
     suffixes: ClassVar[tuple[str, ...]] = ()  # the files `read` takes; folders are searched
     formats: ClassVar[tuple[str, ...]] = ("text", "json")  # `predict --format` choices
+    file_formats: ClassVar[tuple[str, ...]] = ()  # what `predict --output-dir` writes (files)
     routes: ClassVar[tuple[str, ...]] = ()  # server routes beyond /v1/predictions, by API name:
     #   completions, chat, embeddings, transcriptions, classifications, forecasts (serve/)
     variable_length: ClassVar[bool] = False  # the budget may choose the sequence's length
@@ -186,6 +187,12 @@ class TaskBase:
         header = [k for k in dict.fromkeys(k for r in preds for k in r)
                   if all(isinstance(r.get(k, ""), (str, int, float)) for r in preds)]
         return header, [[r.get(k, "") for k in header] for r in preds]
+
+    def output_files(self, summary: dict, fmt: str) -> dict[str, str]:
+        """{file name: text} that `predict --output-dir` writes for a summary in `fmt` (one of
+        file_formats); a task without file formats writes none."""
+        raise ConfigError(f"--output-dir is not supported by {self.name} runs; print the "
+                          "predictions, or write them as CSV with --output")
 
     # ---- evaluation ---------------------------------------------------------------------------
     def report(self, model: nn.Module, run_dir: Path, *, data: str | None = None,

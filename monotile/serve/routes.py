@@ -25,12 +25,17 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import ConfigError, DataError
-from ..modalities import check_options
+from ..modalities import check_options, takes
+from ..modalities.speech_io import segments_of, transcript_file
 from .gate import ApiError
 from .schemas import EmbeddingRequest, ForecastRequest, PredictionRequest
 
 STATIC = Path(__file__).parent / "static"
 LOCAL_OPTIONS = ("plot", "progress")  # options of Task.predict a client may not set
+SEGMENT_FIELDS = ("tokens", "temperature", "avg_logprob", "compression_ratio", "no_speech_prob")
+LANGUAGES = {"en": "english", "de": "german", "fr": "french", "es": "spanish", "it": "italian",
+             "nl": "dutch", "pt": "portuguese", "ru": "russian", "zh": "chinese",
+             "ja": "japanese", "ko": "korean", "pl": "polish", "sv": "swedish", "tr": "turkish"}
 
 
 async def _work(served, fn, *args, **kwargs):
@@ -115,33 +120,50 @@ def add_routes(app: FastAPI, models, metrics) -> None:
     async def transcriptions(file: UploadFile = File(...), model: str = Form(...),
                              response_format: str = Form("json"),
                              language: str | None = Form(None), prompt: str | None = Form(None),
-                             temperature: float = Form(0.0)):
+                             temperature: float = Form(0.0),
+                             timestamp_granularities: list[str] | None = Form(
+                                 None, alias="timestamp_granularities[]")):
         """The task's result: {"text", "duration", and "words" [{"word", "start", "end"}] or
-        "segments" [{"start", "end", "text"}]}."""
+        "segments" [{"start", "end", "text"[, "words"]}]}, as OpenAI answers: json {"text"},
+        text, srt, vtt (openai-whisper's files, speech_io.transcript_file) or verbose_json
+        (segments; words when timestamp_granularities[] holds "word")."""
         served = models.get(model, "transcriptions")
         formats = ("json", "text", "srt", "verbose_json", "vtt")
         if response_format not in formats:
             raise ApiError(400, f"response_format={response_format!r} is invalid: choose "
                            f"{', '.join(formats)}", param="response_format")
-        r = await _predict_one(served, await _upload(file, "audio"), "audio")
+        granularities = set(timestamp_granularities or ())
+        if not granularities <= {"word", "segment"}:
+            raise ApiError(400, f"timestamp_granularities={sorted(granularities)} is invalid: "
+                           "choose word, segment or both", param="timestamp_granularities")
+        predict, options = served.run.task.predict, {}
+        if "word" in granularities and takes(predict, "word_timestamps"):
+            options["word_timestamps"] = True
+        if language and takes(predict, "language"):
+            options["language"] = language
+        r = await _predict_one(served, await _upload(file, "audio"), "audio", **options)
         if response_format == "text":
             return PlainTextResponse(r["text"] + "\n")
         if response_format in ("srt", "vtt"):
-            from ..modalities.speech_io import to_srt
-            srt = to_srt(r.get("segments") or r["words"])
-            if response_format == "vtt":
-                srt = "WEBVTT\n\n" + srt.replace(",", ".")
-            return PlainTextResponse(srt)
+            return PlainTextResponse(transcript_file(r, response_format))
         usage = {"type": "duration", "seconds": math.ceil(r["duration"])}  # as OpenAI bills
-        if response_format == "verbose_json":
-            segments = r.get("segments") or [{"start": 0.0, "end": r["duration"],
-                                              "text": r["text"]}]
-            return {"task": "transcribe", "language": language or "english",
-                    "duration": r["duration"], "text": r["text"], "words": r.get("words", []),
-                    "segments": [{"id": i, "start": seg["start"], "end": seg["end"],
-                                  "text": seg["text"]} for i, seg in enumerate(segments)],
-                    "usage": usage}
-        return {"text": r["text"], "usage": usage}
+        if response_format == "json":
+            return {"text": r["text"], "usage": usage}
+        segments = segments_of(r) or [{"start": 0.0, "end": r["duration"], "text": r["text"]}]
+        words = r.get("words") or [w for seg in segments for w in seg.get("words") or []]
+        code = r.get("language") or language or getattr(served.run.task, "language", None)
+        answer = {"task": r.get("task", "transcribe"),
+                  "language": LANGUAGES.get(code, code or "english"),
+                  "duration": r["duration"], "text": r["text"],
+                  "segments": [{"id": i, "seek": seg.get("seek", 0), "start": seg["start"],
+                                "end": seg["end"], "text": seg["text"],
+                                **{k: seg[k] for k in SEGMENT_FIELDS if k in seg}}
+                               for i, seg in enumerate(segments)],
+                  "usage": usage}
+        if "word" in granularities or r.get("words"):
+            answer["words"] = [{"word": w["word"].strip(), "start": w["start"], "end": w["end"]}
+                               for w in words]
+        return answer
 
     @app.post("/v1/images/classifications", tags=["images"])
     async def classify(model: str = Form(...), file: UploadFile | None = File(None),
