@@ -86,7 +86,7 @@ def test_what_the_hub_cannot_give_is_a_one_line_error(offline):
     for args, message in ((("import", "org/not-there"), "not in the local hub cache"),
                           (("import", "org/tiny-llama", "--revision", "v9"), "not in the local"),
                           (("generate", "org/nothing", "--prompt", "hi"), "not in the local"),
-                          (("import", "gguf", "org/tiny-llama"), "takes a .gguf file")):
+                          (("import", "gguf", "org/tiny-llama"), "takes a local .gguf file")):
         done = cli(*args)
         assert done.returncode == 2 and message in done.stderr, (args, done.stderr)
         assert done.stderr.count("\n") == 1, done.stderr
