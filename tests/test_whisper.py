@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer
 from torch import nn
 
 import monotile
@@ -22,7 +22,9 @@ from monotile.core.transformer import ModelConfig, Transformer
 from monotile.data import find_data
 from monotile.errors import ConfigError, MonotileError
 from monotile.modalities.audio import read_audio
-from monotile.modalities.whisper import TokenRules, beam_decode, greedy_decode, sinusoids
+from monotile.modalities.whisper import sinusoids
+from monotile.modalities.whisper_decode import TokenRules, beam_decode, greedy_decode
+from monotile.tokenizers import Tokenizer as BPE
 
 from conftest import cli
 
@@ -94,13 +96,8 @@ def fsdd():
 def whisper_tokenizer(tmp_path_factory, shakespeare):
     """A byte-level BPE of 300 tokens trained on real text, then Whisper's special tokens and
     its 1501 timestamps, in Whisper's order (text < <|endoftext|> < ... < timestamps)."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([shakespeare.read_text(encoding="utf-8")[:50_000]],
-                            trainers.BpeTrainer(vocab_size=300, show_progress=False,
-                                                initial_alphabet=pre_tokenizers.ByteLevel
-                                                .alphabet()))
+    # monotile's own byte-level BPE trainer (GPT-2's pre-tokenizer and decoder)
+    tok = BPE.train_bpe(shakespeare.read_text(encoding="utf-8")[:50_000], 300).tok
     tok.add_special_tokens([AddedToken(s, special=True, normalized=False)
                             for s in SPECIALS + TIMESTAMPS])
     path = tmp_path_factory.mktemp("whisper_tok") / "tokenizer.json"

