@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -207,6 +208,26 @@ class KVCache:
     def reorder(self, rows: torch.Tensor) -> None:
         """Row b becomes old row rows[b] (beam search following the beams that survive)."""
         self.k, self.v = self.k[rows], self.v[rows]
+
+
+@contextmanager
+def recorded_attention():
+    """Yield a list that fills with (q, k, mask, is_causal) for each attention() call made
+    inside the block, in call order (block 0 first; in a decoder block with cross-attention,
+    its self-attention then its cross-attention): what `explain` draws and Whisper's word
+    timestamps align by."""
+    calls = []
+    original = globals()["attention"]
+
+    def record(q, k, v, *, mask=None, is_causal=False, impl="sdpa"):
+        calls.append((q.detach().float(), k.detach().float(), mask, is_causal))
+        return original(q, k, v, mask=mask, is_causal=is_causal, impl=impl)
+
+    globals()["attention"] = record
+    try:
+        yield calls
+    finally:
+        globals()["attention"] = original
 
 
 class SelfAttention(nn.Module):

@@ -14,32 +14,14 @@ other task, the map itself.
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from ..core import attention as attention_module
+from ..core.attention import recorded_attention
 from ..errors import ConfigError
 from ..train.plots import save_figure
-
-
-@contextmanager
-def recorded_attention():
-    """Yield a list that fills with (q, k, mask, is_causal) for each attention() call made
-    inside the block, in call order (block 0 first)."""
-    calls = []
-    original = attention_module.attention
-
-    def record(q, k, v, *, mask=None, is_causal=False, impl="sdpa"):
-        calls.append((q.detach().float(), k.detach().float(), mask, is_causal))
-        return original(q, k, v, mask=mask, is_causal=is_causal, impl=impl)
-
-    attention_module.attention = record
-    try:
-        yield calls
-    finally:
-        attention_module.attention = original
 
 
 def attention_weights(q, k, mask=None, is_causal=False) -> torch.Tensor:

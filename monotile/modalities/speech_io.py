@@ -35,7 +35,7 @@ from ..data import listed_file, read_each
 from ..errors import ConfigError, DataError
 from .audio import AUDIO_SUFFIXES, read_audio
 from .base import TaskBase
-from .metrics import edit_distance, error_rates
+from .metrics import edit_distance
 
 if TYPE_CHECKING:
     from .speech import SpeechConfig
@@ -200,7 +200,8 @@ def score_recordings(task, model, path: str | Path, *, normalize=normalize_engli
                      progress: bool = False, **options) -> dict:
     """The task's transcripts of every recording `path` lists (a manifest of path,transcript,
     a LibriSpeech-style folder or FSDD recordings) scored against their transcripts, both
-    `normalize`d: WER and CER pooled over the files (metrics.error_rates), each file's own in
+    `normalize`d: WER and CER pooled over the files as metrics.error_rates pools them (each
+    file's edit distances counted once), each file's own in
     "files", and the real-time factor, decoding seconds / audio seconds."""
     path = Path(path).expanduser()
     if not path.exists():
@@ -216,11 +217,16 @@ def score_recordings(task, model, path: str | Path, *, normalize=normalize_engli
     audio = sum(r["duration"] for r in results)
     files = []
     for u, r, ref, hyp in zip(kept, results, refs, hyps):
+        words, chars = edit_distance(ref.split(), hyp.split()), edit_distance(ref, hyp)
         files.append({"path": str(u.path), "reference": ref, "hypothesis": hyp,
-                      "text": r["text"], "words": len(ref.split()),
-                      "word_errors": edit_distance(ref.split(), hyp.split()),
-                      **error_rates([ref], [hyp])})
-    return {**error_rates(refs, hyps), "files": len(files), "audio_seconds": round(audio, 3),
+                      "text": r["text"], "words": len(ref.split()), "word_errors": words,
+                      "wer": words / max(len(ref.split()), 1),
+                      "cer": chars / max(len(ref), 1), "char_errors": chars})
+    # pooled as metrics.error_rates pools them (jiwer's way), from each file's distances
+    pooled = {"wer": sum(f["word_errors"] for f in files) / max(sum(len(r.split())
+                                                                    for r in refs), 1),
+              "cer": sum(f["char_errors"] for f in files) / max(sum(len(r) for r in refs), 1)}
+    return {**pooled, "files": len(files), "audio_seconds": round(audio, 3),
             "seconds": round(seconds, 3), "real_time_factor": seconds / max(audio, 1e-9),
             "per_file": files}
 

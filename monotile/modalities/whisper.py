@@ -28,7 +28,7 @@ from ..tokenizers import Tokenizer
 from .audio import Subsampler, log_mel, mel_filters
 from .base import register
 from .speech_io import MAX_BEAM, Transcriber, format_scores, score_recordings
-from .whisper_decode import TokenRules, beam_decode, greedy_decode, temperatures, transcribe
+from .whisper_decode import temperatures, transcribe
 from .whisper_timing import NO_SPACES
 
 
@@ -202,10 +202,10 @@ class TranscribeTask(Transcriber):
 
     @property
     def language(self) -> str:
-        """The language code of the prompt's <|xx|> token ("en" for English-only models)."""
-        if self.config.language_id is None:
-            return "en"
-        return self.tokenizer.decode([self.config.language_id]).strip("<|>") or "en"
+        """The code of the prompt's default <|xx|> token among the checkpoint's languages
+        ("en" for an English-only one, which has none)."""
+        c = self.config
+        return next((code for code, i in c.languages if i == c.language_id), "en")
 
     # ---- features and decoding ----------------------------------------------------------------
     def features(self, wave: torch.Tensor) -> torch.Tensor:
@@ -221,20 +221,6 @@ class TranscribeTask(Transcriber):
             return F.pad(mel[:, :frames], (0, c.frames - frames))
         wave = F.pad(wave, (0, max(0, n - len(wave))))[:n]
         return log_mel(wave, self.filters, c.n_fft, c.hop)
-
-    def decode_window(self, model: WhisperModel, wave: torch.Tensor, *, method: str,
-                      beam_width: int, timestamps: bool) -> list[int]:
-        """Token ids (prompt and <|endoftext|> left out) of one window's transcript: one
-        decoding at temperature 0, no previous text, no fallback."""
-        c = self.config
-        device = next(model.parameters()).device
-        memory = model.encode(self.features(wave)[None].to(device))
-        prompt = c.prompt(timestamps)
-        budget = min(c.max_new_tokens, model.decoder.cfg.context - len(prompt))
-        rules = TokenRules(c, timestamps)
-        if method == "beam":
-            return beam_decode(model, memory, prompt, rules, budget, c.eos_id, beam_width)
-        return greedy_decode(model, memory, prompt, rules, budget, c.eos_id)
 
     def text(self, ids: list[int]) -> str:
         return self.tokenizer.decode([i for i in ids if i < self.config.eos_id]).strip()
@@ -327,5 +313,6 @@ class TranscribeTask(Transcriber):
             with tqdm(total=seconds, unit="s", desc="audio", leave=len(items) < 2,
                       disable=not progress, bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s "
                       "[{elapsed}<{remaining}]") as bar:
-                out.append(transcribe(self, model, wave, how, bar))
+                out.append({**transcribe(self, model, wave, how, bar), "language": code,
+                            "task": task or "transcribe"})
         return out

@@ -120,6 +120,20 @@ def greedy_decode(model: WhisperModel, memory: torch.Tensor, prompt: list[int],
     return out
 
 
+def _start_beams(model: WhisperModel, memory: torch.Tensor, prompt: list[int], W: int,
+                 max_new_tokens: int, stats: dict | None):
+    """Caches for W beams, the prompt's last logits (W, V), W empty beams and their scores:
+    W copies of the prompt, of which only the first expands at the first step."""
+    cache, cross = _caches(model, W, len(prompt) + max_new_tokens, memory.size(1))
+    x = torch.tensor([prompt] * W, device=memory.device)
+    logits = model.logits(x, memory.expand(W, -1, -1), cache=cache, cross_cache=cross)
+    if stats is not None:
+        stats["prompt_logits"] = logits[0, stats.get("at", -1)].float()
+    scores = torch.full((W,), -math.inf)
+    scores[0] = 0.0
+    return cache, cross, logits[:, -1], [[] for _ in range(W)], scores
+
+
 @torch.no_grad()
 def beam_decode(model: WhisperModel, memory: torch.Tensor, prompt: list[int],
                 rules: TokenRules, max_new_tokens: int, eos: int, width: int,
@@ -130,19 +144,12 @@ def beam_decode(model: WhisperModel, memory: torch.Tensor, prompt: list[int],
     best W others continue. Stops when no running beam can beat the W finished ones. `stats`
     receives the best one's sum_logprob and prompt_logits, as greedy_decode's. A run with
     beam_search="whisper" searches as OpenAI's whisper does (whisper_beam_decode)."""
-    if getattr(rules.cfg, "beam_search", "transformers") == "whisper":
+    if rules.cfg.beam_search == "whisper":
         return whisper_beam_decode(model, memory, prompt, rules, max_new_tokens, eos, width,
                                    length_penalty, stats=stats)
     P, W = len(prompt), width
-    cache, cross = _caches(model, W, P + max_new_tokens, memory.size(1))
-    x = torch.tensor([prompt] * W, device=memory.device)
-    logits = model.logits(x, memory.expand(W, -1, -1), cache=cache, cross_cache=cross)
-    if stats is not None:
-        stats["prompt_logits"] = logits[0, stats.get("at", -1)].float()
-    logits = logits[:, -1]
-    beams: list[list[int]] = [[] for _ in range(W)]
-    scores = torch.full((W,), -1e9)
-    scores[0] = 0.0  # W copies of the prompt: only the first one expands at the first step
+    cache, cross, logits, beams, scores = _start_beams(model, memory, prompt, W,
+                                                       max_new_tokens, stats)
     finished: list[tuple[float, list[int], float]] = []
     for step in range(max_new_tokens):
         logprobs = rules(F.log_softmax(logits.float(), dim=-1).cpu(), beams)
@@ -192,15 +199,8 @@ def whisper_beam_decode(model: WhisperModel, memory: torch.Tensor, prompt: list[
     scored sum log p / (its tokens without the end)^length_penalty, and its place taken by the
     next of the other W that does not end. Done once W are finished: the best scored."""
     P, W = len(prompt), width
-    cache, cross = _caches(model, W, P + max_new_tokens, memory.size(1))
-    x = torch.tensor([prompt] * W, device=memory.device)
-    logits = model.logits(x, memory.expand(W, -1, -1), cache=cache, cross_cache=cross)
-    if stats is not None:
-        stats["prompt_logits"] = logits[0, stats.get("at", -1)].float()
-    logits = logits[:, -1]
-    beams: list[list[int]] = [[] for _ in range(W)]
-    scores = torch.full((W,), -math.inf)
-    scores[0] = 0.0  # W copies of the prompt: only the first one expands at the first step
+    cache, cross, logits, beams, scores = _start_beams(model, memory, prompt, W,
+                                                       max_new_tokens, stats)
     finished: list[tuple[float, list[int], float]] = []  # (score, tokens, sum log p)
     for step in range(max_new_tokens):
         logprobs = F.log_softmax(rules(logits.float(), beams), dim=-1).cpu()

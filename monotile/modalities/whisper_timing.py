@@ -21,6 +21,8 @@ import string
 import numpy as np
 import torch
 
+from ..core.attention import recorded_attention
+
 PREPEND = "\"'“¿([{-"
 APPEND = "\"'.。,，!！?？:：”)]}、"
 SENTENCE_END = ".。!！?？"
@@ -66,30 +68,17 @@ def dtw(cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def cross_attention_scores(model, tokens: torch.Tensor, memory: torch.Tensor,
                            heads: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits (T, V), scores (len(heads), T, S) = q . k / sqrt(d) before the softmax) of the
-    decoder over `tokens` (T,) and the encoder's output (1, S, d): the chosen heads' scores are
-    recomputed from each cross-attention's inputs by a hook, the fast path left as it is."""
-    captured: dict[int, torch.Tensor] = {}
-    layers = sorted({layer for layer, _ in heads})
-
-    def capture(layer):
-        def hook(attn, args, kwargs):
-            x, m = args[0], kwargs["memory"]
-            B, T, _ = x.shape
-            H, Hkv, hd = attn.n_head, attn.n_kv_head, attn.head_dim
-            q = attn.q(x).view(B, T, H, hd).transpose(1, 2)
-            k = attn.kv(m).view(B, m.size(1), 2 * Hkv, hd).transpose(1, 2)[:, :Hkv]
-            k = k.repeat_interleave(H // Hkv, dim=1)  # (B, H, S, hd)
-            captured[layer] = (q.float() @ k.float().transpose(-2, -1))[0] / math.sqrt(hd)
-        return hook
-
-    hooks = [model.decoder.blocks[layer].cross_attn.register_forward_pre_hook(
-        capture(layer), with_kwargs=True) for layer in layers]
-    try:
+    decoder over `tokens` (T,) and the encoder's output (1, S, d): the chosen heads' q and k
+    as the trunk's attention() was called with them (block i's cross-attention is call 2i+1,
+    after its self-attention), the fast path left as it is."""
+    with recorded_attention() as calls:
         logits = model.logits(tokens[None], memory)[0]
-    finally:
-        for h in hooks:
-            h.remove()
-    return logits, torch.stack([captured[layer][head] for layer, head in heads])
+    scores = []
+    for layer, head in heads:
+        q, k = calls[2 * layer + 1][:2]  # (1, H, T, d), (1, Hkv, S, d)
+        k = k[0, head // (q.size(1) // k.size(1))]  # the K head serving q head `head`
+        scores.append(q[0, head] @ k.T / math.sqrt(q.size(-1)))
+    return logits, torch.stack(scores)
 
 
 def split_words(tokenizer, tokens: list[int], spaces: bool = True

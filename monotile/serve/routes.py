@@ -32,7 +32,7 @@ from .schemas import EmbeddingRequest, ForecastRequest, PredictionRequest
 
 STATIC = Path(__file__).parent / "static"
 LOCAL_OPTIONS = ("plot", "progress")  # options of Task.predict a client may not set
-SEGMENT_FIELDS = ("tokens", "temperature", "avg_logprob", "compression_ratio", "no_speech_prob")
+SEGMENT_FIELDS = ("temperature", "avg_logprob", "compression_ratio", "no_speech_prob")
 LANGUAGES = {"en": "english", "de": "german", "fr": "french", "es": "spanish", "it": "italian",
              "nl": "dutch", "pt": "portuguese", "ru": "russian", "zh": "chinese",
              "ja": "japanese", "ko": "korean", "pl": "polish", "sv": "swedish", "tr": "turkish"}
@@ -136,11 +136,18 @@ def add_routes(app: FastAPI, models, metrics) -> None:
         if not granularities <= {"word", "segment"}:
             raise ApiError(400, f"timestamp_granularities={sorted(granularities)} is invalid: "
                            "choose word, segment or both", param="timestamp_granularities")
-        predict, options = served.run.task.predict, {}
+        predict = served.run.task.predict
+        # what the client asked, refused by name where the run cannot do it (a CTC run has
+        # no language or temperature); a CTC run times its words anyway
+        options = {k: v for k, v in (("language", language), ("temperature", temperature))
+                   if v}
+        try:
+            check_options(predict, options, f"{served.run.kind} runs",
+                          flag=str)
+        except ConfigError as e:
+            raise ApiError(400, str(e), param=next(iter(options))) from None
         if "word" in granularities and takes(predict, "word_timestamps"):
             options["word_timestamps"] = True
-        if language and takes(predict, "language"):
-            options["language"] = language
         r = await _predict_one(served, await _upload(file, "audio"), "audio", **options)
         if response_format == "text":
             return PlainTextResponse(r["text"] + "\n")
@@ -151,7 +158,7 @@ def add_routes(app: FastAPI, models, metrics) -> None:
             return {"text": r["text"], "usage": usage}
         segments = segments_of(r) or [{"start": 0.0, "end": r["duration"], "text": r["text"]}]
         words = r.get("words") or [w for seg in segments for w in seg.get("words") or []]
-        code = r.get("language") or language or getattr(served.run.task, "language", None)
+        code = r.get("language") or language
         answer = {"task": r.get("task", "transcribe"),
                   "language": LANGUAGES.get(code, code or "english"),
                   "duration": r["duration"], "text": r["text"],
