@@ -90,6 +90,8 @@ def test_ctrl_c_stops_a_reply_and_the_chat_goes_on(chat_run):
         assert marker in seen, seen[-500:]
     try:
         read_until(b">>> ", timeout=120)
+        banner = f"{chat_run.dir.name}: {chat_run.parameters():,} parameters, context 96 tokens"
+        assert banner.encode() in seen, seen[:300]  # as the README shows it
         os.write(leader, b"Speak on.\n")
         echo = b"Speak on.\r\n"  # the terminal echoes the line; then the reply streams
         read_until(echo)

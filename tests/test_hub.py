@@ -8,9 +8,9 @@ import os
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import monotile
+from monotile.tokenizers import Tokenizer as BPE
 
 from conftest import cli
 
@@ -28,13 +28,8 @@ def hub(tmp_path_factory, shakespeare):
     snapshot.mkdir(parents=True)
     (snapshot.parents[1] / "refs").mkdir()
     (snapshot.parents[1] / "refs" / "main").write_text(COMMIT)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([shakespeare.read_text(encoding="utf-8")[:30_000]],
-                            trainers.BpeTrainer(vocab_size=300, show_progress=False,
-                                                initial_alphabet=pre_tokenizers.ByteLevel
-                                                .alphabet()))
+    # monotile's own byte-level BPE trainer (GPT-2's pre-tokenizer and decoder)
+    tok = BPE.train_bpe(shakespeare.read_text(encoding="utf-8")[:30_000], 300).tok
     tok.save(str(snapshot / "tokenizer.json"))
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
@@ -105,3 +100,21 @@ def test_serve_takes_a_hub_name_under_the_repositorys_name(offline):
         assert answer.status_code == 200, answer.text
     finally:
         stop(proc)
+
+
+def test_a_model_folder_edited_in_place_is_imported_again(offline, hub):
+    """The cache keys a folder by its files, not by the folder's own time, which an edit of
+    a file inside it leaves alone."""
+    import shutil
+
+    from monotile.interop.sources import run_dir_for
+    folder = offline / "model"
+    shutil.copytree(hub[0] / "hub" / "models--org--tiny-llama" / "snapshots" / COMMIT, folder)
+    first = run_dir_for(folder)
+    assert run_dir_for(folder) == first  # unchanged: the cached run
+    weights = folder / "model.safetensors"
+    stamp = os.stat(folder).st_mtime_ns
+    weights.write_bytes(weights.read_bytes())  # rewritten in place
+    os.utime(weights, ns=(stamp + 10**9, stamp + 10**9))
+    os.utime(folder, ns=(stamp, stamp))
+    assert run_dir_for(folder) != first

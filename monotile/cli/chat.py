@@ -10,6 +10,7 @@ message stays) and the screen says so.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from ..errors import MonotileError
 from .common import finish, unescape
@@ -48,7 +49,8 @@ def _chat(a) -> None:
     interactive = sys.stdin.isatty()
     say = print if interactive else (lambda *x, **k: None)
     template = "its chat template" if run.has_chat_template else "the plain ROLE: template"
-    say(f"{run.dir.name}: {run.parameters():,} parameters, context {session.context} tokens, "
+    name = Path(a.model).name  # as the user named it, not the cache's folder for a GGUF file
+    say(f"{name}: {run.parameters():,} parameters, context {session.context} tokens, "
         f"{template}.\n{HELP}")
     while True:
         try:

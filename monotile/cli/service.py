@@ -57,7 +57,7 @@ def _import(a) -> None:
         path = import_any(Path(src), a.out)
     run = load(path)
     doc = json.loads((run.dir / "config.json").read_text(encoding="utf-8"))
-    kind = doc["imported"].get("model_type") or doc["imported"].get("architecture")
+    kind = doc["imported"]["model_type"]
     emit(a, {"run": str(run.dir), "parameters": run.parameters(), "model_type": kind},
          f"imported {src} ({kind}, {run.parameters():,} parameters) as {run.dir}")
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import tempfile
 from collections import Counter
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ import torch
 
 from ..errors import CheckpointError, ConfigError
 from ..rundir import new_run_dir
+from ..train.checkpoint import atomic_write
 from .adapter import (SAME, Adapter, Pair, affine, one, run_settings, tensors_in, tensors_out,
                       trunk_dims)
 from .convert import Checkpoint, from_run, to_run
@@ -317,7 +317,7 @@ def export_gguf(run_dir: str | Path, out: str | Path, type: str = "f32") -> Path
     if out.exists():
         raise ConfigError(f"{out} already exists; choose another --out")
     run = load(run_dir, device="cpu")
-    if run.kind != "text" or getattr(run.task.config, "model", None) != "causal_lm":
+    if run.kind != "text" or run.task.config.model != "causal_lm":
         raise ConfigError(f"{run.dir} is a {run.kind} run without a causal language model; "
                           "export gguf takes text runs whose trunk is GPT-2- or Llama-shaped")
     if all(a.misfits(run_settings(run.configs)) for a in (GPT2, LLAMA)):
@@ -346,17 +346,12 @@ def export_gguf(run_dir: str | Path, out: str | Path, type: str = "f32") -> Path
             "general.quantization_version": gguf.GGML_QUANT_VERSION,
             **metadata_out(family, config, cfg, vocab)}
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    try:
-        write_gguf(tmp, family.arch, meta, data)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(out, lambda tmp: write_gguf(tmp, family.arch, meta, data))
     return out
 
 
 def write_gguf(path: Path, arch: str, meta: dict, data: dict) -> None:
-    """A GGUF file of key/values `meta` and tensors `data` ({name: (array, type)}), synced."""
+    """A GGUF file of key/values `meta` and tensors `data` ({name: (array, type)})."""
     import gguf
 
     class Writer(gguf.GGUFWriter):
@@ -377,9 +372,6 @@ def write_gguf(path: Path, arch: str, meta: dict, data: dict) -> None:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
-        for f in writer.fout:
-            f.flush()
-            os.fsync(f.fileno())
     finally:
         writer.close()
 

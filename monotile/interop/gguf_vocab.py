@@ -176,7 +176,7 @@ def tokenizer_out(path: Path, text_cfg, vocab_size: int) -> dict:
            "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types,
            "tokenizer.ggml.merges": merges}
     for key, theirs in SPECIAL.items():
-        text = getattr(text_cfg, f"{key}_token", None)
+        text = getattr(text_cfg, f"{key}_token")
         if text in ids:
             out[f"tokenizer.ggml.{theirs}_token_id"] = ids[text]
     if "tokenizer.ggml.eos_token_id" not in out and text_cfg.eos_ids:

@@ -11,7 +11,8 @@ folder, or a name on the Hugging Face hub, each made a run directory once.
 
 `generate`, `chat` and `serve` take any of these. What is not a run directory is imported once
 into the cache ($XDG_CACHE_HOME/monotile/runs, ~/.cache by default), keyed by where it came
-from (the file's path, size and time; the hub revision's commit), and reused after.
+from (the file's path, size and time, or each file's of a folder; the hub revision's commit),
+and reused after.
 """
 
 from __future__ import annotations
@@ -41,8 +42,9 @@ def split_revision(spec: str) -> tuple[str, str | None]:
 
 
 def hub_folder(name: str, revision: str | None = None) -> Path:
-    """The local folder of a hub repository at `revision`: from huggingface_hub's cache when
-    it is there (or when $HF_HUB_OFFLINE=1), else downloaded into it."""
+    """The local folder of a hub repository at `revision` in huggingface_hub's cache: checked
+    against the hub for a newer commit and completed when online (as transformers'
+    from_pretrained does), the cached snapshot alone when offline or $HF_HUB_OFFLINE=1."""
     try:
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError,
@@ -85,14 +87,16 @@ def run_dir_for(spec: str | Path, *, revision: str | None = None) -> Path:
                               "folder; give a run made by `monotile train`, a Hugging Face or "
                               "CTranslate2 folder, a GGUF file or a hub name ORG/NAME")
     if path.exists():
-        stat = path.stat()
-        key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
-        return _cached(path.name.removesuffix(".gguf"), key, lambda out: _import(path, out))
+        key = ":".join([str(path.resolve())] + [  # a folder by its files: one edited in place
+            f"{f.name}:{s.st_size}:{s.st_mtime_ns}"   # leaves the folder's own time alone
+            for f in sorted([path] if path.is_file() else path.iterdir())
+            for s in [f.stat()]])
+        return _cached(path.name.removesuffix(".gguf"), key, lambda out: import_any(path, out))
     if is_hub_name(str(spec)):
         name, at = split_revision(str(spec))
         folder = hub_folder(name, revision or at)
         key = f"hub:{name}:{folder.name}"  # the snapshot folder is named by its commit
-        return _cached(name.replace("/", "--"), key, lambda out: _import(folder, out))
+        return _cached(name.replace("/", "--"), key, lambda out: import_any(folder, out))
     raise CheckpointError(f"{spec} is not a run directory, a model folder, a GGUF file, a "
                           "CTranslate2 folder or a hub name (ORG/NAME); check the path")
 
@@ -101,7 +105,8 @@ def import_any(src: Path, out: str | Path | None) -> Path:
     """A run directory at `out` from a Hugging Face folder, a GGUF file or a CTranslate2
     folder (model.bin), by what it is."""
     src = Path(src)
-    if src.is_file() and _magic(src) == b"GGUF":
+    from .gguf import is_gguf
+    if is_gguf(src):
         from .gguf import import_gguf
         return import_gguf(src, out)
     if src.is_dir() and (src / "model.bin").is_file():
@@ -115,11 +120,6 @@ def import_any(src: Path, out: str | Path | None) -> Path:
                           "file; check the path")
 
 
-def _magic(path: Path) -> bytes:
-    with open(path, "rb") as f:
-        return f.read(4)
-
-
 def _is_run(path: Path) -> bool:
     """A monotile run's config.json names its task; a Hugging Face one names a model_type. One
     that cannot be read is taken for a run's, so that loading it says what is wrong with it."""
@@ -128,10 +128,6 @@ def _is_run(path: Path) -> bool:
         return "task" in json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return True
-
-
-def _import(src: Path, out: Path) -> None:
-    import_any(src, out)
 
 
 def _cached(name: str, key: str, make) -> Path:
