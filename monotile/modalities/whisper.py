@@ -270,12 +270,15 @@ class TranscribeTask(Transcriber):
                 beam_width: int | None = None, timestamps: bool | None = None,
                 words: list[str] | None = None, language: str | None = None,
                 task: str | None = None, word_timestamps: bool = False,
-                condition_on_previous_text: bool = True, temperature: float = 0.0,
-                fallback: bool = True, progress: bool = False) -> list[dict]:
+                snap_to_speech: bool = True, condition_on_previous_text: bool = True,
+                temperature: float = 0.0, fallback: bool = True,
+                progress: bool = False) -> list[dict]:
         """The transcript of each waveform as whisper's transcribe() makes it
         (whisper_decode.transcribe): {"text", "duration", "segments": [{"seek", "start", "end",
         "text", "temperature", "avg_logprob", "compression_ratio", "no_speech_prob"}]}, each
-        segment with "words": [{"word", "start", "end", "probability"}] when word_timestamps.
+        segment with "words": [{"word", "start", "end", "probability"}] when word_timestamps
+        (a word's start or end that lies in silence moved onto its speech unless
+        snap_to_speech=False, which leaves whisper's times as they are).
         `language` (a code such as "de") and `task` (transcribe or translate) choose the prompt
         of a multilingual checkpoint; `temperature` is the first one tried, then +0.2 up to 1.0
         while a window fails (fallback=True)."""
@@ -297,6 +300,7 @@ class TranscribeTask(Transcriber):
         code = (language or self.language).lower().strip("<|>")
         how = {"method": method, "beam_width": beam_width or c.beam_width,
                "timestamps": timestamps, "word_timestamps": word_timestamps,
+               "snap_to_speech": snap_to_speech,
                "condition": condition_on_previous_text,
                "start": self.start_sequence(language, task, timestamps),
                "align_prompt": self.start_sequence(language, task, False),

@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from .audio import silent
-from .whisper_timing import add_word_timestamps, find_alignment
+from .whisper_timing import (add_word_timestamps, find_alignment, snap_to_speech,
+                             voiced_frames)
 
 if TYPE_CHECKING:
     from .whisper import TranscribeConfig, TranscribeTask, WhisperModel
@@ -384,6 +385,8 @@ def transcribe(task: TranscribeTask, model: WhisperModel, wave: torch.Tensor, ho
                     since = len(kept)
         if bar is not None:
             bar.update(round((min(content, seek) - previous_seek) * hop / rate, 2))
+    if how["word_timestamps"] and how["snap_to_speech"]:
+        snap_to_speech(segments, voiced_frames(wave, rate), hop / rate)
     return {"text": " ".join(s["text"] for s in segments),
             "duration": round(len(wave) / rate, 3), "segments": segments}
 

@@ -11,6 +11,9 @@ Words:    a word (tokens from one leading space to the next, punctuation its own
           mean of its tokens' p(y_n); punctuation then joins its neighbour
 Then the same corrections as whisper: words at a sentence end no longer than twice the median
 word duration (itself at most 0.7 s), and a segment's start and end moved to its words'.
+Last, a step whisper lacks (stable-ts' "suppress silence"): a boundary that DTW left in
+silence (a frame whose peak is under 1% of the recording's, -40 dB) moves onto the speech
+inside its word, so a window's first word no longer starts at the window's start.
 """
 
 from __future__ import annotations
@@ -208,3 +211,48 @@ def add_word_timestamps(segments: list[dict], alignment: list[dict], offset: flo
             last_speech = segment["end"]
         segment["words"] = words
     return last_speech
+
+
+def voiced_frames(wave: torch.Tensor, rate: int, step: float = 0.02,
+                  floor_db: float = -40.0) -> np.ndarray:
+    """v[f] = max |x| over frame f (`step` seconds) > max |x| x 10^(floor_db / 20): which
+    frames hold sound. A recording whose noise floor is above that has no silent frame, so
+    nothing is moved."""
+    size = round(step * rate)
+    x = wave.abs().float()
+    x = torch.nn.functional.pad(x, (0, -len(x) % size)).view(-1, size).amax(-1)
+    return (x > x.max() * 10 ** (floor_db / 20)).numpy()
+
+
+def snap_to_speech(segments: list[dict], voiced: np.ndarray, hop_seconds: float,
+                   step: float = 0.02, pause: float = 0.2) -> None:
+    """Move each word's start that lies in a silent frame to its first voiced frame, and its
+    end to just after its last (a word with no voiced frame stays). A window's first word,
+    which DTW pins to the window's first frame, starts after the last pause of `pause` seconds
+    or more inside it: the speech before that pause is the previous window's last word. A
+    segment whose start or end was its words' follows them; hop_seconds times a "seek"."""
+    for segment in segments:
+        words = segment.get("words")
+        if not words:
+            continue
+        start, end = words[0]["start"], words[-1]["end"]
+        window = round(segment["seek"] * hop_seconds / step)
+        for w in words:
+            a, b = round(w["start"] / step), round(w["end"] / step)
+            if a == window:
+                quiet = np.flatnonzero(~voiced[a:b])
+                runs = np.split(quiet, np.flatnonzero(np.diff(quiet) > 1) + 1) if len(quiet) \
+                    else []
+                long = [r for r in runs if len(r) * step >= pause]
+                if long:
+                    a = a + long[-1][-1] + 1
+            inside = np.flatnonzero(voiced[a:b])
+            if len(inside):
+                if not voiced[a] or a != round(w["start"] / step):
+                    w["start"] = round((a + inside[0]) * step, 2)
+                if not voiced[b - 1]:
+                    w["end"] = round((a + inside[-1] + 1) * step, 2)
+        if segment["start"] == start:
+            segment["start"] = words[0]["start"]
+        if segment["end"] == end:
+            segment["end"] = words[-1]["end"]
