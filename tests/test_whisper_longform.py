@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+import torch.nn.functional as F
 
 import monotile
 import spoken
@@ -26,7 +27,9 @@ from monotile.modalities.audio import read_audio
 from monotile.modalities.metrics import error_rates
 from monotile.modalities.speech_io import normalize_english
 from monotile.modalities.whisper import TranscribeConfig, TranscribeTask
-from monotile.modalities.whisper_decode import (compression_ratio, decode_with_fallback, silence,
+from monotile.modalities.whisper_decode import (TokenRules, compression_ratio,
+                                                decode_with_fallback, failed, greedy_decode,
+                                                silence,
                                                 split_window)
 from monotile.modalities.whisper_timing import dtw, median_filter, snap_to_speech, voiced_frames
 
@@ -311,12 +314,42 @@ def test_a_window_of_noise_is_skipped_by_the_no_speech_rule(tiny, capsys):
     # the rule, not an empty decoding: the model does write something there
     how = dict(start=task.start_sequence(None, None, True), timestamps=True, method="greedy",
                beam_width=1, temperatures=(0.0,), no_speech_id=task.special("<|nocaptions|>"),
-               generator=None)
+               generator=None, best_of=5)
     with torch.no_grad():
         memory = model.encode(task.features(noise)[None])
         result = decode_with_fallback(task, model, memory, [], how)
     assert task.text(result["tokens"]) and silence(result)
     assert result["no_speech_prob"] > 0.6 and result["avg_logprob"] <= -1
+
+
+@real
+def test_a_hot_window_keeps_the_likeliest_per_token_of_its_best_of_samples(long_recording, tiny):
+    """At temperature 1, best_of=5 rows are drawn together: each row's sum log p is its tokens'
+    (and its end's) log-probabilities under the filtered scores, and the row kept has the
+    highest sum log p / length (whisper's ranker)."""
+    task, model = tiny.task, tiny.model
+    wave = read_audio(long_recording["path"], 16000)[:8 * 16000]
+    c = task.config
+    rules = TokenRules(c, True)
+    prompt = task.start_sequence(None, None, True)
+    with torch.no_grad():
+        memory = model.encode(task.features(wave)[None])
+        stats = {}
+        kept = greedy_decode(model, memory, prompt, rules, 96, c.eos_id, temperature=1.0,
+                             best_of=5, generator=torch.Generator().manual_seed(1),
+                             stats=stats)
+        samples = stats["samples"]
+        assert len(samples) == 5 and len({tuple(t) for t, _ in samples}) > 1
+        for tokens, total in samples:  # teacher-forced: the same sum of log p
+            x = torch.tensor([prompt + tokens])
+            logits = model.logits(x, memory)[0, len(prompt) - 1:]
+            expected = sum(float(F.log_softmax(rules(logits[i:i + 1].float(), [tokens[:i]]),
+                                               -1)[0, y])
+                           for i, y in enumerate(tokens + [c.eos_id]))
+            assert total == pytest.approx(expected, abs=1e-3)
+    score = [total / max(1, len(tokens)) for tokens, total in samples]
+    assert kept == samples[int(np.argmax(score))][0]
+    assert stats["sum_logprob"] == max(samples, key=lambda s: s[1] / max(1, len(s[0])))[1]
 
 
 @real
@@ -331,12 +364,14 @@ def test_a_window_that_repeats_itself_falls_back_to_higher_temperatures(long_rec
     assert compression_ratio(text) > 2.4
     how = dict(start=task.start_sequence(None, None, True), timestamps=True, method="greedy",
                beam_width=1, temperatures=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0),
-               no_speech_id=task.special("<|nocaptions|>"),
+               no_speech_id=task.special("<|nocaptions|>"), best_of=5,
                generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         memory = model.encode(task.features(backwards)[None])
         result = decode_with_fallback(task, model, memory, [], how)
-    assert result["temperature"] > 0 and result["compression_ratio"] <= 2.4
+    # kept once it passes whisper's rules: not repeating and sure enough, or (as here, the
+    # likeliest of five samples at 0.6 repeating less surely) sure to be no speech
+    assert result["temperature"] > 0 and not failed(result)
     assert result["compression_ratio"] == compression_ratio(task.text(result["tokens"]))
     [hot] = task.predict(model, [backwards])  # the same window, sampled the same way
     assert hot["text"] != cold["text"]

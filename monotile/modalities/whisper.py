@@ -271,7 +271,7 @@ class TranscribeTask(Transcriber):
                 words: list[str] | None = None, language: str | None = None,
                 task: str | None = None, word_timestamps: bool = False,
                 snap_to_speech: bool = True, condition_on_previous_text: bool = True,
-                temperature: float = 0.0, fallback: bool = True,
+                temperature: float = 0.0, fallback: bool = True, best_of: int = 5,
                 progress: bool = False) -> list[dict]:
         """The transcript of each waveform as whisper's transcribe() makes it
         (whisper_decode.transcribe): {"text", "duration", "segments": [{"seek", "start", "end",
@@ -281,7 +281,8 @@ class TranscribeTask(Transcriber):
         snap_to_speech=False, which leaves whisper's times as they are).
         `language` (a code such as "de") and `task` (transcribe or translate) choose the prompt
         of a multilingual checkpoint; `temperature` is the first one tried, then +0.2 up to 1.0
-        while a window fails (fallback=True)."""
+        while a window fails (fallback=True); at a temperature above 0, `best_of` samples are
+        drawn and the likeliest per token kept (whisper's and faster-whisper's default 5)."""
         c = self.config
         if words:
             raise ConfigError("--words (a closed vocabulary) is for CTC speech runs; a Whisper "
@@ -289,6 +290,9 @@ class TranscribeTask(Transcriber):
         if beam_width is not None and not 0 < beam_width <= MAX_BEAM:
             raise ConfigError(f"--beam {beam_width} is invalid: give a beam width from 1 to "
                               f"{MAX_BEAM}")
+        if not 0 < best_of <= MAX_BEAM:
+            raise ConfigError(f"best_of={best_of} is invalid: give a number of samples from 1 "
+                              f"to {MAX_BEAM}")
         if not 0 <= temperature <= 2:
             raise ConfigError(f"--temperature {temperature} is invalid: give one from 0 to 2")
         timestamps = c.timestamps if timestamps is None else timestamps
@@ -304,7 +308,7 @@ class TranscribeTask(Transcriber):
                "condition": condition_on_previous_text,
                "start": self.start_sequence(language, task, timestamps),
                "align_prompt": self.start_sequence(language, task, False),
-               "temperatures": temperatures(temperature, fallback),
+               "temperatures": temperatures(temperature, fallback), "best_of": best_of,
                "no_speech_id": self.special("<|nospeech|>", "<|nocaptions|>"),
                # without alignment heads in the checkpoint: every head of the upper half
                "heads": list(c.alignment_heads) or [(i, h) for i in range(n_layer // 2, n_layer)

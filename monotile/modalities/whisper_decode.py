@@ -46,7 +46,7 @@ class TokenRules:
 
     def __call__(self, scores: torch.Tensor, generated: list[list[int]]) -> torch.Tensor:
         c, scores = self.cfg, scores.clone()
-        first = len(generated[0]) == 0
+        first = not any(generated)  # the first step (rows that ended early are empty too)
         if first and c.begin_suppress:
             scores[:, list(c.begin_suppress)] = -math.inf
         if c.suppress:
@@ -87,38 +87,48 @@ def _caches(model: WhisperModel, batch: int, length: int, memory_len: int):
 @torch.no_grad()
 def greedy_decode(model: WhisperModel, memory: torch.Tensor, prompt: list[int],
                   rules: TokenRules, max_new_tokens: int, eos: int, *, temperature: float = 0.0,
-                  generator: torch.Generator | None = None, stats: dict | None = None
-                  ) -> list[int]:
-    """Tokens after the prompt, argmax at each step, until <|endoftext|> (not returned); with
-    temperature T > 0, y_t ~ softmax(s_t / T) drawn with `generator`. `stats` (a dict)
-    receives sum_logprob = sum_t log softmax(s_t)[y_t] (the end token's included, as whisper
-    counts it) and prompt_logits, the logits (V,) at stats["at"], a position of the prompt."""
-    cache, cross = _caches(model, 1, len(prompt) + max_new_tokens, memory.size(1))
-    x = torch.tensor([prompt], device=memory.device)
-    logits = model.logits(x, memory, cache=cache, cross_cache=cross)
+                  best_of: int = 1, generator: torch.Generator | None = None,
+                  stats: dict | None = None) -> list[int]:
+    """Tokens after the prompt, argmax at each step, until <|endoftext|> (not returned). With
+    temperature T > 0, `best_of` sequences are drawn together, y_t ~ softmax(s_t / T) with
+    `generator`, and the one of highest sum_logprob / its length is kept (whisper's best_of
+    and ranker). `stats` (a dict) receives the kept one's sum_logprob = sum_t log
+    softmax(s_t)[y_t] (the end token's included, as whisper counts it), every row's (tokens,
+    sum_logprob) as "samples", and prompt_logits, the logits (V,) at stats["at"], a position
+    of the prompt."""
+    n = best_of if temperature > 0 else 1
+    cache, cross = _caches(model, n, len(prompt) + max_new_tokens, memory.size(1))
+    x = torch.tensor([prompt] * n, device=memory.device)
+    logits = model.logits(x, memory.expand(n, -1, -1), cache=cache, cross_cache=cross)
     if stats is not None:
         stats["prompt_logits"] = logits[0, stats.get("at", -1)].float()
     logits = logits[:, -1]
-    out: list[int] = []
-    total = 0.0
+    outs: list[list[int]] = [[] for _ in range(n)]
+    totals, done = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.bool)
     for step in range(max_new_tokens):
-        scores = rules(logits.float(), [out])
+        scores = rules(logits.float(), outs).cpu()
         if temperature > 0:
-            p = F.softmax(scores / temperature, dim=-1).cpu()
-            token = int(torch.multinomial(p, 1, generator=generator))
+            tokens = torch.multinomial(F.softmax(scores / temperature, dim=-1), 1,
+                                       generator=generator)[:, 0]
         else:
-            token = int(scores.argmax(-1))
+            tokens = scores.argmax(-1)
         if stats is not None:
-            total += float(F.log_softmax(scores, dim=-1)[0, token])
-        if token == eos:
+            logp = F.log_softmax(scores, dim=-1).gather(1, tokens[:, None])[:, 0]
+            totals += torch.where(done, 0.0, logp.double())
+        tokens = tokens.masked_fill(done, eos)  # a finished row only repeats the end
+        for row, token in enumerate(tokens.tolist()):
+            if token != eos:
+                outs[row].append(token)
+        done |= tokens == eos
+        if bool(done.all()) or step + 1 == max_new_tokens:
             break
-        out.append(token)
-        if step + 1 < max_new_tokens:
-            x = torch.tensor([[token]], device=memory.device)
-            logits = model.logits(x, cache=cache, cross_cache=cross, pos=len(prompt) + step)[:, -1]
+        x = tokens[:, None].to(memory.device)
+        logits = model.logits(x, cache=cache, cross_cache=cross, pos=len(prompt) + step)[:, -1]
+    best = max(range(n), key=lambda r: totals[r] / max(1, len(outs[r])))
     if stats is not None:
-        stats["sum_logprob"] = total
-    return out
+        stats["sum_logprob"] = float(totals[best])
+        stats["samples"] = [(o, float(t)) for o, t in zip(outs, totals)]
+    return outs[best]
 
 
 def _start_beams(model: WhisperModel, memory: torch.Tensor, prompt: list[int], W: int,
@@ -290,7 +300,8 @@ def decode_with_fallback(task: TranscribeTask, model: WhisperModel, memory: torc
         stats = {"at": len(head)}  # the no-speech probability is read at <|sot|>
         if t > 0 or how["method"] != "beam":
             tokens = greedy_decode(model, memory, prompt, rules, budget, c.eos_id,
-                                   temperature=t, generator=how["generator"], stats=stats)
+                                   temperature=t, best_of=how["best_of"],
+                                   generator=how["generator"], stats=stats)
         else:
             tokens = beam_decode(model, memory, prompt, rules, budget, c.eos_id,
                                  how["beam_width"], stats=stats)
