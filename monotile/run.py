@@ -68,13 +68,18 @@ class Run:
     def stream(self, prompt: str, *, max_new_tokens: int = 200, temperature: float = 1.0,
                top_k: int | None = None, top_p: float | None = None,
                repetition_penalty: float = 1.0, stop: str | list[str] | None = None,
-               seed: int | None = None, use_cache: bool = True):
-        """Yield generated text pieces as they are produced."""
+               seed: int | None = None, use_cache: bool = True, ignore_eos: bool = False,
+               timings: dict | None = None):
+        """Yield generated text pieces as they are produced; with ignore_eos, the model's end
+        tokens end nothing (a benchmark decodes max_new_tokens); `timings` (a dict) receives
+        the prompt's and the decoding's tokens, seconds and tokens/s."""
         sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p,
                             repetition_penalty=repetition_penalty)
         stops = [stop] if isinstance(stop, str) else stop
         return self.generator.stream(self.model, prompt, max_new_tokens=max_new_tokens,
-                                sampling=sampling, stop=stops, seed=seed, use_cache=use_cache)
+                                     sampling=sampling, stop=stops, seed=seed,
+                                     use_cache=use_cache, ignore_eos=ignore_eos,
+                                     timings=timings)
 
     def generate(self, prompt: str, **options) -> str:
         """The continuation of `prompt` (options as for `stream`)."""
@@ -85,7 +90,8 @@ class Run:
         by the run's chat template and ended by its stop strings (options as for `stream`)."""
         stop = options.pop("stop", None)
         stops = ([stop] if isinstance(stop, str) else list(stop or []))
-        stops += list(self.generator.config.chat_stop)
+        if not options.get("ignore_eos"):  # the template's end strings are end tokens too
+            stops += list(self.generator.config.chat_stop)
         return self.stream(self.generator.chat_prompt(messages), stop=stops, **options)
 
     def chat(self, messages: list[dict], **options) -> str:

@@ -18,7 +18,7 @@ def qkv(B=2, H=4, Hkv=4, Tq=6, Tk=6, d=8, seed=0):
 
 
 def test_attention_math_is_softmax_of_scaled_scores_times_values():
-    q, k, v = qkv(B=1, H=1)
+    q, k, v = qkv(B=1, H=1, Hkv=1)
     s = q[0, 0] @ k[0, 0].T / math.sqrt(8)
     expected = torch.softmax(s, -1) @ v[0, 0]
     torch.testing.assert_close(attention_math(q, k, v)[0, 0], expected)
@@ -77,7 +77,7 @@ def test_causal_mask_lets_query_see_only_itself_and_the_past():
 
 
 def test_padding_mask_hides_padded_keys():
-    q, k, v = qkv(B=1, H=1, Tq=4, Tk=4)
+    q, k, v = qkv(B=1, H=1, Hkv=1, Tq=4, Tk=4)
     padding = torch.tensor([[True, True, True, False]])[:, None, None, :]
     out = attention(q, k, v, mask=padding)
     ref = attention(q, k[:, :, :3], v[:, :, :3])  # as if the padded key never existed

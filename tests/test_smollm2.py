@@ -41,6 +41,23 @@ def test_it_answers_and_stops_at_the_end_of_its_turn(smollm2):
     assert "Paris" in first and "Rome" in second  # the second question needs the first
 
 
+def test_ignore_eos_decodes_every_token_asked_and_json_reports_the_rates(smollm2):
+    """llama.cpp's --ignore-eos: the answer no longer ends at <|im_end|>, so a benchmark
+    decodes exactly --max-new-tokens; --json reports the prompt's and decoding's figures."""
+    asked = ["generate", str(smollm2), "--prompt", QUESTION + " Answer in one sentence.",
+             "--temperature", "0", "--max-new-tokens", "24", "--json"]
+    ended, ignored = json.loads(cli(*asked).stdout), json.loads(cli(*asked, "--ignore-eos").stdout)
+    assert ended["text"] == "The capital of France is Paris." and ended["new_tokens"] < 24
+    assert ignored["new_tokens"] == 24 and ignored["text"].startswith(ended["text"])
+    assert len(ignored["text"]) > len(ended["text"])
+    for figures in (ended, ignored):
+        assert figures["prompt_tokens"] > 20 and figures["prompt_seconds"] > 0
+        assert figures["prompt_tokens_per_second"] == pytest.approx(
+            figures["prompt_tokens"] / figures["prompt_seconds"], rel=0.01)
+        assert figures["decode_tokens_per_second"] == pytest.approx(
+            (figures["new_tokens"] - 1) / figures["decode_seconds"], rel=0.01)
+
+
 def test_served_to_the_openai_client_streamed_or_not(smollm2):
     openai = pytest.importorskip("openai")
     from monotile.serve.process import start_server, stop

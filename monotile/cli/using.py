@@ -62,6 +62,9 @@ def generate(sub) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="weights while decoding: bfloat16 reads half the bytes a token "
                    "(~1.6x faster on CPU, logits within ~0.04)")
+    p.add_argument("--ignore-eos", action="store_true", help="go on past the model's end "
+                   "tokens, so exactly --max-new-tokens are decoded (benchmarks; llama.cpp's "
+                   "flag)")
     finish(p, _generate, checkpoint=True, json=True)
 
 
@@ -75,7 +78,7 @@ def _generate(a) -> None:
     stop = [unescape(s) for s in a.stop] if a.stop else None
     options = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
                    top_p=a.top_p, repetition_penalty=a.repetition_penalty, stop=stop,
-                   seed=a.seed)
+                   seed=a.seed, ignore_eos=a.ignore_eos, timings={})
     if run.has_chat_template and not a.raw:  # the prompt is the user's message
         messages = ([{"role": "system", "content": unescape(a.system)}] if a.system else [])
         messages.append({"role": "user", "content": a.prompt})
@@ -85,8 +88,9 @@ def _generate(a) -> None:
             raise MonotileError(f"--system is for runs trained on chat data; {run.dir} has no "
                                 "chat template")
         stream = run.stream(a.prompt, **options)
-    if a.json:
-        print_json({"prompt": a.prompt, "text": "".join(stream)})
+    if a.json:  # with the figures llama.cpp prints: prompt and decode tokens/s
+        text = "".join(stream)
+        print_json({"prompt": a.prompt, "text": text, **options["timings"]})
     elif a.stream:
         for piece in stream:
             sys.stdout.write(piece)

@@ -81,15 +81,16 @@ def attention(q, k, v, *, mask=None, is_causal=False, impl: str = "sdpa") -> tor
     q: (B, H, Tq, d); k, v: (B, Hkv, Tk, d) with H a multiple of Hkv. `mask` is boolean
     (True = may attend). `is_causal` adds the causal mask, aligned so that the Tq queries are
     the last Tq of the Tk positions (as with a KV cache). `impl` is "sdpa" (PyTorch's fused
-    kernel) or "math" (attention_math); tests prove the two equal.
+    kernel, which reads each K/V head for its H / Hkv query heads in place: enable_gqa) or
+    "math" (attention_math, on K/V heads repeated); tests prove the two equal.
 
     On CPU, bf16/fp16 inputs (a bf16 model, or autocast) are attended in fp32 and the result
     cast back (_fp32_on_cpu: the CPU kernel's bf16 backward is ~5x slower than its fp32 one).
     """
-    n_rep = q.size(1) // k.size(1)
-    if n_rep > 1:  # each K/V head serves n_rep query heads
-        k = k.repeat_interleave(n_rep, dim=1)
-        v = v.repeat_interleave(n_rep, dim=1)
+    gqa = q.size(1) != k.size(1)  # each K/V head serves H / Hkv query heads
+    if gqa and impl == "math":
+        k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
+        v = v.repeat_interleave(q.size(1) // v.size(1), dim=1)
     Tq, Tk = q.size(2), k.size(2)
     padded = mask is not None  # only a caller's (padding) mask can leave a query no key
     if is_causal and (mask is not None or Tq != Tk or impl == "math"):
@@ -101,11 +102,11 @@ def attention(q, k, v, *, mask=None, is_causal=False, impl: str = "sdpa") -> tor
         # the fused kernel gives a query that sees no key NaN or 0 depending on the backend;
         # let it see all keys, then zero its output, as attention_math does
         empty = ~mask.any(-1, keepdim=True)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | empty)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | empty, enable_gqa=gqa)
         return out.masked_fill(empty, 0.0)
     if mask is not None:  # the causal mask of a KV-cache step
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, enable_gqa=gqa)
 
 
 def rope_frequencies(head_dim: int, max_len: int, theta: float = 10000.0,

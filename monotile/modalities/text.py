@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,6 +30,32 @@ from ..tokenizers import Tokenizer
 from .base import TaskBase, register
 from .chat import PLAIN_STOP, PLAIN_TEMPLATE, ChatPrompt, read_jsonl, render
 
+
+
+class Timings:
+    """Fills `out` (when a dict) with the figures llama.cpp prints after a generation: the
+    prompt's pass (to the first token) and the decoding of the tokens after it."""
+
+    def __init__(self, out: dict | None, prompt_tokens: int):
+        self.out, self.prompt_tokens = out, prompt_tokens
+        self.start, self.first, self.last, self.tokens = time.perf_counter(), None, None, 0
+
+    def tick(self) -> None:
+        self.last = time.perf_counter()
+        self.first = self.first or self.last
+        self.tokens += 1
+
+    def done(self) -> None:
+        if self.out is None:
+            return
+        prompt = (self.first or time.perf_counter()) - self.start
+        decode = (self.last - self.first) if self.first else 0.0
+        self.out.update(prompt_tokens=self.prompt_tokens, prompt_seconds=round(prompt, 4),
+                        new_tokens=self.tokens, decode_seconds=round(decode, 4),
+                        prompt_tokens_per_second=round(self.prompt_tokens / prompt, 2)
+                        if prompt > 0 else None,
+                        decode_tokens_per_second=round((self.tokens - 1) / decode, 2)
+                        if decode > 0 else None)
 
 @dataclass(frozen=True, kw_only=True)
 class TextConfig:
@@ -343,11 +370,13 @@ class TextTask(TaskBase):
         return {i: t.content for i, t in self.tokenizer.tok.get_added_tokens_decoder().items()
                 if t.special}
 
-    def text_pieces(self, stop: list[str] | None = None) -> TextPieces:
+    def text_pieces(self, stop: list[str] | None = None, ignore_eos: bool = False
+                    ) -> TextPieces:
         """Generated ids to the text given out, ending before a stop string (a special token's
-        text matches too) or at one of the run's end-of-sequence ids (eos_ids), unshown."""
+        text matches too) or at one of the run's end-of-sequence ids (eos_ids), unshown; with
+        ignore_eos the end ids end nothing (llama.cpp's --ignore-eos)."""
         return TextPieces(self.tokenizer.decode, stop, specials=self.special_texts,
-                          end_ids=self.config.eos_ids)
+                          end_ids=() if ignore_eos else self.config.eos_ids)
 
     def encode_prompt(self, prompt: str) -> list[int]:
         ids = self.prompt_ids(prompt)
@@ -363,23 +392,33 @@ class TextTask(TaskBase):
 
     def stream(self, model, prompt: str, *, max_new_tokens: int = 200,
                sampling: Sampling = Sampling(), stop: list[str] | None = None,
-               seed: int | None = None, use_cache: bool = True) -> Iterator[str]:
+               seed: int | None = None, use_cache: bool = True, ignore_eos: bool = False,
+               timings: dict | None = None) -> Iterator[str]:
         """Yield the continuation of `prompt` as text pieces, ending before a stop string or
-        at an end-of-sequence id of the run (eos_ids)."""
+        at an end-of-sequence id of the run (eos_ids; with ignore_eos, only at a stop string
+        or after max_new_tokens). `timings`, a dict, receives as llama.cpp reports them:
+        prompt_tokens and prompt_seconds (the prompt's forward pass and the first token),
+        new_tokens and decode_seconds (the tokens after the first), and both rates per
+        second."""
         if max_new_tokens < 0:
             raise ConfigError(f"max_new_tokens={max_new_tokens} is invalid: it must be >= 0")
         ids = torch.tensor([self.encode_prompt(prompt)])
-        pieces = self.text_pieces(stop)
-        for token in generate_ids(model, ids, max_new_tokens, sampling, seed=seed,
-                                  use_cache=use_cache):
-            piece = pieces.push(int(token[0]))
+        pieces = self.text_pieces(stop, ignore_eos)
+        clock = Timings(timings, ids.size(1))
+        try:
+            for token in generate_ids(model, ids, max_new_tokens, sampling, seed=seed,
+                                      use_cache=use_cache):
+                clock.tick()
+                piece = pieces.push(int(token[0]))
+                if piece:
+                    yield piece
+                if pieces.stopped:
+                    return
+            piece = pieces.flush()
             if piece:
                 yield piece
-            if pieces.stopped:
-                return
-        piece = pieces.flush()
-        if piece:
-            yield piece
+        finally:
+            clock.done()
 
     def read(self, source) -> str:
         """A prompt: text, its UTF-8 bytes, or JSON {"prompt": text}. A path to an image, a
