@@ -142,8 +142,9 @@ class Run:
 
     def optimize_for_inference(self, dtype: str = "float32") -> Run:
         """Cast the weights to `dtype` ("float32" or "bfloat16": half the bytes to read a token,
-        logits within ~0.04 of fp32's), pack the linear layers for oneDNN's CPU kernels
-        (infer/packed.py: ~1.7x faster decoding at batch 1) and keep the model in eval mode; the
+        logits within ~0.04 of fp32's), pack the linear layers for oneDNN's CPU kernels where
+        that measures faster on this CPU (infer/packed.py: ~1.5x faster fp32 decoding on an
+        AMD EPYC, slower than plain on some Intel Xeons) and keep the model in eval mode; the
         run can no longer be trained. Packing is skipped on GPUs. Returns the run."""
         from .infer.packed import pack_linears
         dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -152,7 +153,7 @@ class Run:
                               f"{' or '.join(dtypes)}")
         self._parameter_count = self.parameters()
         self.model.to(dtypes[dtype])
-        pack_linears(self.model)
+        pack_linears(self.model, measure=True)
         return self
 
     def parameters(self) -> int:
