@@ -141,18 +141,28 @@ class Run:
         return task.summarize(results, kept, skipped)
 
     def optimize_for_inference(self, dtype: str = "float32") -> Run:
-        """Cast the weights to `dtype` ("float32" or "bfloat16": half the bytes to read a token,
-        logits within ~0.04 of fp32's), pack the linear layers for oneDNN's CPU kernels where
-        that measures faster on this CPU (infer/packed.py: ~1.5x faster fp32 decoding on an
-        AMD EPYC, slower than plain on some Intel Xeons) and keep the model in eval mode; the
-        run can no longer be trained. Packing is skipped on GPUs. Returns the run."""
+        """Make the model fast to run, for inference only (it can no longer be trained), in
+        eval mode; returns the run. `dtype` is what a token reads of each weight:
+          float32   as trained
+          bfloat16  half the bytes (logits within ~0.04 of fp32's)
+          int8      a quarter: one scale per output channel (infer/quantize.py)
+          int4      an eighth: llama.cpp's Q4_1 blocks of 32 (a Q4_1 file's own values)
+        Linear layers left in float are packed for oneDNN's CPU kernels where that measures
+        faster on this CPU (infer/packed.py: ~1.5x faster fp32 decoding on an AMD EPYC,
+        slower than plain on some Intel Xeons); packing is skipped on GPUs."""
+        from .infer import INFERENCE_DTYPES
         from .infer.packed import pack_linears
-        dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-        if dtype not in dtypes:
+        from .infer.quantize import quantize_int4, quantize_int8
+        if dtype not in INFERENCE_DTYPES:
             raise ConfigError(f"dtype={dtype!r} is invalid for inference: choose "
-                              f"{' or '.join(dtypes)}")
+                              f"{', '.join(INFERENCE_DTYPES)}")
         self._parameter_count = self.parameters()
-        self.model.to(dtypes[dtype])
+        if dtype == "bfloat16":
+            self.model.to(torch.bfloat16)
+        elif dtype == "int8":
+            quantize_int8(self.model)
+        elif dtype == "int4":
+            quantize_int4(self.model)
         pack_linears(self.model, measure=True)
         return self
 

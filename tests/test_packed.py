@@ -107,5 +107,5 @@ def test_generate_decodes_with_bf16_weights_and_refuses_other_dtypes(tiny_run):
     assert run.model.head.weight.dtype == torch.bfloat16  # packed or plain
     bad = cli("generate", str(tiny_run.dir), "--prompt", "x", "--dtype", "float16")
     assert bad.returncode == 2 and "float16" in bad.stderr
-    with pytest.raises(monotile.errors.ConfigError, match="choose float32 or bfloat16"):
-        monotile.load(tiny_run.dir).optimize_for_inference("int4")
+    with pytest.raises(monotile.errors.ConfigError, match="choose float32, bfloat16, int8, int4"):
+        monotile.load(tiny_run.dir).optimize_for_inference("int3")

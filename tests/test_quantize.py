@@ -1,4 +1,4 @@
-"""Weight-only int8: the per-channel rounding, the int8 layers, and quantized runs."""
+"""Weight-only int8 and int4: the rounding, the layers, and quantized runs."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import monotile
-from monotile.infer.quantize import (Int8Embedding, Int8Linear, quantize_int8, quantize_rows,
-                                     weight_bytes)
+from monotile.infer.quantize import (Int4Linear, Int8Embedding, Int8Linear, quantize_groups_int4,
+                                     quantize_int4, quantize_int8, quantize_rows, weight_bytes)
 from monotile.train.checkpoint import model_tensors
 
 from conftest import cli
@@ -77,3 +77,58 @@ def test_quantize_refuses_what_it_cannot_do_and_writes_nothing(tiny_run, tmp_pat
     assert done.returncode == 2 and "already holds a run" in done.stderr
     done = cli("quantize", str(tiny_run.dir), "--out", str(tmp_path / "x"))
     assert done.returncode == 2 and "--int8" in done.stderr
+
+
+def test_int4_rounds_each_group_of_32_to_16_steps_from_its_minimum():
+    torch.manual_seed(0)
+    w = torch.randn(16, 96) * torch.rand(16, 1) * 10
+    q, d, m = quantize_groups_int4(w)
+    assert q.min() == 0 and q.max() == 15 and d.shape == m.shape == (16, 3)
+    groups = w.view(16, 3, 32)
+    torch.testing.assert_close(m, groups.amin(-1))
+    torch.testing.assert_close(d, (groups.amax(-1) - groups.amin(-1)) / 15)
+    back = q.view(16, 3, 32).float() * d[..., None] + m[..., None]
+    assert ((back - groups).abs() <= d[..., None] / 2 + 1e-5).all()
+
+
+def test_int4_layers_compute_with_the_rounded_weights_and_keep_q4_1_values():
+    torch.manual_seed(0)
+    linear, x = nn.Linear(128, 64), torch.randn(5, 128)
+    layer = Int4Linear(linear)
+    q, d, m = quantize_groups_int4(linear.weight)
+    weights = (q.view(64, 4, 32).float() * d[..., None] + m[..., None]).view(64, 128)
+    torch.testing.assert_close(layer.dequantized(), weights)
+    torch.testing.assert_close(layer(x), F.linear(x, weights, linear.bias), atol=1e-5,
+                               rtol=1e-5)
+    odd = Int4Linear(nn.Linear(64, 36))  # 36 outputs: the kernel's packing cannot take them
+    xs = torch.randn(3, 64)
+    torch.testing.assert_close(odd(xs), F.linear(xs, odd.dequantized(), odd.bias))
+    # llama.cpp's Q4_1 of a tensor, dequantized (as import gguf does), rounds back to itself
+    import gguf
+    w = torch.randn(64, 128).numpy()
+    kind = gguf.GGMLQuantizationType.Q4_1
+    from_file = torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(w, kind), kind))
+    again = Int4Linear(_linear_with(from_file))
+    torch.testing.assert_close(again.dequantized(), from_file.float(), atol=1e-6, rtol=0)
+
+
+def _linear_with(weight: torch.Tensor) -> nn.Linear:
+    linear = nn.Linear(weight.size(1), weight.size(0), bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+    return linear
+
+
+def test_an_int4_model_keeps_its_head_at_8_bits_and_generates(tiny_run):
+    run = monotile.load(tiny_run.dir)
+    text = run.generate("ROMEO:", max_new_tokens=30, temperature=0.0)
+    model = run.optimize_for_inference("int4").model
+    assert isinstance(model.head, Int8Linear)
+    assert any(isinstance(m, Int4Linear) for m in model.modules())
+    assert not any(type(m) is nn.Linear and m.in_features % 32 == 0 for m in model.modules())
+    assert len(run.generate("ROMEO:", max_new_tokens=30, temperature=0.0)) == len(text)
+    done = cli("generate", str(tiny_run.dir), "--prompt", "ROMEO:", "--max-new-tokens", "20",
+               "--temperature", "0", "--dtype", "int4", "--ignore-eos", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["new_tokens"] == 20
+    assert quantize_int4(nn.Sequential(nn.Linear(8, 8))) == []  # no whole group: left alone

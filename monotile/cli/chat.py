@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from ..errors import MonotileError
+from ..infer import INFERENCE_DTYPES
 from .common import finish, unescape
 
 HELP = ("/reset: a new conversation   /system TEXT: the system message   /exit: leave "
@@ -31,8 +32,9 @@ def chat(sub) -> None:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None, help="same seed, same replies")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="weights while decoding (bfloat16: half the bytes a token)")
+    p.add_argument("--dtype", default="float32", choices=INFERENCE_DTYPES,
+                   help="weights while decoding (bfloat16: half the bytes a token, int8 a "
+                   "quarter, int4 an eighth)")
     finish(p, _chat)
 
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from ..errors import MonotileError
+from ..infer import INFERENCE_DTYPES
 from .common import emit, finish, print_json
 
 
@@ -107,8 +108,8 @@ def serve(sub) -> None:
     p.add_argument("--max-queue", type=int, default=64, help="generation requests waiting "
                    "beyond the batch before new ones get 429")
     p.add_argument("--max-body-mb", type=float, default=25.0, help="the largest request body")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="text models' weights (bfloat16: ~1.6x faster decoding on CPU)")
+    p.add_argument("--dtype", default="float32", choices=INFERENCE_DTYPES,
+                   help="text models' weights: bfloat16, int8 or int4 read less a token")
     finish(p, _serve)
 
 

@@ -1,4 +1,6 @@
-"""Weight-only int8 quantisation for inference, one scale per output channel.
+"""Weight-only int8 and int4 quantisation for inference.
+
+int8, one scale per output channel:
 
     s_i = max_j |W_ij| / 127,   Q_ij = round(W_ij / s_i) in [-127, 127],   W ~ s_i Q_ij
     y = x W^T + b  ~  (x Q^T) * s + b
@@ -10,6 +12,13 @@ output head share one Q and s. On CPU the product runs in PyTorch's int8-weight 
 that kernel is missing or does not fit (inputs of a multiple of 16 features only), Q is
 turned back into W ~ s Q for each product. Activations, norms and
 everything else stay as they were.
+
+int4, asymmetric in groups of G = 32 inputs (llama.cpp's Q4_1 block, so a Q4_1 file's weights,
+dequantized on import, round back to the very same 4-bit values):
+    d = (max_g W - min_g W) / 15,   Q = round((W - min_g W) / d) in [0, 15],   W ~ d Q + min_g W
+PyTorch's CPU kernel (`torch.ops.aten._weight_int4pack_mm_for_cpu`, gpt-fast's and torchao's)
+takes Q packed two to a byte and (scale, zero) per group with W ~ (Q - 8) scale + zero, so
+scale = d and zero = min + 8 d. An eighth of fp32's bytes, plus 8 bytes of (d, min) per group.
 """
 
 from __future__ import annotations
@@ -113,3 +122,95 @@ def weight_bytes(model: nn.Module) -> int:
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size()
     return total
+
+
+INT4_GROUP = 32
+
+
+def quantize_groups_int4(w: torch.Tensor, group: int = INT4_GROUP
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric 4-bit in groups of `group` along each row: (Q int32 (N, K) in [0, 15],
+    d (N, K / group), m (N, K / group)) with W ~ d Q + m, m the group's minimum."""
+    N, K = w.shape
+    g = w.detach().float().reshape(N, K // group, group)
+    low, high = g.amin(-1), g.amax(-1)
+    d = ((high - low) / 15).clamp_min(1e-12)
+    q = torch.round((g - low[..., None]) / d[..., None]).clamp_(0, 15).to(torch.int32)
+    return q.reshape(N, K), d, low
+
+
+def _int4_kernel_fits(device: torch.device, in_features: int, out_features: int) -> bool:
+    """The CPU kernel takes whole groups and rows a multiple of 8 (as its packing does)."""
+    return (device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+            and in_features % INT4_GROUP == 0 and out_features % 8 == 0)
+
+
+class Int4Linear(nn.Module):
+    """y = x W^T + b with W ~ d Q + m, Q 4-bit in groups of 32 inputs (buffers weight_int4:
+    Q as the kernel packs it, or unpacked int8 where the kernel does not fit; d; m)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        if self.in_features % INT4_GROUP:
+            raise ValueError(f"int4 needs inputs in groups of {INT4_GROUP}; this layer has "
+                             f"{self.in_features}")
+        q, d, m = quantize_groups_int4(linear.weight)
+        self.register_buffer("d", d)
+        self.register_buffer("m", m)
+        self.fits = _int4_kernel_fits(linear.weight.device, self.in_features, self.out_features)
+        if self.fits:
+            self.register_buffer("weight_int4",
+                                 torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
+            self.register_buffer("scales_and_zeros",
+                                 torch.stack([d.t(), (m + 8 * d).t()], -1).contiguous())
+        else:
+            self.register_buffer("weight_int4", q.to(torch.int8))
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone())
+
+    def dequantized(self) -> torch.Tensor:
+        """W ~ d Q + m, (out, in) in fp32."""
+        if self.fits:  # the kernel's own product with the identity gives W back
+            eye = torch.eye(self.in_features)
+            return self._kernel(eye).t().contiguous()
+        q = self.weight_int4.float().reshape(self.out_features, -1, INT4_GROUP)
+        return (q * self.d[..., None] + self.m[..., None]).reshape(self.out_features, -1)
+
+    def _kernel(self, flat: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(
+            flat, self.weight_int4, INT4_GROUP, self.scales_and_zeros.to(flat.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fits:
+            dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
+            y = self._kernel(x.reshape(-1, self.in_features).to(dtype))
+            y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        else:
+            y = F.linear(x, self.dequantized().to(x.dtype))
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, group={INT4_GROUP}")
+
+
+def quantize_int4(model: nn.Module, eight_bits: tuple[str, ...] = ("head",)) -> list[str]:
+    """Replace every Linear of `model` whose inputs come in whole groups of 32 by an
+    Int4Linear, in place; the layers named in `eight_bits` (the output head, which llama.cpp's
+    Q4 files keep at 6 or 8 bits too) by an Int8Linear. Embeddings stay as they are (a token
+    reads one row). For inference only: the run is not saved this way. Returns the names
+    replaced."""
+    names = []
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            name = f"{parent_name}.{child_name}" if parent_name else child_name
+            if type(child) is not nn.Linear:
+                continue
+            if name in eight_bits:
+                setattr(parent, child_name, Int8Linear.from_linear(child))
+            elif child.in_features % INT4_GROUP == 0:
+                setattr(parent, child_name, Int4Linear(child))
+            else:
+                continue
+            names.append(name)
+    return names
