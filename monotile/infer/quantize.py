@@ -18,7 +18,8 @@ dequantized on import, round back to the very same 4-bit values):
     d = (max_g W - min_g W) / 15,   Q = round((W - min_g W) / d) in [0, 15],   W ~ d Q + min_g W
 PyTorch's CPU kernel (`torch.ops.aten._weight_int4pack_mm_for_cpu`, gpt-fast's and torchao's)
 takes Q packed two to a byte and (scale, zero) per group with W ~ (Q - 8) scale + zero, so
-scale = d and zero = min + 8 d. An eighth of fp32's bytes, plus 8 bytes of (d, min) per group.
+scale = d and zero = min + 8 d, in bf16 with bf16 activations (its fp32 and fp16 paths are
+slow references, ~20x slower): 5 bits a weight, as Q4_1 (whose d and min are fp16).
 """
 
 from __future__ import annotations
@@ -146,8 +147,9 @@ def _int4_kernel_fits(device: torch.device, in_features: int, out_features: int)
 
 
 class Int4Linear(nn.Module):
-    """y = x W^T + b with W ~ d Q + m, Q 4-bit in groups of 32 inputs (buffers weight_int4:
-    Q as the kernel packs it, or unpacked int8 where the kernel does not fit; d; m)."""
+    """y = x W^T + b with W ~ d Q + m, Q 4-bit in groups of 32 inputs. Where the kernel fits:
+    buffers weight_int4 (Q as it packs it, two to a byte) and scales_and_zeros (bf16), 5 bits
+    a weight as Q4_1's; elsewhere Q (int8) with d and m (fp32), multiplied as W."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -156,34 +158,33 @@ class Int4Linear(nn.Module):
             raise ValueError(f"int4 needs inputs in groups of {INT4_GROUP}; this layer has "
                              f"{self.in_features}")
         q, d, m = quantize_groups_int4(linear.weight)
-        self.register_buffer("d", d)
-        self.register_buffer("m", m)
         self.fits = _int4_kernel_fits(linear.weight.device, self.in_features, self.out_features)
         if self.fits:
             self.register_buffer("weight_int4",
                                  torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
-            self.register_buffer("scales_and_zeros",
-                                 torch.stack([d.t(), (m + 8 * d).t()], -1).contiguous())
+            self.register_buffer("scales_and_zeros", torch.stack(
+                [d.t(), (m + 8 * d).t()], -1).contiguous().to(torch.bfloat16))
         else:
             self.register_buffer("weight_int4", q.to(torch.int8))
+            self.register_buffer("d", d)
+            self.register_buffer("m", m)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone())
 
     def dequantized(self) -> torch.Tensor:
-        """W ~ d Q + m, (out, in) in fp32."""
-        if self.fits:  # the kernel's own product with the identity gives W back
-            eye = torch.eye(self.in_features)
-            return self._kernel(eye).t().contiguous()
+        """The W (out, in) the product uses, in fp32: where the kernel fits, its own product
+        with the identity (its fp32 path: exact, and slow)."""
+        if self.fits:
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(
+                torch.eye(self.in_features), self.weight_int4, INT4_GROUP,
+                self.scales_and_zeros.float()).t().contiguous()
         q = self.weight_int4.float().reshape(self.out_features, -1, INT4_GROUP)
         return (q * self.d[..., None] + self.m[..., None]).reshape(self.out_features, -1)
 
-    def _kernel(self, flat: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(
-            flat, self.weight_int4, INT4_GROUP, self.scales_and_zeros.to(flat.dtype))
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fits:
-            dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
-            y = self._kernel(x.reshape(-1, self.in_features).to(dtype))
+        if self.fits:  # bf16 activations: the kernel's fast path
+            flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.weight_int4, INT4_GROUP,
+                                                           self.scales_and_zeros)
             y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         else:
             y = F.linear(x, self.dequantized().to(x.dtype))
