@@ -14,9 +14,7 @@ llama-cpp-python compiles llama.cpp (about 15 minutes on 2 cores), so it is not 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,15 +29,13 @@ import assets  # noqa: E402  (the model files make setup installs)
 
 
 def llama_cpp(install: bool):
-    if importlib.util.find_spec("llama_cpp") is None:
-        if not install:
-            raise SystemExit("llama-cpp-python is not installed: run this bench with --install "
-                             "(it compiles llama.cpp, ~15 min) or `.venv/bin/pip install -c "
-                             "constraints.txt llama-cpp-python`")
-        subprocess.run([sys.executable, "-m", "pip", "install", "-c",
-                        str(ROOT / "constraints.txt"), "llama-cpp-python"], check=True)
-    import llama_cpp
-    return llama_cpp
+    """llama-cpp-python, built by real_models.llama_cpp (its flags) when asked to."""
+    from real_models import llama_cpp as built
+    llama = built(install)
+    if llama is None:
+        raise SystemExit("llama-cpp-python is not installed: run this bench with --install "
+                         "(it compiles llama.cpp, ~15 min)")
+    return llama
 
 
 def compare(llama, run, path: Path, prompt: str, tokens: int) -> dict:

@@ -17,6 +17,8 @@ to an embedding gets its own packed copy (the embedding still looks rows up in t
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import nn
 
@@ -127,7 +129,6 @@ def pack_linears(model: nn.Module, measure: bool = False) -> list[str]:
 def faster_packed(plain: list[nn.Linear], packed: list[PackedLinear], rounds: int = 5) -> bool:
     """Whether y = x W^T + b for one row x through every layer in turn (each W read from
     memory once, as a decoding step reads it) takes less time packed, best of `rounds`."""
-    import time
     x = torch.randn(1, plain[0].in_features, dtype=plain[0].weight.dtype)
 
     def best(layers) -> float:
