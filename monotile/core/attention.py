@@ -93,6 +93,8 @@ def attention(q, k, v, *, mask=None, is_causal=False, impl: str = "sdpa") -> tor
         v = v.repeat_interleave(q.size(1) // v.size(1), dim=1)
     Tq, Tk = q.size(2), k.size(2)
     padded = mask is not None  # only a caller's (padding) mask can leave a query no key
+    if is_causal and Tq == 1:  # one query, the last position: it sees every key
+        is_causal = False
     if is_causal and (mask is not None or Tq != Tk or impl == "math"):
         causal = causal_mask(Tq, Tk, q.device)
         mask, is_causal = (causal if mask is None else mask & causal), False

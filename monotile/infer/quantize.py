@@ -66,10 +66,20 @@ class Int8Linear(nn.Module):
     def dequantized(self) -> torch.Tensor:
         return self.weight_int8.float() * self.scale[:, None]
 
+    def scale_bf16(self) -> torch.Tensor:
+        """s in bf16, as the kernel takes it: converted once, again only when s changes (a
+        load_state_dict writes it in place, which bumps its version)."""
+        if torch.compiler.is_compiling():  # the compiler folds the conversion itself
+            return self.scale.to(torch.bfloat16)
+        key = (self.scale.data_ptr(), self.scale._version, self.scale.device)
+        if getattr(self, "_scale_key", None) != key:
+            self._scale_bf16, self._scale_key = self.scale.to(torch.bfloat16), key
+        return self._scale_bf16
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _int8_kernel_fits(x.device, self.in_features):
             flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
-            y = torch._weight_int8pack_mm(flat, self.weight_int8, self.scale.to(torch.bfloat16))
+            y = torch._weight_int8pack_mm(flat, self.weight_int8, self.scale_bf16())
             y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         else:
             y = F.linear(x, self.dequantized().to(x.dtype))
