@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .core.lora import add_lora, merge_lora
-from .core.transformer import ModelConfig, count_parameters
+from .core.transformer import ModelConfig, count_parameters, weights_left_uninitialised
 from .data import find_data, sha256
 from .errors import CheckpointError, ConfigError
 from .infer.quantize import quantize_int8, weight_bytes
@@ -110,7 +110,8 @@ def finetune(base: str | Path, data: str | Path, *, rank: int = 8, alpha: float 
 
 def _with_dropout(base_run: Run, model_cfg: ModelConfig) -> torch.nn.Module:
     """The base model rebuilt with the fine-tuning run's dropout, and the base's weights."""
-    model = base_run.task.build_model(model_cfg)
+    with weights_left_uninitialised():  # every weight comes from the base (strict load)
+        model = base_run.task.build_model(model_cfg)
     model.load_state_dict(base_run.model.state_dict())
     return model.to(next(base_run.model.parameters()).device)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .core.transformer import count_parameters
+from .core.transformer import count_parameters, weights_left_uninitialised
 from .data import nothing_readable
 from .errors import ConfigError, DataError
 from .infer.generate import Sampling
@@ -274,7 +274,8 @@ def load(run_dir: str | Path, *, checkpoint: str = "last", device: str | None = 
     doc, meta, configs = read_config(run_dir)
     task_name = meta["task"]
     task = task_class(task_name).load(configs[task_name], configs["model"], run_dir)
-    model = task.build_model(configs["model"])
+    with weights_left_uninitialised():  # the checkpoint overwrites every weight
+        model = task.build_model(configs["model"])
     if "lora" in doc:  # a fine-tuning run: the base's weights, then its own adapters
         from .core.lora import add_lora
         load_model_weights(model, base_weights(doc))

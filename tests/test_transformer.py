@@ -7,7 +7,10 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
 
+import monotile
 from monotile.core.transformer import (ModelConfig, Transformer, count_parameters,
                                        flops_per_token, init_weights)
 from monotile.errors import ConfigError
@@ -125,3 +128,25 @@ def test_the_rope_table_stays_fp32_through_casts_and_is_not_saved():
     trunk = Transformer(cfg).to(torch.bfloat16)
     out = trunk(torch.randn(2, 16, 32, dtype=torch.bfloat16))
     assert out.dtype == torch.bfloat16 and out.isfinite().all()
+
+
+def test_a_model_built_to_be_loaded_skips_the_random_draws_and_init_comes_back_after():
+    from monotile.core.transformer import weights_left_uninitialised
+    state = torch.random.get_rng_state()
+    with weights_left_uninitialised():
+        layer = nn.Linear(64, 64)
+        nn.init.normal_(layer.weight)
+    assert torch.equal(torch.random.get_rng_state(), state)  # nothing was drawn
+    with pytest.raises(RuntimeError), weights_left_uninitialised():
+        raise RuntimeError("a failed build")
+    torch.manual_seed(0)
+    drawn = nn.Linear(64, 64).weight
+    assert not torch.equal(torch.random.get_rng_state(), state)
+    torch.manual_seed(0)
+    assert torch.equal(nn.Linear(64, 64).weight, drawn)  # the draws are back, seeded as before
+
+
+def test_a_loaded_run_has_the_weights_it_saved(tiny_run):
+    saved = load_file(tiny_run.dir / "model.safetensors")
+    loaded = monotile.load(tiny_run.dir).model.state_dict()
+    assert saved and all(torch.equal(loaded[name], t) for name, t in saved.items())

@@ -19,6 +19,7 @@ Backends: NCCL on CUDA GPUs, gloo on CPU.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -170,16 +171,21 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """A sharded (DTensor) tensor gathered whole, one at a time, into the main process's CPU
     memory (the others keep only its shape, on the meta device); a plain tensor as it is.
     Every process must call it, in the same order."""
-    from torch.distributed.tensor import DTensor
-    if not isinstance(t, DTensor):
+    if not is_dtensor(t):
         return t
     full = t.full_tensor()
     return full.cpu() if current().main else full.to("meta")
 
 
+def is_dtensor(t: torch.Tensor) -> bool:
+    """Whether t is sharded (a DTensor). Importing torch.distributed.tensor takes ~1 s, and a
+    DTensor can exist only once it is imported, so a process that never shards never pays it."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
+
 def local_ptr(t: torch.Tensor) -> int:
-    from torch.distributed.tensor import DTensor
-    return (t.to_local() if isinstance(t, DTensor) else t).data_ptr()
+    return (t.to_local() if is_dtensor(t) else t).data_ptr()
 
 
 def shard_like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
