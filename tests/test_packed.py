@@ -109,3 +109,24 @@ def test_generate_decodes_with_bf16_weights_and_refuses_other_dtypes(tiny_run):
     assert bad.returncode == 2 and "float16" in bad.stderr
     with pytest.raises(monotile.errors.ConfigError, match="choose float32, bfloat16, int8, int4"):
         monotile.load(tiny_run.dir).optimize_for_inference("int3")
+
+
+def test_a_measured_layout_is_remembered_per_machine_and_shape(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    model = nn.Sequential(nn.Linear(64, 128), nn.Linear(128, 64))
+    pack_linears(copy.deepcopy(model), measure=True)
+    verdicts_file = tmp_path / "monotile" / "packing.json"
+    doc = json.loads(verdicts_file.read_text())
+    (machine, verdicts), = doc.items()
+    assert "threads" in machine and set(verdicts) == {"1 x 64->128 float32",
+                                                      "1 x 128->64 float32"}
+    # the next start takes the verdicts as they are, measuring nothing
+    doc[machine] = {"1 x 64->128 float32": True, "1 x 128->64 float32": False}
+    verdicts_file.write_text(json.dumps(doc))
+    assert pack_linears(copy.deepcopy(model), measure=True) == ["0"]
+    doc[machine] = {"1 x 64->128 float32": False, "1 x 128->64 float32": True}
+    verdicts_file.write_text(json.dumps(doc))
+    assert pack_linears(copy.deepcopy(model), measure=True) == ["1"]
+    verdicts_file.write_text("{not json")  # a damaged file: measured again, and rewritten
+    pack_linears(copy.deepcopy(model), measure=True)
+    assert len(json.loads(verdicts_file.read_text())[machine]) == 2

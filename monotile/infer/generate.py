@@ -114,8 +114,10 @@ def generate_ids(model, prompt: torch.Tensor, max_new_tokens: int, sampling: Sam
     was_training = model.training
     model.eval()
     try:
-        if use_cache:
-            cache = model.trunk.make_cache(seq.size(0))
+        if use_cache:  # room for what this call can reach (a whole context's cache of a
+            # 30-layer model in fp32 is hundreds of MB)
+            cache = model.trunk.make_cache(seq.size(0),
+                                           min(context, seq.size(1) + max_new_tokens))
             logits = model(seq, cache=cache, pos=0)[:, -1]
             pos = seq.size(1)
         for i in range(max_new_tokens):

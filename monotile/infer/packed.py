@@ -17,7 +17,11 @@ to an embedding gets its own packed copy (the embedding still looks rows up in t
 
 from __future__ import annotations
 
+import json
+import os
+import platform
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -101,8 +105,9 @@ def pack_linears(model: nn.Module, measure: bool = False) -> list[str]:
     where supported) by a PackedLinear, in place, and put the model in eval mode. LoRA and int8
     layers stay as they are. With `measure`, the layers of each shape (in, out, dtype) are
     packed only where one batch-1 pass over all of them is faster packed than plain on this
-    CPU (faster_packed): the layout that wins on one processor can lose on another. Returns
-    the names replaced."""
+    CPU (faster_packed): the layout that wins on one processor can lose on another. The
+    verdict is kept per CPU model, PyTorch version and thread count in the cache's
+    packing.json (delete it to measure again). Returns the names replaced."""
     groups: dict[tuple, list[tuple[nn.Module, str, str, nn.Linear]]] = {}
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
@@ -114,15 +119,73 @@ def pack_linears(model: nn.Module, measure: bool = False) -> list[str]:
             key = (child.in_features, child.out_features, child.weight.dtype)
             groups.setdefault(key, []).append((parent, child_name, name, child))
     names = []
-    for layers in groups.values():
-        packed = [PackedLinear.from_linear(linear).eval() for *_, linear in layers]
-        if measure and not faster_packed([linear for *_, linear in layers], packed):
-            continue
-        for (parent, child_name, name, _), new in zip(layers, packed):
-            setattr(parent, child_name, new)
-            names.append(name)
+    for (n_in, n_out, dtype), layers in groups.items():
+        key = f"{len(layers)} x {n_in}->{n_out} {str(dtype).removeprefix('torch.')}"
+        verdict = measured(key) if measure else True
+        if verdict is None:  # measure once: the whole group packed beside the plain one
+            packed = [PackedLinear.from_linear(linear).eval() for *_, linear in layers]
+            verdict = faster_packed([linear for *_, linear in layers], packed)
+            remember(key, verdict)
+            if not verdict:
+                continue
+            for (parent, child_name, name, _), new in zip(layers, packed):
+                setattr(parent, child_name, new)
+                names.append(name)
+        elif verdict:  # one layer at a time, each plain weight let go as its copy is made
+            while layers:
+                parent, child_name, name, linear = layers.pop(0)
+                setattr(parent, child_name, PackedLinear.from_linear(linear).eval())
+                names.append(name)
+                del linear
     model.eval()
     return names
+
+
+def _verdicts_file() -> Path:
+    from ..data import cache_dir
+    return cache_dir() / "packing.json"
+
+
+def _machine() -> str:
+    """This CPU's model name, PyTorch's version and its thread count: what a verdict holds
+    for."""
+    name = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+
+
+def measured(key: str) -> bool | None:
+    """The verdict faster_packed gave for `key` on this machine before (kept in the cache's
+    packing.json, so a start-up measures once per machine and shape), or None."""
+    try:
+        return json.loads(_verdicts_file().read_text()).get(_machine(), {}).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def remember(key: str, verdict: bool) -> None:
+    """Keep a verdict for this machine; a cache that cannot be written is no error."""
+    path = _verdicts_file()
+    try:
+        doc = json.loads(path.read_text()) if path.exists() else {}
+        if not isinstance(doc, dict):
+            doc = {}
+    except (OSError, ValueError):
+        doc = {}
+    doc.setdefault(_machine(), {})[key] = verdict
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(doc, indent=1))
+        os.replace(tmp, path)
+    except OSError:
+        pass
 
 
 @torch.no_grad()

@@ -96,26 +96,69 @@ def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                      "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+                      "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _data_places(raw) -> dict[str, tuple[str, int, int]]:
+    """name -> (dtype, start, end) of each tensor's bytes in a safetensors file: a little-endian
+    u64 n, an n-byte JSON header of {name: {dtype, shape, data_offsets}}, then the data."""
+    raw.seek(0)
+    n = int.from_bytes(raw.read(8), "little")
+    header = json.loads(raw.read(n))
+    return {name: (entry["dtype"], 8 + n + entry["data_offsets"][0],
+                   8 + n + entry["data_offsets"][1])
+            for name, entry in header.items() if name != "__metadata__"}
+
+
+def _read_into(raw, place: tuple[str, int, int], param: torch.Tensor) -> bool:
+    """Read a tensor's bytes from the file straight into `param`'s memory where it can (a
+    contiguous CPU tensor of the file's dtype and size): no second copy of the weights, not
+    even the file's pages mapped. False where it cannot (the caller copies instead)."""
+    dtype, start, end = place
+    if (param.device.type != "cpu" or not param.is_contiguous()
+            or _SAFETENSORS_DTYPES.get(dtype) != param.dtype
+            or param.numel() * param.element_size() != end - start or start == end):
+        return False
+    raw.seek(start)
+    target = memoryview(param.view(-1).view(torch.uint8).numpy())
+    return raw.readinto(target) == end - start
+
+
 def load_model_weights(model: nn.Module, path: Path) -> dict[str, str]:
-    """Load weights into `model`, naming the first missing, unexpected or misshapen tensor."""
-    tensors, metadata = load_tensors(path)
+    """Load weights into `model`, naming the first missing, unexpected or misshapen tensor.
+    The file's header is checked first; then one tensor at a time is read and copied in, so
+    the process holds the model and at most one tensor of the file, not two copies of it."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist; is this a monotile run directory?")
     expected = model_tensors(model)
-    for name, t in expected.items():
-        if name not in tensors:
-            raise CheckpointError(f"{path}: tensor {name!r} is missing; the checkpoint does not "
-                                  "belong to this model configuration")
-        if tensors[name].shape != t.shape:
-            raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(tensors[name].shape)}"
-                                  f", the model expects {tuple(t.shape)}; config.json and the "
-                                  "weights disagree")
-    extra = sorted(set(tensors) - set(expected))
-    if extra:
-        raise CheckpointError(f"{path}: unexpected tensor {extra[0]!r}; the checkpoint does not "
-                              "belong to this model configuration")
-    with torch.no_grad():
-        params = model.state_dict()
-        for name, t in tensors.items():
-            params[name].copy_(t)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+            for name, t in expected.items():
+                if name not in shapes:
+                    raise CheckpointError(f"{path}: tensor {name!r} is missing; the checkpoint "
+                                          "does not belong to this model configuration")
+                if shapes[name] != tuple(t.shape):
+                    raise CheckpointError(f"{path}: tensor {name!r} has shape {shapes[name]}, "
+                                          f"the model expects {tuple(t.shape)}; config.json "
+                                          "and the weights disagree")
+            extra = sorted(set(shapes) - set(expected))
+            if extra:
+                raise CheckpointError(f"{path}: unexpected tensor {extra[0]!r}; the checkpoint "
+                                      "does not belong to this model configuration")
+            params = model.state_dict()
+            with torch.no_grad(), open(path, "rb") as raw:
+                places = _data_places(raw)
+                for name in shapes:
+                    if not _read_into(raw, places[name], params[name]):
+                        params[name].copy_(f.get_tensor(name))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e}); it is corrupt "
+                              "or truncated: restore it or retrain") from None
     return metadata
 
 
