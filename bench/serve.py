@@ -38,7 +38,7 @@ def stream(client: httpx.Client, url: str, seed: int, max_tokens: int) -> dict:
     """One streamed completion: its tokens (from the usage chunk), the seconds to the first
     token and the gaps between the chunks that carry text."""
     body = {"model": "bench", "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0.8,
-            "seed": seed, "stream": True}
+            "seed": seed, "stream": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
     times, usage, done = [], None, False
     with client.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:

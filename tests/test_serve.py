@@ -18,6 +18,8 @@ from monotile.data import find_data
 from monotile.serve.process import start_server, stop
 
 openai = pytest.importorskip("openai")
+from openai.types import Completion  # noqa: E402  (the client's own pydantic types)
+from openai.types.chat import ChatCompletion, ChatCompletionChunk  # noqa: E402
 KEY = "sk-test-key"
 
 
@@ -74,6 +76,29 @@ def post(url, path, headers=None, **kw):
     return httpx.post(url + path, headers=headers, timeout=120, **kw)
 
 
+def sse_chunks(url, path, body) -> list[dict]:
+    """A streamed answer's chunks as JSON, checking that it ends with data: [DONE]."""
+    with httpx.stream("POST", url + path, json=body, timeout=120,
+                      headers={"Authorization": f"Bearer {KEY}"}) as r:
+        assert r.status_code == 200, r.read()[:300]
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+def completion_chunk(chunk: dict) -> Completion:
+    """A streamed completions chunk validated as the openai package's Completion. Mid-stream,
+    OpenAI's own server sends finish_reason null, which that type's Literal has no room for:
+    such a choice is validated as if it said "length", and given back with None."""
+    open_choices = [c["index"] for c in chunk["choices"] if c["finish_reason"] is None]
+    parsed = Completion.model_validate({**chunk, "choices": [
+        {**c, "finish_reason": c["finish_reason"] or "length"} for c in chunk["choices"]]})
+    for choice in parsed.choices:
+        if choice.index in open_choices:
+            choice.finish_reason = None
+    return parsed
+
+
 def metric(url, name: str, **labels) -> float:
     """The value of one Prometheus sample on /metrics (0 if absent)."""
     text = get(url, "/metrics").text
@@ -116,13 +141,29 @@ def test_completions_equal_the_run_streamed_or_not(server, client, runs):
     prompt_tokens = len(run.task.tokenizer.encode("ROMEO:"))
     assert (answer.usage.prompt_tokens, answer.usage.completion_tokens,
             answer.usage.total_tokens) == (prompt_tokens, 20, prompt_tokens + 20)
-    chunks = list(client.completions.create(model="text", prompt="ROMEO:", max_tokens=20,
-                                            temperature=0, stream=True))
-    with_choices = [c for c in chunks if c.choices]
-    assert "".join(c.choices[0].text for c in with_choices) == expected
-    finishes = [c.choices[0].finish_reason for c in with_choices]
+    Completion.model_validate(post(server, "/v1/completions", json={
+        "model": "text", "prompt": "ROMEO:", "max_tokens": 20, "temperature": 0}).json())
+    # the official client's plain loop: every chunk has a choice
+    text, finishes = "", []
+    for chunk in client.completions.create(model="text", prompt="ROMEO:", max_tokens=20,
+                                           temperature=0, stream=True):
+        text += chunk.choices[0].text
+        finishes.append(chunk.choices[0].finish_reason)
+    assert text == expected
     assert finishes[-1] == "length" and not any(finishes[:-1])  # only in the last chunk
-    assert chunks[-1].usage.completion_tokens == 20
+    body = {"model": "text", "prompt": "ROMEO:", "max_tokens": 20, "temperature": 0,
+            "stream": True}
+    plain = sse_chunks(server, "/v1/completions", body)
+    assert all(completion_chunk(c).choices and "usage" not in c for c in plain)
+    counted = sse_chunks(server, "/v1/completions",
+                         {**body, "stream_options": {"include_usage": True}})
+    *pieces, last = [completion_chunk(c) for c in counted]
+    assert all(c.choices and c.usage is None for c in pieces)  # usage: null until the last
+    assert last.choices == [] and last.usage.completion_tokens == 20
+    assert "".join(c.choices[0].text for c in pieces) == expected
+    refused = post(server, "/v1/completions", json={
+        **body, "stream": False, "stream_options": {"include_usage": True}})
+    assert refused.status_code == 400 and "stream_options" in refused.json()["error"]["message"]
     sampled = run.generate("ROMEO:", max_new_tokens=20, temperature=0.9, top_k=20, seed=7)
     again = client.completions.create(model="text", prompt="ROMEO:", max_tokens=20,
                                       temperature=0.9, seed=7, extra_body={"top_k": 20})
@@ -155,14 +196,26 @@ def test_chat_streams_through_the_plain_template(server, client, runs):
     prompt = "SYSTEM:\nSpeak as in the play.\n\nUSER:\nWho comes here?\n\nASSISTANT:\n"
     assert text == run.generate(prompt, max_new_tokens=20, temperature=0.0, stop="\n\n")
     assert whole.choices[0].message.role == "assistant"
-    chunks = list(client.chat.completions.create(model="long", messages=messages,
-                                                 max_tokens=20, temperature=0, stream=True))
-    with_choices = [c for c in chunks if c.choices]
-    assert with_choices[0].choices[0].delta.role == "assistant"
-    assert "".join(c.choices[0].delta.content or "" for c in with_choices) == text
-    finishes = [c.choices[0].finish_reason for c in with_choices]
+    ChatCompletion.model_validate(post(server, "/v1/chat/completions", json={
+        "model": "long", "messages": messages, "max_tokens": 20, "temperature": 0}).json())
+    streamed, finishes, roles = "", [], []
+    for chunk in client.chat.completions.create(model="long", messages=messages,
+                                                max_tokens=20, temperature=0, stream=True):
+        streamed += chunk.choices[0].delta.content or ""
+        finishes.append(chunk.choices[0].finish_reason)
+        roles.append(chunk.choices[0].delta.role)
+    assert streamed == text and roles[0] == "assistant"
     assert finishes[-1] in ("stop", "length") and not any(finishes[:-1])
-    assert chunks[-1].usage.total_tokens == whole.usage.total_tokens
+    body = {"model": "long", "messages": messages, "max_tokens": 20, "temperature": 0,
+            "stream": True}
+    plain = sse_chunks(server, "/v1/chat/completions", body)
+    assert all(ChatCompletionChunk.model_validate(c).choices and "usage" not in c
+               for c in plain)
+    counted = sse_chunks(server, "/v1/chat/completions",
+                         {**body, "stream_options": {"include_usage": True}})
+    *pieces, last = [ChatCompletionChunk.model_validate(c) for c in counted]
+    assert all(c.choices and c.usage is None for c in pieces)
+    assert last.choices == [] and last.usage.total_tokens == whole.usage.total_tokens
 
 
 def test_chat_uses_the_runs_own_template_and_stops(server, client, runs):

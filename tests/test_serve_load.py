@@ -46,7 +46,8 @@ def request(rng: random.Random, seed: int) -> tuple[str, dict]:
 def streamed(client: httpx.Client, url: str, route: str, body: dict) -> dict:
     """Stream one request and check how it ends; returns its texts by choice and its usage."""
     texts, finished, usage, events = {}, {}, None, []
-    with client.stream("POST", url + route, json={**body, "stream": True}) as r:
+    with client.stream("POST", url + route, json={**body, "stream": True,
+                                                  "stream_options": {"include_usage": True}}) as r:
         assert r.status_code == 200, r.read()[:300]
         for line in r.iter_lines():
             if line.startswith("data: "):

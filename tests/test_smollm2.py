@@ -71,8 +71,7 @@ def test_served_to_the_openai_client_streamed_or_not(smollm2):
         assert "Paris" in answer.choices[0].message.content
         assert answer.choices[0].finish_reason == "stop"  # its end-of-turn token
         pieces = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
-            model="smol", messages=messages, temperature=0, max_tokens=40, stream=True)
-            if c.choices]
+            model="smol", messages=messages, temperature=0, max_tokens=40, stream=True)]
         assert "".join(pieces) == answer.choices[0].message.content
     finally:
         stop(proc)

@@ -4,7 +4,8 @@ text, answered whole or streamed as server-sent events.
 A request becomes one Job per choice on the run's Engine (engine.py: continuous batching); the
 engine's events (a token's text, the end and why) are gathered into OpenAI's answer, or sent
 as chunks: `data: {chunk}` per piece, the finish_reason in each choice's last chunk, a usage
-chunk, then `data: [DONE]`. Chat formats the messages with the run's chat template, or with
+chunk where the request asks for it (stream_options.include_usage, as OpenAI sends it), then
+`data: [DONE]`. Chat formats the messages with the run's chat template, or with
 the plain one (each message as "ROLE:\ncontent" and a blank line, then "ASSISTANT:\n"; the
 answer ends at a blank line) for a run trained on plain text. An answer also ends, with
 finish_reason "stop", at the model's end-of-sequence ids (an imported checkpoint's eos_ids).
@@ -37,6 +38,7 @@ def add_text_routes(app: FastAPI, models, metrics) -> None:
         if not prompts:
             raise ApiError(400, "prompt is an empty list; give at least one prompt",
                            param="prompt")
+        _check_stream_options(body)
         encoded = [_encode(served, p) for p in prompts]
         gen = Generation(served, metrics, body, body.max_tokens, _stops(body.stop),
                          logprobs=body.logprobs, chat=False)
@@ -49,6 +51,7 @@ def add_text_routes(app: FastAPI, models, metrics) -> None:
     @app.post("/v1/chat/completions", tags=["text"])
     async def chat(body: ChatRequest, request: Request):
         served = models.get(body.model, "chat")
+        _check_stream_options(body)
         messages = [{"role": "system" if m.role == "developer" else m.role,
                      "content": m.content if isinstance(m.content, str) else
                      "".join(p.text for p in m.content or [])} for m in body.messages]
@@ -69,6 +72,12 @@ def add_text_routes(app: FastAPI, models, metrics) -> None:
         if body.stream:
             return _sse(gen.stream_chat(jobs, request))
         return await gen.complete_chat(jobs, len(ids))
+
+
+def _check_stream_options(body) -> None:
+    if body.stream_options is not None and not body.stream:
+        raise ApiError(400, "stream_options is only allowed when stream is true; set "
+                       "\"stream\": true or leave stream_options out", param="stream_options")
 
 
 def _stops(stop) -> list[str]:
@@ -241,8 +250,16 @@ class Generation:
                 "usage": self.usage(prompt_tokens, completion)}
 
     def _head(self, kind: str) -> dict:
-        return {"id": self.id, "object": kind, "created": self.created,
+        head = {"id": self.id, "object": kind, "created": self.created,
                 "model": self.served.name}
+        if self.include_usage:  # OpenAI: every chunk has usage, null until the last
+            head["usage"] = None
+        return head
+
+    @property
+    def include_usage(self) -> bool:
+        options = self.body.stream_options
+        return bool(options and options.include_usage)
 
     async def stream_completions(self, jobs, request: Request, echo):
         head = self._head("text_completion")
@@ -272,7 +289,9 @@ class Generation:
                     yield _chunk({**head, "choices": [{"index": i, "text": "",
                                                        "logprobs": None, "finish_reason":
                                                        event["finish_reason"]}]})
-            yield _chunk({**head, "choices": [], "usage": self.usage(prompt_tokens, completion)})
+            if self.include_usage:
+                yield _chunk({**head, "choices": [],
+                              "usage": self.usage(prompt_tokens, completion)})
             yield "data: [DONE]\n\n"
         finally:  # the client may have gone: free the rows
             for job in jobs:
@@ -305,7 +324,9 @@ class Generation:
                     yield _chunk({**head, "choices": [{"index": i, "delta": {},
                                                        "logprobs": None, "finish_reason":
                                                        event["finish_reason"]}]})
-            yield _chunk({**head, "choices": [], "usage": self.usage(prompt_tokens, completion)})
+            if self.include_usage:
+                yield _chunk({**head, "choices": [],
+                              "usage": self.usage(prompt_tokens, completion)})
             yield "data: [DONE]\n\n"
         finally:
             for job in jobs:

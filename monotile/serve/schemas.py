@@ -20,6 +20,12 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
 
+class StreamOptions(_Body):
+    include_usage: bool = Field(False, description="one more chunk before [DONE]: empty "
+                                "choices and the request's usage (every other chunk then "
+                                "carries usage: null)")
+
+
 class _Sampling(_Body):
     model: str = Field(description="a served model's name, as GET /v1/models lists it")
     temperature: float = Field(1.0, ge=0, le=2, description="0 means greedy")
@@ -32,7 +38,7 @@ class _Sampling(_Body):
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     repetition_penalty: float = Field(1.0, ge=0.01, le=10, description="an extension")
-    stream_options: dict | None = None
+    stream_options: StreamOptions | None = Field(None, description="with stream: true only")
 
 
 class CompletionRequest(_Sampling):
