@@ -257,3 +257,31 @@ def test_bad_series_input_is_refused(tmp_path):
               *set_args({"lookback": "96", "horizon": "24"}))
     assert out.returncode == 2 and "too few" in out.stderr
     assert not any((tmp_path / f"r{i}").exists() for i in range(1, 5))
+
+
+def test_a_long_csvs_rows_are_ordered_by_date_not_by_text(tmp_path):
+    from monotile.errors import DataError
+    from monotile.modalities.series_io import read_table
+    days = [3, 1, 10, 2, 11, 12]  # of January 2024, written month first, out of order
+    long = tmp_path / "long.csv"
+    long.write_text("id,date,value\n" + "".join(f"s,1/{d}/2024,{d}\n" for d in days))
+    config = SeriesConfig(data=str(long))
+    _, table, times = read_table(long, config)
+    assert table["s"].tolist() == [1, 2, 3, 10, 11, 12]  # as text: 1, 10, 11, 12, 2, 3
+    assert times["s"] == [f"1/{d}/2024" for d in (1, 2, 3, 10, 11, 12)]
+    # the same cells read day first: 1 March, 1 January, 1 October, ...
+    _, table, _ = read_table(long, dataclasses.replace(config, date_format="%d/%m/%Y"))
+    assert table["s"].tolist() == [1, 2, 3, 10, 11, 12]
+    march = tmp_path / "march.csv"
+    march.write_text("id,date,value\n" + "".join(f"s,{d}/3/2024,{d}\n" for d in days))
+    _, table, _ = read_table(march, dataclasses.replace(config, date_format="%d/%m/%Y"))
+    assert table["s"].tolist() == [1, 2, 3, 10, 11, 12]
+    steps = tmp_path / "steps.csv"  # step numbers order as numbers: 10 after 9
+    steps.write_text("id,time,value\n" + "".join(f"s,{t},{t}\n" for t in (10, 9, 1)))
+    assert read_table(steps, config)[1]["s"].tolist() == [1, 9, 10]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("id,date,value\ns,2024-01-01,1\ns,soon,2\n")
+    with pytest.raises(DataError, match=r"'soon' \(row 3\), which is not a date.*date_format"):
+        read_table(bad, config)
+    with pytest.raises(DataError, match="'1/3/2024' .row 2., which is not a date in %Y-%m-%d"):
+        read_table(long, dataclasses.replace(config, date_format="%Y-%m-%d"))

@@ -56,6 +56,8 @@ class SeriesConfig:
                                   #   rows (long)
     target: tuple = ()            # the columns to forecast; () = every numeric column
     time_col: str = ""            # "" = the first column if it is not numeric
+    date_format: str = ""         # how a long CSV's times are written (strftime, e.g.
+                                  #   %d/%m/%Y); "" = as pandas.to_datetime reads them
     lookback: int = 336           # L: values the model sees
     horizon: int = 96             # H: values it forecasts
     patch_len: int = 16           # P

@@ -174,20 +174,50 @@ def _read_long(path, config, cols, id_col, time_col, value_col):
     if missing:
         raise DataError(f"series {missing[0]!r} is not in {path}; its ids are "
                         f"{', '.join(list(ids)[:10])}{' ...' if len(ids) > 10 else ''}")
+    keys = _time_keys(cols[time_col], config.date_format, path, time_col)
     table, times = {}, {}
     for sid in wanted:
         rows = ids[sid]
-        order = sorted(rows, key=lambda i: _sortable(cols[time_col][i]))
+        order = sorted(rows, key=lambda i: keys[i])
         table[sid] = values[order]
         times[sid] = [cols[time_col][i] for i in order]
     return next(iter(times.values())), table, times
 
 
-def _sortable(t: str):
+def _time_keys(cells: list[str], date_format: str, path, column: str) -> list:
+    """What orders a long CSV's rows in time: the numbers where every cell is one (a step
+    index), else the dates as pandas.to_datetime reads them (with `date_format`, exactly that
+    format). A cell that is neither is refused: ordering by text would put 1/10/2024 before
+    1/2/2024."""
+    numbers, _ = _numeric(cells)
+    if numbers is not None and not np.isnan(numbers).any():
+        return numbers.tolist()
+    import pandas as pd
+    fmt = date_format or "mixed"
     try:
-        return (0, float(t), "")
-    except ValueError:
-        return (1, 0.0, t)
+        stamps = pd.to_datetime(pd.Series(cells), format=fmt)
+    except (ValueError, TypeError, OverflowError) as e:
+        bad = next((i for i, c in enumerate(cells) if not _is_date(c, fmt)), 0)
+        raise DataError(f"column {column!r} of {path} holds {cells[bad]!r} (row {bad + 2}), "
+                        f"which is not a date{' in ' + date_format if date_format else ''} "
+                        f"({e}); write its times as ISO dates (2024-01-03) or step numbers, "
+                        "or say how they are written with --set date_format=%d/%m/%Y") \
+            from None
+    if stamps.isna().any():
+        bad = int(stamps.isna().values.argmax())
+        raise DataError(f"column {column!r} of {path} has no time in row {bad + 2}; give "
+                        "every row its time")
+    if getattr(stamps.dt, "tz", None) is not None:
+        stamps = stamps.dt.tz_convert("UTC")
+    return stamps.tolist()
+
+
+def _is_date(cell: str, fmt: str) -> bool:
+    import pandas as pd
+    try:
+        return not pd.isna(pd.to_datetime(cell, format=fmt))
+    except (ValueError, TypeError, OverflowError):
+        return False
 
 
 def read_history(source, c: SeriesConfig) -> History:
