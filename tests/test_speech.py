@@ -13,7 +13,7 @@ import monotile
 from monotile.data import find_data
 from monotile.modalities.audio import (hann_window, log_mel, mel_filters, read_audio, resample,
                                        stft)
-from monotile.modalities.metrics import edit_distance, error_rates
+from monotile.modalities.metrics import edit_distance, edit_distance_reference, error_rates
 from monotile.modalities.speech import SpeechConfig, SpeechTask
 from monotile.modalities.speech_io import FSDD_WORDS, normalize_text, to_srt
 
@@ -144,6 +144,16 @@ def test_error_rates_match_jiwer():
     assert ours["cer"] == pytest.approx(jiwer.cer(refs, hyps), abs=1e-12)
     assert edit_distance("kitten", "sitting") == 3
     assert edit_distance([], ["a", "b"]) == 2
+
+
+def test_the_compiled_edit_distance_equals_the_table_written_out():
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        ref = list(rng.choice(["a", "b", "c", "dd"], rng.integers(0, 30)))
+        hyp = list(rng.choice(["a", "b", "c", "e"], rng.integers(0, 30)))
+        assert edit_distance(ref, hyp) == edit_distance_reference(ref, hyp)
+        assert edit_distance("".join(ref), "".join(hyp)) == \
+            edit_distance_reference("".join(ref), "".join(hyp))
 
 
 def test_text_is_normalised_for_spelling_and_scoring():

@@ -17,6 +17,7 @@ the error rates against jiwer, tests/test_series.py MASE and sMAPE against M4's 
 from __future__ import annotations
 
 import torch
+from rapidfuzz.distance import Levenshtein
 
 
 def confusion_matrix(y: torch.Tensor, pred: torch.Tensor, k: int) -> torch.Tensor:
@@ -50,7 +51,15 @@ def per_class_figures(cm: torch.Tensor, labels) -> dict:
 
 def edit_distance(ref, hyp) -> int:
     """Levenshtein distance: the fewest substitutions, deletions and insertions turning ref
-    into hyp; D[i][j] = min(D[i-1][j] + 1, D[i][j-1] + 1, D[i-1][j-1] + [ref_i != hyp_j])."""
+    into hyp (strings, or lists of words); D[i][j] = min(D[i-1][j] + 1, D[i][j-1] + 1,
+    D[i-1][j-1] + [ref_i != hyp_j]). Computed by rapidfuzz's compiled bit-parallel kernel (the
+    one jiwer uses; a 600-word transcript in ~2 ms where the table below takes ~3 s);
+    edit_distance_reference is the table written out, which the tests check it against."""
+    return Levenshtein.distance(ref, hyp)
+
+
+def edit_distance_reference(ref, hyp) -> int:
+    """edit_distance by filling the table D row by row, O(len(ref) len(hyp)) in Python."""
     prev = list(range(len(hyp) + 1))
     for i, r in enumerate(ref, 1):
         cur = [i]
