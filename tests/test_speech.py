@@ -10,6 +10,8 @@ import soundfile as sf
 import torch
 
 import monotile
+import monotile.modalities.speech
+from monotile.errors import ConfigError
 from monotile.data import find_data
 from monotile.modalities.audio import (hann_window, log_mel, mel_filters, read_audio, resample,
                                        stft)
@@ -226,6 +228,28 @@ def test_fsdd_model_learns_and_transcribes_real_recordings(speech_run, fsdd, tmp
     for w, p in zip(words, result["predictions"]):
         assert p["text"] == " ".join(x["word"] for x in w)
         assert all(0 <= x["start"] < x["end"] <= p["duration"] + 0.02 for x in w)
+
+
+def test_training_loss_is_pytorchs_ctc_and_equals_the_reference_with_its_gradient(speech_run):
+    import dataclasses
+    task, model = speech_run.task, speech_run.model
+    assert task.config.ctc == "pytorch"
+    batch = next(task.batches("train", torch.Generator().manual_seed(0), 8))
+    losses, grads = [], []
+    for kernel in ("pytorch", "reference"):
+        task.config = dataclasses.replace(task.config, ctc=kernel)
+        model.zero_grad()
+        loss = task.loss(model, batch)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()
+                                if p.grad is not None]))
+    task.config = dataclasses.replace(task.config, ctc="pytorch")
+    model.zero_grad()
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+    with pytest.raises(ConfigError, match="ctc=.*choose pytorch or reference"):
+        monotile.modalities.speech.SpeechConfig(ctc="fast")
 
 
 def test_closed_vocabulary_beam_search_spells_only_known_words(speech_run, fsdd):

@@ -64,6 +64,8 @@ class SpeechConfig:
     freq_width: int = 0
     time_masks: int = 0           #   and of up to time_width frames (at most a fifth of it)
     time_width: int = 0
+    ctc: str = "pytorch"          # the training loss's kernel: pytorch (F.ctc_loss) | reference
+                                  #   (infer/ctc.py, the recursion written out; equal values)
     decode: str = "greedy"        # greedy | beam
     beam_width: int = 8
     closed_vocabulary: bool = False  # beam search spells only words of `words`
@@ -84,6 +86,8 @@ class SpeechConfig:
             invalid(self, "subsample", "choose 1, 2 or 4")
         if self.normalize not in ("utterance", "gain", "none"):
             invalid(self, "normalize", "choose utterance, gain or none")
+        if self.ctc not in ("pytorch", "reference"):
+            invalid(self, "ctc", "choose pytorch or reference")
         if self.decode not in ("greedy", "beam"):
             invalid(self, "decode", "choose greedy or beam")
         if not self.max_seconds > 0:
@@ -290,8 +294,14 @@ class SpeechTask(Transcriber):
 
     def loss(self, model, batch) -> torch.Tensor:
         log_probs, n = model(batch["frames"], batch["lengths"])
-        return ctc_loss(log_probs, batch["targets"], n, batch["target_lengths"],
-                        zero_infinity=True)
+        if self.config.ctc == "reference":
+            return ctc_loss(log_probs, batch["targets"], n, batch["target_lengths"],
+                            zero_infinity=True)
+        # PyTorch's kernel: the same loss and gradient (tests/test_ctc.py), ~4x faster at FSDD's
+        # shapes on 2 cores, 1.3x on long utterances
+        lp = log_probs.transpose(0, 1)
+        return F.ctc_loss(lp if lp.dtype == torch.float64 else lp.float(), batch["targets"],
+                          n.long(), batch["target_lengths"].long(), zero_infinity=True)
 
     def tokens(self, batch) -> int:
         return int((-(-batch["lengths"] // self.config.subsample)).sum())  # ceil(T / s)
