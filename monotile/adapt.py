@@ -44,14 +44,15 @@ def _base_record(base: Run, checkpoint: str) -> dict:
 def finetune(base: str | Path, data: str | Path, *, rank: int = 8, alpha: float | None = None,
              targets: list[str] | None = None, out: str | Path | None = None,
              overrides: dict | None = None, checkpoint: str = "last", quiet: bool = False,
-             until_step: int | None = None) -> Run:
+             until_step: int | None = None, device: str | None = None) -> Run:
     """Train LoRA adapters of `rank` on `targets` of the base run's model, on other `data` of
     the same task; the base stays frozen. Settings default to the base run's (`overrides`
-    change training and data settings, not the model's shape)."""
+    change training and data settings, not the model's shape); `device` is this machine's
+    (default auto), whatever the base was trained on."""
     from .train import distributed
     if distributed.launched():
         raise ConfigError("finetune runs in one process; start it without torchrun")
-    base_run = load(base, checkpoint=checkpoint)
+    base_run = load(base, checkpoint=checkpoint, device=device)
     base_doc = read_json(base_run.dir / "config.json")
     if "lora" in base_doc:
         raise ConfigError(f"{base_run.dir} is itself a fine-tuning run; merge it first "

@@ -234,11 +234,12 @@ def _whole_model(run: Run, device) -> torch.nn.Module:
 
 
 def resume(run_dir: str | Path, *, quiet: bool = False, until_step: int | None = None,
-           strategy: str | None = None) -> Run:
+           strategy: str | None = None, device: str | None = None) -> Run:
     """Continue a stopped run from its last checkpoint to its max_steps, on any number of
-    processes (under torchrun, with `strategy` ddp or fsdp; default: the run's own)."""
+    processes (under torchrun, with `strategy` ddp or fsdp; default: the run's own), on
+    `device` (default auto: whatever this machine has, whatever the run was trained on)."""
     distributed.setup(strategy or "auto")
-    run = load(run_dir, checkpoint="last")
+    run = load(run_dir, checkpoint="last", device=device)
     if strategy is not None:
         run.configs["train"] = dataclasses.replace(run.train_config, strategy=strategy)
     ctx = distributed.current(run.train_config.strategy)
@@ -266,7 +267,9 @@ def resume(run_dir: str | Path, *, quiet: bool = False, until_step: int | None =
 
 
 def load(run_dir: str | Path, *, checkpoint: str = "last", device: str | None = None) -> Run:
-    """A run directory's model and task. checkpoint: "last" (model.safetensors) or "best"."""
+    """A run directory's model and task. checkpoint: "last" (model.safetensors) or "best".
+    device: auto (the default: CUDA, then MPS, then the CPU), cpu, cuda, cuda:N or mps. It is
+    this machine's choice, not the run's: a run trained on a GPU loads on a laptop as it is."""
     run_dir = check_run_dir(run_dir)
     if distributed.is_main():
         recover(run_dir)
@@ -285,5 +288,5 @@ def load(run_dir: str | Path, *, checkpoint: str = "last", device: str | None = 
         from .infer.quantize import quantize_int8
         quantize_int8(model)
     load_model_weights(model, run_dir / weights_file(configs["train"], checkpoint))
-    model.to(pick_device(device or configs["train"].device)).eval()
+    model.to(pick_device(device or "auto")).eval()
     return Run(run_dir, meta, configs, task, model)

@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
         os.execv(sys.executable, [sys.executable, "-m", "monotile", *sys.argv[1:]])
     warnings.formatwarning = lambda msg, cat, *rest: f"warning: {msg}\n"
+    if getattr(args, "threads", None):
+        import torch
+        torch.set_num_threads(args.threads)
     try:
         args.handler(args)
     except MonotileError as e:

@@ -35,13 +35,13 @@ def chat(sub) -> None:
     p.add_argument("--dtype", default="float32", choices=INFERENCE_DTYPES,
                    help="weights while decoding (bfloat16: half the bytes a token, int8 a "
                    "quarter, int4 an eighth)")
-    finish(p, _chat)
+    finish(p, _chat, machine=True)
 
 
 def _chat(a) -> None:
     from ..interop.sources import run_dir_for
     from ..run import load
-    run = load(run_dir_for(a.model))
+    run = load(run_dir_for(a.model), device=a.device)
     run.generator  # noqa: B018  (a run that makes no text is refused here, before any work)
     run.optimize_for_inference(a.dtype)
     session = Session(run, system=unescape(a.system) if a.system else None,

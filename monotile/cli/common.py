@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 from pathlib import Path
@@ -22,9 +23,16 @@ def emit(a, figures: dict, line: str) -> None:
 
 
 def finish(p, handler, *, checkpoint: bool | str = False, json: bool | str = False,
-           quiet: bool = False) -> None:
+           quiet: bool = False, machine: bool = False) -> None:
     """The flags verbs share, each with its help (or the given one), and the function that
-    runs the verb: --checkpoint last|best, --json, --quiet."""
+    runs the verb: --checkpoint last|best, --json, --quiet, and with `machine` --device and
+    --threads (what this machine lends the run: the run itself moves between machines)."""
+    if machine:
+        p.add_argument("--device", default="auto", type=device_name,
+                       help="auto (default: CUDA, then MPS, then the CPU), cpu, cuda, cuda:N or "
+                       "mps; the run's own config does not decide it")
+        p.add_argument("--threads", type=thread_count, default=None,
+                       help="CPU threads for PyTorch (default: its own choice, one per core)")
     if checkpoint:
         p.add_argument("--checkpoint", default="last", choices=["last", "best"],
                        help=checkpoint if isinstance(checkpoint, str) else "which weights: the "
@@ -72,3 +80,24 @@ def write_rows_csv(path: str, header: list[str], rows: list[list]) -> None:
     w.writerow(header)
     w.writerows(rows)
     atomic_write_text(target, buf.getvalue())
+
+
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def device_name(value: str) -> str:
+    if not DEVICE.fullmatch(value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a device: give auto, cpu, cuda, "
+                                         "cuda:N or mps")
+    return value
+
+
+def thread_count(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a thread count: give a whole "
+                                         "number >= 1")
+    return n

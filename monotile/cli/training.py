@@ -43,7 +43,7 @@ def train(sub) -> None:
     p.add_argument("--sample", type=int, default=0, metavar="N",
                    help="after training, print N generated tokens (text)")
     _distributed_flags(p)
-    finish(p, _train, json="print the final figures as JSON", quiet=True)
+    finish(p, _train, json="print the final figures as JSON", quiet=True, machine=True)
 
 
 def _train(a) -> None:
@@ -61,6 +61,8 @@ def _train(a) -> None:
             overrides[name] = str(value)
     if a.strategy:
         overrides["strategy"] = a.strategy
+    if a.device != "auto":  # the same as --set device=...
+        overrides["device"] = a.device
     run = train_run(a.task, a.preset, out=a.out, data=a.data, overrides=overrides,
                     quiet=a.quiet or a.json, until_step=stop_at(a))
     from ..train.distributed import is_main
@@ -92,13 +94,14 @@ def resume(sub) -> None:
     p = sub.add_parser("resume", help="continue a stopped run from its last checkpoint")
     p.add_argument("run")
     _distributed_flags(p)
-    finish(p, _resume, json="print the final figures as JSON", quiet=True)
+    finish(p, _resume, json="print the final figures as JSON", quiet=True, machine=True)
 
 
 def _resume(a) -> None:
     from ..run import resume as resume_run
     from ..train.distributed import is_main
-    run = resume_run(a.run, quiet=a.quiet or a.json, until_step=stop_at(a), strategy=a.strategy)
+    run = resume_run(a.run, quiet=a.quiet or a.json, until_step=stop_at(a), strategy=a.strategy,
+                     device=a.device)
     if is_main():
         report_training(run, a)
 
@@ -121,7 +124,7 @@ def finetune(sub) -> None:
                    help="training and data settings, e.g. --set max_steps=500 lr=1e-3")
     p.add_argument("--stop-at", type=int, metavar="STEP")
     finish(p, _finetune, checkpoint="which weights of the base run to adapt", json=True,
-           quiet=True)
+           quiet=True, machine=True)
 
 
 def _finetune(a) -> None:
@@ -131,7 +134,8 @@ def _finetune(a) -> None:
         if a.lora_targets else None
     run = finetune_run(a.run, a.data, rank=a.lora_rank, alpha=a.lora_alpha, targets=targets,
                        out=a.out, overrides=parse_overrides(a.overrides),
-                       checkpoint=a.checkpoint, quiet=a.quiet or a.json, until_step=stop_at(a))
+                       checkpoint=a.checkpoint, quiet=a.quiet or a.json, until_step=stop_at(a),
+                       device=a.device)
     if a.json:
         print_json({"run": str(run.dir), "step": run.state["step"],
                     "trainable_parameters": run.state["trainable_parameters"],

@@ -26,12 +26,12 @@ def eval_(sub) -> None:
                    "path,transcript or a LibriSpeech-style folder)")
     p.add_argument("--backtest", type=int, metavar="K", help="series: forecast from K rolling "
                    "origins in the test part, beside naive, seasonal naive and ETS")
-    finish(p, _eval, checkpoint=True, json=True, quiet=True)
+    finish(p, _eval, checkpoint=True, json=True, quiet=True, machine=True)
 
 
 def _eval(a) -> None:
     from ..run import load
-    run = load(a.run, checkpoint=a.checkpoint)
+    run = load(a.run, checkpoint=a.checkpoint, device=a.device)
     options = {} if a.backtest is None else {"backtest": a.backtest}
     figures = run.report(data=a.data, progress=not (a.quiet or a.json), **options)
     if a.json:
@@ -66,13 +66,13 @@ def generate(sub) -> None:
     p.add_argument("--ignore-eos", action="store_true", help="go on past the model's end "
                    "tokens, so exactly --max-new-tokens are decoded (benchmarks; llama.cpp's "
                    "flag)")
-    finish(p, _generate, checkpoint=True, json=True)
+    finish(p, _generate, checkpoint=True, json=True, machine=True)
 
 
 def _generate(a) -> None:
     from ..interop.sources import run_dir_for
     from ..run import load
-    run = load(run_dir_for(a.run), checkpoint=a.checkpoint)
+    run = load(run_dir_for(a.run), checkpoint=a.checkpoint, device=a.device)
     run.generator  # noqa: B018  (a run that makes no text is refused here, before any work)
     run.optimize_for_inference(a.dtype)
     a.prompt = unescape(a.prompt)
@@ -131,7 +131,7 @@ def predict(sub) -> None:
     p.add_argument("--output-dir", metavar="DIR", help="speech: write each recording's "
                    "transcript in --format (txt for text) into DIR, named from the audio "
                    "(talk.wav -> DIR/talk.srt); the text is printed")
-    finish(p, _predict, checkpoint=True, quiet=True,
+    finish(p, _predict, checkpoint=True, quiet=True, machine=True,
            json="print everything as one JSON object (the same as --format json)")
 
 
@@ -151,7 +151,7 @@ def _words(value: str | None) -> list[str] | None:
 def _predict(a) -> None:
     from ..modalities import takes
     from ..run import load
-    run = load(a.run, checkpoint=a.checkpoint)
+    run = load(a.run, checkpoint=a.checkpoint, device=a.device)
     task = run.task
     fmt = a.format if a.output_dir else "json" if a.json else a.format  # --output-dir's files
     if fmt not in ("json", *task.formats):
@@ -233,13 +233,13 @@ def embed(sub) -> None:
     p = sub.add_parser("embed", help="sentence embeddings from an encoder run (e.g. MiniLM)")
     p.add_argument("run")
     p.add_argument("texts", nargs="+", metavar="TEXT")
-    finish(p, _embed, json="one JSON object with the vectors")
+    finish(p, _embed, json="one JSON object with the vectors", machine=True)
 
 
 def _embed(a) -> None:
     from ..interop.sources import run_dir_for
     from ..run import load
-    run = load(run_dir_for(a.run)).optimize_for_inference()
+    run = load(run_dir_for(a.run), device=a.device).optimize_for_inference()
     vectors = run.embed(a.texts)
     if a.json:
         print_json({"model": str(run.dir), "dimensions": vectors.size(1),
@@ -263,13 +263,14 @@ def search(sub) -> None:
                    "per line) or a folder of .txt files; their embeddings are kept beside "
                    "them until they change")
     p.add_argument("--top-k", type=int, default=5)
-    finish(p, _search, json=True)
+    finish(p, _search, json=True, machine=True)
 
 
 def _search(a) -> None:
     from ..search import search as search_documents
     from ..run import load
-    found = search_documents(load(a.run).optimize_for_inference(), a.index, a.query, a.top_k)
+    run = load(a.run, device=a.device).optimize_for_inference()
+    found = search_documents(run, a.index, a.query, a.top_k)
     if a.json:
         print_json(found)
         return
@@ -298,12 +299,12 @@ def explain(sub) -> None:
                    "(default: the run's batch size)")
     p.add_argument("--context", type=int, default=None, help="budget: tokens per sequence "
                    "(default: the model's context)")
-    finish(p, _explain, json=True)
+    finish(p, _explain, json=True, machine=True)
 
 
 def _explain(a) -> None:
     from ..run import load
-    run = load(a.run)
+    run = load(a.run, device=a.device)
     if a.budget:
         from ..explain.budget import budget, format_budget
         if a.input is not None:

@@ -79,9 +79,10 @@ class Models:
     """The served runs by name, loaded in a background thread after the port opens."""
 
     def __init__(self, paths: list[Path], names: list[str], *, dtype: str, max_batch: int,
-                 max_queue: int):
+                 max_queue: int, device: str = "cpu"):
         self.by_name = {n: Served(n, p) for n, p in zip(names, paths)}
         self.dtype, self.max_batch, self.max_queue = dtype, max_batch, max_queue
+        self.device = device
         self.ready = threading.Event()
         self.failed: str | None = None
         self.metrics: Metrics | None = None  # set by create_app
@@ -90,7 +91,7 @@ class Models:
         from ..run import load
         try:
             for served in self.by_name.values():
-                run = load(served.path, device="cpu")
+                run = load(served.path, device=self.device)
                 routes = (*run.task.routes, "predictions")
                 if any(r in PACKED for r in routes):
                     run.optimize_for_inference(self.dtype)
@@ -136,12 +137,13 @@ class Models:
 def create_app(paths: list[str | Path], *, names: list[str] | None = None,
                api_key: str | None = None, cors_origins: list[str] | None = None,
                max_batch: int = 16, max_queue: int = 64, max_body_mb: float = 25.0,
-               dtype: str = "float32") -> FastAPI:
+               dtype: str = "float32", device: str = "cpu") -> FastAPI:
     """The server's ASGI app for the runs at `paths` (served as `names`, default: each run
     folder's name). Models load in the background once the app starts; /health says when."""
     paths = [Path(p) for p in paths]
     names = names or [p.resolve().name for p in paths]
-    models = Models(paths, names, dtype=dtype, max_batch=max_batch, max_queue=max_queue)
+    models = Models(paths, names, dtype=dtype, max_batch=max_batch, max_queue=max_queue,
+                    device=device)
     metrics = models.metrics = Metrics(models)
 
     from contextlib import asynccontextmanager

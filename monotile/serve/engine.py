@@ -78,6 +78,7 @@ class Engine:
         self.vocab = model.trunk.cfg.vocab_size
         self.max_batch, self.max_queue = max_batch, max_queue
         self.cache = model.trunk.make_cache(max_batch)
+        self.device = next(model.parameters()).device  # ids go there; sampling stays on CPU
         self.rows: list[_Row] = []
         self.waiting: collections.deque[Job] = collections.deque()
         self.cv = threading.Condition()
@@ -135,8 +136,9 @@ class Engine:
 
     def _prefill(self, job: Job) -> None:
         b = len(self.rows)
-        ids = torch.tensor([job.prompt])
+        ids = torch.tensor([job.prompt], device=self.device)
         logits = self.model(ids, cache=[c.rows(b, b + 1) for c in self.cache], pos=0)[0, -1]
+        logits = logits.cpu()
         generator = torch.Generator()
         generator.manual_seed(job.seed if job.seed is not None else torch.seed())
         row = _Row(job, list(job.prompt), len(job.prompt), generator,
@@ -148,9 +150,10 @@ class Engine:
 
     def _step(self) -> None:
         n = len(self.rows)
-        tokens = torch.tensor([[row.next] for row in self.rows])
-        pos = torch.tensor([row.pos for row in self.rows])
+        tokens = torch.tensor([[row.next] for row in self.rows], device=self.device)
+        pos = torch.tensor([row.pos for row in self.rows], device=self.device)
         logits = self.model(tokens, cache=[c.rows(0, n) for c in self.cache], pos=pos)[:, 0]
+        logits = logits.cpu()
         self.steps += 1
         if self.on_step:
             self.on_step(n)

@@ -95,7 +95,11 @@ def pick_device(name: str) -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={name!r} but CUDA is not available here; use --set device=cpu")
+        raise ConfigError(f"device={name!r} but CUDA is not available here; use --device cpu "
+                          "(or --device auto)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device='mps' but this machine has no Apple GPU (MPS); use --device "
+                          "cpu (or --device auto)")
     return torch.device(name)
 
 
