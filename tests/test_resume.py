@@ -179,3 +179,32 @@ def test_pickle_is_nowhere_in_the_package():
     for path in root.rglob("*.py"):
         text = path.read_text()
         assert "torch.load(" not in text and "import pickle" not in text, path
+
+
+def test_the_loss_plot_is_drawn_at_every_evaluation_while_training_goes_on(tmp_path,
+                                                                             small_text):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "monotile", "train", "text", "--preset",
+                             "shakespeare-char", "--data", str(small_text), "--quiet", "--out",
+                             str(run_dir), *set_args(dict(STEPS, max_steps="100000",
+                                                          eval_interval="10",
+                                                          checkpoint_interval="1000"))],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    plot, metrics = run_dir / "plots" / "loss.png", run_dir / "metrics.jsonl"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not plot.exists():
+            time.sleep(0.05)
+        assert plot.exists() and proc.poll() is None  # drawn while the run goes on
+        first = plot.stat().st_mtime_ns
+        evals = lambda: sum('"eval"' in line for line in metrics.read_text().splitlines())
+        seen = evals()
+        while time.time() < deadline and evals() < seen + 2:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        assert plot.stat().st_mtime_ns > first and proc.poll() is None  # and drawn again
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    from PIL import Image
+    assert Image.open(plot).size[0] > 300  # a whole PNG, never a half-written one

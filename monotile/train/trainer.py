@@ -232,6 +232,7 @@ def fit(task, model: nn.Module, cfg: TrainConfig, run_dir: Path, *, state: dict 
         model.train()
         if ctx.main:
             _append_metrics(run_dir, {"step": step, "eval": results})
+            plot_loss_curve(run_dir, metric)  # up to date while a long run goes on
         value = results.get(metric)
         best = state["best"]
         if value is not None and math.isfinite(value) and (
