@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 from pathlib import Path
 
 import torch
@@ -176,17 +177,32 @@ class Run:
                 f"parameters={self.parameters():,})")
 
 
-def train(task: str, preset: str | None = None, *, out: str | Path | None = None,
+def train(task: str | None, preset: str | None = None, *, out: str | Path | None = None,
           data: str | Path | None = None, overrides: dict | None = None, quiet: bool = False,
-          until_step: int | None = None) -> Run:
-    """Train a model for `task` from a preset (plus overrides) into a new run directory.
+          until_step: int | None = None, config: str | Path | None = None) -> Run:
+    """Train a model for `task` from a preset (plus overrides) into a new run directory; or
+    from `config`, a run's config.json (or its folder): its settings as they were, its task,
+    and what it filled from its data (labels, vocabulary, scales) filled again from this data.
 
     `until_step` stops early (checkpointed, resumable) as if interrupted there."""
+    if config is not None:
+        if preset is not None:
+            raise ConfigError("give --preset or --config, not both: a config.json holds every "
+                              "setting already")
+        base = _config_base(config)
+        if task is not None and task != base["task"]:
+            raise ConfigError(f"{config} is the config of a {base['task']} run, not {task}; "
+                              f"run `monotile train --config {config}`")
+        task = base["task"]
+    elif task is None:
+        raise ConfigError("give the task to train (monotile train TASK --preset NAME), or a "
+                          "run's settings with --config RUN/config.json")
     if preset is not None and preset not in PRESETS:
         close = difflib.get_close_matches(preset, list(PRESETS), n=1)
         hint = f"did you mean {close[0]}? " if close else ""
         raise ConfigError(f"unknown preset {preset!r}; {hint}presets: {', '.join(PRESETS)}")
-    base = PRESETS[preset] if preset else {}
+    if config is None:
+        base = PRESETS[preset] if preset else {}
     if preset and base["task"] != task:
         raise ConfigError(f"preset {preset!r} is for task {base['task']!r}, not {task!r}; run "
                           f"`monotile train {base['task']} --preset {preset}`")
@@ -202,7 +218,8 @@ def train(task: str, preset: str | None = None, *, out: str | Path | None = None
     configs["model"] = model_cfg
     configs[task] = task_obj.config
     device = pick_device(configs["train"].device)
-    run_dir = distributed.broadcast(new_run_dir(out, preset))  # the main process's choice
+    name = preset or (base.get("preset") if config is not None else None)
+    run_dir = distributed.broadcast(new_run_dir(out, name))  # the main process's choice
     meta = new_meta(task, preset)
     config_doc = config_document(meta, configs)
     if distributed.any_process(distributed.broadcast(config_doc) != config_doc):
@@ -231,6 +248,25 @@ def _whole_model(run: Run, device) -> torch.nn.Module:
     """The model as `load` gives it: one whole copy per process, from the checkpoint just
     written (the wrapped or sharded training copy is dropped)."""
     return load(run.dir, device=str(device)).model
+
+
+def _config_base(config: str | Path) -> dict:
+    """A run's config.json as the base settings of a new run."""
+    path = Path(config).expanduser()
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"--config {config}: no such file; give a run's config.json or its "
+                          "folder")
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--config {config} is not JSON ({e}); give a run's config.json") \
+            from None
+    if not isinstance(doc, dict) or "task" not in doc or "train" not in doc:
+        raise ConfigError(f"--config {config} is not a monotile run's config.json (it has no "
+                          "task and train settings)")
+    return doc
 
 
 def resume(run_dir: str | Path, *, quiet: bool = False, until_step: int | None = None,

@@ -31,10 +31,36 @@ VERBS = (training.train, training.resume, using.eval_, using.generate, chat.chat
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="monotile", description="One Transformer trunk for text, "
                                 "images, speech and time series.")
+    p.add_argument("--version", action="version", version=version_line())
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for verb in VERBS:
         verb(sub)
+    completion = sub.add_parser("completion", help="print a shell's completion script: eval "
+                                "\"$(monotile completion bash)\" in ~/.bashrc (or zsh)")
+    completion.add_argument("shell", choices=["bash", "zsh"])
+    completion.set_defaults(handler=lambda a: print(_completion_script(a.shell)))
     return p
+
+
+def version_line() -> str:
+    """monotile's version, and the PyTorch and Python it runs on (read without importing
+    torch, so --version answers at once)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from ..version import __version__
+    try:
+        torch = version("torch")
+    except PackageNotFoundError:
+        torch = "not installed"
+    return (f"monotile {__version__} (torch {torch}, python "
+            f"{'.'.join(map(str, sys.version_info[:3]))})")
+
+
+def _completion_script(shell: str) -> str:
+    """The verbs, their flags and their choices as a bash or zsh completion script (shtab
+    reads them from the parser itself, so it never falls behind)."""
+    import shtab
+    return shtab.complete(parser(), shell=shell)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,8 +27,12 @@ def train(sub) -> None:
     from ..modalities import TASKS, is_trainable
     tasks = [name for name, cls in TASKS.items() if is_trainable(cls)]
     p = sub.add_parser("train", help="train a model from a preset into a run directory")
-    p.add_argument("task", help=", ".join(tasks[:-1]) + f" or {tasks[-1]}")
+    p.add_argument("task", nargs="?", help=", ".join(tasks[:-1]) + f" or {tasks[-1]} "
+                   "(with --config: the config's)")
     p.add_argument("--preset", help="a named recipe, e.g. shakespeare-char (monotile presets)")
+    p.add_argument("--config", metavar="RUN/config.json", help="start from a run's settings "
+                   "instead of a preset (--set changes them); what the run filled from its "
+                   "data is filled again from this data")
     p.add_argument("--data", help="data to use instead of the preset's: a text file; an .npz, "
                    "a folder of class folders or a CSV of path,label of images; a manifest of "
                    "path,transcript or a LibriSpeech-style folder of recordings; a CSV of "
@@ -51,12 +55,19 @@ def _train(a) -> None:
     from ..run import parse_overrides
     from ..run import train as train_run
     overrides = parse_overrides(a.overrides)
-    fields = set(task_class(a.task).Config.__dataclass_fields__)
+    task = a.task
+    if task is None and a.config is not None:
+        from ..run import _config_base
+        task = _config_base(a.config)["task"]
+    if task is None:
+        raise MonotileError("give the task to train (monotile train TASK --preset NAME), or a "
+                            "run's settings with --config RUN/config.json")
+    fields = set(task_class(task).Config.__dataclass_fields__)
     for name, _ in ALIASES:
         value = getattr(a, f"alias_{name}")
         if value is not None:
             if name not in fields:
-                raise MonotileError(f"--{name.replace('_', '-')} does not apply to {a.task} "
+                raise MonotileError(f"--{name.replace('_', '-')} does not apply to {task} "
                                     f"runs (their config has no {name})")
             overrides[name] = str(value)
     if a.strategy:
@@ -64,7 +75,7 @@ def _train(a) -> None:
     if a.device != "auto":  # the same as --set device=...
         overrides["device"] = a.device
     run = train_run(a.task, a.preset, out=a.out, data=a.data, overrides=overrides,
-                    quiet=a.quiet or a.json, until_step=stop_at(a))
+                    quiet=a.quiet or a.json, until_step=stop_at(a), config=a.config)
     from ..train.distributed import is_main
     if not is_main():  # under torchrun only the main process reports
         return
