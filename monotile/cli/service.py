@@ -110,7 +110,7 @@ def serve(sub) -> None:
     p.add_argument("--max-body-mb", type=float, default=25.0, help="the largest request body")
     p.add_argument("--dtype", default="float32", choices=INFERENCE_DTYPES,
                    help="text models' weights: bfloat16, int8 or int4 read less a token")
-    finish(p, _serve)
+    finish(p, _serve, machine=True)
 
 
 def _serve(a) -> None:
@@ -140,7 +140,7 @@ def _serve(a) -> None:
     paths = [str(run_dir_for(spec)) for spec in specs]  # imported once, after every check
     serve_runs(paths, names=names, host=a.host, port=a.port, api_key=a.api_key,
                cors_origins=a.cors_origin, max_batch=a.max_batch, max_queue=a.max_queue,
-               max_body_mb=a.max_body_mb, dtype=a.dtype)
+               max_body_mb=a.max_body_mb, dtype=a.dtype, device=a.device)
 
 
 # ---- data, presets ------------------------------------------------------------------------------
