@@ -155,12 +155,29 @@ def _name_of(spec: str) -> str:
 
 
 def data(sub) -> None:
-    p = sub.add_parser("data", help="which data sets are present, and where")
+    p = sub.add_parser("data", help="which data sets are present, and where; --fetch gets them")
+    p.add_argument("--fetch", metavar="NAME|all", help="download a data set (tinyshakespeare, "
+                   "mnist, fsdd, ett, m4, ...) or all of them into ~/.cache/monotile, checked "
+                   "against its SHA-256; one already found is left as it is")
     finish(p, _data, json=True)
 
 
 def _data(a) -> None:
-    from ..data import status
+    from ..data import fetch, status
+    if a.fetch is not None:
+        rows = fetch(a.fetch)
+        got = [(name, path) for name, path in rows if isinstance(path, Path)]
+        if a.json:
+            print_json([{"name": name, "path": str(path)} for name, path in got])
+        else:
+            for name, path in got:
+                print(f"{name:<40} {path}")
+        failed = [str(e) for _, e in rows if not isinstance(e, Path)]
+        if failed:
+            raise MonotileError(failed[0] if len(failed) == 1 else f"{len(failed)} of "
+                                f"{len(rows)} data sets could not be fetched; the first: "
+                                f"{failed[0]}")
+        return
     rows = status()
     if a.json:
         print_json(rows)
