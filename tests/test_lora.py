@@ -1,4 +1,5 @@
-"""LoRA: the adapter's formula, frozen bases, fine-tuning runs on text and images, merging."""
+"""LoRA: the adapter's formula, frozen bases, fine-tuning runs on text and images, merging, and
+the adapters in PEFT's layout, loaded by peft on the Hugging Face export of the base."""
 
 from __future__ import annotations
 
@@ -126,6 +127,7 @@ def test_finetune_a_text_run_on_other_text_then_merge(shakespeare_run, speeches,
     assert set(adapter) == set(load_file(str(out / "model.safetensors")))
     assert all(".lora_" in name for name in adapter)
     assert sum(t.numel() for t in adapter.values()) == figures["trainable_parameters"]
+    assert not (out / "peft").exists()  # a character model has no Hugging Face architecture
 
     ft = monotile.load(out)
     assert ft.evaluate()["val_loss"] == pytest.approx(figures["val_loss"], rel=1e-6)
@@ -181,3 +183,88 @@ def test_finetune_an_image_classifier_on_other_images(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(merged.model(x), again.model(x), atol=1e-5, rtol=1e-5)
     assert again.evaluate()["accuracy"] == ft.state["last_eval"]["accuracy"]
+
+
+# ---- PEFT's layout ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def llama_run(tmp_path_factory, small_text):
+    """A Llama-shaped base (speeches-bpe: RoPE, RMSNorm, SwiGLU, 4 query heads on 2 key-value
+    heads, fused qkv and gate_up), small and briefly trained."""
+    out = tmp_path_factory.mktemp("llama") / "base"
+    return monotile.train("text", "speeches-bpe", out=out, data=small_text, quiet=True,
+                          overrides={"n_layer": "2", "d_model": "32", "context": "32",
+                                     "bpe_vocab": "300", "max_steps": "20",
+                                     "eval_interval": "20", "eval_tokens": "2000"})
+
+
+@pytest.mark.parametrize("targets, modules", [
+    (None, ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]),
+    (["q", "v"], ["q_proj", "v_proj"])])  # q and v rows of the fused qkv: k_proj left out
+def test_peft_loads_the_adapter_on_the_hf_export_and_gives_the_same_logits(
+        llama_run, speeches, tmp_path, targets, modules):
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    from monotile.interop.hf import export_hf
+    ft = monotile.finetune(llama_run.dir, speeches, rank=4, alpha=8.0, targets=targets,
+                           out=tmp_path / "ft", quiet=True,
+                           overrides={"max_steps": "30", "eval_interval": "30", "lr": "2e-2"})
+    folder = ft.dir / "peft"
+    config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    assert {k: config[k] for k in ("peft_type", "task_type", "r", "lora_alpha", "bias",
+                                   "fan_in_fan_out", "target_modules")} == {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8, "bias": "none",
+        "fan_in_fan_out": False, "target_modules": modules}
+    names = set(load_file(str(folder / "adapter_model.safetensors")))
+    assert "base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight" in names
+    assert len(names) == 2 * 2 * len(modules)  # A and B for each module of the 2 blocks
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(export_hf(llama_run.dir,
+                                                                     tmp_path / "hf")).eval()
+    ids = torch.tensor([llama_run.task.tokenizer.encode("ROMEO: What say you, my lord?")])
+    with torch.no_grad():
+        base = hf(ids).logits
+        ours = monotile.load(ft.dir).model.eval()(ids)
+        theirs = peft.PeftModel.from_pretrained(hf, folder).eval()(ids).logits
+    assert (ours - base).abs().max() > 0.05  # the adapter changes the logits...
+    assert (theirs - ours).abs().max() <= 1e-4  # ...and peft changes them as monotile does
+
+
+def test_a_gpt2_adapter_exported_with_its_base_loads_by_name(small_text, speeches, tmp_path):
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    from monotile.tokenizers import Tokenizer as BPE
+    torch.manual_seed(0)
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=320, n_positions=32, n_embd=32, n_layer=2, n_head=4))
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    BPE.train_bpe(small_text.read_text(encoding="utf-8")[:20_000], 300).tok.save(
+        str(tmp_path / "gpt2" / "tokenizer.json"))
+    assert cli("import", "hf", str(tmp_path / "gpt2"), "--out",
+               str(tmp_path / "base")).returncode == 0
+    done = cli("finetune", str(tmp_path / "base"), "--data", str(speeches), "--lora-rank", "4",
+               "--lora-targets", "q,v,fc2", "--out", str(tmp_path / "ft"), "--quiet",
+               *set_args({"max_steps": "20", "eval_interval": "20", "lr": "2e-2",
+                          "batch_size": "8", "eval_tokens": "2000"}))
+    assert done.returncode == 0, done.stderr
+    assert cli("export", "hf", str(tmp_path / "base"), "--out",
+               str(tmp_path / "hf")).returncode == 0
+    done = cli("export", "peft", str(tmp_path / "ft"), "--out", str(tmp_path / "adapter"),
+               "--base", str(tmp_path / "hf"))
+    assert done.returncode == 0, done.stderr
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    # Conv1D layers; attn.c_proj (wo) is not adapted, so only the MLP's c_proj is named
+    assert config["fan_in_fan_out"] is True
+    assert config["target_modules"] == ["c_attn", "mlp.c_proj"]
+    assert config["base_model_name_or_path"] == str(tmp_path / "hf")
+
+    model = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter").eval()
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = monotile.load(tmp_path / "ft").model.eval()(ids)
+        base = monotile.load(tmp_path / "base").model.eval()(ids)
+        theirs = model(ids).logits
+    assert (ours - base).abs().max() > 0.05
+    assert (theirs - ours).abs().max() <= 1e-4
+    done = cli("export", "peft", str(tmp_path / "base"), "--out", str(tmp_path / "no"))
+    assert done.returncode == 2 and "not a fine-tuning run" in done.stderr

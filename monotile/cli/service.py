@@ -64,17 +64,28 @@ def _import(a) -> None:
 
 
 def export(sub) -> None:
-    p = sub.add_parser("export", help="a Hugging Face model folder, or a GGUF file, from a run")
-    p.add_argument("format", choices=FORMATS)
+    p = sub.add_parser("export", help="a Hugging Face model folder, or a GGUF file, from a "
+                       "run; a fine-tuning run's adapter as a PEFT folder")
+    p.add_argument("format", choices=(*FORMATS, "peft"))
     p.add_argument("run")
-    p.add_argument("--out", required=True, help="the folder (hf) or file (gguf) to write")
+    p.add_argument("--out", required=True, help="the folder (hf, peft) or file (gguf) to write")
     p.add_argument("--type", default="f32", choices=["f32", "f16", "bf16", "q8_0", "q4_0"],
                    help="gguf: the tensors' type (norms stay f32, as llama.cpp keeps them)")
+    p.add_argument("--base", help="peft: the base's Hugging Face folder (`monotile export hf "
+                   "BASE` made it) or hub name, written as base_model_name_or_path")
     finish(p, _export, json=True)
 
 
 def _export(a) -> None:
-    if a.format == "gguf":
+    if a.base is not None and a.format != "peft":
+        raise MonotileError("--base is for export peft; the other formats hold the whole model")
+    if a.format == "peft":
+        if a.type != "f32":
+            raise MonotileError("--type is for export gguf; a PEFT folder is written in float32")
+        from ..interop.peft import export_peft
+        out = export_peft(a.run, a.out, a.base)
+        how = "load it with peft's PeftModel.from_pretrained on the base's Hugging Face export"
+    elif a.format == "gguf":
         from ..interop.gguf import export_gguf
         out = export_gguf(a.run, Path(a.out), a.type)
         how = "llama.cpp and ollama load it"
