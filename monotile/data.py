@@ -236,7 +236,38 @@ def find_data(name: str, explicit: str | Path | None = None) -> Path:
             raise DataError(f"data file {name} does not exist; check the --data path")
         return Path(name)
     found = find_local(name)
-    return found if found is not None else download(name)
+    if found is not None:
+        return found
+    shipped = unpack_shipped(name)
+    return shipped if shipped is not None else download(name)
+
+
+# data sets inside the package, so the quick start needs no network: name -> gzipped file
+SHIPPED = {"tinyshakespeare/input.txt": "tinyshakespeare.txt.gz"}
+
+
+def unpack_shipped(name: str) -> Path | None:
+    """A data set the package ships (gzipped), written out into the cache once and checked
+    against its SHA-256; None for the others."""
+    if name not in SHIPPED:
+        return None
+    target = cache_dir() / name
+    download_ = KNOWN[name].downloads[-1]
+    if target.exists() and sha256(target) == download_.sha256:
+        return target
+    source = Path(__file__).parent / "assets" / SHIPPED[name]
+    if not source.exists():  # an install without its package data: fetch it instead
+        return None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    part = target.with_name(f"{target.name}.{os.getpid()}.part")
+    with gzip.open(source, "rb") as src, open(part, "wb") as dst:
+        shutil.copyfileobj(src, dst, CHUNK)
+    if sha256(part) != download_.sha256:
+        part.unlink()
+        raise DataError(f"{source} does not unpack to {name} (SHA-256 mismatch); the package "
+                        "is damaged: reinstall monotile")
+    os.replace(part, target)
+    return target
 
 
 def find_local(name: str) -> Path | None:

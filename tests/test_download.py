@@ -250,3 +250,20 @@ def test_monotile_data_fetch_of_an_unknown_name_exits_2(capsys):
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "'nope'" in err
     assert all(name in err for name in ("tinyshakespeare", "mnist", "fsdd", "ett", "m4", "all"))
+
+
+def test_the_demos_corpus_ships_in_the_package_for_a_machine_with_no_network(cache,
+                                                                            monkeypatch):
+    monkeypatch.setattr(data, "data_roots", lambda: [cache])  # no ../shared/data, no $MONOTILE_DATA
+
+    def offline(*args, **kwargs):
+        raise OSError("no network here")
+    monkeypatch.setattr(data.urllib.request, "urlopen", offline)
+    path = data.find_data("tinyshakespeare/input.txt")
+    assert path == cache / "tinyshakespeare/input.txt"
+    assert data.sha256(path) == data.KNOWN["tinyshakespeare/input.txt"].downloads[0].sha256
+    assert path.read_text().startswith("First Citizen:")
+    path.write_text("damaged")  # a damaged copy in the cache is written again
+    assert data.unpack_shipped("tinyshakespeare/input.txt").read_text().startswith("First")
+    with pytest.raises(DataError, match="download of 'ett/ETTh1.csv'.*no network here"):
+        data.find_data("ett/ETTh1.csv")  # the others still come from their URLs
