@@ -99,11 +99,14 @@ class Run:
         """The assistant's answer to `messages`; see stream_chat."""
         return "".join(self.stream_chat(messages, **options))
 
-    def embed(self, texts: list[str], batch_size: int = 32) -> torch.Tensor:
-        """(N, d) unit-length sentence embeddings of `texts` (encoder runs, e.g. MiniLM)."""
+    def embed(self, texts: list[str], batch_size: int = 32,
+              progress: bool = False) -> torch.Tensor:
+        """(N, d) unit-length sentence embeddings of `texts` (encoder runs, e.g. MiniLM); with
+        `progress`, a bar on a terminal."""
         if self.model.training:  # eval() walks every module: 1 ms a call, a tenth of a sentence
             self.model.eval()
-        return self.task.embed(self.model, list(texts), batch_size=batch_size)
+        return self.task.embed(self.model, list(texts), batch_size=batch_size,
+                               progress=progress)
 
     @property
     def generator(self):

@@ -70,7 +70,7 @@ def document_embeddings(run, docs: Path, model_id: str):
                 return documents, tensors["embeddings"], True
         except Exception:  # a damaged index is rebuilt
             pass
-    vectors = run.embed([text for _, text in documents])
+    vectors = run.embed([text for _, text in documents], progress=True)  # a bar on a terminal
     try:
         save_tensors(path, {"embeddings": vectors},
                      {"fingerprint": key, "documents": str(len(documents))})

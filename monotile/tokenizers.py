@@ -10,6 +10,7 @@ the file format the rest of the ecosystem reads.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
@@ -37,7 +38,8 @@ class Tokenizer:
         tok = HFTokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+        # the tokenizers library's own bar, on a terminal only (it writes to stderr)
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=sys.stderr.isatty(),
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
         tok.train_from_iterator(text.splitlines(keepends=True), trainer)
         return cls(tok, "bpe")

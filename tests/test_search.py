@@ -77,3 +77,36 @@ def test_search_a_folder_of_files_and_refuse_what_is_not_there(encoder, tmp_path
     assert done.returncode == 2 and "holds no text" in done.stderr
     done = cli("search", str(tmp_path / "nope"), "x", "--index", str(folder))
     assert done.returncode == 2
+
+
+def test_building_an_index_shows_a_progress_bar_on_a_terminal_only(encoder, tmp_path):
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+    many = tmp_path / "many.txt"
+    many.write_text("".join(f"Document number {i} is about topic {i % 7}.\n" for i in range(100)))
+    args = [sys.executable, "-m", "monotile", "search", str(encoder.dir), "topic 3", "--index",
+            str(many)]
+    main, secondary = pty.openpty()  # stderr on a terminal, as a user's shell has it
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # 120 cols
+    done = subprocess.run(args, stdout=subprocess.PIPE, stderr=secondary, timeout=300)
+    os.close(secondary)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(main, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(main)
+    assert done.returncode == 0
+    assert b"embed" in shown and b"100/100" in shown
+    many.write_text(many.read_text() + "One more.\n")  # a new index, piped: no bar
+    piped = subprocess.run(args, capture_output=True, timeout=300)
+    assert piped.returncode == 0 and b"embed" not in piped.stderr

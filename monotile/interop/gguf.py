@@ -193,7 +193,9 @@ def read_gguf(src: Path, tmp: Path) -> tuple[Checkpoint, Family]:
                               "the file with llama-quantize (e.g. Q4_K_M or Q8_0)")
     task = tokenizer_in(meta, tmp / "tokenizer.json")
     family = FAMILIES[arch]
-    tensors = {t.name: _dequantize(t) for t in reader.tensors}
+    from tqdm.auto import tqdm
+    tensors = {t.name: _dequantize(t) for t in tqdm(reader.tensors, desc="read", unit="tensor",
+                                                    disable=None)}  # a bar on a terminal
     config = config_in(family, meta, tensors)
     cfg = family.adapter.model_in(config)
     hf = tensors_in(family.names, trunk_dims(cfg), tensors)

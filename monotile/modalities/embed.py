@@ -48,8 +48,10 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def embed_texts(model: TextEncoder, tokenizer, texts: list[str], *, max_tokens: int,
-                batch_size: int = 32, pad_id: int = 0) -> torch.Tensor:
-    """(N, d) unit-length embeddings of `texts`, in batches of similar length."""
+                batch_size: int = 32, pad_id: int = 0, progress: bool = False) -> torch.Tensor:
+    """(N, d) unit-length embeddings of `texts`, in batches of similar length; with
+    `progress`, a bar over the texts on a terminal."""
+    from tqdm.auto import tqdm
     tok = tokenizer.tok  # Hugging Face tokenizers: cut to max_tokens keeping [CLS] and [SEP]
     tok.enable_truncation(max_tokens)
     try:
@@ -60,6 +62,8 @@ def embed_texts(model: TextEncoder, tokenizer, texts: list[str], *, max_tokens: 
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # little padding per batch
     out = torch.empty(len(ids), model.tok_emb.embedding_dim)
     model.eval()
+    bar = tqdm(total=len(order), desc="embed", unit="text",
+               disable=None if progress and len(order) > batch_size else True)
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
         width = max(len(ids[i]) for i in rows)
@@ -70,4 +74,6 @@ def embed_texts(model: TextEncoder, tokenizer, texts: list[str], *, max_tokens: 
             mask[r, :len(ids[i])] = 1
         batch, mask = batch.to(device), mask.to(device)
         out[rows] = mean_pool(model(batch, mask), mask).float().cpu()
+        bar.update(len(rows))
+    bar.close()
     return out

@@ -191,7 +191,8 @@ class TextTask(TaskBase):
         init_weights(model, cfg.n_layer)
         return model
 
-    def embed(self, model, texts: list[str], batch_size: int = 32) -> torch.Tensor:
+    def embed(self, model, texts: list[str], batch_size: int = 32,
+              progress: bool = False) -> torch.Tensor:
         """(N, d) unit-length sentence embeddings (mean pooling, L2 normalisation)."""
         if self.config.model != "encoder":
             raise ConfigError("this run is a language model; embeddings come from an encoder "
@@ -199,7 +200,7 @@ class TextTask(TaskBase):
         from .embed import embed_texts
         return embed_texts(model, self.tokenizer, texts, batch_size=batch_size,
                            max_tokens=self.config.max_tokens or self.context,
-                           pad_id=self.config.pad_id)
+                           pad_id=self.config.pad_id, progress=progress)
 
     # ---- data -------------------------------------------------------------------------------
     def _load_splits(self, text: str | None = None) -> None:
