@@ -106,6 +106,8 @@ def finetune(base: str | Path, data: str | Path, *, rank: int = 8, alpha: float 
     run.state = fit(task, model, configs["train"], run_dir, until_step=until_step, quiet=quiet)
     run.state.update(trainable_parameters=trainable, base_eval=before)
     write_adapter(run.dir, run.train_config, run.state.get("step"))
+    from .interop.peft import write_peft_beside
+    write_peft_beside(run.dir)
     return run
 
 

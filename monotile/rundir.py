@@ -222,13 +222,9 @@ def write_weights_run(out: Path, doc: dict, model: torch.nn.Module,
 def write_adapter(run_dir: Path, train_cfg: TrainConfig, step: int | None = None) -> Path:
     """RUN/adapter.safetensors: a fine-tuning run's adapters as `load` uses them (the moving
     average when the run keeps one), with the base's SHA-256 and the adapter's settings in
-    its metadata, so that `monotile merge` can refuse it for another base. Beside it, RUN/peft/
-    (adapter_config.json, adapter_model.safetensors): the same adapters in PEFT's layout for
-    the Hugging Face export of the base (interop/peft.py), which peft, transformers and vLLM
-    load; written for GPT-2- and Llama-shaped language models, skipped without a word for
-    runs that no Hugging Face architecture holds."""
-    from .interop.peft import FOLDER, peft_adapter, peft_tensors, write_peft
-    doc, meta, configs = read_config(Path(run_dir))
+    its metadata, so that `monotile merge` can refuse it for another base. (finetune and
+    resume then write RUN/peft/ beside it: interop/peft.py's write_peft_beside.)"""
+    doc = read_json(Path(run_dir) / CONFIG)
     tensors, _ = load_tensors(Path(run_dir) / weights_file(train_cfg))
     metadata = {"format": "pt", "base_sha256": doc["base"]["sha256"],
                 "base_file": doc["base"]["file"],
@@ -236,11 +232,4 @@ def write_adapter(run_dir: Path, train_cfg: TrainConfig, step: int | None = None
                 "step": "" if step is None else str(step)}
     path = Path(run_dir) / ADAPTER
     save_tensors(path, tensors, metadata)
-    try:
-        adapter = peft_adapter(Path(run_dir), meta, configs)
-        theirs, config = peft_tensors(adapter, configs["model"], configs[meta["task"]],
-                                      doc["lora"], tensors)
-    except ConfigError:  # no Hugging Face architecture holds the model (or this adapter)
-        return path
-    write_peft(Path(run_dir) / FOLDER, theirs, config)
     return path

@@ -114,6 +114,9 @@ def _resume(a) -> None:
     run = resume_run(a.run, quiet=a.quiet or a.json, until_step=stop_at(a), strategy=a.strategy,
                      device=a.device)
     if is_main():
+        if getattr(run.model, "lora", None):  # the adapter file resume rewrote, as PEFT's too
+            from ..interop.peft import write_peft_beside
+            write_peft_beside(run.dir)
         report_training(run, a)
 
 

@@ -18,7 +18,8 @@ The names come from the tables `export hf` writes with (interop/adapter.py), so 
 fits exactly the folder `monotile export hf BASE` makes. Tensors are named as peft's
 save_pretrained names them: base_model.model.<module>.lora_A.weight and .lora_B.weight.
 Only the causal language models with a Hugging Face architecture (GPT-2, the Llama family)
-have this layout; other runs are refused by name (write_adapter then writes no folder).
+have this layout; other runs are refused by name (write_peft_beside then writes no
+folder).
 
 `monotile finetune` writes RUN/peft/ beside adapter.safetensors; `monotile export peft RUN
 --out DIR --base HF_DIR` writes one that names its base. With the base exported (`monotile
@@ -176,3 +177,22 @@ def export_peft(run_dir: str | Path, out: str | Path, base: str | None = None,
     tensors, config = peft_tensors(adapter, configs["model"], configs[meta["task"]],
                                    doc["lora"], weights)
     return write_peft(out, tensors, config, base)
+
+
+def write_peft_beside(run_dir: str | Path) -> Path | None:
+    """RUN/peft/ from a fine-tuning run's RUN/adapter.safetensors (rundir.write_adapter wrote
+    it): the same adapters in PEFT's layout for the Hugging Face export of the base. None, and
+    no folder, for runs that no Hugging Face architecture holds. `monotile finetune` and
+    `monotile resume` call it after the adapter file."""
+    from ..rundir import ADAPTER, read_config
+    from ..train.checkpoint import load_tensors
+    run_dir = Path(run_dir)
+    doc, meta, configs = read_config(run_dir)
+    tensors, _ = load_tensors(run_dir / ADAPTER)
+    try:
+        adapter = peft_adapter(run_dir, meta, configs)
+        theirs, config = peft_tensors(adapter, configs["model"], configs[meta["task"]],
+                                      doc["lora"], tensors)
+    except ConfigError:  # no Hugging Face architecture holds the model (or this adapter)
+        return None
+    return write_peft(run_dir / FOLDER, theirs, config)
