@@ -28,6 +28,7 @@ from .infer.quantize import quantize_int8, weight_bytes
 from .modalities import is_trainable, task_class
 from .run import Run, load
 from .rundir import (ADAPTER, build_configs, config_document, new_run_dir, read_json,
+                     writer_lock,
                      weights_file, write_adapter, write_weights_run)
 from .train.checkpoint import atomic_write_json, load_model_weights
 from .train.trainer import fit
@@ -94,18 +95,20 @@ def finetune(base: str | Path, data: str | Path, *, rank: int = 8, alpha: float 
     meta = {**base_run.meta, "preset": None}
     doc = {**config_document(meta, configs), "base": _base_record(base_run, checkpoint),
            "lora": lora}
-    atomic_write_json(run_dir / "config.json", doc)
-    task.save(run_dir)
-    run = Run(run_dir, meta, configs, task, model)
-    trainable = count_parameters(model, trainable_only=True)
-    if not quiet:
-        total = count_parameters(model)
-        print(f"run {run_dir}: LoRA rank {rank} on {len(adapted)} layers "
-              f"({', '.join(sorted({n.rsplit('.', 1)[-1] for n in adapted}))}): "
-              f"{trainable:,} trainable parameters of {total:,} ({trainable / total:.2%})")
-    run.state = fit(task, model, configs["train"], run_dir, until_step=until_step, quiet=quiet)
-    run.state.update(trainable_parameters=trainable, base_eval=before)
-    write_adapter(run.dir, run.train_config, run.state.get("step"))
+    with writer_lock(run_dir):
+        task.save(run_dir)
+        atomic_write_json(run_dir / "config.json", doc)  # last: now it is a run
+        run = Run(run_dir, meta, configs, task, model)
+        trainable = count_parameters(model, trainable_only=True)
+        if not quiet:
+            total = count_parameters(model)
+            print(f"run {run_dir}: LoRA rank {rank} on {len(adapted)} layers "
+                  f"({', '.join(sorted({n.rsplit('.', 1)[-1] for n in adapted}))}): "
+                  f"{trainable:,} trainable parameters of {total:,} ({trainable / total:.2%})")
+        run.state = fit(task, model, configs["train"], run_dir, until_step=until_step,
+                        quiet=quiet)
+        run.state.update(trainable_parameters=trainable, base_eval=before)
+        write_adapter(run.dir, run.train_config, run.state.get("step"))
     from .interop.peft import write_peft_beside
     write_peft_beside(run.dir)
     return run

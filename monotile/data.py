@@ -422,8 +422,16 @@ def nothing_readable(skipped: list[dict], kind: str) -> DataError:
 
 
 def read_text(path: Path) -> str:
-    """A UTF-8 text file's contents; DataError if it is empty or binary."""
-    raw = Path(path).read_bytes()
+    """A UTF-8 text file's contents; DataError if it is a folder, unreadable, empty or
+    binary."""
+    if Path(path).is_dir():
+        raise DataError(f"data {path} is a folder; a text run reads one UTF-8 text file (join "
+                        f"the files first, e.g. cat {path}/*.txt > all.txt)")
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise DataError(f"data file {path} cannot be read ({e.strerror}); check the path and "
+                        "its permissions") from None
     if not raw.strip():
         raise DataError(f"data file {path} is empty; give a file with text in it")
     if b"\x00" in raw[:1 << 16]:

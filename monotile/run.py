@@ -9,9 +9,12 @@ directory holds and how it is written is rundir.py; what a task does is its moda
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import json
+import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -19,15 +22,15 @@ from tqdm.auto import tqdm
 
 from .core.transformer import count_parameters, weights_left_uninitialised
 from .data import nothing_readable
-from .errors import ConfigError, DataError
+from .errors import CheckpointError, ConfigError, DataError
 from .infer.generate import Sampling
 from .modalities import TextGenerator, call_with_options, is_trainable, task_class
 from .presets import PRESETS
-from .rundir import (base_weights, build_configs, check_run_dir, config_document, new_meta,
-                     new_run_dir, parse_overrides, read_config, read_json, weights_file,
-                     write_adapter)
+from .rundir import (CONFIG, base_weights, build_configs, check_run_dir, config_document,
+                     new_meta, new_run_dir, parse_overrides, read_config, read_json,
+                     weights_file, write_adapter, writer_lock, writer_pid)
 from .train import distributed
-from .train.checkpoint import atomic_write_json, load_model_weights, recover
+from .train.checkpoint import atomic_write_json, load_model_weights, recover, rng_from_str
 from .train.trainer import TrainConfig, fit, pick_device
 
 __all__ = ["Run", "build_configs", "load", "parse_overrides", "resume", "train"]
@@ -228,23 +231,78 @@ def train(task: str | None, preset: str | None = None, *, out: str | Path | None
     if distributed.any_process(distributed.broadcast(config_doc) != config_doc):
         raise ConfigError("the processes prepared different configurations (data or tokenizer "
                           "differ between machines); give every node the same data")
+    check_fits(task_obj, model_cfg, device, training=True)
+    model = _fresh_model(task_obj, model_cfg, configs["train"].seed, device)
     if ctx.main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(run_dir / "config.json", config_doc)
-        task_obj.save(run_dir)
-    distributed.barrier()
-    torch.manual_seed(configs["train"].seed)
-    model = task_obj.build_model(model_cfg).to(device)
-    run = Run(run_dir, meta, configs, task_obj, model)
+    with writer_lock(run_dir) if ctx.main else contextlib.nullcontext():
+        if ctx.main:
+            if (run_dir / CONFIG).exists():  # another `train --out` took it meanwhile
+                raise ConfigError(f"{run_dir} already holds a run; choose another --out")
+            task_obj.save(run_dir)
+            atomic_write_json(run_dir / "config.json", config_doc)  # last: now it is a run
+        distributed.barrier()
+        run = Run(run_dir, meta, configs, task_obj, model)
+        return _fit(run, device, ctx, until_step=until_step, quiet=quiet)
+
+
+def _fresh_model(task_obj, model_cfg, seed: int, device) -> torch.nn.Module:
+    """A new run's model: seeded, built, on its device (train, and resume of a run stopped
+    before its first checkpoint, build it alike, so both give the same weights)."""
+    torch.manual_seed(seed)
+    return task_obj.build_model(model_cfg).to(device)
+
+
+def _fit(run: Run, device, ctx, *, state: dict | None = None, until_step: int | None = None,
+         quiet: bool = False) -> Run:
+    """Train `run` (train and resume), from `state` (None: from step 0), as one process of
+    ctx's; the run's lock is held by the caller."""
     quiet = quiet or not ctx.main
     if not quiet:
         where = f"{ctx.world} processes ({ctx.strategy})" if ctx.world > 1 else device
-        print(f"run {run_dir}: {run.parameters():,} parameters on {where}")
-    run.state = fit(task_obj, model, configs["train"], run_dir, until_step=until_step,
-                    quiet=quiet)
+        if state is None:
+            print(f"run {run.dir}: {run.parameters():,} parameters on {where}")
+        else:
+            print(f"resuming {run.dir} at step {state['step']} of "
+                  f"{run.train_config.max_steps}")
+    run.model.train()
+    run.state = fit(run.task, run.model, run.train_config, run.dir, state=state,
+                    until_step=until_step, quiet=quiet)
     if ctx.world > 1:  # the sharded or wrapped model, back to one whole model per process
         run.model = _whole_model(run, device)
     return run
+
+
+def check_fits(task_obj, model_cfg, device, *, training: bool, fix: str | None = None) -> None:
+    """Refuse a model this machine cannot hold before allocating it: its parameters and
+    buffers are counted on PyTorch's meta device (shapes, no memory), at 16 bytes a parameter
+    to train (fp32 weights, gradients and AdamW's two moments) or 4 to run, against the
+    device's memory (the CPU's: physical memory). Only the impossible is refused: a model
+    that fits the total but not what is free now still starts."""
+    try:
+        with torch.device("meta"):
+            meta = task_obj.build_model(model_cfg)
+        params = sum(p.numel() for p in meta.parameters())
+        need = params * (16 if training else 4) + sum(
+            b.numel() * b.element_size() for b in meta.buffers())
+    except Exception:  # a model that cannot be built on meta is checked by building it
+        return
+    device = torch.device(device)
+    if device.type == "cuda":
+        have = torch.cuda.get_device_properties(device).total_memory
+    else:
+        try:
+            have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            return
+    if need > have:
+        c = model_cfg
+        where = "this GPU has" if device.type == "cuda" else "this machine has"
+        raise ConfigError(f"the model needs {need / 1e9:,.1f} GB to "
+                          f"{'train' if training else 'run'} ({params:,} parameters: "
+                          f"d_model={c.d_model}, n_layer={c.n_layer}, context={c.context}, "
+                          f"vocab_size={c.vocab_size}), more than the {have / 1e9:,.1f} GB of "
+                          f"memory {where}; {fix or 'lower d_model, n_layer or context'}")
 
 
 def _whole_model(run: Run, device) -> torch.nn.Module:
@@ -276,46 +334,128 @@ def resume(run_dir: str | Path, *, quiet: bool = False, until_step: int | None =
            strategy: str | None = None, device: str | None = None) -> Run:
     """Continue a stopped run from its last checkpoint to its max_steps, on any number of
     processes (under torchrun, with `strategy` ddp or fsdp; default: the run's own), on
-    `device` (default auto: whatever this machine has, whatever the run was trained on)."""
+    `device` (default auto: whatever this machine has, whatever the run was trained on).
+    A run stopped before its first checkpoint starts again from step 0, as `train` would
+    have run it. The run is locked while it trains (one writer; readers are never blocked)."""
     distributed.setup(strategy or "auto")
-    run = load(run_dir, checkpoint="last", device=device)
-    if strategy is not None:
-        run.configs["train"] = dataclasses.replace(run.train_config, strategy=strategy)
-    ctx = distributed.current(run.train_config.strategy)
-    distributed.check(run.train_config, ctx, resuming=True)
-    quiet = quiet or not ctx.main
-    if run.train_config.ema > 0:  # training continues from the raw weights, not the average
-        load_model_weights(run.model, run.dir / "model.safetensors")
-    state = read_json(run.dir / "trainer_state.json")
-    if state["step"] >= run.train_config.max_steps:
-        if not quiet:
-            print(f"{run.dir} already finished at step {state['step']}; nothing to resume")
-        run.state = dict(state, last_eval=run.evaluate(), interrupted=False)
+    run_dir = check_run_dir(run_dir)
+    main = distributed.is_main()
+    with writer_lock(run_dir) if main else contextlib.nullcontext():
+        if main:
+            recover(run_dir)  # the writer finishes or drops a commit a crash interrupted
+        distributed.barrier()
+        if not (run_dir / "trainer_state.json").exists() and _never_checkpointed(run_dir):
+            return _restart(run_dir, strategy=strategy, device=device, quiet=quiet,
+                            until_step=until_step)
+        run = load(run_dir, checkpoint="last", device=device)
+        if strategy is not None:
+            run.configs["train"] = dataclasses.replace(run.train_config, strategy=strategy)
+        ctx = distributed.current(run.train_config.strategy)
+        distributed.check(run.train_config, ctx, resuming=True)
+        quiet = quiet or not ctx.main
+        if run.train_config.ema > 0:  # training continues from the raw weights, not the average
+            load_model_weights(run.model, run.dir / "model.safetensors")
+        state = read_trainer_state(run.dir)
+        if state["step"] >= run.train_config.max_steps:
+            if not quiet:
+                print(f"{run.dir} already finished at step {state['step']}; nothing to resume")
+            run.state = dict(state, last_eval=run.evaluate(), interrupted=False)
+            return run
+        check_threads(state, quiet)
+        device = next(run.model.parameters()).device
+        _fit(run, device, ctx, state=state, until_step=until_step, quiet=quiet)
+        if getattr(run.model, "lora", None) and ctx.main:  # a fine-tuning run's adapter file
+            write_adapter(run.dir, run.train_config, run.state.get("step"))
         return run
-    if not quiet:
-        print(f"resuming {run.dir} at step {state['step']} of {run.train_config.max_steps}")
-    run.model.train()
-    device = next(run.model.parameters()).device
-    run.state = fit(run.task, run.model, run.train_config, run.dir, state=state,
-                    until_step=until_step, quiet=quiet)
-    if ctx.world > 1:
-        run.model = _whole_model(run, device)
-    if getattr(run.model, "lora", None) and ctx.main:  # a fine-tuning run's adapter file
-        write_adapter(run.dir, run.train_config, run.state.get("step"))
-    return run
+
+
+def _never_checkpointed(run_dir: Path) -> bool:
+    """A training run (not imported, merged, quantized or fine-tuned) killed between its
+    config.json and its first checkpoint: no weights of its own yet."""
+    doc = read_json(run_dir / CONFIG)
+    made_from = ("imported", "merged", "quantized", "lora", "base")
+    return isinstance(doc, dict) and not any(k in doc for k in made_from) and not any(
+        (run_dir / name).exists() for name in ("model.safetensors", "ema.safetensors"))
+
+
+def _restart(run_dir: Path, *, strategy, device, quiet, until_step) -> Run:
+    """resume of a run that never reached its first checkpoint: train it from step 0 with the
+    settings and files it has (what `train` had written before it was stopped)."""
+    doc, meta, configs = read_config(run_dir)
+    if strategy is not None:
+        configs["train"] = dataclasses.replace(configs["train"], strategy=strategy)
+    ctx = distributed.current(configs["train"].strategy)
+    distributed.check(configs["train"], ctx)
+    task_name = meta["task"]
+    task = task_class(task_name).load(configs[task_name], configs["model"], run_dir)
+    device = pick_device(device or "auto")
+    check_fits(task, configs["model"], device, training=True)
+    model = _fresh_model(task, configs["model"], configs["train"].seed, device)
+    if ctx.main:
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # lines of the stopped start
+        if not quiet:
+            print(f"{run_dir} stopped before its first checkpoint; starting it from step 0")
+    run = Run(run_dir, meta, configs, task, model)
+    return _fit(run, device, ctx, until_step=until_step, quiet=quiet)
+
+
+def read_trainer_state(run_dir: Path) -> dict:
+    """RUN/trainer_state.json, checked to be what the trainer wrote: a CheckpointError naming
+    the file (and the restore-or-restart fix) for one that is damaged."""
+    path = Path(run_dir) / "trainer_state.json"
+    state = read_json(path)
+    try:
+        if not isinstance(state, dict):
+            raise TypeError("not a JSON object")
+        for key, kind in (("step", int), ("tokens", int), ("elapsed_s", (int, float)),
+                          ("data_rng", str), ("torch_rng", str)):
+            if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
+                raise TypeError(f"{key} is {state.get(key)!r}")
+        if state["step"] < 0:
+            raise ValueError(f"step is {state['step']}")
+        for key in ("data_rng", "torch_rng"):  # the generators' states, as saved
+            probe = torch.Generator()
+            probe.set_state(rng_from_str(state[key]))
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path} is damaged ({str(e).splitlines()[0][:120]}); restore it "
+                              "from a backup, or start the run again") from None
+    return state
+
+
+def check_threads(state: dict, quiet: bool) -> None:
+    """Warn when the run trained on another number of CPU threads: a reduction summed in
+    another order differs in the last bits (2.4e-7 between 1 and 2 threads), so the resumed
+    run is no longer bit-identical to an uninterrupted one (OMP_NUM_THREADS or --threads)."""
+    was, now = state.get("threads"), torch.get_num_threads()
+    if was is not None and was != now and not quiet:
+        warnings.warn(f"this run trained on {was} CPU threads and resumes on {now}: it "
+                      f"continues, but not bit-identically; --threads {was} (or "
+                      f"OMP_NUM_THREADS={was}) resumes exactly", stacklevel=2)
 
 
 def load(run_dir: str | Path, *, checkpoint: str = "last", device: str | None = None) -> Run:
     """A run directory's model and task. checkpoint: "last" (model.safetensors) or "best".
     device: auto (the default: CUDA, then MPS, then the CPU), cpu, cuda, cuda:N or mps. It is
     this machine's choice, not the run's: a run trained on a GPU loads on a laptop as it is."""
-    run_dir = check_run_dir(run_dir)
-    if distributed.is_main():
-        recover(run_dir)
-    distributed.barrier()
+    run_dir = check_run_dir(run_dir)  # read, never repaired here: the writer does that
     doc, meta, configs = read_config(run_dir)
     task_name = meta["task"]
     task = task_class(task_name).load(configs[task_name], configs["model"], run_dir)
+    weights = run_dir / weights_file(configs["train"], checkpoint)
+    if not weights.exists() and not (run_dir / "trainer_state.json").exists():
+        pid = writer_pid(run_dir)
+        if pid:
+            raise CheckpointError(f"{run_dir} has no checkpoint yet: its training (pid {pid}) "
+                                  "started moments ago; try again in a few seconds")
+        if _never_checkpointed(run_dir):
+            raise CheckpointError(f"{run_dir} has no checkpoint: its training stopped before "
+                                  f"the first one; `monotile resume {run_dir}` starts it")
+        raise CheckpointError(f"{run_dir} has no weights ({weights.name}): the command that "
+                              "made it stopped before writing them; delete the folder and "
+                              "make it again")
+    device = pick_device(device or "auto")
+    check_fits(task, configs["model"], device, training=False,
+               fix=f"is {run_dir / CONFIG} damaged? restore it")
     with weights_left_uninitialised():  # the checkpoint overwrites every weight
         model = task.build_model(configs["model"])
     if "lora" in doc:  # a fine-tuning run: the base's weights, then its own adapters
@@ -326,6 +466,6 @@ def load(run_dir: str | Path, *, checkpoint: str = "last", device: str | None = 
     if doc.get("quantized"):  # int8 weights: the int8 layers first, then their values
         from .infer.quantize import quantize_int8
         quantize_int8(model)
-    load_model_weights(model, run_dir / weights_file(configs["train"], checkpoint))
-    model.to(pick_device(device or "auto")).eval()
+    load_model_weights(model, weights)
+    model.to(device).eval()
     return Run(run_dir, meta, configs, task, model)

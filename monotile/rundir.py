@@ -8,21 +8,34 @@
                 best.safetensors     moving average is kept); the best evaluation's weights
                 optimizer.safetensors  trainer_state.json  metrics.jsonl   (training runs)
                 tokenizer.json  plots/*.png
+                .lock                the training process's (flock): one writer at a time
 
 config.json is read back into one frozen, validated config object per section; `--set
 key=value` overrides any field of any section by its bare name. Every write is atomic
 (train/checkpoint.py): a reader sees the old file or the new one, never half of either.
+config.json is written last, so a folder that has it is a whole run. One process writes a
+run (train, resume, finetune: writer_lock) and only it repairs what a crash left; readers
+(eval, generate, serve...) change nothing and read the last committed checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import json
+import math
+import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock
+    fcntl = None
 
 from .core.transformer import ModelConfig
 from .data import sha256
@@ -42,12 +55,14 @@ def parse_setting(value, annotation: str, name: str):
     """A --set string as the field's type: int, float, bool, str or a comma-separated tuple,
     optionally None ("none", "null" or "")."""
     if not isinstance(value, str):
-        return value
+        return check_value(value, annotation, name)
     kinds = [k.strip() for k in annotation.split("|")]
     if "None" in kinds and value.lower() in ("none", "null", ""):
         return None
     for kind in kinds:
         try:
+            if kind == "float" and not math.isfinite(float(value)):
+                continue  # nan and inf: no setting means them
             if kind == "bool":
                 if value.lower() in ("1", "true", "yes", "on"):
                     return True
@@ -67,6 +82,33 @@ def parse_setting(value, annotation: str, name: str):
     raise ConfigError(f"{name}={value!r} is invalid: expected {annotation}")
 
 
+def check_value(value, annotation: str, name: str):
+    """A value read from JSON (config.json, or the Python API) as the field's type: an int
+    field takes a whole number (2000 or 2000.0, not 210.5 or true), a float field a finite
+    number, a tuple field a list; anything else is refused by name."""
+    kinds = [k.strip() for k in annotation.split("|")]
+    if value is None and "None" in kinds:
+        return None
+    for kind in kinds:
+        if kind == "bool" and isinstance(value, bool):
+            return value
+        if kind == "int" and not isinstance(value, bool):
+            if isinstance(value, int):
+                return value
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+        if kind == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if math.isfinite(value):
+                return float(value) if isinstance(value, int) else value
+        if kind == "str" and isinstance(value, str):
+            return value
+        if kind == "tuple" and isinstance(value, (list, tuple)):
+            return tuple(value)
+        if kind == "dict" and isinstance(value, dict):
+            return value
+    raise ConfigError(f"{name}={value!r} is invalid: expected {annotation}")
+
+
 def sections(task_name: str) -> dict[str, type]:
     """The config classes of a run of `task_name`: the trunk's, training's and the task's."""
     return {"model": ModelConfig, "train": TrainConfig, task_name: task_class(task_name).Config}
@@ -76,8 +118,16 @@ def build_configs(task_name: str, base: dict, overrides: dict | None = None) -> 
     """Frozen, validated config objects per section from a preset (or config.json) plus
     overrides by bare field name; an unknown name is refused with the closest names."""
     classes = sections(task_name)
-    values = {s: dict(base.get(s, {})) for s in classes}
     fields = {f.name: (s, f) for s, cls in classes.items() for f in dataclasses.fields(cls)}
+    values = {}
+    for section, cls in classes.items():
+        given = base.get(section, {})
+        if not isinstance(given, dict):
+            raise ConfigError(f"config section {section!r} is {type(given).__name__}, not an "
+                              "object of settings")
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        values[section] = {k: check_value(v, str(known[k].type), k) if k in known and not
+                           isinstance(v, str) else v for k, v in given.items()}
     for key, value in (overrides or {}).items():
         if key not in fields:
             close = difflib.get_close_matches(key, list(fields), n=3)
@@ -123,6 +173,9 @@ def read_json(path: Path) -> dict:
     """A JSON file of a run; CheckpointError naming the file when it is missing or corrupt."""
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
+    except IsADirectoryError:
+        raise CheckpointError(f"{path} is a folder, not a file; the run is damaged: restore "
+                              "it or retrain") from None
     except FileNotFoundError:
         raise CheckpointError(f"{path} is missing; the run was not checkpointed yet or is "
                               "damaged") from None
@@ -146,6 +199,9 @@ def read_config(run_dir: Path) -> tuple[dict, dict, dict]:
     """(the config.json document, its meta fields, its config objects per section)."""
     path = Path(run_dir) / CONFIG
     doc = read_json(path)
+    if not isinstance(doc, dict):
+        raise CheckpointError(f"{path} holds {json.dumps(doc)[:40]}, not a run's settings (a "
+                              "JSON object); restore it or retrain")
     try:
         task_name = doc["task"]
         meta = {k: doc.get(k) for k in ("monotile_version", "task", "preset")}
@@ -174,6 +230,70 @@ def new_run_dir(out: str | Path | None, default_name: str | None) -> Path:
         n += 1
         path = base.with_name(f"{base.name}-{n}")
     return path
+
+
+# ---- one writer, any number of readers -----------------------------------------------------
+
+LOCK = ".lock"  # held (flock) by the one process that trains the run: train, resume, finetune
+
+
+@contextlib.contextmanager
+def writer_lock(run_dir: Path, wait_s: float = 5.0):
+    """Hold RUN/.lock while training writes the run; a second writer (another train --out or
+    resume of the same run) is refused by name once `wait_s` has passed. The writer is the
+    only process that may repair the run (checkpoint.recover); readers (load: eval, generate,
+    serve...) only read committed files and never wait. The kernel drops the lock when the
+    process dies, however it dies. Where flock does not exist (Windows), there is no lock."""
+    if fcntl is None:
+        yield
+        return
+    path = Path(run_dir) / LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise ConfigError(f"{run_dir} is being trained by another process (pid "
+                                      f"{_lock_pid(path)}); wait for it to finish, or stop it "
+                                      f"and run `monotile resume {run_dir}`") from None
+                time.sleep(0.05)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def _lock_pid(path: Path) -> str:
+    try:
+        return path.read_text().strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def writer_pid(run_dir: Path) -> str | None:
+    """The pid of the process training this run now, or None when none is. Probes the lock
+    for an instant (a starting writer waits for it), and never creates or changes a file."""
+    path = Path(run_dir) / LOCK
+    if fcntl is None or not path.is_file():
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _lock_pid(path)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return None
 
 
 # ---- weights ---------------------------------------------------------------------------------
@@ -211,11 +331,11 @@ def write_weights_run(out: Path, doc: dict, model: torch.nn.Module,
     out = Path(out)
     doc = {**doc, "train": {**doc.get("train", {}), "ema": 0.0}}
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / CONFIG, doc)
     if tokenizer is not None and Path(tokenizer).is_file():
         shutil.copyfile(tokenizer, out / "tokenizer.json")
     save_tensors(out / "model.safetensors", model_tensors(model),
                  {"format": "pt", **(metadata or {})})
+    atomic_write_json(out / CONFIG, doc)  # last: a folder with config.json is a whole run
     return out
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from .errors import CheckpointError, MonotileError
+from .errors import CheckpointError, DataError, MonotileError
 
 
 class Tokenizer:
@@ -64,6 +64,15 @@ class Tokenizer:
     def encode(self, text: str, special_tokens: bool = True) -> list[int]:
         """The ids of `text`; special_tokens=False leaves out what the tokenizer adds around a
         text (Llama's BOS), as a rendered chat template already holds them."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # a command line's undecodable bytes, e.g. $'A\xffB'
+            bad = text[e.start:e.end].encode("utf-8", "surrogateescape" if all(
+                "\udc80" <= c <= "\udcff" for c in text[e.start:e.end]) else "backslashreplace")
+            raise DataError(f"the text is not UTF-8: {bad!r} at character {e.start}; give "
+                            "UTF-8 text") from None
+        except AttributeError:
+            raise DataError(f"expected text, got {type(text).__name__}") from None
         ids = self.tok.encode(text, add_special_tokens=special_tokens).ids
         if self.kind == "char" and len(ids) != len(text):
             vocab = self.tok.get_vocab()

@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
         torch.set_num_threads(args.threads)
     try:
-        args.handler(args)
+        code = args.handler(args)  # a verb may give its own status (130: stopped by Ctrl-C)
     except MonotileError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         if "torch" in sys.modules:  # leave torchrun's process group cleanly
             from ..train.distributed import shutdown
             shutdown()
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

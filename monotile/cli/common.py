@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 from pathlib import Path
 
@@ -11,7 +12,20 @@ from ..errors import MonotileError
 
 
 def print_json(obj) -> None:
-    print(json.dumps(obj, indent=None, default=str))
+    """One line of strict JSON: NaN and infinities (a loss on no data, an undefined metric)
+    are null, as JSON has no such numbers and every parser but Python's rejects them."""
+    print(json.dumps(finite(obj), indent=None, default=str, allow_nan=False))
+
+
+def finite(obj):
+    """`obj` with every float that is NaN or infinite replaced by None, at any depth."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
 
 
 def emit(a, figures: dict, line: str) -> None:

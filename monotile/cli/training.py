@@ -79,24 +79,30 @@ def _train(a) -> None:
     from ..train.distributed import is_main
     if not is_main():  # under torchrun only the main process reports
         return
-    report_training(run, a)
-    if a.sample and not a.json and "completions" in run.task.routes:
+    code = report_training(run, a)
+    if a.sample and not a.json and "completions" in run.task.routes and not code:
         print(f"--- sample ({a.sample} tokens, temperature 0.8, seed 0) ---")
         print(run.generate("\n", max_new_tokens=a.sample, temperature=0.8, seed=0))
+    return code
 
 
-def report_training(run, a) -> None:
+def report_training(run, a) -> int:
+    """Print where the run stands; the exit status: 130 (as shells expect of Ctrl-C) when
+    the user stopped it, else 0."""
     figures = {"run": str(run.dir), "step": run.state["step"],
                "interrupted": run.state.get("interrupted", False),
                "train_seconds": round(run.state["elapsed_s"], 1), **run.state.get("last_eval", {})}
     if a.json:
         print_json(figures)
     elif figures["interrupted"] or figures["step"] < run.train_config.max_steps:
-        print(f"stopped at step {figures['step']}; continue with: monotile resume {run.dir}")
+        how = " (Ctrl-C), checkpointed" if figures["interrupted"] else ""
+        print(f"stopped at step {figures['step']}{how}; continue with: monotile resume "
+              f"{run.dir}")
     else:
         from ..train.trainer import format_metrics
         print(f"done: {run.dir} at step {figures['step']} in {figures['train_seconds']} s; "
               f"{format_metrics(run.state.get('last_eval', {}))}")
+    return 130 if figures["interrupted"] else 0
 
 
 # ---- resume -------------------------------------------------------------------------------------
@@ -117,7 +123,7 @@ def _resume(a) -> None:
         if getattr(run.model, "lora", None):  # the adapter file resume rewrote, as PEFT's too
             from ..interop.peft import write_peft_beside
             write_peft_beside(run.dir)
-        report_training(run, a)
+        return report_training(run, a)
 
 
 # ---- finetune, merge, quantize ------------------------------------------------------------------
@@ -155,12 +161,13 @@ def _finetune(a) -> None:
                     "trainable_parameters": run.state["trainable_parameters"],
                     "parameters": run.parameters(), "before": run.state["base_eval"],
                     **run.state.get("last_eval", {})})
-        return
+        return 130 if run.state.get("interrupted") else 0
     from ..train.trainer import format_metrics
     print(f"before (the base model): {format_metrics(run.state['base_eval'])}")
-    report_training(run, a)
+    code = report_training(run, a)
     print(f"adapter: {run.dir / 'adapter.safetensors'} "
           f"({(run.dir / 'adapter.safetensors').stat().st_size / 1e3:,.0f} kB)")
+    return code
 
 
 def merge(sub) -> None:

@@ -77,6 +77,15 @@ def _generate(a) -> None:
     run.optimize_for_inference(a.dtype)
     a.prompt = unescape(a.prompt)
     stop = [unescape(s) for s in a.stop] if a.stop else None
+    context = run.configs["model"].context
+    if a.max_new_tokens > context and not a.stream:  # nothing shows until the end: bound it
+        import warnings
+        warnings.warn(f"--max-new-tokens {a.max_new_tokens:,} is more than the model's context "
+                      f"({context} tokens); generating {context} (--stream writes longer text "
+                      "as it comes)", stacklevel=1)
+        a.max_new_tokens = context
+    if a.max_new_tokens < 0:
+        raise MonotileError(f"--max-new-tokens {a.max_new_tokens} is invalid: give a count >= 0")
     options = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
                    top_p=a.top_p, repetition_penalty=a.repetition_penalty, stop=stop,
                    seed=a.seed, ignore_eos=a.ignore_eos, timings={})

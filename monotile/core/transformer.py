@@ -184,6 +184,8 @@ class Transformer(nn.Module):
         cfg = self.cfg
         if cfg.positions != "rope":
             return None
+        if torch.device(device).type == "meta":  # shapes only (a model sized before building)
+            return torch.empty(cfg.context, cfg.head_dim // 2, 2, device="meta")
         with torch.device("cpu"):
             table = rope_frequencies(cfg.head_dim, cfg.context, cfg.rope_theta, cfg.rope_scaling)
         return table.to(device)

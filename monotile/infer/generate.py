@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -31,14 +31,14 @@ class Sampling:
     repetition_penalty: float = 1.0
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ConfigError(f"temperature={self.temperature} is invalid: it must be >= 0 "
-                              "(0 means greedy)")
+        if not 0 <= self.temperature < float("inf"):  # nan too
+            raise ConfigError(f"temperature={self.temperature} is invalid: it must be a number "
+                              ">= 0 (0 means greedy)")
         if self.top_k is not None and self.top_k <= 0:
             raise ConfigError(f"top_k={self.top_k} is invalid: it must be a positive integer")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p={self.top_p} is invalid: it must be in (0, 1]")
-        if self.repetition_penalty <= 0:
+        if not 0 < self.repetition_penalty < float("inf"):
             raise ConfigError(f"repetition_penalty={self.repetition_penalty} is invalid: it "
                               "must be > 0 (1 means no penalty)")
 
@@ -80,9 +80,22 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def check_seed(seed: int | None) -> None:
+    """A sampling seed is a whole number PyTorch's generators take: 0 to 2**64 - 1."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
+                             or not 0 <= seed < 2**64):
+        raise ConfigError(f"seed={seed!r} is invalid: give a whole number from 0 to 2**64 - 1")
+
+
 def next_token(logits: torch.Tensor, seen: torch.Tensor, s: Sampling,
                generator: torch.Generator | None) -> torch.Tensor:
-    """One token per row from logits (B, V) under the sampling rules; returns (B,) ids."""
+    """One token per row from logits (B, V) under the sampling rules; returns (B,) ids.
+    Logits holding NaN (weights that are NaN: a diverged or damaged checkpoint) are refused,
+    where argmax would quietly pick a token and multinomial fail with a riddle."""
+    if torch.isnan(logits).any():
+        raise CheckpointError("the model's output is NaN: its weights hold NaN or inf (a "
+                              "diverged or damaged checkpoint); load another checkpoint "
+                              "(--checkpoint best) or train again")
     logits = apply_repetition_penalty(logits.float(), seen, s.repetition_penalty)
     if s.temperature == 0:
         return logits.argmax(-1)
@@ -106,6 +119,7 @@ def generate_ids(model, prompt: torch.Tensor, max_new_tokens: int, sampling: Sam
     `model(ids, cache=, pos=)` returns logits (B, T, V); `model.trunk` makes the cache."""
     context = model.trunk.cfg.context
     device = next(model.parameters()).device
+    check_seed(seed)
     generator = torch.Generator(device=device)
     generator.manual_seed(seed if seed is not None else torch.seed())
     seq = prompt.to(device)

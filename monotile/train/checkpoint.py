@@ -10,7 +10,9 @@ Nothing is ever unpickled: tensors come from safetensors, everything else from J
 from __future__ import annotations
 
 import base64
+import errno
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -36,8 +38,35 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, write) -> None:
-    """write(tmp_path), fsync it, rename it to path."""
+# a write that failed for want of room: the disk, the user's quota, or the file size limit
+_FULL = {errno.ENOSPC: "No space left on device", errno.EDQUOT: "Disk quota exceeded",
+         errno.EFBIG: "File too large"}
+
+
+def disk_full(e: Exception, path: Path, size: int | None = None) -> CheckpointError | None:
+    """The one-line error for a write of `path` that ran out of room (OSError ENOSPC, EDQUOT
+    or EFBIG, or safetensors' own error wrapping one), naming the folder and the room it
+    needs; None for any other failure."""
+    if isinstance(e, OSError) and e.errno in _FULL:
+        why = _FULL[e.errno]
+    else:
+        why = next((w for w in _FULL.values() if w in str(e)), None)
+        if why is None:
+            return None
+    folder = path.parent.parent if path.parent.name == JOURNAL else path.parent
+    try:
+        free = f"{shutil.disk_usage(folder).free / 1e6:,.1f} MB free there"
+    except OSError:
+        free = "its free space unknown"
+    need = f" ({size / 1e6:,.1f} MB)" if size else ""
+    return CheckpointError(f"cannot write {path.name}{need} in {folder}: {why} ({free}); free "
+                           "some space (or raise the quota) and run the command again; the "
+                           "files written before are intact")
+
+
+def atomic_write(path: Path, write, size: int | None = None) -> None:
+    """write(tmp_path), fsync it, rename it to path. A disk that fills up midway leaves `path`
+    as it was and raises disk_full's one-line CheckpointError (`size`: the bytes it needs)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -45,6 +74,11 @@ def atomic_write(path: Path, write) -> None:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, SafetensorError) as e:
+        full = disk_full(e, path, size)
+        if full is None:
+            raise
+        raise full from None
     finally:
         tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
@@ -60,7 +94,8 @@ def atomic_write_json(path: Path, obj) -> None:
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None):
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    size = sum(t.numel() * t.element_size() for t in tensors.values())
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), size)
 
 
 def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -101,62 +136,77 @@ _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.
                       "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
-def _data_places(raw) -> dict[str, tuple[str, int, int]]:
-    """name -> (dtype, start, end) of each tensor's bytes in a safetensors file: a little-endian
-    u64 n, an n-byte JSON header of {name: {dtype, shape, data_offsets}}, then the data."""
+def _header(raw, path: Path) -> tuple[dict, dict[str, tuple[str, tuple, int, int]]]:
+    """(metadata, name -> (dtype, shape, start, end)) of a safetensors file: a little-endian
+    u64 n, an n-byte JSON header of {name: {dtype, shape, data_offsets}}, then the data. Each
+    tensor's byte range is checked against its dtype, its shape and the file's size."""
+    size = os.fstat(raw.fileno()).st_size
     raw.seek(0)
     n = int.from_bytes(raw.read(8), "little")
+    if not 2 <= n <= size - 8:
+        raise ValueError(f"a header of {n} bytes in a file of {size}")
     header = json.loads(raw.read(n))
-    return {name: (entry["dtype"], 8 + n + entry["data_offsets"][0],
-                   8 + n + entry["data_offsets"][1])
-            for name, entry in header.items() if name != "__metadata__"}
+    metadata = header.pop("__metadata__", None) or {}
+    places = {}
+    for name, entry in header.items():
+        dtype, shape = entry["dtype"], tuple(int(d) for d in entry["shape"])
+        begin, end = (8 + n + int(o) for o in entry["data_offsets"])
+        width = torch.empty((), dtype=_SAFETENSORS_DTYPES[dtype]).element_size()
+        if end > size or end - begin != math.prod(shape) * width:
+            raise ValueError(f"tensor {name!r} runs past the end of the file")
+        places[name] = (dtype, shape, begin, end)
+    return metadata, places
 
 
-def _read_into(raw, place: tuple[str, int, int], param: torch.Tensor) -> bool:
+def _read_into(raw, place: tuple[str, tuple, int, int], param: torch.Tensor) -> None:
     """Read a tensor's bytes from the file straight into `param`'s memory where it can (a
     contiguous CPU tensor of the file's dtype and size): no second copy of the weights, not
-    even the file's pages mapped. False where it cannot (the caller copies instead)."""
-    dtype, start, end = place
-    if (param.device.type != "cpu" or not param.is_contiguous()
-            or _SAFETENSORS_DTYPES.get(dtype) != param.dtype
-            or param.numel() * param.element_size() != end - start or start == end):
-        return False
+    even the file's pages mapped. Elsewhere (another dtype or device) it is read, then copied."""
+    dtype, shape, start, end = place
     raw.seek(start)
-    target = memoryview(param.view(-1).view(torch.uint8).numpy())
-    return raw.readinto(target) == end - start
+    if (param.device.type == "cpu" and param.is_contiguous()
+            and _SAFETENSORS_DTYPES[dtype] == param.dtype and start < end):
+        target = memoryview(param.view(-1).view(torch.uint8).numpy())
+        if raw.readinto(target) != end - start:
+            raise ValueError("the file ended early")
+        return
+    data = bytearray(raw.read(end - start))
+    if len(data) != end - start:
+        raise ValueError("the file ended early")
+    if data:
+        param.copy_(torch.frombuffer(data, dtype=_SAFETENSORS_DTYPES[dtype]).view(shape))
 
 
 def load_model_weights(model: nn.Module, path: Path) -> dict[str, str]:
     """Load weights into `model`, naming the first missing, unexpected or misshapen tensor.
-    The file's header is checked first; then one tensor at a time is read and copied in, so
-    the process holds the model and at most one tensor of the file, not two copies of it."""
+    The file is opened once (a checkpoint committed meanwhile by a training process replaces
+    it by rename: this reader keeps the file it opened) and its header checked first; then
+    one tensor at a time is read into the model, so the process holds the model and at most
+    one tensor of the file, not two copies of it."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist; is this a monotile run directory?")
     expected = model_tensors(model)
     try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+        with torch.no_grad(), open(path, "rb") as raw:
+            metadata, places = _header(raw, path)
             for name, t in expected.items():
-                if name not in shapes:
+                if name not in places:
                     raise CheckpointError(f"{path}: tensor {name!r} is missing; the checkpoint "
                                           "does not belong to this model configuration")
-                if shapes[name] != tuple(t.shape):
-                    raise CheckpointError(f"{path}: tensor {name!r} has shape {shapes[name]}, "
-                                          f"the model expects {tuple(t.shape)}; config.json "
-                                          "and the weights disagree")
-            extra = sorted(set(shapes) - set(expected))
+                if places[name][1] != tuple(t.shape):
+                    raise CheckpointError(f"{path}: tensor {name!r} has shape "
+                                          f"{places[name][1]}, the model expects "
+                                          f"{tuple(t.shape)}; config.json and the weights "
+                                          "disagree")
+            extra = sorted(set(places) - set(expected))
             if extra:
                 raise CheckpointError(f"{path}: unexpected tensor {extra[0]!r}; the checkpoint "
                                       "does not belong to this model configuration")
             params = model.state_dict()
-            with torch.no_grad(), open(path, "rb") as raw:
-                places = _data_places(raw)
-                for name in shapes:
-                    if not _read_into(raw, places[name], params[name]):
-                        params[name].copy_(f.get_tensor(name))
-    except (SafetensorError, OSError, ValueError) as e:
+            for name, place in places.items():
+                _read_into(raw, place, params[name])
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path} is not a readable safetensors file ({e}); it is corrupt "
                               "or truncated: restore it or retrain") from None
     return metadata
@@ -222,15 +272,19 @@ def save_checkpoint(run_dir: Path, model: nn.Module, opt: torch.optim.Optimizer,
     if distributed.is_main():
         journal = run_dir / JOURNAL
         shutil.rmtree(journal, ignore_errors=True)
-        journal.mkdir()
-        save_tensors(journal / "model.safetensors", weights, {"step": step, "format": "pt"})
-        if ema_weights is not None:
-            save_tensors(journal / "ema.safetensors", ema_weights,
-                         {"step": step, "format": "pt"})
-        save_tensors(journal / "optimizer.safetensors", opt_t,
-                     {"step": step, "optimizer": json.dumps(opt_meta)})
-        atomic_write_json(journal / "trainer_state.json", state)
-        atomic_write_text(journal / "COMPLETE", step)
+        try:
+            journal.mkdir()
+            save_tensors(journal / "model.safetensors", weights, {"step": step, "format": "pt"})
+            if ema_weights is not None:
+                save_tensors(journal / "ema.safetensors", ema_weights,
+                             {"step": step, "format": "pt"})
+            save_tensors(journal / "optimizer.safetensors", opt_t,
+                         {"step": step, "optimizer": json.dumps(opt_meta)})
+            atomic_write_json(journal / "trainer_state.json", state)
+            atomic_write_text(journal / "COMPLETE", step)
+        except BaseException:  # the last committed checkpoint stays the run's state
+            shutil.rmtree(journal, ignore_errors=True)
+            raise
         _commit(run_dir)
     distributed.barrier()
 
@@ -245,7 +299,9 @@ def _commit(run_dir: Path) -> None:
 
 
 def recover(run_dir: Path) -> None:
-    """Finish a checkpoint commit a crash interrupted, or discard an incomplete one."""
+    """Finish a checkpoint commit a crash interrupted, or discard an incomplete one. Only the
+    run's writer calls it, holding the run's lock (rundir.writer_lock): a reader that did
+    would pull the journal from under a training process."""
     journal = Path(run_dir) / JOURNAL
     if not journal.exists():
         return
@@ -253,3 +309,24 @@ def recover(run_dir: Path) -> None:
         _commit(Path(run_dir))
     else:
         shutil.rmtree(journal, ignore_errors=True)
+
+
+# ---- the metrics log ---------------------------------------------------------------------------
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """RUN/metrics.jsonl's records. A line that is not a whole JSON object (the last one, torn
+    by a kill midway through its write, or being written right now) is left out."""
+    path = Path(run_dir) / "metrics.jsonl"
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except (FileNotFoundError, IsADirectoryError):
+        return []
+    records = []
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step", 0), int):
+            records.append(record)
+    return records

@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from .checkpoint import atomic_write
+from .checkpoint import atomic_write, read_metrics
 
 
 def plot_loss_curve(run_dir: Path, metric: str) -> Path | None:
     """Training loss per logged step and the task's evaluation `metric` per evaluation (on a
     second axis unless it is itself a loss) -> plots/loss.png."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return None
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = read_metrics(run_dir)
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    evals = [(r["step"], r["eval"][metric]) for r in records if metric in r.get("eval", {})]
+    evals = [(r["step"], r["eval"][metric]) for r in records
+             if isinstance(r.get("eval"), dict) and metric in r["eval"]]
     if not train:
         return None
     import matplotlib

@@ -25,8 +25,9 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError, MonotileError, check_positive, invalid
 from . import distributed
-from .checkpoint import (load_model_weights, load_optimizer, model_tensors, rng_from_str,
-                         rng_to_str, save_checkpoint, save_tensors)
+from .checkpoint import (atomic_write_text, disk_full, load_model_weights, load_optimizer,
+                         model_tensors, read_metrics, rng_from_str, rng_to_str,
+                         save_checkpoint, save_tensors)
 from .ema import EMA
 from .optim import lr_at, make_optimizer
 from .plots import plot_loss_curve
@@ -167,18 +168,21 @@ def format_metrics(metrics: dict) -> str:
 
 
 def _append_metrics(run_dir: Path, record: dict) -> None:
-    with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+    path = run_dir / "metrics.jsonl"
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:
+        raise (disk_full(e, path) or e) from None
 
 
 def truncate_metrics(run_dir: Path, step: int) -> None:
-    """Drop metric lines logged after `step` (written before a crash, redone on resume)."""
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
+    """Drop metric lines logged after `step` (written before a crash, redone on resume) and
+    any torn line a kill left, rewriting the file atomically (a kill now leaves either)."""
+    if not (run_dir / "metrics.jsonl").exists():
         return
-    keep = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in keep))
+    keep = [r for r in read_metrics(run_dir) if r.get("step", 0) <= step]
+    atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in keep))
 
 
 def fit(task, model: nn.Module, cfg: TrainConfig, run_dir: Path, *, state: dict | None = None,
@@ -215,7 +219,8 @@ def fit(task, model: nn.Module, cfg: TrainConfig, run_dir: Path, *, state: dict 
 
     def snapshot() -> dict:
         s = dict(state, data_rng=rng_to_str(data_rng.get_state()),
-                 torch_rng=rng_to_str(torch.get_rng_state()))
+                 torch_rng=rng_to_str(torch.get_rng_state()),
+                 threads=torch.get_num_threads())  # resume warns when it runs on others
         if device.type == "cuda":
             s["cuda_rng"] = rng_to_str(torch.cuda.get_rng_state(device))
         return s
@@ -253,7 +258,7 @@ def fit(task, model: nn.Module, cfg: TrainConfig, run_dir: Path, *, state: dict 
     t_start = time.perf_counter() - state["elapsed_s"]
     last_eval: dict = {}
     interrupted = False
-    with _DeferredInterrupt() as stop:
+    with _DeferredInterrupt() as stop, _closing(bar):
         while state["step"] < end:
             step = state["step"]
             lr = lr_at(step, lr=cfg.lr, min_lr=cfg.min_lr, warmup=cfg.warmup_steps,
@@ -323,6 +328,15 @@ def fit(task, model: nn.Module, cfg: TrainConfig, run_dir: Path, *, state: dict 
     state["interrupted"] = interrupted
     state["last_eval"] = last_eval
     return state
+
+
+@contextlib.contextmanager
+def _closing(bar):
+    """Close the progress bar however the loop ends, so an error prints on its own line."""
+    try:
+        yield bar
+    finally:
+        bar.close()
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
