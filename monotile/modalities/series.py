@@ -47,6 +47,7 @@ from .series_io import (BUILTIN, History, SeriesData, continue_times, forecast_r
 
 
 MAX_HORIZON = 10_000  # steps one forecast may reach (recursively: a bound on the work)
+MAX_FORECAST_VALUES = 1_000_000  # series x steps of one history's forecast (its rows)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -430,12 +431,21 @@ class SeriesTask(TaskBase):
         quantiles (10/50/90 %) per step and series, timestamps continued at the series'
         frequency: {"series", "horizon", "quantiles", "forecast": [{"timestamp", "series",
         "forecast", "q10", ...}]}; and a PNG of the history, the median and the band at
-        `plot` (several histories: plot-1.png, plot-2.png, ...)."""
+        `plot` (several histories: plot-1.png, plot-2.png, ...). DataError for a horizon
+        past MAX_HORIZON, a forecast of more than MAX_FORECAST_VALUES rows, and a history
+        whose values make the forecast not finite (too large for the model's float32)."""
         c = self.config
         horizon = c.horizon if horizon is None else horizon
         if not 0 < horizon <= MAX_HORIZON:
             raise DataError(f"horizon {horizon} is invalid: give a positive number of steps, "
                             f"at most {MAX_HORIZON}")
+        for history in items:
+            if len(history.values) * horizon > MAX_FORECAST_VALUES:
+                raise DataError(f"{len(history.values)} series x horizon {horizon} is "
+                                f"{len(history.values) * horizon:,} forecasts, more than the "
+                                f"{MAX_FORECAST_VALUES:,} one history may ask for; forecast "
+                                f"at most {MAX_FORECAST_VALUES // len(history.values):,} "
+                                "steps, or fewer series")
         labels = [f"q{round(t * 100):02d}" if round(t * 100, 6) == round(t * 100) else f"q{t:g}"
                   for t in c.quantiles]
         median = c.quantiles.index(0.5)
@@ -444,6 +454,12 @@ class SeriesTask(TaskBase):
             x, mean, std = self._history_tensor(history)
             q = self.forecast(model, x, horizon).double().numpy()
             q = q * std[:, None, None] + mean[:, None, None]  # (S, horizon, Q), the data's units
+            bad = ~np.isfinite(q).reshape(len(q), -1).all(axis=1)
+            if bad.any():  # e.g. RevIN's variance past float32 (values ~1e19 in model units)
+                name = list(history.values)[int(bad.argmax())]
+                raise DataError(f"the forecast of series {name!r} is not finite: its history "
+                                "holds values too large for this model (or inf/nan); rescale "
+                                "it to ordinary numbers")
             forecast, panels = [], []
             for i, name in enumerate(history.values):
                 future, x_hist, x_future = continue_times(history.stamps[name], horizon)

@@ -4,6 +4,13 @@ the windows of each split.
 Gaps:      a missing value is the linear interpolation between its nearest known neighbours;
            before the first or after the last known value, that value is carried (pandas'
            interpolate(limit_direction="both"))
+Columns:   the header is the first line; blank lines before it are skipped, unless the row after
+           them holds only numbers (then the blank line was the header of unnamed columns). An
+           empty header cell, or a row wider than the header, names its column as pandas does,
+           "Unnamed: i" (i counted from 0); an unnamed column with no values (trailing commas)
+           is dropped; a name given twice is refused
+Limits:    a CSV of at most MAX_CSV_BYTES (256 MiB) and MAX_CSV_CELLS (25 million cells) is
+           read: past either, a DataError before the rest is read
 Splits:    each series in time order: [0, train_end) trains, [train_end, val_end) validates,
            [val_end, end) tests; a window of the validation or test split looks back into the
            part before it (Informer's and PatchTST's convention)
@@ -14,6 +21,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +39,9 @@ if TYPE_CHECKING:
 BUILTIN = {"etth1": ("ett/ETTh1.csv", (12 * 30 * 24, 4 * 30 * 24, 4 * 30 * 24)),
            "m4-weekly": ("m4/Weekly-train.csv", None),
            "co2": (None, None), "sunspots": (None, None)}  # inside statsmodels' package
+MAX_CSV_BYTES = 256 * 2 ** 20  # the largest CSV read (ETTh1: 2.6 MB)
+MAX_CSV_CELLS = 25_000_000     # cells over all its rows (traffic, 862 x 17,544: 15 million)
+NA = ("", "NA", "NaN", "nan", "null")  # cells read as a gap
 
 
 @dataclass
@@ -57,16 +68,17 @@ class History:
     stamps: dict[str, list[str]]
 
 
-def history_rows(obj: dict) -> list[list[str]]:
+def history_rows(obj: dict, time_col: str = "") -> list[list[str]]:
     """A history given as JSON, {"csv": CSV text} or {"series": {name: values (null for a
-    gap)}, "timestamps": [...] (optional)}, as the rows of a CSV."""
+    gap)}, "timestamps": [...] (optional)}, as the rows of a CSV (the timestamps in a column
+    named `time_col`, "date" if empty)."""
     if not isinstance(obj, dict) or ("csv" in obj) == ("series" in obj):
         raise DataError("give the history as {\"csv\": CSV text} or as {\"series\": {name: "
                         "values}}, one of the two")
     if "csv" in obj:
         if not isinstance(obj["csv"], str) or not obj["csv"].strip():
             raise DataError("csv is empty; give a header line and the values")
-        return list(csv.reader(io.StringIO(obj["csv"])))
+        return _csv_rows(_bounded(obj["csv"], "csv"), "csv")
     series, stamps = obj["series"], obj.get("timestamps")
     if not isinstance(series, dict) or not series or not all(
             isinstance(v, list) for v in series.values()):
@@ -78,8 +90,18 @@ def history_rows(obj: dict) -> list[list[str]]:
     n = lengths.pop()
     if stamps is not None and len(stamps) != n:
         raise DataError(f"timestamps has {len(stamps)} entries for {n} values")
+    if n * len(series) > MAX_CSV_CELLS:
+        raise DataError(f"series hold {n * len(series):,} values, more than the "
+                        f"{MAX_CSV_CELLS:,} this reads; send fewer steps (a forecast reads the "
+                        "last lookback) or fewer series")
     names = list(series)
-    rows = [(["date"] if stamps else []) + names]
+    if not all(isinstance(k, str) and k.strip() for k in names):
+        raise DataError("series has a series with an empty name; give each series a name")
+    time_name = time_col or "date"
+    if stamps and time_name in names:
+        raise DataError(f"series has a series named {time_name!r}, the name of the timestamps' "
+                        "column; rename it")
+    rows = [([time_name] if stamps else []) + names]
     for t in range(n):
         try:
             cells = ["" if series[k][t] is None else repr(float(series[k][t])) for k in names]
@@ -95,27 +117,87 @@ def read_table(source: Path | str, config: SeriesConfig
     """A CSV with a header, a file or its text -> (the time column's strings, {series: float
     values}, {series: its times}). Wide: one column per series and a time column; long:
     columns id, timestamp, value (or unique_id, ds, y), one series per id. Empty cells are
-    NaN. DataError for an empty file, an unknown or a non-numeric target column."""
+    NaN. DataError for an empty file, one past the limits, one with no numeric column, an
+    unknown or a non-numeric target column."""
     if isinstance(source, str):
-        return table_from_rows(list(csv.reader(io.StringIO(source))), config, "the CSV text")
+        return table_from_rows(_csv_rows(_bounded(source, "the CSV text"), "the CSV text"),
+                               config, "the CSV text")
     try:
+        size = os.path.getsize(source)
+        if size > MAX_CSV_BYTES:
+            _bounded(size, source)
         with open(source, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.reader(f))
+            rows = _csv_rows(f, source)
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"cannot read {source} as a CSV file ({e}); give a UTF-8 CSV with a "
                         "header row") from None
     return table_from_rows(rows, config, source)
 
 
+def _bounded(text: str | int, where):
+    """The CSV text (or a file's size in bytes) if within MAX_CSV_BYTES, else DataError."""
+    size = text if isinstance(text, int) else len(text)
+    if size > MAX_CSV_BYTES:
+        raise DataError(f"{where} is {size / 2 ** 20:,.0f} MiB, more than the "
+                        f"{MAX_CSV_BYTES // 2 ** 20} MiB this reads; give fewer rows (a "
+                        "forecast reads only the last lookback of them) or fewer columns")
+    return text
+
+
+def _csv_rows(source, where) -> list[list[str]]:
+    """The rows of a CSV (text or an open file), stopping with a DataError past
+    MAX_CSV_CELLS cells."""
+    rows, cells = [], 0
+    try:
+        for row in csv.reader(io.StringIO(source) if isinstance(source, str) else source):
+            cells += max(len(row), 1)
+            if cells > MAX_CSV_CELLS:
+                raise DataError(f"{where} holds more than {MAX_CSV_CELLS:,} cells, more than "
+                                "this reads; give fewer rows (a forecast reads only the last "
+                                "lookback of them) or fewer columns")
+            rows.append(row)
+    except csv.Error as e:
+        raise DataError(f"{where} is not a readable CSV ({e}); give a UTF-8 CSV with a header "
+                        "row") from None
+    return rows
+
+
+def _columns_of(rows: list[list[str]], path) -> tuple[list[str], dict[str, list[str]], int]:
+    """The header's names, {name: the column's stripped cells} and the number of data rows
+    (module docstring, Columns)."""
+    def blank_line(r):
+        return len(r) <= 1 and not "".join(r).strip()
+
+    start = next((i for i, r in enumerate(rows) if not blank_line(r)), len(rows))
+    if 0 < start < len(rows) and _numbers(rows[start]):
+        start -= 1  # a blank header line above a row of numbers: unnamed columns
+    body = [r for r in rows[start + 1:] if any(cell.strip() for cell in r)]
+    if start >= len(rows) or not body:
+        raise DataError(f"{path} has no data rows; give a CSV with a header and one row per "
+                        "time step")
+    header = [h.strip() for h in rows[start]]
+    width = max(len(header), max(len(r) for r in body))
+    names, cols, where = [], {}, {}
+    for i in range(width):
+        name = header[i] if i < len(header) else ""
+        cells = [r[i].strip() if i < len(r) else "" for r in body]
+        if not name:
+            if not any(cells):  # trailing commas: nothing to name
+                continue
+            name = f"Unnamed: {i}"
+        if name in where:
+            raise DataError(f"column {name!r} appears twice in the header of {path} (columns "
+                            f"{where[name] + 1} and {i + 1}); give each column its own name")
+        where[name] = i
+        names.append(name)
+        cols[name] = cells
+    return names, cols, len(body)
+
+
 def table_from_rows(rows: list[list[str]], config: SeriesConfig, path
                     ) -> tuple[list[str], dict[str, np.ndarray], dict[str, list[str]]]:
     """read_table on the rows of a CSV; `path` names it in errors."""
-    rows = [r for r in rows if any(cell.strip() for cell in r)]
-    if len(rows) < 2:
-        raise DataError(f"{path} has no data rows; give a CSV with a header and one row per "
-                        "time step")
-    header, body = [h.strip() for h in rows[0]], rows[1:]
-    cols = {h: [r[i].strip() if i < len(r) else "" for r in body] for i, h in enumerate(header)}
+    header, cols, n_rows = _columns_of(rows, path)
     long = _long_columns(header)
     if long is not None:
         return _read_long(path, config, cols, *long)
@@ -126,8 +208,15 @@ def table_from_rows(rows: list[list[str]], config: SeriesConfig, path
                         f"{', '.join(header)}")
     if not time_col and _numeric(cols[header[0]])[0] is None:
         time_col = header[0]
-    times = cols[time_col] if time_col else [str(i) for i in range(len(body))]
+    times = cols[time_col] if time_col else [str(i) for i in range(n_rows)]
     targets = list(config.target) or [h for h in header if h != time_col]
+    if not targets:
+        hint = (f" (it reads as one column {header[0]!r}: separate its columns with commas)"
+                if len(header) == 1 and any(d in header[0] for d in ";\t|") else
+                f" (its columns, {', '.join(header)}, hold text or dates)")
+        raise DataError(f"{path} has no numeric column{hint}; a forecast file needs a header "
+                        "row and a column of numbers per series, after an optional time "
+                        "column (date,sales / 2024-01-01,12.5)")
     values = {}
     for name in targets:
         if name not in cols:
@@ -145,10 +234,16 @@ def _numeric(cells: list[str]) -> tuple[np.ndarray | None, int | None]:
     out = np.empty(len(cells))
     for i, cell in enumerate(cells):
         try:
-            out[i] = float(cell) if cell not in ("", "NA", "NaN", "nan", "null") else np.nan
+            out[i] = float(cell) if cell not in NA else np.nan
         except ValueError:
             return None, i
     return out, None
+
+
+def _numbers(row: list[str]) -> bool:
+    """Whether a row holds only numbers (and gaps), at least one."""
+    v, _ = _numeric([c.strip() for c in row])
+    return v is not None and not np.isnan(v).all()
 
 
 def _long_columns(header: list[str]) -> tuple[str, str, str] | None:
@@ -228,8 +323,9 @@ def read_history(source, c: SeriesConfig) -> History:
     config = dataclasses.replace(c, target=() if c.revin else c.columns)
     if isinstance(source, dict):
         where = "the history"
-        _, table, stamps = table_from_rows(history_rows(source), config, where)
+        _, table, stamps = table_from_rows(history_rows(source, c.time_col), config, where)
     elif isinstance(source, (bytes, bytearray)):
+        _bounded(len(source), "the upload")
         try:
             text = bytes(source).decode("utf-8-sig")
         except UnicodeDecodeError:

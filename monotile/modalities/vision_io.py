@@ -3,6 +3,9 @@ tensors (N, C, S, S) with their class names.
 
 Files:     any mode (grey, RGB, palette, 16-bit, float) becomes `channels` channels of 8 bits;
            another shape becomes square by squashing, cropping the centre or padding
+Limits:    an image is decoded only if its header declares at most MAX_PIXELS pixels
+           (89,478,485, Pillow's own MAX_IMAGE_PIXELS: about 9,460 x 9,460); Pillow's
+           decompression-bomb warning and error become that DataError
 Data sets: an .npz with x_train, y_train, x_test, y_test; a folder with one sub-folder per class
            (and optionally train/ and test/ above them); a CSV of path,label; scikit-learn's
            8x8 digits; MNIST. Without a test split, a stratified val_fraction is held out with
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import io
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,18 +33,36 @@ if TYPE_CHECKING:
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm",
                   ".pgm")
 BUILTIN = {"digits": "scikit-learn's 8x8 digits", "mnist": "mnist/mnist.npz"}
+MAX_PIXELS = 89_478_485  # width x height an image may declare (Pillow's MAX_IMAGE_PIXELS)
+
+
+def _too_large(what, pixels: str) -> DataError:
+    return DataError(f"{what} is {pixels}, more than the {MAX_PIXELS:,} pixels this decodes; "
+                     "give a smaller image (scaled to at most 9,000 pixels a side)")
 
 
 def read_image(source: Path | bytes, channels: int, size: int, fit: str = "squash"
                ) -> torch.Tensor:
     """Any image Pillow reads, a file or its bytes -> uint8 (channels, size, size); DataError
-    if unreadable."""
+    if unreadable, or if its header declares more than MAX_PIXELS (checked before decoding)."""
     from PIL import Image, ImageOps
 
     upload = isinstance(source, (bytes, bytearray))
     what = "the upload" if upload else source
     try:
-        with Image.open(io.BytesIO(source) if upload else source) as im:
+        with warnings.catch_warnings():  # over Pillow's limit: refused below, not warned of
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(source) if upload else source)
+    except Image.DecompressionBombError as e:  # over twice Pillow's limit
+        raise _too_large(what, str(e).partition("(")[2].partition(")")[0] or "too large") \
+            from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise DataError(f"{what} is not a readable image ({str(e).rstrip('.')}); give a "
+                        "PNG, JPEG, BMP, GIF, WebP or TIFF file") from None
+    try:
+        with im:
+            if im.width * im.height > MAX_PIXELS:  # the header's size, before decoding
+                raise _too_large(what, f"{im.width} x {im.height} pixels")
             im.load()  # decode now: a truncated file fails here, not later
             im = ImageOps.exif_transpose(im)
             if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit or float grey
@@ -56,7 +78,10 @@ def read_image(source: Path | bytes, channels: int, size: int, fit: str = "squas
                 else:
                     im = im.resize((size, size), resample)
             a = np.array(im, dtype=np.uint8)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:  # a frame larger than the header said
+        raise _too_large(what, str(e).partition("(")[2].partition(")")[0] or "too large") \
+            from None
+    except (OSError, ValueError, SyntaxError) as e:
         raise DataError(f"{what} is not a readable image ({str(e).rstrip('.')}); give a "
                         "PNG, JPEG, BMP, GIF, WebP or TIFF file") from None
     t = torch.from_numpy(a)
