@@ -119,6 +119,10 @@ def serve(sub) -> None:
     p.add_argument("--max-queue", type=int, default=64, help="generation requests waiting "
                    "beyond the batch before new ones get 429")
     p.add_argument("--max-body-mb", type=float, default=25.0, help="the largest request body")
+    p.add_argument("--request-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="seconds a client has to send a request's headers, and again its "
+                   "body; a connection that takes longer is answered 408 and closed "
+                   "(an idle keep-alive connection closes after 5 s)")
     p.add_argument("--dtype", default="float32", choices=INFERENCE_DTYPES,
                    help="text models' weights: bfloat16, int8 or int4 read less a token")
     finish(p, _serve, machine=True)
@@ -144,14 +148,16 @@ def _serve(a) -> None:
         raise MonotileError(f"two runs would be served as {twice[0]!r}; name them: "
                             f"monotile serve NAME1=RUN1 NAME2=RUN2")
     for flag, value in (("--port", a.port), ("--max-batch", a.max_batch),
-                        ("--max-queue", a.max_queue), ("--max-body-mb", a.max_body_mb)):
+                        ("--max-queue", a.max_queue), ("--max-body-mb", a.max_body_mb),
+                        ("--request-timeout", a.request_timeout)):
         if value <= 0 or (flag == "--port" and value > 65535):
             raise MonotileError(f"{flag} {value} is invalid: give a positive number"
                                 + (" up to 65535" if flag == "--port" else ""))
     paths = [str(run_dir_for(spec)) for spec in specs]  # imported once, after every check
     serve_runs(paths, names=names, host=a.host, port=a.port, api_key=a.api_key,
                cors_origins=a.cors_origin, max_batch=a.max_batch, max_queue=a.max_queue,
-               max_body_mb=a.max_body_mb, dtype=a.dtype, device=a.device)
+               max_body_mb=a.max_body_mb, dtype=a.dtype, device=a.device,
+               request_timeout=a.request_timeout)
 
 
 # ---- data, presets ------------------------------------------------------------------------------

@@ -7,13 +7,14 @@
     POST /v1/images/classifications              vision runs (multipart: a file, or base64)
     POST /v1/forecasts                           series runs (a CSV or {name: values})
     POST /v1/predictions                         any run: its task's input and result as JSON
-    GET  /v1/models, /health, /metrics, /        the list, readiness, Prometheus, a playground
+    GET  /v1/models, /v1/models/{model}          the list, one model's card
+    GET  /health, /metrics, /                    readiness, Prometheus, a playground
 
 Which routes a run answers is its task's to say (Task.routes; every run answers
 /v1/predictions). Generation requests of a run share one Engine (engine.py: continuous
 batching); the other routes run one request at a time per model, in a worker thread
-(routes.py). The key, the body limit, the metrics and OpenAI's error shape are the gate's
-(gate.py).
+(routes.py). The key, the body limit, the time limits, the metrics and OpenAI's error shape
+are the gate's (gate.py).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from fastapi import FastAPI
 from ..errors import MonotileError
 from ..version import __version__
 from .engine import Engine
-from .gate import ApiError, Gate, Metrics, install_error_handlers, openapi_schema
+from .gate import (KEEP_ALIVE, ApiError, Gate, Metrics, install_error_handlers, openapi_schema,
+                   timed_protocol)
 from .openai_text import add_text_routes
 from .routes import add_routes
 
@@ -137,9 +139,11 @@ class Models:
 def create_app(paths: list[str | Path], *, names: list[str] | None = None,
                api_key: str | None = None, cors_origins: list[str] | None = None,
                max_batch: int = 16, max_queue: int = 64, max_body_mb: float = 25.0,
-               dtype: str = "float32", device: str = "cpu") -> FastAPI:
+               dtype: str = "float32", device: str = "cpu",
+               request_timeout: float = 30.0) -> FastAPI:
     """The server's ASGI app for the runs at `paths` (served as `names`, default: each run
-    folder's name). Models load in the background once the app starts; /health says when."""
+    folder's name). Models load in the background once the app starts; /health says when.
+    A request body must arrive whole within `request_timeout` seconds (else 408)."""
     paths = [Path(p) for p in paths]
     names = names or [p.resolve().name for p in paths]
     models = Models(paths, names, dtype=dtype, max_batch=max_batch, max_queue=max_queue,
@@ -167,15 +171,19 @@ def create_app(paths: list[str | Path], *, names: list[str] | None = None,
         app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"],
                            allow_headers=["*"])
     app.add_middleware(Gate, api_key=api_key, max_body=int(max_body_mb * 2 ** 20),
-                       metrics=metrics)
+                       metrics=metrics, timeout=request_timeout)
     return app
 
 
-def serve(paths: list[str], *, host: str = "127.0.0.1", port: int = 8000, **options) -> int:
-    """Run the server until interrupted; 2 when the models cannot be loaded."""
+def serve(paths: list[str], *, host: str = "127.0.0.1", port: int = 8000,
+          request_timeout: float = 30.0, **options) -> int:
+    """Run the server until interrupted; 2 when the models cannot be loaded. A request's
+    headers, then its body, must arrive within `request_timeout` seconds each."""
     import uvicorn
-    app = create_app(paths, **options)
-    config = uvicorn.Config(app, host=host, port=port, log_level="info", access_log=False)
+    app = create_app(paths, request_timeout=request_timeout, **options)
+    config = uvicorn.Config(app, host=host, port=port, log_level="info", access_log=False,
+                            http=timed_protocol(request_timeout), timeout_keep_alive=KEEP_ALIVE,
+                            h11_max_incomplete_event_size=16 * 2 ** 10)
     server = uvicorn.Server(config)
     models: Models = app.state.models
 

@@ -12,7 +12,8 @@ cost little more than one: the weights are read once for all of them (bench/serv
 
 Each request keeps its own sampling rules, seed and stop strings, so it gets the same tokens
 alone or batched with others (tests/test_serve.py). A request ends ("stop") at a stop string or
-at one of the model's end-of-sequence ids (Job.end_ids), whose text is not given out.
+at one of the model's end-of-sequence ids (Job.end_ids), whose text is not given out. A request
+whose client went away (Engine.cancel) leaves the queue at once and its row at the next step.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ class Job:
     end_ids: tuple[int, ...] = ()  # the model's end-of-sequence ids: the answer ends, unshown
     specials: dict[int, str] = field(default_factory=dict)  # special ids' texts, for `stop`
     logprobs: int | None = None  # how many alternatives per token; None: no log-probabilities
-    cancelled: bool = False      # set by the server when the client goes away
+    cancelled: bool = False      # set by Engine.cancel when the client goes away
 
 
 @dataclass(eq=False)
@@ -97,6 +98,19 @@ class Engine:
             self.waiting.extend(jobs)
             self.cv.notify()
 
+    def cancel(self, jobs: list[Job]) -> None:
+        """Drop `jobs` (their client went away): those waiting leave the queue now, running ones
+        free their rows at the next step; finished ones are left as they are."""
+        with self.cv:
+            for job in jobs:
+                job.cancelled = True
+            waiting = len(self.waiting)
+            self.waiting = collections.deque(j for j in self.waiting if not j.cancelled)
+            for _ in range(waiting - len(self.waiting)):
+                if self.on_cancel:
+                    self.on_cancel()
+            self.cv.notify()
+
     @property
     def queue_depth(self) -> int:
         return len(self.waiting)
@@ -122,7 +136,9 @@ class Engine:
                         return
                     admit = []
                     while self.waiting and len(self.rows) + len(admit) < self.max_batch:
-                        admit.append(self.waiting.popleft())
+                        job = self.waiting.popleft()
+                        if not job.cancelled:
+                            admit.append(job)
                 try:
                     for job in admit:
                         if not job.cancelled:

@@ -1,12 +1,18 @@
-"""The request gate of `monotile serve`: the key, the body limit, the metrics, and every error
-in OpenAI's shape.
+"""The request gate of `monotile serve`: the key, the body limit, the time limits, the metrics,
+and every error in OpenAI's shape.
 
     {"error": {"message", "type", "param", "code"}}
 
-400 for bad parameters (never FastAPI's 422), 401 without the key, 404 for an unknown route,
-405 with Allow, 413 for a body over the limit, 415 for a file that is neither audio nor an
-image, 429 when the queue is full (with Retry-After), 503 while the models load. A client's
-mistake is never a 5xx, and the server keeps serving.
+400 for bad parameters (never FastAPI's 422), 401 without the key, 404 for an unknown route or
+model, 405 with Allow, 408 for a body that has not arrived within the request timeout, 413 for
+a body over the limit, 415 for a file that is neither audio nor an image, 429 when the queue is
+full (with Retry-After), 503 while the models load. A client's mistake is never a 5xx, and the
+server keeps serving: a 500 (a bug, or a broken run) says `Connection: close`, so a client's
+next request goes out on a fresh connection.
+
+The gate reads each request's body whole (at most --max-body-mb, within --request-timeout)
+before the app sees it; the HTTP protocol (timed_protocol) closes a connection whose request
+headers have not arrived whole within the same timeout, and an idle one after KEEP_ALIVE s.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import json
 import logging
 import time
 
+import anyio
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -49,8 +56,13 @@ def error_body(status: int, message: str, param=None, code=None, kind=None) -> d
 
 
 def error_response(status: int, message: str, **kw) -> JSONResponse:
-    headers = {"Retry-After": "1"} if status in (429, 503) else None
+    headers = {"Retry-After": "1"} if status in (429, 503) else {}
+    if status in CLOSING:  # the request's bytes are not all read, or the server is unsure
+        headers["Connection"] = "close"
     return JSONResponse(error_body(status, message, **kw), status_code=status, headers=headers)
+
+
+CLOSING = (408, 413, 500)  # answered with Connection: close
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -76,14 +88,14 @@ def install_error_handlers(app: FastAPI) -> None:
         response.headers.update(getattr(e, "headers", None) or {})  # 405's Allow
         return response
 
-    @app.exception_handler(MonotileError)
+    @app.exception_handler(MonotileError)  # ConfigError, DataError, ...: a task refused it
     async def refused(request, e: MonotileError):
         return error_response(400, str(e), code="invalid_input")
+    # any other exception is a 500, answered by the Gate (below)
 
-    @app.exception_handler(Exception)
-    async def crashed(request, e: Exception):
-        log.exception("unexpected error on %s", request.url.path)
-        return error_response(500, f"internal error ({type(e).__name__}); the server goes on")
+
+def crashed(e: Exception) -> JSONResponse:
+    return error_response(500, f"internal error ({type(e).__name__}); the server goes on")
 
 
 ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {
@@ -91,7 +103,9 @@ ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error":
         "message": {"type": "string"}, "type": {"type": "string"},
         "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
 ERRORS = {"400": "a bad parameter, an unknown model, a model of another kind",
-          "401": "no valid API key (with --api-key)", "413": "a body over --max-body-mb",
+          "401": "no valid API key (with --api-key)",
+          "408": "a body that did not arrive within --request-timeout",
+          "413": "a body over --max-body-mb",
           "415": "an upload that is not audio or an image", "429": "the queue is full",
           "503": "the models are still loading"}
 
@@ -116,6 +130,8 @@ def openapi_schema(app: FastAPI) -> dict:
                 if status == "415" and "multipart/form-data" not in json.dumps(op):
                     continue
                 responses.setdefault(status, {"description": why, **error})
+            if "{" in path:  # /v1/models/{model}
+                responses["404"] = {"description": "no model of that name is served", **error}
             if path in ("/v1/completions", "/v1/chat/completions"):
                 # with stream: true, `data: {chunk}` events, then `data: [DONE]`
                 responses["200"].setdefault("content", {})["text/event-stream"] = {}
@@ -158,26 +174,32 @@ class Metrics:
             running.labels(name).set_function(lambda s=served: s.engine.running if s.engine else 0)
 
 
-# ---- the gate: body size, key, metrics ------------------------------------------------------
+# ---- the gate: body size, time, key, metrics, crashes ----------------------------------------
 
 class Gate:
-    """ASGI middleware: refuses bodies over `max_body` bytes (413) and requests without the key
-    (401; /health and the playground page are open), and counts every answer by route."""
+    """ASGI middleware: refuses requests without the key (401; /health and the playground page
+    are open), reads each body whole before the app sees it, refusing one over `max_body`
+    bytes (413) or not arrived within `timeout` seconds (408), answers an exception the app did
+    not (a bug) with a 500, and counts every answer by route."""
 
     OPEN = ("/health", "/")
 
-    def __init__(self, app, *, api_key: str | None, max_body: int, metrics: Metrics):
+    def __init__(self, app, *, api_key: str | None, max_body: int, metrics: Metrics,
+                 timeout: float = 30.0):
         self.app, self.api_key, self.max_body, self.metrics = app, api_key, max_body, metrics
+        self.timeout = timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        start, status = time.perf_counter(), [500]
+        start, status, done = time.perf_counter(), [500], [False, False]  # started, complete
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
 
         async def counted_send(message):
             if message["type"] == "http.response.start":
-                status[0] = message["status"]
+                status[0], done[0] = message["status"], True
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                done[1] = True
             await send(message)
 
         def route_label():
@@ -195,24 +217,54 @@ class Gate:
             length = headers.get("content-length")
             if length is not None and (not length.isdigit() or int(length) > self.max_body):
                 return await self._too_large()(scope, receive, counted_send)
-            seen = [0]
+            try:
+                with anyio.fail_after(self.timeout):
+                    body = await self._body(receive)
+            except _TooLarge:
+                return await self._too_large()(scope, receive, counted_send)
+            except TimeoutError:
+                return await error_response(
+                    408, f"the request body did not arrive whole within {self.timeout:g} s "
+                    "(--request-timeout); send it at once, or start the server with a longer "
+                    "timeout", code="request_timeout")(scope, receive, counted_send)
+            if body is None:  # the client went away while sending
+                status[0] = 499
+                return
+            replayed = [False]
 
-            async def limited_receive():
-                message = await receive()
-                if message["type"] == "http.request":
-                    seen[0] += len(message.get("body", b""))
-                    if seen[0] > self.max_body:
-                        raise _TooLarge
-                return message
+            async def replay():  # the body once, then the connection's own messages
+                if not replayed[0]:
+                    replayed[0] = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()
 
             try:
-                await self.app(scope, limited_receive, counted_send)
-            except _TooLarge:
-                await self._too_large()(scope, receive, counted_send)
+                await self.app(scope, replay, counted_send)
+            except Exception as e:
+                log.exception("unexpected error on %s %s", scope["method"], scope["path"])
+                if done[0] and not done[1]:
+                    raise  # an answer cut short: the server closes the connection
+                if not done[0]:
+                    await crashed(e)(scope, replay, counted_send)
         finally:
             route = route_label()
             self.metrics.requests.labels(route, str(status[0])).inc()
             self.metrics.latency.labels(route).observe(time.perf_counter() - start)
+
+    async def _body(self, receive) -> bytes | None:
+        """The whole body (_TooLarge past max_body), or None if the client goes away."""
+        chunks, seen = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            seen += len(chunk)
+            if seen > self.max_body:
+                raise _TooLarge
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     def _too_large(self):
         return error_response(413, f"the request body is over {self.max_body:,} bytes, the most "
@@ -221,3 +273,59 @@ class Gate:
 
 class _TooLarge(Exception):
     pass
+
+
+# ---- the connection: a time limit on a request's headers -----------------------------------
+
+KEEP_ALIVE = 5  # seconds an idle keep-alive connection stays open
+
+
+def timed_protocol(timeout: float):
+    """uvicorn's HTTP/1.1 protocol (h11), closing a connection whose request headers have not
+    arrived whole within `timeout` seconds of the connection, or of the first byte after the
+    last answer (a 408 if some bytes came); uvicorn alone holds such a connection forever."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    body = json.dumps(error_body(408, f"the request headers did not arrive whole within "
+                                 f"{timeout:g} s (--request-timeout)",
+                                 code="request_timeout")).encode()
+    late = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+            b"connection: close\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n"
+            + body)
+
+    class TimedH11Protocol(H11Protocol):
+        head_timer = None
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                if self.head_timer is None:  # a request begun, its headers not yet whole
+                    self._arm()
+            else:
+                self._disarm()
+
+        def connection_lost(self, exc):
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self):
+            self.head_timer = self.loop.call_later(timeout, self._late)
+
+        def _disarm(self):
+            if self.head_timer is not None:
+                self.head_timer.cancel()
+                self.head_timer = None
+
+        def _late(self):
+            self.head_timer = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                if self.conn.trailing_data[0]:  # part of a request: say why
+                    self.transport.write(late)
+                self.transport.close()
+
+    return TimedH11Protocol

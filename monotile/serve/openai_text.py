@@ -9,6 +9,11 @@ chunk where the request asks for it (stream_options.include_usage, as OpenAI sen
 the plain one (each message as "ROLE:\ncontent" and a blank line, then "ASSISTANT:\n"; the
 answer ends at a blank line) for a run trained on plain text. An answer also ends, with
 finish_reason "stop", at the model's end-of-sequence ids (an imported checkpoint's eos_ids).
+
+A prompt longer than the context could hold at MAX_CHARS_PER_TOKEN characters a token is
+refused before it is tokenized; templates and tokenizers run in a worker thread, never on the
+event loop. A request for more sequences (prompts x n) than the engine queues is a 400. When
+the client goes away, streamed or not, its sequences leave the engine (Engine.cancel).
 """
 
 from __future__ import annotations
@@ -20,12 +25,22 @@ import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from ..infer.generate import Sampling
 from ..modalities.chat import PLAIN_STOP, PLAIN_TEMPLATE, render
 from .engine import Job, QueueFull
 from .gate import ApiError, error_body
 from .schemas import MAX_STOPS, ChatRequest, CompletionRequest
+
+# no tokenizer served here fits more characters than this in one token over a whole prompt
+# (a long token is a run of spaces or dashes): a longer prompt cannot fit the context, and is
+# refused without tokenizing it
+MAX_CHARS_PER_TOKEN = 64
+
+
+class _Gone(Exception):
+    """The client of a whole (not streamed) answer went away."""
 
 
 def add_text_routes(app: FastAPI, models, metrics) -> None:
@@ -39,14 +54,17 @@ def add_text_routes(app: FastAPI, models, metrics) -> None:
             raise ApiError(400, "prompt is an empty list; give at least one prompt",
                            param="prompt")
         _check_stream_options(body)
-        encoded = [_encode(served, p) for p in prompts]
         gen = Generation(served, metrics, body, body.max_tokens, _stops(body.stop),
                          logprobs=body.logprobs, chat=False)
+        gen.check_rows(len(prompts) * body.n, f"{len(prompts)} prompts x n={body.n}",
+                       "prompt" if len(prompts) > 1 else "n")
+        encoded = await run_in_threadpool(lambda: [_encode(served, p) for p in prompts])
         jobs = gen.start([ids for ids in encoded for _ in range(body.n)])
         echo = [p for p in prompts for _ in range(body.n)] if body.echo else None
         if body.stream:
             return _sse(gen.stream_completions(jobs, request, echo))
-        return await gen.complete_completions(jobs, sum(len(e) for e in encoded), echo)
+        return await gen.complete_completions(jobs, request, sum(len(e) for e in encoded),
+                                              echo)
 
     @app.post("/v1/chat/completions", tags=["text"])
     async def chat(body: ChatRequest, request: Request):
@@ -57,21 +75,25 @@ def add_text_routes(app: FastAPI, models, metrics) -> None:
                      "".join(p.text for p in m.content or [])} for m in body.messages]
         task = served.run.task
         stops = _stops(body.stop)
+        _check_length(served, sum(len(m["content"] or "") for m in messages), "messages")
         if served.run.has_chat_template:
-            prompt = task.chat_prompt(messages)
+            def prompt_of():
+                return task.chat_prompt(messages)
             stops += list(task.config.chat_stop)
         else:
-            prompt = render(PLAIN_TEMPLATE, messages, add_generation_prompt=True)
+            def prompt_of():
+                return render(PLAIN_TEMPLATE, messages, add_generation_prompt=True)
             stops += list(PLAIN_STOP)
-        ids = _encode(served, prompt)
+        ids = await run_in_threadpool(lambda: _encode(served, prompt_of(), "messages"))
         limit = body.max_completion_tokens if body.max_completion_tokens is not None \
             else body.max_tokens
         top = (body.top_logprobs or 0) if body.logprobs else None
         gen = Generation(served, metrics, body, limit, stops, logprobs=top, chat=True)
+        gen.check_rows(body.n, f"n={body.n}", "n")
         jobs = gen.start([ids] * body.n)
         if body.stream:
             return _sse(gen.stream_chat(jobs, request))
-        return await gen.complete_chat(jobs, len(ids))
+        return await gen.complete_chat(jobs, request, len(ids))
 
 
 def _check_stream_options(body) -> None:
@@ -88,17 +110,30 @@ def _stops(stop) -> list[str]:
     return [s for s in stops if s]
 
 
-def _encode(served, prompt: str) -> list[int]:
+def _check_length(served, chars: int, param: str) -> None:
+    """Refuse a prompt of `chars` characters that cannot fit the context at any tokenizer's
+    MAX_CHARS_PER_TOKEN, before anything tokenizes it."""
+    context = served.run.configs["model"].context
+    most = context * MAX_CHARS_PER_TOKEN
+    if chars > most:
+        raise ApiError(400, f"the prompt has {chars:,} characters; this model's context of "
+                       f"{context} tokens holds at most {most:,} ({MAX_CHARS_PER_TOKEN} a "
+                       "token): shorten it", param=param, code="context_length_exceeded")
+
+
+def _encode(served, prompt: str, param: str = "prompt") -> list[int]:
     """The prompt's ids: a chat template's rendering without the tokenizer's own special tokens
-    (the template writes its BOS), any other prompt with them (TextTask.prompt_ids)."""
+    (the template writes its BOS), any other prompt with them (TextTask.prompt_ids). CPU-bound:
+    call it in a worker thread."""
+    _check_length(served, len(prompt), param)
     ids = served.run.task.prompt_ids(prompt)
     if not ids:
         raise ApiError(400, "the prompt is empty (or holds no character this model knows); "
-                       "give at least one", param="prompt")
+                       "give at least one", param=param)
     context = served.run.configs["model"].context
     if len(ids) >= context:
         raise ApiError(400, f"the prompt has {len(ids)} tokens; this model's context is "
-                       f"{context}, so it takes at most {context - 1}", param="prompt",
+                       f"{context}, so it takes at most {context - 1}", param=param,
                        code="context_length_exceeded")
     return ids
 
@@ -129,6 +164,15 @@ class Generation:
         self.tokenizer = served.run.task.tokenizer
         task = served.run.task  # answers end at the model's end-of-sequence ids too
         self.end_ids, self.specials = task.config.eos_ids, task.special_texts
+
+    def check_rows(self, count: int, what: str, param: str) -> None:
+        """Refuse a request of more sequences than the engine ever queues (400, not a 429
+        that retrying cannot cure)."""
+        most = self.served.engine.max_queue
+        if count > most:
+            raise ApiError(400, f"this request asks for {count} sequences ({what}); this server "
+                           f"takes at most {most} in one request (--max-queue): send fewer "
+                           "prompts or a smaller n", param=param, code="too_many_sequences")
 
     def start(self, prompts: list[list[int]]) -> list[Job]:
         b, loop = self.body, asyncio.get_running_loop()
@@ -182,7 +226,16 @@ class Generation:
                     event["completion_tokens"])
             if event["type"] == "error":
                 open_jobs -= 1
+            if event["type"] == "gone":
+                raise _Gone
             yield i, event
+
+    async def _watch(self, request: Request, jobs: list[Job]) -> None:
+        """Wait until the client goes away; then free its jobs' rows and end events()."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        self.served.engine.cancel(jobs)
+        self.queue.put_nowait((None, {"type": "gone"}))
 
     def usage(self, prompt_tokens: int, completion: int) -> dict:
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
@@ -198,25 +251,34 @@ class Generation:
                                   "bytes": list(self._token_text(t).encode())}
                                  for t, lp in event["top"]]}
 
-    async def _gather(self, jobs):
+    async def _gather(self, jobs, request: Request):
+        """The jobs' texts, finish reasons, log-probabilities and completion tokens; 499 (an
+        answer nobody reads) if the client goes away first, its rows freed."""
         n = len(jobs)
         texts, finish = [""] * n, [None] * n
         lps = [[] for _ in range(n)]
         completion = 0
-        async for i, event in self.events(jobs):
-            if event["type"] == "error":
-                raise ApiError(500, f"generation failed: {event['message']}")
-            if event["type"] == "token":
-                texts[i] += event["text"]
-                if event.get("token") is not None and self.logprobs is not None:
-                    lps[i].append(event)
-            else:
-                finish[i] = event["finish_reason"]
-                completion += event["completion_tokens"]
+        watch = asyncio.ensure_future(self._watch(request, jobs))
+        try:
+            async for i, event in self.events(jobs):
+                if event["type"] == "error":
+                    raise ApiError(500, f"generation failed: {event['message']}")
+                if event["type"] == "token":
+                    texts[i] += event["text"]
+                    if event.get("token") is not None and self.logprobs is not None:
+                        lps[i].append(event)
+                else:
+                    finish[i] = event["finish_reason"]
+                    completion += event["completion_tokens"]
+        except _Gone:
+            raise ApiError(499, "the client closed the connection before the answer",
+                           code="client_closed") from None
+        finally:
+            watch.cancel()
         return texts, finish, lps, completion
 
-    async def complete_completions(self, jobs, prompt_tokens: int, echo):
-        texts, finish, lps, completion = await self._gather(jobs)
+    async def complete_completions(self, jobs, request: Request, prompt_tokens: int, echo):
+        texts, finish, lps, completion = await self._gather(jobs, request)
         choices = []
         for i, text in enumerate(texts):
             prefix = echo[i] if echo else ""
@@ -239,8 +301,8 @@ class Generation:
                 "top_logprobs": [{self._token_text(t): lp for t, lp in e["top"]}
                                  for e in events], "text_offset": offsets}
 
-    async def complete_chat(self, jobs, prompt_tokens: int):
-        texts, finish, lps, completion = await self._gather(jobs)
+    async def complete_chat(self, jobs, request: Request, prompt_tokens: int):
+        texts, finish, lps, completion = await self._gather(jobs, request)
         choices = [{"index": i, "message": {"role": "assistant", "content": text},
                     "logprobs": ({"content": [self._chat_logprob(e) for e in lps[i]]}
                                  if self.logprobs is not None else None),
@@ -294,8 +356,7 @@ class Generation:
                               "usage": self.usage(prompt_tokens, completion)})
             yield "data: [DONE]\n\n"
         finally:  # the client may have gone: free the rows
-            for job in jobs:
-                job.cancelled = True
+            self.served.engine.cancel(jobs)
 
     async def stream_chat(self, jobs, request: Request):
         head = self._head("chat.completion.chunk")
@@ -329,5 +390,4 @@ class Generation:
                               "usage": self.usage(prompt_tokens, completion)})
             yield "data: [DONE]\n\n"
         finally:
-            for job in jobs:
-                job.cancelled = True
+            self.served.engine.cancel(jobs)

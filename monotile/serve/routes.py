@@ -1,6 +1,7 @@
 """The routes of `monotile serve` beyond OpenAI's text protocol (openai_text.py).
 
     GET  /health, /metrics, /v1/models, /      readiness, Prometheus, the list, the playground
+    GET  /v1/models/{model}                    one model's card (404 for a name not served)
     POST /v1/embeddings                        runs whose task answers "embeddings"
     POST /v1/audio/transcriptions              "transcriptions" (a multipart upload)
     POST /v1/images/classifications            "classifications" (a file, or base64)
@@ -10,21 +11,26 @@
 A run's task says which of these it answers (Task.routes) and turns the request's file or JSON
 into its input (Task.read); what each route promises of the task's results is written at the
 route. The work runs in a worker thread, one request at a time per model: nothing CPU-bound
-runs on the event loop, and no request touches the disk.
+runs on the event loop (decoding base64, tokenizing, encoding a large answer), and a task reads
+an upload's bytes, never a path on the server's disk. An upload the task cannot read is named
+in the error as the client named it (its multipart filename).
 """
 
 from __future__ import annotations
 
 import base64
 import math
+import re
+import tempfile
 from pathlib import Path
 
 from fastapi import FastAPI, File, Form, UploadFile
+from fastapi.encoders import jsonable_encoder
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, MonotileError
 from ..modalities import check_options, takes
 from ..modalities.speech_io import segments_of, transcript_file
 from .gate import ApiError
@@ -46,32 +52,67 @@ async def _work(served, fn, *args, **kwargs):
     return await run_in_threadpool(locked)
 
 
-async def _predict_one(served, source, what: str | None = None, **options) -> dict:
+class _Unreadable(Exception):
+    """task.read refused an upload (a DataError): a 415."""
+
+
+async def _predict_one(served, source, what: str | None = None, name: str = "upload",
+                       **options) -> dict:
     """The run's task reads `source` (bytes or JSON) and predicts it: its one result. With
-    `what`, an input the task cannot read is a 415 (an upload that is not `what`), else 400."""
+    `what`, an upload the task cannot read is a 415 naming it `name` (as the client did),
+    else 400."""
     task, model = served.run.task, served.run.model
 
     def work():
         try:
             item = task.read(source)
+        except DataError as e:
+            if what is None:
+                raise
+            raise _Unreadable(str(e)) from None
         except (TypeError, ValueError, KeyError, AttributeError) as e:  # a JSON value read()
             raise DataError(f"the input is not one this model reads ({type(e).__name__}: "
                             f"{e})") from None  # did not expect: the client's mistake
         return task.predict(model, [item], **options)[0]
     try:
         return await _work(served, work)
-    except DataError as e:
+    except _Unreadable as e:
+        raise ApiError(415, _named(str(e), name), param="file",
+                       code="unsupported_media") from None
+    except MonotileError as e:
         if what is None:
             raise
-        raise ApiError(415, f"the upload is not a readable {what} file ({e})", param="file",
-                       code="unsupported_media") from None
+        raise ApiError(400, _named(str(e), name), code="invalid_input") from None
+
+
+# what a reader's message may say of bytes it was handed: an in-memory file's repr, the words
+# "the upload", or a temporary file's path on the server
+_UNNAMED = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>|\bthe upload\b|"
+                      + re.escape(tempfile.gettempdir()) + r"""[/\\][^\s'"():;,]*""")
+
+
+def _named(message: str, name: str) -> str:
+    """A reader's message about an upload, naming it `name` (the client's filename) where it
+    spoke of the upload, of an in-memory file or of a temporary path."""
+    return _UNNAMED.sub(repr(name), message)
+
+
+def _filename(file: UploadFile) -> str:
+    """The upload's name as the client gave it (no folders), or "upload"."""
+    return Path((file.filename or "").replace("\\", "/")).name or "upload"
 
 
 async def _upload(file: UploadFile, what: str) -> bytes:
     raw = await file.read()
     if not raw:
-        raise ApiError(400, f"the {what} file is empty", param="file")
+        raise ApiError(400, f"the {what} file {_filename(file)!r} is empty", param="file")
     return raw
+
+
+async def _json(answer) -> JSONResponse:
+    """`answer` as FastAPI would encode it, in a worker thread: a long forecast or a task's
+    large result takes a while to encode."""
+    return await run_in_threadpool(lambda: JSONResponse(jsonable_encoder(answer)))
 
 
 def _b64(text, param: str = "image") -> bytes:
@@ -105,16 +146,20 @@ def add_routes(app: FastAPI, models, metrics) -> None:
         if body.dimensions not in (None, width):
             raise ApiError(400, f"dimensions={body.dimensions} is not supported: this model's "
                            f"embeddings have {width}", param="dimensions")
-        vectors = await _work(served, run.embed, texts)
-        tokens = sum(len(run.task.tokenizer.encode(t)) for t in texts)
+        def work():
+            return run.embed(texts), sum(len(run.task.tokenizer.encode(t)) for t in texts)
+        vectors, tokens = await _work(served, work)
         metrics.tokens.labels(served.name, "prompt").inc(tokens)
-        data = []
-        for i, v in enumerate(vectors):
-            value = (base64.b64encode(v.float().numpy().tobytes()).decode()
-                     if body.encoding_format == "base64" else v.tolist())
-            data.append({"object": "embedding", "index": i, "embedding": value})
-        return {"object": "list", "data": data, "model": served.name,
-                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+        def answer():  # 2048 vectors are a second of encoding: not on the event loop
+            data = []
+            for i, v in enumerate(vectors):
+                value = (base64.b64encode(v.float().numpy().tobytes()).decode()
+                         if body.encoding_format == "base64" else v.tolist())
+                data.append({"object": "embedding", "index": i, "embedding": value})
+            return JSONResponse({"object": "list", "data": data, "model": served.name,
+                                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+        return await run_in_threadpool(answer)
 
     @app.post("/v1/audio/transcriptions", tags=["audio"])
     async def transcriptions(file: UploadFile = File(...), model: str = Form(...),
@@ -148,7 +193,8 @@ def add_routes(app: FastAPI, models, metrics) -> None:
             raise ApiError(400, str(e), param=next(iter(options))) from None
         if "word" in granularities and takes(predict, "word_timestamps"):
             options["word_timestamps"] = True
-        r = await _predict_one(served, await _upload(file, "audio"), "audio", **options)
+        r = await _predict_one(served, await _upload(file, "audio"), "audio",
+                               _filename(file), **options)
         if response_format == "text":
             return PlainTextResponse(r["text"] + "\n")
         if response_format in ("srt", "vtt"):
@@ -182,10 +228,12 @@ def add_routes(app: FastAPI, models, metrics) -> None:
         if (file is None) == (image is None):
             raise ApiError(400, "give the image as a multipart `file`, or as base64 in "
                            "`image` (one of the two)", param="file")
-        raw = _b64(image) if image is not None else await _upload(file, "image")
+        raw = await run_in_threadpool(_b64, image) if image is not None else \
+            await _upload(file, "image")
         if not raw:
             raise ApiError(400, "the image file is empty", param="file")
-        r = await _predict_one(served, raw, "image", top_k=top_k)
+        r = await _predict_one(served, raw, "image", "image" if file is None else
+                               _filename(file), top_k=top_k)
         return {"object": "list", "model": served.name,
                 "data": [{"label": label, "probability": p}
                          for label, p in zip(r["labels"], r["probs"])]}
@@ -216,8 +264,8 @@ def add_routes(app: FastAPI, models, metrics) -> None:
         dropped = {f"q{round(q * 100):02d}" for q in known
                    if not any(abs(q - k) < 1e-9 for k in keep)}
         rows = [{k: v for k, v in row.items() if k not in dropped} for row in r["forecast"]]
-        return {"object": "forecast", "model": served.name, "series": r["series"],
-                "horizon": r["horizon"], "quantiles": keep, "forecast": rows}
+        return await _json({"object": "forecast", "model": served.name, "series": r["series"],
+                            "horizon": r["horizon"], "quantiles": keep, "forecast": rows})
 
     @app.post("/v1/predictions", tags=["predictions"])
     async def predictions(body: PredictionRequest):
@@ -235,9 +283,9 @@ def add_routes(app: FastAPI, models, metrics) -> None:
             raise ApiError(400, str(e), param="options") from None
         source = body.input
         if isinstance(source, dict) and set(source) == {"base64"}:  # a file's bytes
-            source = _b64(source["base64"], param="input")
+            source = await run_in_threadpool(_b64, source["base64"], "input")
         r = await _predict_one(served, source, **body.options)
-        return {"object": "prediction", "model": served.name, "data": r}
+        return await _json({"object": "prediction", "model": served.name, "data": r})
 
 
 def _service_routes(app: FastAPI, models, metrics) -> None:
@@ -266,4 +314,18 @@ def _service_routes(app: FastAPI, models, metrics) -> None:
             raise ApiError(503, "the models are still loading; retry in a moment",
                            code="loading")
         return {"object": "list", "data": [s.card() for s in models.by_name.values()]}
+
+    @app.get("/v1/models/{model:path}", tags=["models"])
+    async def retrieve_model(model: str):
+        """OpenAI's Model object (id, object "model", created, owned_by), and monotile's
+        task, routes, chat_template and context."""
+        if not models.ready.is_set():
+            raise ApiError(503, "the models are still loading; retry in a moment",
+                           code="loading")
+        served = models.by_name.get(model)
+        if served is None:
+            raise ApiError(404, f"model {model!r} is not served here; GET /v1/models lists "
+                           f"{', '.join(models.by_name)}", param="model",
+                           code="model_not_found", kind="invalid_request_error")
+        return served.card()
 
