@@ -89,6 +89,11 @@ def test_a_second_writer_is_refused_by_name_and_the_first_goes_on(tmp_path, smal
         reader = cli("generate", str(tmp_path / "run"), "--prompt", "A",
                      "--max-new-tokens", "5", "--seed", "0")  # readers are never refused
         assert reader.returncode == 0, reader.stderr
+        figures = cli("eval", str(tmp_path / "run"), "--json")  # and told what they read
+        assert figures.returncode == 0, figures.stderr
+        assert json.loads(figures.stdout)["training"]["pid"] == str(trainer.pid)
+        said = cli("eval", str(tmp_path / "run"))
+        assert f"is training now (pid {trainer.pid})" in said.stderr
     finally:
         trainer.send_signal(signal.SIGINT)
         out, err = trainer.communicate(timeout=120)

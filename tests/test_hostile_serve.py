@@ -119,10 +119,12 @@ def test_a_prompt_near_the_body_limit_gets_a_400_and_health_answers_meanwhile(se
 def test_a_500_says_connection_close_and_the_clients_next_request_succeeds(server):
     with httpx.Client(base_url=server, headers=AUTH, timeout=60,
                       limits=httpx.Limits(max_connections=1)) as c:
-        refused = c.post("/v1/forecasts", json={"model": "series",
-                                                "csv": "a,b\n" + "x,y\n" * 120})
-        assert refused.status_code == 400, refused.text  # the reader's DataError
-        assert set(refused.json()["error"]) == {"message", "type", "param", "code"}
+        for csv in ("a,b\n" + "x,y\n" * 120, "a;b\n" + "1;2\n" * 120,  # no numeric column
+                    "date\n" + "".join(f"2024-01-{d:02d}\n" for d in range(1, 29))):
+            refused = c.post("/v1/forecasts", json={"model": "series", "csv": csv})
+            assert refused.status_code == 400, refused.text  # the reader's DataError
+            assert set(refused.json()["error"]) == {"message", "type", "param", "code"}
+            assert "numeric column" in refused.json()["error"]["message"]
         crashed = c.post("/v1/images/classifications", data={"model": "broken"},
                          files={"file": ("grey.png", png(), "image/png")})
         assert crashed.status_code == 500, crashed.text

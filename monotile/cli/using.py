@@ -34,10 +34,31 @@ def _eval(a) -> None:
     run = load(a.run, checkpoint=a.checkpoint, device=a.device)
     options = {} if a.backtest is None else {"backtest": a.backtest}
     figures = run.report(data=a.data, progress=not (a.quiet or a.json), **options)
+    training = _training_now(run.dir)
     if a.json:
-        print_json({"run": str(run.dir), "checkpoint": a.checkpoint, **figures})
+        print_json({"run": str(run.dir), "checkpoint": a.checkpoint, **figures,
+                    **({"training": training} if training else {})})
     else:
+        if training:
+            print(f"note: {run.dir} is training now (pid {training['pid']}); these figures are "
+                  f"of its checkpoint at step {training['step']}", file=sys.stderr)
         print(run.task.format_report(figures))
+
+
+def _training_now(run_dir) -> dict | None:
+    """{"pid", "step"} of the process training the run now (its last committed step), or
+    None when nothing trains it."""
+    import json
+
+    from ..rundir import writer_pid
+    pid = writer_pid(run_dir)
+    if pid is None:
+        return None
+    try:
+        step = json.loads((run_dir / "trainer_state.json").read_text())["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        step = None
+    return {"pid": pid, "step": step}
 
 
 # ---- generate -----------------------------------------------------------------------------------
