@@ -119,7 +119,7 @@ def test_cli_train_eval_generate(tmp_path, small_text):
     assert figures["val_loss"] == pytest.approx(trained["val_loss"], rel=1e-5)
     assert set(figures) >= {"val_loss", "perplexity", "bits_per_byte"}
 
-    gen = ["generate", str(out), "--prompt", "KING", "--max-new-tokens", "40",
+    gen = ["generate", str(out), "--prompt", "KING", "--max-new-tokens", "30",
            "--temperature", "0.9", "--top-k", "20", "--top-p", "0.95",
            "--repetition-penalty", "1.1", "--seed", "5"]
     a, b = cli(*gen), cli(*gen, "--stream")
