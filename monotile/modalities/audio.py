@@ -2,6 +2,13 @@
 
 Read:     soundfile decodes WAV/FLAC/OGG of any rate, depth and channel count; channels are
           averaged to mono and the rate is changed with scipy's polyphase resampler.
+Limits:   a recording is decoded only if its header declares a sample rate of 4-384 kHz, at
+          most 64 channels, at most 4 hours (MAX_AUDIO_SECONDS: a long meeting, transcribed
+          window after window) and at most 2^30 samples over its channels (4 GiB as float32);
+          its samples must be finite and within +-1e6 (a float file's belong in [-1, 1]). A
+          rate ratio that does not reduce to terms of at most 10,000 (resampling by p/q designs
+          a filter of 20 max(p, q) taps) is taken as the nearest one that does, off by at most
+          5e-5 (383,999 Hz is read as 384,000 Hz).
 STFT:     X[m, k] = sum_n x[m h + n - N/2] w[n] exp(-2 pi i k n / N), the signal reflected at
           both ends (centred frames), w the periodic Hann window of N = n_fft samples, hop h
 Mel:      mel(f) = 3 f / 200 below 1 kHz, 15 + 27 ln(f / 1000) / ln 6.4 above (Slaney);
@@ -20,7 +27,7 @@ from __future__ import annotations
 
 import io
 import math
-from math import gcd
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -32,33 +39,78 @@ from ..errors import DataError
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".aiff", ".aif", ".mp3")
 SILENCE = 1e-4  # a peak below -80 dBFS is silence: nothing to transcribe
+MIN_RATE, MAX_RATE = 4_000, 384_000  # the sample rates (Hz) a recording may declare
+MAX_CHANNELS = 64
+MAX_AUDIO_SECONDS = 4 * 3600  # the longest recording read: a long meeting
+MAX_AUDIO_SAMPLES = 2 ** 30  # frames x channels decoded at once: 4 GiB as float32
+MAX_RATIO_TERMS = 10_000  # resampling by p/q designs a filter of 20 max(p, q) taps
+MAX_SAMPLE = 1e6  # a sample beyond this is not audio (a float file's belong in [-1, 1])
 
 
 def read_audio(source: Path | bytes, sample_rate: int) -> torch.Tensor:
     """Any audio soundfile reads, a file or its bytes -> float32 mono waveform (N,) at
-    sample_rate, values in [-1, 1]; DataError if it is not readable audio."""
+    sample_rate, values in [-1, 1]; DataError if it is not readable audio, or outside the
+    limits (module docstring): the header's rate, channels and length are checked before a
+    sample is decoded, the samples after."""
     import soundfile as sf
 
     upload = isinstance(source, (bytes, bytearray))
+    what = "the upload" if upload else source
     try:
+        info = sf.info(io.BytesIO(source) if upload else str(source))
+        _check_header(what, int(info.samplerate), int(info.channels), int(info.frames))
         data, rate = sf.read(io.BytesIO(source) if upload else str(source), dtype="float32",
                              always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
-        raise DataError(f"{'the upload' if upload else source} is not a readable audio file "
-                        f"({str(e).strip().rstrip('.')}); give a WAV, FLAC or OGG file") from None
+        raise DataError(f"{what} is not a readable audio file ({str(e).strip().rstrip('.')}); "
+                        "give a WAV, FLAC or OGG file") from None
+    if len(data) > MAX_AUDIO_SECONDS * rate:  # a header that did not know its length
+        raise DataError(f"{what} lasts more than the {MAX_AUDIO_SECONDS // 3600} h this reads; "
+                        "cut it into parts")
+    if data.size and not (np.isfinite(data).all() and np.abs(data).max() <= MAX_SAMPLE):
+        raise DataError(f"{what} holds samples that are not finite (NaN or infinity) or "
+                        f"beyond +-{MAX_SAMPLE:,.0f}; give audio whose samples are numbers in "
+                        "[-1, 1]")
     mono = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
     return torch.from_numpy(np.ascontiguousarray(resample(mono, rate, sample_rate)))
 
 
+def _check_header(what, rate: int, channels: int, frames: int) -> None:
+    """Refuse what a recording's header declares beyond the limits, before decoding it."""
+    if not MIN_RATE <= rate <= MAX_RATE:
+        raise DataError(f"{what} declares a sample rate of {rate} Hz, outside the {MIN_RATE}-"
+                        f"{MAX_RATE} Hz this reads; give a recording at an ordinary rate "
+                        "(8, 16, 44.1 or 48 kHz)")
+    if not 0 < channels <= MAX_CHANNELS:
+        raise DataError(f"{what} declares {channels} channels; this reads 1 to {MAX_CHANNELS}: "
+                        "give it mono or stereo")
+    if frames >= 2 ** 62:  # libsndfile's "unknown length": checked once decoded
+        return
+    if frames > MAX_AUDIO_SECONDS * rate:
+        raise DataError(f"{what} lasts {frames / rate:,.0f} s, longer than the "
+                        f"{MAX_AUDIO_SECONDS:,} s ({MAX_AUDIO_SECONDS // 3600} h) this reads; cut "
+                        "it into parts (e.g. ffmpeg -i IN -f segment -segment_time 3600 "
+                        "part%d.wav)")
+    if frames * channels > MAX_AUDIO_SAMPLES:
+        raise DataError(f"{what} holds {frames * channels:,} samples ({channels} channels at "
+                        f"{rate} Hz), more than the {MAX_AUDIO_SAMPLES:,} this decodes at once; "
+                        "give it as mono at 16 kHz, or cut it into parts")
+
+
 def resample(x: np.ndarray, rate: int, target: int) -> np.ndarray:
-    """Polyphase resampling by target/rate in lowest terms (scipy.signal.resample_poly: zero
-    insertion, a Kaiser-windowed low-pass FIR, decimation)."""
+    """Polyphase resampling by up/down = target/rate in lowest terms (scipy.signal.resample_poly:
+    zero insertion, a Kaiser-windowed low-pass FIR, decimation). A ratio whose terms exceed
+    MAX_RATIO_TERMS is replaced by the nearest one within them (Fraction.limit_denominator)."""
     if rate == target or len(x) == 0:
         return x.astype(np.float32, copy=False)
     from scipy.signal import resample_poly
 
-    g = gcd(int(rate), int(target))
-    return resample_poly(x, target // g, rate // g).astype(np.float32)
+    ratio = Fraction(int(target), int(rate))
+    if max(ratio.numerator, ratio.denominator) > MAX_RATIO_TERMS:
+        ratio = ratio.limit_denominator(MAX_RATIO_TERMS)
+        if ratio.numerator > MAX_RATIO_TERMS:  # an upsampling ratio: bound its other term
+            ratio = 1 / (1 / ratio).limit_denominator(MAX_RATIO_TERMS)
+    return resample_poly(x, ratio.numerator, ratio.denominator).astype(np.float32)
 
 
 def hann_window(n: int, device=None) -> torch.Tensor:

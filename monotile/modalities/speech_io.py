@@ -14,13 +14,6 @@ Scores:    WER = word edits / reference words, CER = character edits / reference
 Files:     txt, vtt, srt, tsv, json as openai-whisper's CLI writes them (whisper/utils.py): a
            cue per segment, timed by its words when it has them; CTC words are grouped into
            segments of at most 42 characters and 5 s
-Limits:    a recording is read only if its header declares a sample rate of 4-384 kHz, at most
-           64 channels, at most 4 hours (MAX_AUDIO_SECONDS: a long meeting, transcribed window
-           after window) and at most 2^30 samples over its channels (4 GiB as float32); its
-           samples must be finite and within +-1e6 (a float file's belong in [-1, 1]). A rate
-           whose ratio to the model's does not reduce to terms of at most 10,000 (resampling
-           by p/q designs a filter of 20 max(p, q) taps) is resampled by the nearest ratio of
-           denominator at most 10,000, off by at most 5e-5 (40,002 Hz is read as 40,000 Hz)
 Transcriber: what the CTC recogniser and Whisper share as tasks (audio in, transcripts out)
 """
 
@@ -28,13 +21,11 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import io
 import json
 import re
 import time
 import unicodedata
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -42,7 +33,7 @@ import torch
 
 from ..data import listed_file, read_each
 from ..errors import ConfigError, DataError
-from .audio import AUDIO_SUFFIXES, read_audio, resample
+from .audio import AUDIO_SUFFIXES, read_audio
 from .base import TaskBase
 from .metrics import edit_distance
 
@@ -51,12 +42,6 @@ if TYPE_CHECKING:
 
 BUILTIN = {"fsdd": "fsdd/recordings"}
 MAX_BEAM = 128  # the widest beam a prediction may ask for
-MIN_RATE, MAX_RATE = 4_000, 384_000  # the sample rates (Hz) a recording may declare
-MAX_CHANNELS = 64
-MAX_AUDIO_SECONDS = 4 * 3600  # the longest recording read: a long meeting
-MAX_AUDIO_SAMPLES = 2 ** 30  # frames x channels decoded at once: 4 GiB as float32
-MAX_RATIO_TERMS = 10_000  # resampling by p/q designs a filter of 20 max(p, q) taps
-MAX_SAMPLE = 1e6  # a sample beyond this is not audio (a float file's belong in [-1, 1])
 FSDD_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
@@ -203,57 +188,9 @@ def split_utterances(cfg: SpeechConfig, path: Path) -> dict[str, list[Utterance]
     return {"train": items, "test": test}
 
 
-def read_recording(source: Path | bytes, sample_rate: int) -> torch.Tensor:
-    """audio.read_audio within the limits (module docstring): the header's sample rate,
-    channels and length are checked before a sample is decoded, the samples after; each
-    refusal a DataError naming the file and the limit."""
-    import soundfile as sf
-
-    upload = isinstance(source, (bytes, bytearray))
-    what = "the upload" if upload else source
-    try:
-        info = sf.info(io.BytesIO(source) if upload else str(source))
-    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
-        raise DataError(f"{what} is not a readable audio file ({str(e).strip().rstrip('.')}); "
-                        "give a WAV, FLAC or OGG file") from None
-    rate, channels, frames = int(info.samplerate), int(info.channels), int(info.frames)
-    if not MIN_RATE <= rate <= MAX_RATE:
-        raise DataError(f"{what} declares a sample rate of {rate} Hz, outside the {MIN_RATE}-"
-                        f"{MAX_RATE} Hz this reads; give a recording at an ordinary rate "
-                        "(8, 16, 44.1 or 48 kHz)")
-    if not 0 < channels <= MAX_CHANNELS:
-        raise DataError(f"{what} declares {channels} channels; this reads 1 to {MAX_CHANNELS}: "
-                        "give it mono or stereo")
-    if frames < 2 ** 62:  # libsndfile's length, clamped to the file's bytes (2^63 - 1: unknown)
-        if frames > MAX_AUDIO_SECONDS * rate:
-            raise DataError(f"{what} lasts {frames / rate:,.0f} s, longer than the "
-                            f"{MAX_AUDIO_SECONDS:,} s ({MAX_AUDIO_SECONDS // 3600} h) this "
-                            "reads; cut it into parts (e.g. ffmpeg -i IN -f segment "
-                            "-segment_time 3600 part%d.wav)")
-        if frames * channels > MAX_AUDIO_SAMPLES:
-            raise DataError(f"{what} holds {frames * channels:,} samples ({channels} channels "
-                            f"at {rate} Hz), more than the {MAX_AUDIO_SAMPLES:,} this decodes "
-                            "at once; give it as mono at 16 kHz, or cut it into parts")
-    ratio = Fraction(sample_rate, rate)
-    if max(ratio.numerator, ratio.denominator) <= MAX_RATIO_TERMS:
-        wave = read_audio(source, sample_rate)
-    else:  # an odd rate: resampled by the nearest ratio of small terms
-        ratio = ratio.limit_denominator(MAX_RATIO_TERMS)
-        wave = read_audio(source, rate).numpy()
-        wave = torch.from_numpy(resample(wave, ratio.denominator, ratio.numerator))
-    if frames >= 2 ** 62 and len(wave) > MAX_AUDIO_SECONDS * sample_rate:  # length unknown
-        raise DataError(f"{what} lasts more than the {MAX_AUDIO_SECONDS // 3600} h this reads; "
-                        "cut it into parts")
-    if len(wave) and not (torch.isfinite(wave).all() and wave.abs().max() <= MAX_SAMPLE):
-        raise DataError(f"{what} holds samples that are not finite (NaN or infinity) or "
-                        f"beyond +-{MAX_SAMPLE:,.0f}; give audio whose samples are numbers in "
-                        "[-1, 1]")
-    return wave
-
-
 def read_all(items: list[Utterance], cfg: SpeechConfig, what: str):
     """Waveforms and normalised transcripts; unreadable files are reported and skipped."""
-    waves, kept = read_each(items, lambda u: read_recording(u.path, cfg.sample_rate), what)
+    waves, kept = read_each(items, lambda u: read_audio(u.path, cfg.sample_rate), what)
     return waves, [dataclasses.replace(u, text=normalize_text(u.text)) for u in kept]
 
 
@@ -415,10 +352,10 @@ class Transcriber(TaskBase):
 
     def read(self, source) -> torch.Tensor:
         """An audio file (or its bytes) -> the mono waveform at the run's sample rate, within
-        the limits of read_recording."""
+        audio.read_audio's limits."""
         if not isinstance(source, (bytes, bytearray)):
             source = Path(source).expanduser()
-        return read_recording(source, self.config.sample_rate)
+        return read_audio(source, self.config.sample_rate)
 
     def format_predictions(self, summary: dict, fmt: str = "text") -> str:
         return format_transcripts(summary, fmt)
