@@ -9,7 +9,6 @@ from __future__ import annotations
 import concurrent.futures
 import io
 import json
-import re
 import socket
 import statistics
 import threading
@@ -20,9 +19,9 @@ import pytest
 
 import monotile
 from monotile.serve.process import start_server, stop
+from test_serve import KEY, metric, wait_drained
 
 openai = pytest.importorskip("openai")
-KEY = "sk-hostile"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 TIMEOUT = 3  # the server's --request-timeout, in seconds
 
@@ -66,13 +65,6 @@ def server(runs):
 @pytest.fixture(scope="module")
 def client(server):
     return openai.OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0, timeout=60)
-
-
-def metric(url, name: str, model: str) -> float:
-    """The value of one model's Prometheus sample on /metrics (0 if absent)."""
-    text = httpx.get(url + "/metrics", headers=AUTH, timeout=60).text
-    m = re.search(rf'^{name}{{model="{re.escape(model)}"}} (\S+)$', text, re.M)
-    return float(m.group(1)) if m else 0.0
 
 
 def png() -> bytes:
@@ -148,12 +140,7 @@ def test_non_streamed_clients_that_time_out_free_their_rows(server):
                              "n": 2, "temperature": 1.0, "seed": i})
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         list(pool.map(ask, range(8)))  # 16 sequences, each of 1000 tokens
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if (metric(server, "monotile_running_sequences", model="long") == 0
-                and metric(server, "monotile_queue_depth", model="long") == 0):
-            break
-        time.sleep(0.1)
+    wait_drained(server, "long")
     assert metric(server, "monotile_running_sequences", model="long") == 0
     assert metric(server, "monotile_queue_depth", model="long") == 0
     assert metric(server, "monotile_cancelled_total", model="long") > before

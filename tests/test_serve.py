@@ -99,6 +99,16 @@ def completion_chunk(chunk: dict) -> Completion:
     return parsed
 
 
+def wait_drained(url, model: str, seconds: float = 10) -> None:
+    """Poll /metrics until the model has no request waiting and no row decoding (the engine
+    frees a row a step after its client goes), or `seconds` pass; the caller asserts."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and (
+            metric(url, "monotile_queue_depth", model=model)
+            or metric(url, "monotile_running_sequences", model=model)):
+        time.sleep(0.1)
+
+
 def metric(url, name: str, **labels) -> float:
     """The value of one Prometheus sample on /metrics (0 if absent)."""
     text = get(url, "/metrics").text

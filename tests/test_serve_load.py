@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from monotile.serve.process import start_server, stop
-from test_serve import metric
+from test_serve import metric, wait_drained
 
 CLIENTS = 32
 SECONDS = float(os.environ.get("MONOTILE_LOAD_SECONDS", "60"))
@@ -112,11 +112,7 @@ def test_32_streaming_clients_get_every_answer_whole(server):
         t.join()
     assert not errors, f"{len(errors)} of {done[0]} requests failed; the first: {errors[0]}"
     assert done[0] >= CLIENTS and compared[0] >= CLIENTS
-    for _ in range(50):  # the engine frees the last rows a moment after the last stream ends
-        if (metric(server, "monotile_queue_depth", model="tiny") == 0
-                and metric(server, "monotile_running_sequences", model="tiny") == 0):
-            break
-        time.sleep(0.1)
+    wait_drained(server, "tiny")  # the engine frees the last rows a step after the last stream
     assert metric(server, "monotile_queue_depth", model="tiny") == 0
     assert metric(server, "monotile_running_sequences", model="tiny") == 0
     assert httpx.get(server + "/health", timeout=10).status_code == 200

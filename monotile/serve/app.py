@@ -111,17 +111,23 @@ class Models:
             self.failed = f"{type(e).__name__}: {e}" if not isinstance(e, MonotileError) else str(e)
             log.error("could not load the models: %s", self.failed)
 
-    def get(self, name: str, route: str) -> Served:
-        """The served model `name`, which must answer `route`: 503 while loading, 400 for an
-        unknown model or one of another kind (naming the route it answers)."""
+    def check_ready(self) -> None:
+        """503 while the models load."""
         if not self.ready.is_set():
             raise ApiError(503, "the models are still loading; retry in a moment",
                            code="loading")
+
+    def get(self, name: str, route: str | None = None) -> Served:
+        """The served model `name`, which must answer `route` (if given): 503 while loading,
+        for an unknown model 400 (a request naming it) or 404 (GET /v1/models/{name}, route
+        None), 400 for a model of another kind (naming the route it answers)."""
+        self.check_ready()
         served = self.by_name.get(name)
         if served is None:
-            raise ApiError(400, f"model {name!r} is not served here; GET /v1/models lists "
-                           f"{', '.join(self.by_name)}", param="model", code="model_not_found")
-        if route not in served.routes:
+            raise ApiError(400 if route else 404, f"model {name!r} is not served here; "
+                           f"GET /v1/models lists {', '.join(self.by_name)}", param="model",
+                           code="model_not_found", kind="invalid_request_error")
+        if route is not None and route not in served.routes:
             where = " or ".join(PATHS[r] for r in served.routes if r != "predictions") or \
                 PATHS["predictions"]
             raise ApiError(400, f"model {name!r} is a {served.kind} model; send it to {where}",

@@ -310,22 +310,12 @@ def _service_routes(app: FastAPI, models, metrics) -> None:
 
     @app.get("/v1/models", tags=["models"])
     async def list_models():
-        if not models.ready.is_set():
-            raise ApiError(503, "the models are still loading; retry in a moment",
-                           code="loading")
+        models.check_ready()
         return {"object": "list", "data": [s.card() for s in models.by_name.values()]}
 
     @app.get("/v1/models/{model:path}", tags=["models"])
     async def retrieve_model(model: str):
         """OpenAI's Model object (id, object "model", created, owned_by), and monotile's
         task, routes, chat_template and context."""
-        if not models.ready.is_set():
-            raise ApiError(503, "the models are still loading; retry in a moment",
-                           code="loading")
-        served = models.by_name.get(model)
-        if served is None:
-            raise ApiError(404, f"model {model!r} is not served here; GET /v1/models lists "
-                           f"{', '.join(models.by_name)}", param="model",
-                           code="model_not_found", kind="invalid_request_error")
-        return served.card()
+        return models.get(model).card()
 
