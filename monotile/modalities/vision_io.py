@@ -53,13 +53,6 @@ def read_image(source: Path | bytes, channels: int, size: int, fit: str = "squas
         with warnings.catch_warnings():  # over Pillow's limit: refused below, not warned of
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(source) if upload else source)
-    except Image.DecompressionBombError as e:  # over twice Pillow's limit
-        raise _too_large(what, str(e).partition("(")[2].partition(")")[0] or "too large") \
-            from None
-    except (OSError, ValueError, SyntaxError) as e:
-        raise DataError(f"{what} is not a readable image ({str(e).rstrip('.')}); give a "
-                        "PNG, JPEG, BMP, GIF, WebP or TIFF file") from None
-    try:
         with im:
             if im.width * im.height > MAX_PIXELS:  # the header's size, before decoding
                 raise _too_large(what, f"{im.width} x {im.height} pixels")
@@ -78,9 +71,9 @@ def read_image(source: Path | bytes, channels: int, size: int, fit: str = "squas
                 else:
                     im = im.resize((size, size), resample)
             a = np.array(im, dtype=np.uint8)
-    except Image.DecompressionBombError as e:  # a frame larger than the header said
+    except Image.DecompressionBombError as e:  # over twice Pillow's limit, or a frame larger
         raise _too_large(what, str(e).partition("(")[2].partition(")")[0] or "too large") \
-            from None
+            from None  # than its header said
     except (OSError, ValueError, SyntaxError) as e:
         raise DataError(f"{what} is not a readable image ({str(e).rstrip('.')}); give a "
                         "PNG, JPEG, BMP, GIF, WebP or TIFF file") from None

@@ -151,8 +151,7 @@ def _header(raw, path: Path) -> tuple[dict, dict[str, tuple[str, tuple, int, int
     for name, entry in header.items():
         dtype, shape = entry["dtype"], tuple(int(d) for d in entry["shape"])
         begin, end = (8 + n + int(o) for o in entry["data_offsets"])
-        width = torch.empty((), dtype=_SAFETENSORS_DTYPES[dtype]).element_size()
-        if end > size or end - begin != math.prod(shape) * width:
+        if end > size or end - begin != math.prod(shape) * _SAFETENSORS_DTYPES[dtype].itemsize:
             raise ValueError(f"tensor {name!r} runs past the end of the file")
         places[name] = (dtype, shape, begin, end)
     return metadata, places

@@ -295,7 +295,6 @@ def fit(task, model: nn.Module, cfg: TrainConfig, run_dir: Path, *, state: dict 
                 # the one host sync per log interval; the mean over processes
                 loss_sum = distributed.all_sum(loss_sum).item() / ctx.world
                 if not math.isfinite(loss_sum):
-                    bar.close()
                     raise MonotileError(
                         f"the loss became {loss_sum} by step {step}: training diverged; lower "
                         f"lr (now {cfg.lr}) or raise warmup_steps, and train again")
@@ -322,7 +321,6 @@ def fit(task, model: nn.Module, cfg: TrainConfig, run_dir: Path, *, state: dict 
             if requested:
                 interrupted = True
                 break
-    bar.close()
     if ctx.main:
         plot_loss_curve(run_dir, metric)
     state["interrupted"] = interrupted
