@@ -123,9 +123,7 @@ def read_table(source: Path | str, config: SeriesConfig
         return table_from_rows(_csv_rows(_bounded(source, "the CSV text"), "the CSV text"),
                                config, "the CSV text")
     try:
-        size = os.path.getsize(source)
-        if size > MAX_CSV_BYTES:
-            _bounded(size, source)
+        _bounded(os.path.getsize(source), source)
         with open(source, newline="", encoding="utf-8-sig") as f:
             rows = _csv_rows(f, source)
     except (OSError, UnicodeDecodeError) as e:
