@@ -59,7 +59,8 @@ def main() -> None:
     ap.add_argument("--only", nargs="+", default=["etth1", "m4-weekly", "co2", "sunspots"])
     ap.add_argument("--horizons", nargs="+", type=int, default=[96])
     ap.add_argument("--out", help="where the runs go (default: a temporary folder)")
-    ap.add_argument("--set", nargs="*", default=[], dest="overrides", metavar="KEY=VALUE")
+    ap.add_argument("--set", nargs="*", action="extend", default=[], dest="overrides",
+                    metavar="KEY=VALUE")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     out = Path(a.out or tempfile.mkdtemp(prefix="monotile-bench-"))

@@ -76,7 +76,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--speakers", nargs="+", default=["all"])
     ap.add_argument("--out", help="where the runs go (default: a temporary folder)")
-    ap.add_argument("--set", nargs="*", default=[], dest="overrides", metavar="KEY=VALUE")
+    ap.add_argument("--set", nargs="*", action="extend", default=[], dest="overrides",
+                    metavar="KEY=VALUE")
     ap.add_argument("--jobs", type=int, default=1, help="held-out speakers trained at once "
                     "(their train times then share the cores)")
     ap.add_argument("--json", action="store_true")

@@ -25,7 +25,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", nargs="+", default=list(BARS))
     ap.add_argument("--out", help="where the runs go (default: a temporary folder)")
-    ap.add_argument("--set", nargs="*", default=[], dest="overrides", metavar="KEY=VALUE")
+    ap.add_argument("--set", nargs="*", action="extend", default=[], dest="overrides",
+                    metavar="KEY=VALUE")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     out = Path(a.out or tempfile.mkdtemp(prefix="monotile-bench-"))

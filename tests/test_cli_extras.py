@@ -68,3 +68,13 @@ def test_a_bad_config_is_one_line_and_exit_2(tiny_run, tmp_path, args, message):
     done = cli("train", *[a.format(**paths) for a in args], "--out", str(tmp_path / "x"))
     assert done.returncode == 2 and message in done.stderr, done.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_set_given_twice_keeps_both_overrides():
+    """`--set a=1 --set b=2` is how scripts pass settings one by one; the second must not
+    replace the first (argparse's plain store did, and a 20-step trial trained 1500 steps)."""
+    from monotile.cli import parser
+    for argv in (["train", "series"], ["finetune", "RUN", "--data", "x.txt"], ["scaling"]):
+        args = parser().parse_args(argv + ["--set", "max_steps=20", "--set",
+                                           "eval_interval=20", "lr=1e-3"])
+        assert args.overrides == ["max_steps=20", "eval_interval=20", "lr=1e-3"], argv

@@ -38,7 +38,8 @@ def train(sub) -> None:
                    "path,transcript or a LibriSpeech-style folder of recordings; a CSV of "
                    "series")
     p.add_argument("--out", help="the run directory to create (default runs/<preset>)")
-    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
+    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   dest="overrides",
                    help="override settings by name, e.g. --set max_steps=500 lr=3e-4 "
                    "(monotile presets --json lists them)")
     for name, metavar in ALIASES:
@@ -140,7 +141,8 @@ def finetune(sub) -> None:
     p.add_argument("--lora-targets", default=None, metavar="NAMES",
                    help="comma-separated linear layers to adapt (default: every linear layer "
                    "of the blocks; q,v is the LoRA paper's choice)")
-    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
+    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   dest="overrides",
                    help="training and data settings, e.g. --set max_steps=500 lr=1e-3")
     p.add_argument("--stop-at", type=int, metavar="STEP")
     finish(p, _finetune, checkpoint="which weights of the base run to adapt", json=True,
@@ -219,7 +221,8 @@ def scaling(sub) -> None:
     p.add_argument("--out", default="runs/scaling", help="folder of the runs, the fit and "
                    "the plot (finished runs in it are reused)")
     p.add_argument("--data", help="another text file to train on")
-    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
+    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   dest="overrides",
                    help="settings for every run of the sweep")
     finish(p, _scaling, json=True)
 
