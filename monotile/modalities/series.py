@@ -40,10 +40,10 @@ from ..errors import ConfigError, DataError, check_positive, invalid
 from .base import TaskBase, register
 from .metrics import mase, smape
 from .series_eval import rolling_backtest, with_baselines
-from .series_io import (BUILTIN, History, SeriesData, continue_times, forecast_rows,
-                        format_backtest, format_forecasts, load_series, read_history,
-                        window_index)
-
+from .series_formats import LAYOUTS, SPLITS
+from .series_io import BUILTIN, SeriesData, load_series, window_index
+from .series_predict import (History, continue_times, forecast_rows, format_backtest,
+                             format_forecasts, read_history)
 
 
 MAX_HORIZON = 10_000  # steps one forecast may reach (recursively: a bound on the work)
@@ -52,15 +52,22 @@ MAX_FORECAST_VALUES = 1_000_000  # series x steps of one history's forecast (its
 
 @dataclass(frozen=True, kw_only=True)
 class SeriesConfig:
-    data: str = "etth1"           # etth1 | m4-weekly | co2 | sunspots | a CSV: one column per
-                                  #   series and a time column (wide), or id,timestamp,value
-                                  #   rows (long)
+    data: str = "etth1"           # etth1 | m4-yearly ... m4-hourly | co2 | sunspots | a file:
+                                  #   a CSV (wide, long or one series per row) or a .tsf
+    layout: str = "auto"          # auto | wide (a time column, one column per series) | long
+                                  #   (id,timestamp,value) | rows (id,v1,v2,...: M4's) | tsf
+                                  #   (Monash's); auto: what the file shows, or an error naming
+                                  #   the layouts it could be (series_formats.py)
+    split: str = "auto"           # auto | fraction | horizon (the last H test, the H before
+                                  #   validate) | ett (Informer's 12/4/4 months); auto: ett
+                                  #   for the ETT family, horizon for rows and .tsf, else fraction
     target: tuple = ()            # the columns to forecast; () = every numeric column
     time_col: str = ""            # "" = the first column if it is not numeric
     date_format: str = ""         # how a long CSV's times are written (strftime, e.g.
                                   #   %d/%m/%Y); "" = as pandas.to_datetime reads them
     lookback: int = 336           # L: values the model sees
-    horizon: int = 96             # H: values it forecasts
+    horizon: int = 0              # H: values it forecasts; 0 = what the data declares (M4's
+                                  #   test file, a .tsf's @horizon), else 96
     patch_len: int = 16           # P
     stride: int = 8               # S
     quantiles: tuple = (0.1, 0.5, 0.9)
@@ -68,7 +75,9 @@ class SeriesConfig:
     scale: bool = True            # standardise each column by its training mean and std
     val_fraction: float = 0.2     # time-ordered splits of a CSV without fixed borders:
     test_fraction: float = 0.2    #   the last test_fraction is test, the val_fraction before it
-    season: int = 1               # m of MASE's seasonal naive scale (24 for hourly data)
+    season: int = 0               # m of MASE's seasonal naive scale (24 for hourly data);
+                                  #   0 = what the data declares (a .tsf's frequency, M4's
+                                  #   file name), else 1
     head_dropout: float = 0.0
     mse_weight: float = 0.0       # w: loss = pinball + w MSE(median); > 0 when MSE is the metric
     calibrate: bool = True        # shift the quantiles so that their levels hold on validation
@@ -85,8 +94,15 @@ class SeriesConfig:
             object.__setattr__(self, name, tuple(value))
         object.__setattr__(self, "quantiles", tuple(float(q) for q in self.quantiles))
 
-        check_positive(self, ("lookback", "horizon", "patch_len", "stride", "season",
-                              "eval_batch_size"))
+        check_positive(self, ("lookback", "patch_len", "stride", "eval_batch_size"))
+        for name in ("horizon", "season"):
+            if getattr(self, name) < 0:
+                invalid(self, name, "it must be a positive integer, or 0 for what the data "
+                        "declares")
+        if self.layout not in LAYOUTS:
+            invalid(self, "layout", f"choose one of {', '.join(LAYOUTS)}")
+        if self.split not in SPLITS:
+            invalid(self, "split", f"choose one of {', '.join(SPLITS)}")
         if self.patch_len > self.lookback:
             invalid(self, "patch_len", f"a patch cannot be longer than lookback={self.lookback}")
         if (self.lookback - self.patch_len) % self.stride:
@@ -214,8 +230,8 @@ class SeriesTask(TaskBase):
         if data is not None:
             config = dataclasses.replace(config, data=str(find_data(config.data, data)))
         task = cls(config)
-        d = task.data()
-        task.config = dataclasses.replace(config, columns=d.names, mean=d.mean, std=d.std)
+        d = task.data()  # also fixes the horizon and the season the data declares
+        task.config = dataclasses.replace(task.config, columns=d.names, mean=d.mean, std=d.std)
         return task, _model_config(task.config, model_cfg)
 
     def build_model(self, cfg: ModelConfig) -> nn.Module:
@@ -231,12 +247,17 @@ class SeriesTask(TaskBase):
     def _path(self) -> Path | None:
         c = self.config
         if c.data in BUILTIN:
-            return find_data(BUILTIN[c.data][0]) if BUILTIN[c.data][0] else None
+            return find_data(BUILTIN[c.data]) if BUILTIN[c.data] else None
         return find_data(c.data)
 
     def data(self) -> SeriesData:
+        """The series (series_io.load_series); a horizon or season left 0 in the config is
+        set to what the data declares."""
         if self._data is None:
-            self._data = load_series(self.config, self._path())
+            self._data = d = load_series(self.config, self._path())
+            if (self.config.horizon, self.config.season) != (d.horizon, d.season):
+                self.config = dataclasses.replace(self.config, horizon=d.horizon,
+                                                  season=d.season)
         return self._data
 
     def windows(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -301,11 +322,16 @@ class SeriesTask(TaskBase):
 
     def naive_scale(self, index: torch.Tensor) -> torch.Tensor:
         """MASE's denominator for each window's series: mean |x_t - x_(t-m)| over all that
-        precedes its test part (M4's in-sample scale), m = season."""
+        precedes its test part, its front padding left out (M4's in-sample scale), m =
+        season; m = 1 for a history no longer than a season."""
         d, m = self.data(), self.config.season
-        scales = torch.stack([(v[m:b[1]] - v[:b[1] - m]).abs().mean()
-                              for v, b in zip(d.values, d.borders)])
-        return scales[index[:, 0]].clamp_min(1e-8)
+        pads = d.pads or (0,) * len(d.values)
+        scales = []
+        for v, b, p in zip(d.values, d.borders, pads):
+            h = v[p:b[1]]
+            lag = m if len(h) > m else 1
+            scales.append((h[lag:] - h[:-lag]).abs().mean() if len(h) > lag else h.new_zeros(()))
+        return torch.stack(scales)[index[:, 0]].clamp_min(1e-8)
 
     def _stats(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         d = self.data()

@@ -11,15 +11,23 @@ Columns:   the header is the first line; blank lines before it are skipped, unle
            is dropped; a name given twice is refused
 Limits:    a CSV of at most MAX_CSV_BYTES (256 MiB) and MAX_CSV_CELLS (25 million cells) is
            read: past either, a DataError before the rest is read
+Layouts:   a wide or long CSV here; one series per row (M4's), Monash's .tsf, and which one a
+           file is, in series_formats.py
 Splits:    each series in time order: [0, train_end) trains, [train_end, val_end) validates,
            [val_end, end) tests; a window of the validation or test split looks back into the
-           part before it (Informer's and PatchTST's convention)
+           part before it (Informer's and PatchTST's convention). split=fraction: the last
+           test_fraction tests, the val_fraction before it validates; horizon: the last H
+           values test, the H before them validate (M4's and Monash's; with M4's test file
+           its H values are appended and test); ett: Informer's borders (series_formats.py).
+           split=auto: ett for a file of the ETT family, horizon for one series per row or a
+           .tsf, else fraction. In the horizon split of rows and .tsf series, a series too
+           short for one training window is padded at the front with its first value; the
+           padding is no part of its history for MASE's scale or the statistical forecasts
 """
 
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import os
 import warnings
@@ -31,14 +39,18 @@ import numpy as np
 import torch
 
 from ..errors import DataError
+from .series_formats import (DEFAULT_HORIZON, M4, Declared, choose_split, csv_header,
+                             horizon_and_season, layout_of, long_columns, m4_declared, read_rows,
+                             read_tsf, split_note, text_layout, tsf_declared)
 
 if TYPE_CHECKING:
     from .series import SeriesConfig
 
-# name -> (file under the data root, rows of train, validation and test in time order)
-BUILTIN = {"etth1": ("ett/ETTh1.csv", (12 * 30 * 24, 4 * 30 * 24, 4 * 30 * 24)),
-           "m4-weekly": ("m4/Weekly-train.csv", None),
-           "co2": (None, None), "sunspots": (None, None)}  # inside statsmodels' package
+# name -> its file under the data root (None: inside statsmodels' package); the ETT family
+# gets its split by its columns and length, M4's files theirs by the test file beside them
+BUILTIN = {"etth1": "ett/ETTh1.csv",
+           **{f"m4-{f}": f"m4/{f.capitalize()}-train.csv" for f in M4},
+           "co2": None, "sunspots": None}
 MAX_CSV_BYTES = 256 * 2 ** 20  # the largest CSV read (ETTh1: 2.6 MB)
 MAX_CSV_CELLS = 25_000_000     # cells over all its rows (traffic, 862 x 17,544: 15 million)
 NA = ("", "NA", "NaN", "nan", "null")  # cells read as a gap
@@ -53,83 +65,75 @@ class SeriesData:
     borders: list[tuple[int, int, int]]  # train_end, val_end, end (rows) of each series
     mean: tuple[float, ...] = ()        # the scaling applied (empty when config.scale is off)
     std: tuple[float, ...] = ()
+    horizon: int = DEFAULT_HORIZON      # H and the season of MASE, as config set them or the
+    season: int = 1                     #   data declared them (horizon=0, season=0)
+    split: str = "fraction"             # fraction | horizon | ett
+    split_note: str = ""                # the split in words, for `monotile eval`
+    pads: tuple[int, ...] = ()          # values padded at the front of each series (none: ())
 
     def __post_init__(self):
         self.flat = torch.cat(self.values)
         self.offsets = torch.tensor([0] + [len(v) for v in self.values[:-1]]).cumsum(0)
 
 
-@dataclass
-class History:
-    """The series of one history to forecast from, in the data's own units: as read (gaps
-    are NaN), with the gaps filled, and each series' timestamps."""
-    table: dict[str, np.ndarray]
-    values: dict[str, np.ndarray]
-    stamps: dict[str, list[str]]
-
-
-def history_rows(obj: dict, time_col: str = "") -> list[list[str]]:
-    """A history given as JSON, {"csv": CSV text} or {"series": {name: values (null for a
-    gap)}, "timestamps": [...] (optional)}, as the rows of a CSV (the timestamps in a column
-    named `time_col`, "date" if empty)."""
-    if not isinstance(obj, dict) or ("csv" in obj) == ("series" in obj):
-        raise DataError("give the history as {\"csv\": CSV text} or as {\"series\": {name: "
-                        "values}}, one of the two")
-    if "csv" in obj:
-        if not isinstance(obj["csv"], str) or not obj["csv"].strip():
-            raise DataError("csv is empty; give a header line and the values")
-        return _csv_rows(_bounded(obj["csv"], "csv"), "csv")
-    series, stamps = obj["series"], obj.get("timestamps")
-    if not isinstance(series, dict) or not series or not all(
-            isinstance(v, list) for v in series.values()):
-        raise DataError("series is empty; give at least one {name: [values]}")
-    lengths = {len(v) for v in series.values()}
-    if len(lengths) != 1:
-        raise DataError(f"the series have different lengths {sorted(lengths)}; give equally "
-                        "long histories")
-    n = lengths.pop()
-    if stamps is not None and len(stamps) != n:
-        raise DataError(f"timestamps has {len(stamps)} entries for {n} values")
-    if n * len(series) > MAX_CSV_CELLS:
-        raise DataError(f"series hold {n * len(series):,} values, more than the "
-                        f"{MAX_CSV_CELLS:,} this reads; send fewer steps (a forecast reads the "
-                        "last lookback) or fewer series")
-    names = list(series)
-    if not all(isinstance(k, str) and k.strip() for k in names):
-        raise DataError("series has a series with an empty name; give each series a name")
-    time_name = time_col or "date"
-    if stamps and time_name in names:
-        raise DataError(f"series has a series named {time_name!r}, the name of the timestamps' "
-                        "column; rename it")
-    rows = [([time_name] if stamps else []) + names]
-    for t in range(n):
-        try:
-            cells = ["" if series[k][t] is None else repr(float(series[k][t])) for k in names]
-        except (TypeError, ValueError):
-            raise DataError(f"series hold a value that is not a number at step {t}; give "
-                            "numbers (null for a gap)") from None
-        rows.append(([str(stamps[t])] if stamps else []) + cells)
-    return rows
-
-
-def read_table(source: Path | str, config: SeriesConfig
+def read_table(source: Path | str, config: SeriesConfig, layout: str | None = None
                ) -> tuple[list[str], dict[str, np.ndarray], dict[str, list[str]]]:
-    """A CSV with a header, a file or its text -> (the time column's strings, {series: float
-    values}, {series: its times}). Wide: one column per series and a time column; long:
-    columns id, timestamp, value (or unique_id, ds, y), one series per id. Empty cells are
-    NaN. DataError for an empty file, one past the limits, one with no numeric column, an
-    unknown or a non-numeric target column."""
+    """A file or its text -> (the time column's strings, {series: float values}, {series:
+    its times}). Wide: one column per series and a time column; long: columns id,
+    timestamp, value (or unique_id, ds, y), one series per id; rows: one series per row;
+    tsf: Monash's (series_formats.py). `layout` (default: config.layout, or what the content
+    shows) says which. Empty cells are NaN; rows and .tsf series count their steps from 0.
+    DataError for an empty file, one past the limits, one with no numeric column, an unknown
+    or a non-numeric target column, a file that reads two ways."""
     if isinstance(source, str):
-        return table_from_rows(_csv_rows(_bounded(source, "the CSV text"), "the CSV text"),
-                               config, "the CSV text")
+        _bounded(source, "the CSV text")
+        layout = layout or config.layout
+        if layout == "auto":
+            layout = text_layout(source, "the CSV text")
+        if layout == "tsf":
+            return _steps(read_tsf(source, "the text", MAX_CSV_CELLS).values, config, "the text")
+        rows = _csv_rows(source, "the CSV text")
+        if layout == "rows":
+            return _steps(read_rows(rows, "the CSV text", MAX_CSV_CELLS), config, "the CSV text")
+        return table_from_rows(rows, config, "the CSV text", layout)
     try:
-        _bounded(os.path.getsize(source), source)
+        size = os.path.getsize(source)
+    except OSError as e:
+        raise DataError(f"cannot read {source} as a CSV file ({e}); give a UTF-8 CSV with a "
+                        "header row") from None
+    _bounded(size, source)
+    layout = layout or layout_of(Path(source), config)
+    if layout == "tsf":
+        return _steps(read_tsf(Path(source), Path(source).name, MAX_CSV_CELLS).values, config,
+                      source)
+    if layout == "rows":
+        return _steps(read_rows(Path(source), Path(source).name, MAX_CSV_CELLS), config, source)
+    try:
         with open(source, newline="", encoding="utf-8-sig") as f:
             rows = _csv_rows(f, source)
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"cannot read {source} as a CSV file ({e}); give a UTF-8 CSV with a "
                         "header row") from None
-    return table_from_rows(rows, config, source)
+    return table_from_rows(rows, config, source, layout)
+
+
+def _steps(table: dict[str, np.ndarray], config: SeriesConfig, where
+           ) -> tuple[list[str], dict[str, np.ndarray], dict[str, list[str]]]:
+    """read_table's answer for series without timestamps (rows, .tsf): config.target of
+    them (all by default), each with its step numbers as its times."""
+    table = _select(table, config, where)
+    stamps = {name: [str(i) for i in range(len(v))] for name, v in table.items()}
+    return max(stamps.values(), key=len), table, stamps
+
+
+def _select(table: dict[str, np.ndarray], config: SeriesConfig, where) -> dict:
+    """The series config.target names (all when it is empty); DataError for one not there."""
+    wanted = list(config.target) or list(table)
+    missing = [t for t in wanted if t not in table]
+    if missing:
+        raise DataError(f"series {missing[0]!r} is not in {where}; its ids are "
+                        f"{', '.join(list(table)[:10])}{' ...' if len(table) > 10 else ''}")
+    return {name: table[name] for name in wanted}
 
 
 def _bounded(text: str | int, where):
@@ -192,11 +196,15 @@ def _columns_of(rows: list[list[str]], path) -> tuple[list[str], dict[str, list[
     return names, cols, len(body)
 
 
-def table_from_rows(rows: list[list[str]], config: SeriesConfig, path
+def table_from_rows(rows: list[list[str]], config: SeriesConfig, path, layout: str = "auto"
                     ) -> tuple[list[str], dict[str, np.ndarray], dict[str, list[str]]]:
-    """read_table on the rows of a CSV; `path` names it in errors."""
+    """read_table on the rows of a wide or long CSV (`layout` wide, long, or auto: long when
+    its header is); `path` names it in errors."""
     header, cols, n_rows = _columns_of(rows, path)
-    long = _long_columns(header)
+    long = None if layout == "wide" else long_columns(header)
+    if layout == "long" and long is None:
+        raise DataError(f"layout=long needs the columns id,timestamp,value (or unique_id,ds,y); "
+                        f"{path} has {', '.join(header[:5])}: choose another --set layout")
     if long is not None:
         return _read_long(path, config, cols, *long)
 
@@ -242,16 +250,6 @@ def _numbers(row: list[str]) -> bool:
     """Whether a row holds only numbers (and gaps), at least one."""
     v, _ = _numeric([c.strip() for c in row])
     return v is not None and not np.isnan(v).all()
-
-
-def _long_columns(header: list[str]) -> tuple[str, str, str] | None:
-    """The (id, time, value) columns of a long-format header, or None."""
-    lower = {h.lower(): h for h in header}
-    for names in (("id", "timestamp", "value"), ("unique_id", "ds", "y"),
-                  ("series", "time", "value"), ("id", "date", "value"), ("id", "time", "value")):
-        if len(header) == 3 and all(n in lower for n in names):
-            return tuple(lower[n] for n in names)
-    return None
 
 
 def _read_long(path, config, cols, id_col, time_col, value_col):
@@ -313,48 +311,6 @@ def _is_date(cell: str, fmt: str) -> bool:
         return False
 
 
-def read_history(source, c: SeriesConfig) -> History:
-    """A history to forecast from: a CSV file (wide or long, as training reads one), its
-    bytes, or JSON: {"csv": text} or {"series": {name: values}, "timestamps": [...]}. With
-    RevIN (c.revin) any series can be forecast; without it, only the run's own columns. Each
-    series needs `lookback` values once its gaps are filled."""
-    config = dataclasses.replace(c, target=() if c.revin else c.columns)
-    if isinstance(source, dict):
-        where = "the history"
-        _, table, stamps = table_from_rows(history_rows(source, c.time_col), config, where)
-    elif isinstance(source, (bytes, bytearray)):
-        _bounded(len(source), "the upload")
-        try:
-            text = bytes(source).decode("utf-8-sig")
-        except UnicodeDecodeError:
-            raise DataError("the upload is not a UTF-8 CSV; give a CSV with a header row "
-                            "and one row per time step") from None
-        where = "the upload"
-        _, table, stamps = read_table(text, config)
-    elif isinstance(source, (str, Path)):
-        path = Path(source).expanduser()
-        if not path.is_file():
-            raise DataError(f"{path} does not exist; give a CSV of the history to forecast "
-                            "from")
-        where = path
-        _, table, stamps = read_table(path, config)
-    else:
-        raise DataError("give the history as a CSV file, its text as {\"csv\": ...}, or "
-                        "{\"series\": {name: values}}")
-    filled = {}
-    for name, v in table.items():
-        f = fill_missing(v)
-        if len(f) < c.lookback or np.isnan(f).any():
-            raise DataError(f"series {name!r} of {where} has {np.isfinite(v).sum()} values; "
-                            f"the model looks back {c.lookback}: give at least that many")
-        if not (np.isfinite(f).all() and np.abs(f).max() < 1e15):
-            raise DataError(f"series {name!r} of {where} holds a value that is not finite or "
-                            "is beyond 1e15; give the history in units where its values are "
-                            "ordinary numbers")
-        filled[name] = f
-    return History(table, filled, stamps)
-
-
 def fill_missing(v: np.ndarray) -> np.ndarray:
     """NaNs filled by linear interpolation between the nearest known values; before the
     first or after the last known value, that value is carried (np.interp's rule)."""
@@ -391,50 +347,84 @@ def check_times(times: list[str], where: str) -> None:
 
 
 def load_series(config: SeriesConfig, path: Path | None) -> SeriesData:
-    """Read the series, fill gaps, split each in time order, scale with training stats."""
+    """Read the series, fill gaps, split each in time order (module docstring, Splits),
+    scale with training stats. The horizon and the season are config's, or what the data
+    declares where config leaves them 0 (M4's test file, a .tsf's @horizon and @frequency);
+    DataError where config's horizon is not the one the data declares."""
     where = path.name if path is not None else config.data
-    if config.data == "m4-weekly":
-        names, series, times, borders = _m4(config, path)
+    declared, header, layout = Declared(), [], "wide"
+    if config.data in ("co2", "sunspots"):
+        stamps, table = _statsmodels(config.data)
     else:
-        if config.data in ("co2", "sunspots"):
-            stamps, table = _statsmodels(config.data)
+        _bounded(os.path.getsize(path), path)
+        builtin_m4 = config.data in BUILTIN and config.data.startswith("m4-")
+        layout = "rows" if builtin_m4 else layout_of(path, config)
+        if layout == "tsf":
+            tsf = read_tsf(path, where, MAX_CSV_CELLS)
+            table, declared = _select(tsf.values, config, where), tsf_declared(tsf, where)
+        elif layout == "rows":
+            table = _select(read_rows(path, where, MAX_CSV_CELLS), config, where)
+            declared = m4_declared(path, list(table), MAX_CSV_CELLS) or Declared()
+            if builtin_m4 and not declared.test:
+                test = path.name.replace("-train", "-test")
+                raise DataError(f"M4's {test} is not beside {path}; put it there (the "
+                                "Mcompetitions/M4-methods repository, Dataset/Test)")
         else:
-            _, table, stamps = read_table(path, config)
-        names, series, times, borders = [], [], [], []
-        checked: set[int] = set()
-        for name, v in table.items():
-            if np.isnan(v).all():
-                raise DataError(f"series {name!r} of {where} has no values")
-            if id(stamps[name]) not in checked:  # the columns of a wide CSV share one time axis
-                checked.add(id(stamps[name]))
-                check_times(stamps[name], f"{where} ({name})" if len(table) > 1 else where)
+            _, table, stamps = read_table(path, config, layout=layout)
+            header = csv_header(path)
+        if layout in ("rows", "tsf"):
+            stamps = {name: None for name in table}  # steps, made below
+    H, m = horizon_and_season(config, declared, where)
+    split, ett = choose_split(config, layout, header, stamps, where)
+    L = config.lookback
+    names, series, times, borders, pads = [], [], [], [], []
+    checked: set[int] = set()
+    for name, v in table.items():
+        if np.isnan(v).all():
+            raise DataError(f"series {name!r} of {where} has no values")
+        if stamps[name] is not None and id(stamps[name]) not in checked:
+            checked.add(id(stamps[name]))  # the columns of a wide CSV share one time axis
+            check_times(stamps[name], f"{where} ({name})" if len(table) > 1 else where)
+        if declared.test:
+            v = np.concatenate([v, declared.test[name]])
+        v = fill_missing(v)
+        pad = 0
+        if split == "horizon":
+            if layout in ("rows", "tsf"):  # too short for one training window: pad the front
+                pad = max(0, 3 * H + L - len(v))
+                v = np.concatenate([np.full(pad, v[0]), v])
             T = len(v)
-            if BUILTIN.get(config.data, (None, None))[1]:
-                n_train, n_val, n_test = BUILTIN[config.data][1]
-                b = (n_train, n_train + n_val, n_train + n_val + n_test)
-            else:
-                n_test = max(config.horizon, round(T * config.test_fraction))
-                n_val = max(config.horizon, round(T * config.val_fraction))
-                b = (T - n_test - n_val, T - n_test, T)
-            if b[0] < config.lookback + config.horizon:
-                raise DataError(f"series {name!r} of {where} has {T} rows: too few for lookback "
-                                f"{config.lookback} + horizon {config.horizon} in its training "
-                                f"part ({b[0]} rows); lower --set lookback or --horizon, or "
-                                "give a longer series")
-            names.append(name)
-            series.append(fill_missing(v))
-            times.append(stamps[name])
-            borders.append(b)
+            b = (T - 2 * H, T - H, T)
+        elif split == "ett":
+            b = ett
+        else:
+            T = len(v)
+            n_test = max(H, round(T * config.test_fraction))
+            n_val = max(H, round(T * config.val_fraction))
+            b = (T - n_test - n_val, T - n_test, T)
+        if b[0] < L + H:
+            raise DataError(f"series {name!r} of {where} has {len(v)} rows: too few for lookback "
+                            f"{L} + horizon {H} in its training part ({b[0]} rows); lower --set "
+                            "lookback or --horizon, or give a longer series")
+        names.append(name)
+        series.append(v)
+        times.append(stamps[name] if stamps[name] is not None else
+                     [str(i) for i in range(len(v))])
+        borders.append(b)
+        pads.append(pad)
     mean = std = ()
     if config.scale:
         if config.mean:  # a trained run: its own training statistics
             mean, std = tuple(config.mean), tuple(config.std)
         else:
-            mean = tuple(float(v[:b[0]].mean()) for v, b in zip(series, borders))
-            std = tuple(max(float(v[:b[0]].std()), 1e-8) for v, b in zip(series, borders))
-        series = [(v - m) / s for v, m, s in zip(series, mean, std)]
+            train = [v[min(p, b[0] - 1):b[0]] for v, b, p in zip(series, borders, pads)]
+            mean = tuple(float(t.mean()) for t in train)
+            std = tuple(max(float(t.std()), 1e-8) for t in train)
+        series = [(v - m_) / s for v, m_, s in zip(series, mean, std)]
+    note = split_note(split, config, H, ett, declared)
     return SeriesData([torch.from_numpy(np.asarray(v, dtype=np.float32)) for v in series],
-                      tuple(names), times, borders, mean, std)
+                      tuple(names), times, borders, mean, std, horizon=H, season=m,
+                      split=split, split_note=note, pads=tuple(pads) if any(pads) else ())
 
 
 def _statsmodels(name: str) -> tuple[dict, dict]:
@@ -450,30 +440,6 @@ def _statsmodels(name: str) -> tuple[dict, dict]:
             {"SUNACTIVITY": frame["SUNACTIVITY"].to_numpy(dtype=np.float64)})
 
 
-def _m4(config: SeriesConfig, train_path: Path):
-    """M4's weekly series: the history file, with the 13 test values of the other file
-    appended; the last 13 of the history validate, the test values test. A series too short
-    for one training window is padded at the front with its first value."""
-    test_path = train_path.with_name(train_path.name.replace("-train", "-test"))
-    hist = {r[0]: r[1:] for r in csv.reader(open(train_path, newline=""))}
-    test = {r[0]: r[1:] for r in csv.reader(open(test_path, newline=""))}
-    hist.pop("V1"), test.pop("V1")
-    names, series, times, borders = [], [], [], []
-    H = config.horizon
-    for name, cells in hist.items():
-        v = np.array([float(c) for c in cells if c.strip()] +
-                     [float(c) for c in test[name] if c.strip()][:H])
-        short = 2 * H + config.lookback - len(v)
-        if short > 0:  # too short for one training window: pad the front with the first value
-            v = np.concatenate([np.full(short, v[0]), v])
-        n = len(v)
-        names.append(name)
-        series.append(v)
-        times.append([str(i) for i in range(n)])
-        borders.append((n - 2 * H, n - H, n))
-    return names, series, times, borders
-
-
 def window_index(data: SeriesData, split: str, lookback: int, horizon: int) -> torch.Tensor:
     """(series, start row) of every window whose forecast lies wholly in the split (stride 1),
     as in Informer and PatchTST: a validation or test window looks back into the part before
@@ -485,78 +451,3 @@ def window_index(data: SeriesData, split: str, lookback: int, horizon: int) -> t
         starts = torch.arange(lo, hi - lookback - horizon + 1)
         out.append(torch.stack([torch.full_like(starts, i), starts], dim=1))
     return torch.cat(out)
-
-
-def continue_times(times: list[str], n: int) -> tuple[list[str], list, list]:
-    """The n timestamps after `times`, at its frequency (pandas' inferred frequency, else the
-    most common step), as strings; and x values for a plot of the history and the future
-    (dates, or row numbers when the times are not dates)."""
-    import pandas as pd
-    try:
-        t = pd.to_datetime(pd.Series(times), format="mixed")
-        if t.isna().any() or len(t) < 2:
-            raise ValueError("not dates")
-    except (ValueError, TypeError, OverflowError):
-        try:
-            v = np.array([float(s) for s in times])
-            step = float(pd.Series(np.diff(v[-100:])).mode().iloc[0]) if len(v) > 1 else 1.0
-            fut = v[-1] + step * np.arange(1, n + 1)
-            fmt = [f"{x:g}" for x in fut]
-            return fmt, list(v), list(fut)
-        except ValueError:
-            return [f"+{i}" for i in range(1, n + 1)], list(range(len(times))), \
-                list(range(len(times), len(times) + n))
-    with warnings.catch_warnings():  # pandas 3 warns that infer_freq will return an offset
-        warnings.simplefilter("ignore")
-        freq = pd.infer_freq(t.iloc[-min(len(t), 100):]) if len(t) >= 3 else None
-    if freq is not None:
-        fut = pd.date_range(t.iloc[-1], periods=n + 1, freq=freq)[1:]
-    else:
-        step = t.diff().iloc[-100:].mode().iloc[0]
-        fut = pd.DatetimeIndex([t.iloc[-1] + step * k for k in range(1, n + 1)])
-    daily = (t.dt.normalize() == t).all() and (fut.normalize() == fut).all()
-    fmt = fut.strftime("%Y-%m-%d" if daily else "%Y-%m-%d %H:%M:%S").tolist()
-    return fmt, list(t), list(fut)
-
-
-# ---- writing forecasts ---------------------------------------------------------------------
-
-def _columns(result: dict) -> list[str]:
-    first = result["forecast"][0]
-    return ["timestamp", "series", "forecast", *[k for k in first if k.startswith("q")]]
-
-
-def format_forecasts(summary: dict) -> str:
-    """A table per history: timestamp, series, the median forecast and the quantiles."""
-    parts = summary.get("predictions", [summary])
-    out = []
-    for r in parts:
-        keys = _columns(r)
-        if len(parts) > 1:
-            out.append(f"==> {r.get('history', '')} <==")
-        out.append("  ".join(f"{k:>19}" if k == "timestamp" else f"{k:>10}" for k in keys))
-        out += ["  ".join(f"{row[k]:>19}" if k == "timestamp" else
-                          f"{row[k]:>10}" if k == "series" else f"{row[k]:10.4g}"
-                          for k in keys) for row in r["forecast"]]
-    return "\n".join(out)
-
-
-def forecast_rows(summary: dict) -> tuple[list[str], list[list]]:
-    """timestamp, series, forecast and one column per quantile, a row per step."""
-    parts = summary.get("predictions", [summary])
-    keys = _columns(parts[0])
-    return keys, [[row[k] if isinstance(row[k], str) else f"{row[k]:.6g}" for k in keys]
-                  for r in parts for row in r["forecast"]]
-
-
-def format_backtest(figures: dict) -> str:
-    """A rolling-origin backtest's table: one row per method."""
-    lines = [f"rolling-origin backtest: {figures['origins']} origins x "
-             f"{figures['windows'] // figures['origins']} series, horizon "
-             f"{figures['horizon']}, season {figures['season']}",
-             f"{'method':>15}  {'MSE':>8}  {'MAE':>8}  {'MASE':>8}  {'sMAPE':>8}  coverage"]
-    for name, m in figures["methods"].items():
-        cover = f"{m['coverage']:8.1%}" if "coverage" in m else f"{'-':>8}"
-        lines.append(f"{name:>15}  {m['mse']:8.4f}  {m['mae']:8.4f}  {m['mase']:8.4f}  "
-                     f"{m['smape']:8.3f}  {cover}")
-    return "\n".join(lines)
