@@ -33,11 +33,14 @@ bench: setup
 	$(PY) bench/vision_presets.py
 	$(PY) bench/speech.py
 	$(PY) bench/series.py
+	$(PY) bench/m4.py
 	$(PY) bench/finetune.py
 	$(PY) bench/quantize.py
 	$(PY) bench/decode.py
 	$(PY) bench/embed.py
 	$(PY) bench/smollm2.py
+	$(PY) bench/prepare.py
+	$(PY) bench/checkpoint_fsdp.py
 	$(PY) bench/whisper_parity.py
 	$(PY) bench/whisper.py
 	# llama.cpp running monotile's GGUF exports: needs llama-cpp-python (--install builds it)

@@ -28,8 +28,7 @@ from .infer.quantize import quantize_int8, weight_bytes
 from .modalities import is_trainable, task_class
 from .run import Run, load
 from .rundir import (ADAPTER, build_configs, config_document, new_run_dir, read_json,
-                     writer_lock,
-                     weights_file, write_adapter, write_weights_run)
+                     weights_file, weights_path, write_adapter, write_weights_run, writer_lock)
 from .train.checkpoint import atomic_write_json, load_model_weights
 from .train.trainer import fit
 # QLoRA (Dettmers et al. 2023): adapting every linear layer of the blocks, not only Wq and Wv,
@@ -38,8 +37,8 @@ DEFAULT_TARGETS = ("qkv", "wo", "fc1", "fc2", "gate_up", "down")
 
 
 def _base_record(base: Run, checkpoint: str) -> dict:
-    name = weights_file(base.train_config, checkpoint)
-    return {"run": str(base.dir.resolve()), "file": name, "sha256": sha256(base.dir / name)}
+    path = weights_path(base.dir, base.train_config, checkpoint)
+    return {"run": str(base.dir.resolve()), "file": path.name, "sha256": sha256(path)}
 
 
 def finetune(base: str | Path, data: str | Path, *, rank: int = 8, alpha: float | None = None,
@@ -162,7 +161,7 @@ def merge(base: str | Path, adapter: str | Path, *, out: str | Path,
     base_run = load(base, checkpoint=checkpoint)
     if "lora" in read_json(base_run.dir / "config.json"):
         raise ConfigError(f"{base_run.dir} is a fine-tuning run; give its base run as RUN")
-    base_file = base_run.dir / weights_file(base_run.train_config, checkpoint)
+    base_file = weights_path(base_run.dir, base_run.train_config, checkpoint)
     if sha256(base_file) != meta.get("base_sha256"):
         raise CheckpointError(f"{adapter} was trained on another base model than {base_file} "
                               "(SHA-256 of the weights differs); give the run it was trained "

@@ -61,6 +61,27 @@ PRESETS: dict[str, dict] = {
         "text": dict(data="speeches/speeches_public_domain.txt", tokenizer="bpe",
                      bpe_vocab=4096),
     },
+    # GPT-2 small (124M) as karpathy/build-nanogpt's train_gpt2.py reproduces it: 12 layers, 12
+    # heads, width 768, context 1024, learned positions, LayerNorm, GPT-2's tanh GELU, biases,
+    # tied embeddings, no dropout; 524,288 tokens a step (64 sequences x 1024 x grad_accum 8),
+    # AdamW lr 6e-4 with betas (0.9, 0.95), weight decay 0.1, clipping at 1.0, 715 warmup steps
+    # then a cosine to 6e-5 at step 19,073: 10B tokens, one epoch of FineWeb-Edu's sample-10BT.
+    # vocab_size is GPT-2's 50,257 padded to 50,304 (a multiple of 64, as nanoGPT pads it) for
+    # `explain --preset`; training sizes the embedding to the tokenizer, a byte-level BPE of
+    # 50,257 tokens trained on the data (no package here ships GPT-2's own merges). bf16
+    # autocast on GPUs (dtype=auto) and torch.compile; on a CPU, --set compile=false. The plan
+    # for one 8-GPU node: docs/scaling.md.
+    "gpt2-124m": {
+        "task": "text",
+        "model": dict(vocab_size=50304, n_layer=12, n_head=12, d_model=768, context=1024,
+                      positions="learned", norm="layernorm", mlp="gelu_tanh", bias=True,
+                      tie_embeddings=True, dropout=0.0),
+        "train": dict(max_steps=19073, batch_size=64, grad_accum=8, lr=6e-4, min_lr=6e-5,
+                      warmup_steps=715, beta1=0.9, beta2=0.95, weight_decay=0.1, grad_clip=1.0,
+                      eval_interval=250, log_interval=10, compile=True),
+        "text": dict(data="fineweb-edu-10BT", tokenizer="bpe", bpe_vocab=50257,
+                     eval_tokens=10 * 2**20),
+    },
     # A small ViT on scikit-learn's 8x8 digits, shown at 16x16: a two-layer convolutional stem
     # makes a 4x4 grid of tokens (and a CLS token); small random rotations, shifts and zooms,
     # label smoothing, a moving average of the weights. 99.4 % on the stratified 80/20 split

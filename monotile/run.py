@@ -30,10 +30,13 @@ from .rundir import (CONFIG, base_weights, build_configs, check_run_dir, config_
                      new_meta, new_run_dir, parse_overrides, read_config, read_json,
                      weights_file, write_adapter, writer_lock, writer_pid)
 from .train import distributed
-from .train.checkpoint import atomic_write_json, load_model_weights, recover, rng_from_str
+from .train.checkpoint import (atomic_write_json, load_model_weights, load_optimizer_state,
+                               load_sharded_model, model_tensors, recover, rng_from_str,
+                               save_checkpoint, save_tensors, sharded_folder)
 from .train.trainer import TrainConfig, fit, pick_device
 
-__all__ = ["Run", "build_configs", "load", "parse_overrides", "resume", "train"]
+__all__ = ["Run", "build_configs", "consolidate", "load", "parse_overrides", "resume",
+           "train"]
 
 
 # ---- the run ----------------------------------------------------------------------------------
@@ -435,7 +438,8 @@ def check_threads(state: dict, quiet: bool) -> None:
 
 
 def load(run_dir: str | Path, *, checkpoint: str = "last", device: str | None = None) -> Run:
-    """A run directory's model and task. checkpoint: "last" (model.safetensors) or "best".
+    """A run directory's model and task. checkpoint: "last" (model.safetensors, or the sharded
+    folder an FSDP run's trainer_state.json names, read here in one process) or "best".
     device: auto (the default: CUDA, then MPS, then the CPU), cpu, cuda, cuda:N or mps. It is
     this machine's choice, not the run's: a run trained on a GPU loads on a laptop as it is."""
     run_dir = check_run_dir(run_dir)  # read, never repaired here: the writer does that
@@ -443,7 +447,9 @@ def load(run_dir: str | Path, *, checkpoint: str = "last", device: str | None = 
     task_name = meta["task"]
     task = task_class(task_name).load(configs[task_name], configs["model"], run_dir)
     weights = run_dir / weights_file(configs["train"], checkpoint)
-    if not weights.exists() and not (run_dir / "trainer_state.json").exists():
+    sharded = sharded_folder(run_dir, checkpoint)
+    if sharded is None and not weights.exists() and \
+            not (run_dir / "trainer_state.json").exists():
         pid = writer_pid(run_dir)
         if pid:
             raise CheckpointError(f"{run_dir} has no checkpoint yet: its training (pid {pid}) "
@@ -467,6 +473,48 @@ def load(run_dir: str | Path, *, checkpoint: str = "last", device: str | None = 
     if doc.get("quantized"):  # int8 weights: the int8 layers first, then their values
         from .infer.quantize import quantize_int8
         quantize_int8(model)
-    load_model_weights(model, weights)
+    if sharded is not None:
+        load_sharded_model(model, run_dir, checkpoint)
+    else:
+        load_model_weights(model, weights)
     model.to(device).eval()
     return Run(run_dir, meta, configs, task, model)
+
+
+def consolidate(run_dir: str | Path, *, out: str | Path | None = None,
+                checkpoint: str = "last") -> Path:
+    """A run's sharded checkpoint (FSDP: each process's shards) as the usual safetensors files,
+    put together in one process, which holds each tensor whole once. In place (`out` None):
+    model.safetensors, optimizer.safetensors and best.safetensors replace the sharded folders,
+    committed as any checkpoint (a crash leaves one or the other), and the run resumes, loads
+    and exports as one trained by a single process. With `out`, a file: `checkpoint`'s
+    weights alone (those of model.safetensors), and the run is left as it is."""
+    from .train.optim import make_optimizer
+    if distributed.launched():
+        raise ConfigError("consolidate runs in one process; start it without torchrun")
+    run_dir = check_run_dir(run_dir)
+    if out is not None:
+        out = Path(out)
+        if out.is_dir() or not out.parent.is_dir():
+            raise ConfigError(f"--out {out}: give a file name in an existing folder, e.g. "
+                              f"{run_dir.name}.safetensors")
+        run = load(run_dir, checkpoint=checkpoint, device="cpu")
+        save_tensors(out, model_tensors(run.model), {"format": "pt"})
+        return out
+    with writer_lock(run_dir):
+        recover(run_dir)
+        last, best = sharded_folder(run_dir, "last"), sharded_folder(run_dir, "best")
+        if last is None and best is None:
+            return run_dir  # its checkpoint is safetensors files already
+        run = load(run_dir, checkpoint="last", device="cpu")
+        state = read_trainer_state(run_dir)
+        cfg = run.train_config
+        opt = make_optimizer(run.model, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                             beta1=cfg.beta1, beta2=cfg.beta2)
+        load_optimizer_state(run.model, opt, run_dir, state)
+        if best is not None:
+            scored = {"step": best.name.split("-")[1].split(".")[0],
+                      run.task.best_metric[0]: str(state.get("best"))}
+            best = (load(run_dir, checkpoint="best", device="cpu").model, scored)
+        save_checkpoint(run_dir, run.model, opt, state, best=best)
+        return run_dir

@@ -7,6 +7,9 @@
                 model.safetensors    the weights `load` reads (ema.safetensors instead when a
                 best.safetensors     moving average is kept); the best evaluation's weights
                 optimizer.safetensors  trainer_state.json  metrics.jsonl   (training runs)
+                checkpoint-<step>/   an FSDP run's checkpoint instead of model and optimizer
+                best-<step>/         .safetensors, and its best weights: each process's shards
+                                     (trainer_state.json names them; `consolidate` makes files)
                 tokenizer.json  plots/*.png
                 .lock                the training process's (flock): one writer at a time
 
@@ -41,7 +44,8 @@ from .core.transformer import ModelConfig
 from .data import sha256
 from .errors import CheckpointError, ConfigError
 from .modalities import task_class
-from .train.checkpoint import atomic_write_json, load_tensors, model_tensors, save_tensors
+from .train.checkpoint import (atomic_write_json, load_tensors, model_tensors, save_tensors,
+                               sharded_folder)
 from .train.trainer import TrainConfig
 from .version import __version__
 
@@ -306,6 +310,16 @@ def weights_file(train_cfg: TrainConfig, checkpoint: str = "last") -> str:
     if name == "model.safetensors" and train_cfg.ema > 0:
         name = "ema.safetensors"  # the moving average is what training evaluated and kept
     return name
+
+
+def weights_path(run_dir: Path, train_cfg: TrainConfig, checkpoint: str = "last") -> Path:
+    """RUN/weights_file(...), for the tools that read the file itself rather than a loaded
+    model (finetune's base record, merge, search); a one-line error naming `consolidate` when
+    those weights are an FSDP run's shards instead."""
+    if sharded_folder(run_dir, checkpoint) is not None:
+        raise CheckpointError(f"the {checkpoint} weights of {run_dir} are an FSDP run's shards, "
+                              f"not a file; run `monotile consolidate {run_dir}` first")
+    return Path(run_dir) / weights_file(train_cfg, checkpoint)
 
 
 def base_weights(doc: dict) -> Path:

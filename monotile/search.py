@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .errors import DataError
-from .rundir import weights_file
+from .rundir import weights_path
 from .train.checkpoint import load_tensors, save_tensors
 
 SUFFIXES = (".txt", ".md")
@@ -86,7 +86,7 @@ def search(run, docs: str | Path, query: str, top_k: int = 5) -> dict:
         raise DataError(f"--top-k {top_k} is invalid: give a positive number")
     # the weights file's path, size and modification time name the model: hashing its bytes
     # on every query would read the whole model a second time
-    weights = (run.dir / weights_file(run.train_config)).resolve()
+    weights = weights_path(run.dir, run.train_config).resolve()
     stat = weights.stat()
     model_id = f"{weights}:{stat.st_size}:{stat.st_mtime_ns}"
     documents, vectors, reused = document_embeddings(run, Path(docs), model_id)

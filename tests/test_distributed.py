@@ -31,7 +31,11 @@ def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
 
 
 def weights(run_dir) -> dict[str, torch.Tensor]:
-    return load_file(str(run_dir / "model.safetensors"))
+    """The run's last weights: model.safetensors, or an FSDP run's shards read whole."""
+    if (run_dir / "model.safetensors").exists():
+        return load_file(str(run_dir / "model.safetensors"))
+    from monotile.train.checkpoint import model_tensors
+    return model_tensors(monotile.load(run_dir).model)
 
 
 def losses(run_dir) -> list[float]:

@@ -138,3 +138,82 @@ def test_the_budget_table_on_the_command_line(runs):
     assert "attention" in done.stdout and "a training step holds" in done.stdout
     figures = json.loads(cli("explain", str(runs["text"].dir), "--budget", "--json").stdout)
     assert figures["total"]["parameters"] == runs["text"].parameters()
+
+
+# ---- a preset's budget and its plan for GPUs (no run, the model on the meta device) ----------
+
+SMALL_GPT = {"n_layer": "2", "n_head": "2", "d_model": "32", "context": "16", "vocab_size": "64"}
+
+
+def test_a_presets_budget_counts_the_recomputed_blocks_flops_pytorch_counts():
+    from monotile.explain.budget import ConfigModel, preset_budget
+    b, meta, _ = preset_budget("gpt2-124m", dict(SMALL_GPT, activation_checkpointing="1"),
+                               batch=2)
+    assert {p.device.type for p in meta.parameters()} == {"meta"}
+    model = ConfigModel(meta.trunk.cfg.replace(attention="math")).train()  # counted matmuls
+    with FlopCounterMode(display=False) as step:
+        model(torch.randint(64, (2, 16))).float().square().mean().backward()
+    assert b["total"]["training_flops"] == pytest.approx(step.get_total_flops() / 32, rel=0.05)
+    plain, _, _ = preset_budget("gpt2-124m", SMALL_GPT, batch=2)
+    blocks = sum(plain["components"][c]["forward_flops"] for c in ("attention", "mlp"))
+    # every block runs its forward again in backward but for its MLP's output projection
+    # (2 h d a token), whose output backward does not need: the recompute stops before it
+    assert b["total"]["training_flops"] - plain["total"]["training_flops"] == \
+        pytest.approx(blocks - 2 * 2 * 128 * 32)
+
+
+def test_the_plan_for_gpt2_124m_follows_nanogpts_flops_and_the_gpus_peak():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from monotile.explain.budget import plan, preset_budget
+    b, model, train_cfg = preset_budget("gpt2-124m")
+    with torch.device("meta"):
+        n = GPT2LMHeadModel(GPT2Config(vocab_size=50304)).num_parameters()
+    assert b["total"]["parameters"] == n == 124_475_904
+    # nanoGPT's estimate_mfu: 6 N + 12 L H Q T a token, N without the position embeddings
+    L, H, Q, T, d, h = 12, 12, 64, 1024, 768, 3072
+    nanogpt = 6 * (n - T * d) + 12 * L * H * Q * T
+    p = plan(b, model, train_cfg, gpus=8, gpu="h100")
+    assert p["training_flops_per_token"] == pytest.approx(nanogpt, rel=0.005)
+    assert p["step_seconds"] == pytest.approx(524_288 * nanogpt / (8 * 989e12 * 0.40), rel=0.005)
+    m = p["memory_per_gpu"]
+    assert (m["weights"], m["gradients"], m["adamw_moments"]) == (4 * n, 4 * n, 8 * n)  # ddp
+    assert p["rows_per_gpu"] == 8 and p["activations_dtype"] == "bfloat16"
+    # checkpointing every block: L - 1 blocks' activations go (one is rebuilt at a time), and
+    # each block's input stays; bf16, 8 rows of T tokens on each GPU
+    b1, model1, _ = preset_budget("gpt2-124m", {"activation_checkpointing": "1"})
+    p1 = plan(b1, model1, train_cfg, gpus=8, gpu="h100")
+    saved = 2 * 8 * T * ((L - 1) * (8 * d + 2 * h) - L * d)
+    assert m["activations"] - p1["memory_per_gpu"]["activations"] == pytest.approx(saved)
+    assert p1["step_seconds"] > p["step_seconds"]  # the recomputed forward passes
+
+
+def test_a_plan_refuses_what_the_gpus_cannot_run():
+    from monotile.errors import ConfigError
+    from monotile.explain.budget import plan, preset_budget
+    b, model, train_cfg = preset_budget("gpt2-124m", SMALL_GPT)
+    for options, message in ((dict(gpu="v100"), "--gpu 'v100' is not known"),
+                             (dict(gpus=3), "does not split evenly over 3"),
+                             (dict(mfu=1.5), "--mfu 1.5 is invalid"),
+                             (dict(gpu="h100", peak_tflops=900), "not both")):
+        with pytest.raises(ConfigError, match=message):
+            plan(b, model, train_cfg, **options)
+    for name, overrides, message in (("shakespeare-char", {}, "sizes its model from its data"),
+                                     ("gpt2-124m", {"n_layer": "0"}, "n_layer=0 is invalid"),
+                                     ("gpt-2", {}, "unknown preset")):
+        with pytest.raises(ConfigError, match=message):
+            preset_budget(name, overrides)
+
+
+def test_explain_plans_a_preset_on_gpus_without_a_run():
+    done = cli("explain", "--preset", "gpt2-124m", "--budget", "--gpus", "8", "--gpu", "H100",
+               "--json")
+    assert done.returncode == 0, done.stderr
+    b = json.loads(done.stdout)
+    assert b["preset"] == "gpt2-124m" and b["total"]["parameters"] == 124_475_904
+    assert b["plan"]["gpus"] == 8 and b["plan"]["step_seconds"] > 0
+    for args, message in ((["--preset", "gpt2-124m"], "add --budget"),
+                          (["--budget", "--gpu", "v100", "--preset", "gpt2-124m"],
+                           "is not known")):
+        done = cli("explain", *args)
+        assert done.returncode == 2 and message in done.stderr, (args, done.stderr)

@@ -24,6 +24,8 @@ from monotile.modalities.text import LanguageModel
     (dict(norm="batchnorm"), "norm='batchnorm' is invalid"),
     (dict(dropout=1.5), "dropout=1.5 is invalid"),
     (dict(attention="flash"), "attention='flash' is invalid: choose sdpa or math"),
+    (dict(n_layer=4, activation_checkpointing=5), "activation_checkpointing=5 is invalid"),
+    (dict(activation_checkpointing=-1), "activation_checkpointing=-1 is invalid"),
 ])
 def test_invalid_model_settings_are_refused_by_name(bad, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
@@ -150,3 +152,89 @@ def test_a_loaded_run_has_the_weights_it_saved(tiny_run):
     saved = load_file(tiny_run.dir / "model.safetensors")
     loaded = monotile.load(tiny_run.dir).model.state_dict()
     assert saved and all(torch.equal(loaded[name], t) for name, t in saved.items())
+
+
+def kept_for_backward(model: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of the tensors a training forward pass makes that are still alive when it ends:
+    what autograd keeps for backward (and the output), each storage once, weights aside.
+    Measured, not counted from the model: a TorchDispatchMode sees every tensor made, and a
+    weak reference to its storage tells whether anything still holds it."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+    made = []
+
+    class Made(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    s = t.untyped_storage()
+                    made.append((StorageWeakRef(s), s.data_ptr(), s.nbytes()))
+            return out
+
+    weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    with Made():
+        out = model.train()(x)
+    alive = {ptr: n for ref, ptr, n in made if not ref.expired() and ptr not in weights}
+    del out
+    return sum(alive.values())
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_activation_checkpointing_gives_the_gradients_of_plain_backward(every):
+    """Every `every`-th block recomputed in backward: the same loss and gradients (dropout
+    and stochastic depth draw the same masks again: the recompute restores the RNG)."""
+    cfg = ModelConfig(vocab_size=64, n_layer=4, n_head=4, d_model=64, context=32, dropout=0.1,
+                      drop_path=0.1)
+    x = torch.randint(64, (4, 32), generator=torch.Generator().manual_seed(0))
+    losses, grads = [], []
+    for k in (0, every):
+        torch.manual_seed(0)
+        model = LanguageModel(cfg.replace(activation_checkpointing=k))
+        init_weights(model, cfg.n_layer)
+        torch.manual_seed(1)
+        loss = F.cross_entropy(model.train()(x).flatten(0, 1), x.flatten())
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    torch.testing.assert_close(losses[1], losses[0], rtol=0, atol=0)
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_activation_checkpointing_keeps_only_each_blocks_input_for_backward():
+    """Two more blocks keep 2 B T d values when recomputed (their input), and about
+    2 B T (8 d + 2 h) when not: the activations memory_per_process counts per block."""
+    B, T, d = 4, 32, 64
+    cfg = ModelConfig(vocab_size=64, n_head=4, d_model=d, context=T)
+    x = torch.randint(64, (B, T), generator=torch.Generator().manual_seed(0))
+    per_block = {}
+    for k in (0, 1):
+        kept = [kept_for_backward(LanguageModel(cfg.replace(n_layer=L,
+                                                            activation_checkpointing=k)), x)
+                for L in (2, 4)]
+        per_block[k] = (kept[1] - kept[0]) / 2
+    assert per_block[1] == 4 * B * T * d  # fp32: its input, nothing else
+    assert per_block[0] == pytest.approx(4 * B * T * (8 * d + 2 * cfg.hidden), rel=0.25)
+
+
+def test_a_checkpointing_model_decodes_with_its_kv_cache_as_a_plain_one():
+    """Checkpointing is for training with gradients: evaluation, no_grad and the KV cache
+    paths give what the same weights give without it."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=50, n_layer=2, n_head=2, d_model=32, context=16,
+                      positions="rope")
+    plain = LanguageModel(cfg)
+    recomputing = LanguageModel(cfg.replace(activation_checkpointing=1))
+    recomputing.load_state_dict(plain.state_dict())
+    x = torch.randint(50, (2, 10))
+    for model in (plain, recomputing):
+        model.train()  # dropout 0: train mode computes what eval does
+    with torch.no_grad():
+        full = plain(x)
+        torch.testing.assert_close(recomputing(x), full, rtol=0, atol=0)
+        cache = recomputing.trunk.make_cache(2)
+        steps = [recomputing(x[:, :6], cache=cache)] + [
+            recomputing(x[:, i:i + 1], cache=cache, pos=i) for i in range(6, 10)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)

@@ -1,9 +1,9 @@
 """The `monotile` command: thin verbs over the Python API (monotile.train, load, resume).
 
 Each verb is a pair in one of the modules here, its arguments beside its handler:
-training.py (train, resume, finetune, merge, quantize, scaling), using.py (eval, generate,
-predict, embed, search, explain), chat.py (chat), service.py (import, export, serve, data,
-presets). A verb
+prepare.py (prepare), training.py (train, resume, finetune, merge, quantize, scaling),
+using.py (eval, generate, predict, embed, search, explain), chat.py (chat), service.py
+(import, export, consolidate, serve, data, presets). A verb
 asks the run's task for whatever differs between modalities (which files it reads, how its
 results print); none of them branches on a task's name.
 
@@ -19,13 +19,13 @@ import sys
 import warnings
 
 from ..errors import MonotileError
-from . import chat, service, training, using
+from . import chat, prepare, service, training, using
 
 # the verbs in the order `monotile --help` lists them
-VERBS = (training.train, training.resume, using.eval_, using.generate, chat.chat, using.predict,
-         training.finetune, training.merge, training.quantize, using.embed, using.search,
-         service.import_, service.export, using.explain, training.scaling, service.serve,
-         service.data, service.presets)
+VERBS = (prepare.prepare, training.train, training.resume, using.eval_, using.generate,
+         chat.chat, using.predict, training.finetune, training.merge, training.quantize,
+         using.embed, using.search, service.import_, service.export, service.consolidate,
+         using.explain, training.scaling, service.serve, service.data, service.presets)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -1,4 +1,4 @@
-"""The verbs around runs: import, export, serve, data and presets."""
+"""The verbs around runs: import, export, consolidate, serve, data and presets."""
 
 from __future__ import annotations
 
@@ -97,6 +97,33 @@ def _export(a) -> None:
         out = export_hf(a.run, a.out)
         how = "load it with transformers' from_pretrained"
     emit(a, {"out": str(out)}, f"exported {a.run} to {out} ({how})")
+
+
+# ---- consolidate ---------------------------------------------------------------------------------
+
+def consolidate(sub) -> None:
+    p = sub.add_parser("consolidate", help="an FSDP run's sharded checkpoint as the usual "
+                       "model.safetensors, optimizer.safetensors and best.safetensors")
+    p.add_argument("run")
+    p.add_argument("--out", metavar="FILE", help="write the weights alone to FILE (a "
+                   ".safetensors file) and leave the run as it is (default: convert the run's "
+                   "checkpoint in place)")
+    finish(p, _consolidate, checkpoint="with --out: the last checkpoint's weights (default) "
+           "or the best evaluation's", json=True)
+
+
+def _consolidate(a) -> None:
+    from ..run import consolidate as consolidate_run
+    from ..train.checkpoint import sharded_folder
+    sharded = [w for w in ("last", "best") if sharded_folder(Path(a.run), w) is not None]
+    out = consolidate_run(a.run, out=a.out, checkpoint=a.checkpoint)
+    if a.out is not None:
+        line = f"wrote the {a.checkpoint} weights of {a.run} to {out}"
+    elif sharded:
+        line = f"{a.run}: its sharded checkpoint is safetensors files now"
+    else:
+        line = f"{a.run}: nothing to do, its checkpoint is safetensors files already"
+    emit(a, {"run": str(a.run), "out": str(out), "sharded": sharded}, line)
 
 
 # ---- serve --------------------------------------------------------------------------------------

@@ -33,7 +33,8 @@ def train(sub) -> None:
     p.add_argument("--config", metavar="RUN/config.json", help="start from a run's settings "
                    "instead of a preset (--set changes them); what the run filled from its "
                    "data is filled again from this data")
-    p.add_argument("--data", help="data to use instead of the preset's: a text file; an .npz, "
+    p.add_argument("--data", help="data to use instead of the preset's: a text file or a "
+                   "folder of token shards (monotile prepare text); an .npz, "
                    "a folder of class folders or a CSV of path,label of images; a manifest of "
                    "path,transcript or a LibriSpeech-style folder of recordings; a CSV of "
                    "series")

@@ -314,8 +314,9 @@ def _search(a) -> None:
 
 def explain(sub) -> None:
     p = sub.add_parser("explain", help="attention maps of a run on one input, or its budget "
-                       "of parameters, FLOPs and memory (--budget)")
-    p.add_argument("run")
+                       "of parameters, FLOPs and memory (--budget), also of a preset before "
+                       "any run (--preset NAME --budget)")
+    p.add_argument("run", nargs="?", help="a run directory (none with --preset)")
     p.add_argument("input", nargs="?", help="a prompt (text), an image or audio file, or a "
                    "history CSV (series)")
     p.add_argument("--layer", type=int, default=None, help="attention layer (default: the "
@@ -329,19 +330,49 @@ def explain(sub) -> None:
                    "(default: the run's batch size)")
     p.add_argument("--context", type=int, default=None, help="budget: tokens per sequence "
                    "(default: the model's context)")
+    p.add_argument("--preset", help="budget: a preset's model, built on the meta device "
+                   "(nothing allocated), instead of a run's")
+    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   dest="overrides", help="budget of a preset: override its settings by name")
+    p.add_argument("--gpus", type=int, default=None, metavar="N", help="budget: plan training "
+                   "on N GPUs: memory per GPU and time per step (default 1 with --preset)")
+    p.add_argument("--gpu", default=None, metavar="NAME", help="budget: the GPU, by its "
+                   "published dense bf16 peak: a100 (312 TFLOP/s), h100 or h200 (989)")
+    p.add_argument("--peak-tflops", type=float, default=None, metavar="X",
+                   help="budget: another GPU's dense bf16 peak, in TFLOP/s")
+    p.add_argument("--mfu", type=float, default=None, metavar="F", help="budget: the share of "
+                   "the peak training reaches (default 0.4)")
+    p.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp", help="budget: how "
+                   "the GPUs hold the model (default ddp)")
     finish(p, _explain, json=True, machine=True)
 
 
 def _explain(a) -> None:
+    planning = any(v is not None for v in (a.gpus, a.gpu, a.peak_tflops, a.mfu))
+    if (a.preset or planning or a.overrides) and not a.budget:
+        raise MonotileError("--preset, --set, --gpus, --gpu, --peak-tflops and --mfu are for "
+                            "--budget; add --budget")
+    if a.preset is not None:
+        return _preset_budget(a)
+    if a.run is None:
+        raise MonotileError("give a run to explain, or --preset NAME --budget for a preset's "
+                            "budget before any run")
+    if a.overrides:
+        raise MonotileError("--set changes a preset's settings (--preset NAME); a run's "
+                            "settings are its own")
     from ..run import load
     run = load(a.run, device=a.device)
     if a.budget:
-        from ..explain.budget import budget, format_budget
+        from ..explain.budget import budget, format_budget, format_plan
         if a.input is not None:
             raise MonotileError("--budget takes no input; drop the input, or drop --budget to "
                                 "draw attention maps")
         b = budget(run, batch=a.batch, context=a.context)
-        return emit(a, b, format_budget(b))
+        text = format_budget(b)
+        if planning:
+            b["plan"] = _plan(a, b, run.model, run.train_config)
+            text += "\n" + format_plan(b["plan"])
+        return emit(a, b, text)
     if a.input is None:
         raise MonotileError("give an input to explain (a prompt, an image or audio file, or a "
                             "history CSV), or --budget for the cost table")
@@ -351,3 +382,23 @@ def _explain(a) -> None:
     source = a.input if Path(a.input).exists() else unescape(a.input)  # a prompt typed here
     result = explain_run(run, source, layer=a.layer, head=a.head, out=a.out, top_k=a.top_k)
     emit(a, result, run.task.format_explanation(result))
+
+
+def _preset_budget(a) -> None:
+    """explain --preset NAME --budget: the preset's table and its plan on --gpus GPUs."""
+    from ..explain.budget import format_budget, format_plan, preset_budget
+    from ..run import parse_overrides
+    if a.run is not None or a.input is not None:
+        raise MonotileError("--preset sizes a preset, not a run; drop the run (or drop "
+                            "--preset to size the run)")
+    b, model, train_cfg = preset_budget(a.preset, parse_overrides(a.overrides), batch=a.batch,
+                                        context=a.context)
+    b["plan"] = _plan(a, b, model, train_cfg)
+    emit(a, b, format_budget(b) + "\n" + format_plan(b["plan"]))
+
+
+def _plan(a, b: dict, model, train_cfg) -> dict:
+    from ..explain.budget import MFU, plan
+    return plan(b, model, train_cfg, gpus=a.gpus or 1, strategy=a.strategy,
+                gpu=a.gpu.lower() if a.gpu else None,
+                peak_tflops=a.peak_tflops, mfu=MFU if a.mfu is None else a.mfu)

@@ -7,6 +7,10 @@ Trunk:  Norm(Block_L(... Block_1(x + P) ...)), P the learned positions when posi
 Init:   every weight ~ N(0, 0.02), residual projections ~ N(0, 0.02 / sqrt(2 L)), biases 0 (GPT-2)
 Cost:   training FLOPs per token = 6 N + 12 L d T (N matmul parameters, T context; PaLM App. B);
         the forward pass is a third of that.
+Memory: activation checkpointing every k-th block (Chen et al. 2016): such a block keeps only its
+        input x (d per token) for backward and runs its forward again there, so r = L // k
+        blocks cost one more forward each, and backward holds (L - r + 1) blocks' activations
+        (the others, and the one being recomputed) plus r d per token.
 
 The trunk knows nothing about modalities: a modality turns its input into tokens, calls the
 trunk causally or bidirectionally, and reads the result with its own head.
@@ -18,9 +22,11 @@ import dataclasses
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..errors import ConfigError
 from .attention import (ATTENTION_IMPLS, ROPE_SCALINGS, KVCache, SelfAttention, qkv_rotations,
@@ -54,6 +60,8 @@ class ModelConfig:
     drop_path: float = 0.0        # stochastic depth of the last block; block i gets i/(L-1) of it
     cross_attention: bool = False  # each block also attends to an encoder's output (a decoder)
     attention: str = "sdpa"       # sdpa (PyTorch's fused kernel) | math (written-out reference)
+    activation_checkpointing: int = 0  # k: training recomputes every k-th block's activations
+                                  # in backward instead of keeping them (1: every block); 0 off
 
     def __post_init__(self):
         def bad(name, value, fix):
@@ -91,6 +99,9 @@ class ModelConfig:
             bad("norm_position", self.norm_position, "choose pre or post")
         if self.norm_eps <= 0 or self.rope_theta <= 0:
             bad("norm_eps/rope_theta", (self.norm_eps, self.rope_theta), "both must be > 0")
+        if not 0 <= self.activation_checkpointing <= self.n_layer:
+            bad("activation_checkpointing", self.activation_checkpointing,
+                f"give 0 (off) or k in 1..n_layer={self.n_layer}: every k-th block recomputed")
 
     @property
     def kv_heads(self) -> int:
@@ -224,7 +235,11 @@ class Transformer(nn.Module):
         if self.rope is not None:  # one table for all blocks, for the positions of x
             rope = qkv_rotations(self.rope[pos:pos + T], self.cfg.n_head + self.cfg.kv_heads,
                                  self.cfg.kv_heads)
+        k = self.cfg.activation_checkpointing  # only where backward follows: never decoding
+        recompute = k > 0 and self.training and torch.is_grad_enabled() and cache is None
         for i, block in enumerate(self.blocks):
+            if recompute and (i + 1) % k == 0:  # keeps x alone; backward runs the block again
+                block = partial(checkpoint, block, use_reentrant=False)
             x = block(x, rope=rope, causal=causal, key_padding=key_padding,
                       cache=None if cache is None else cache[i], pos=pos, memory=memory,
                       cross_cache=None if cross_cache is None else cross_cache[i])
@@ -284,6 +299,13 @@ def weights_left_uninitialised():
     finally:
         for name, fn in originals.items():
             setattr(nn.init, name, fn)
+
+
+def recomputed_blocks(cfg: ModelConfig) -> int:
+    """Blocks that activation checkpointing runs twice in a training step: every k-th of the
+    L, r = L // k (k = cfg.activation_checkpointing; 0 when it is off)."""
+    k = cfg.activation_checkpointing
+    return cfg.n_layer // k if k else 0
 
 
 def init_weights(model: nn.Module, n_layer: int, std: float = 0.02, *,

@@ -15,7 +15,9 @@ need from a modality, and the registry of modalities.
     Trainable(Task)                              what `fit` and `monotile train` need on top
       prepare(config, model_cfg, data) -> (task, model_cfg)   reads the data, fixes the
                                                  vocabulary and whatever the model's shape needs
-      batches(split, rng, batch_size) -> Iterator[batch]      randomness from rng alone
+      batches(split, rng, batch_size) -> Iterator[batch]      randomness from rng alone; a
+                                                 task that takes `rows` (a slice) makes only
+                                                 those rows of each batch, a process's share
       loss(model, batch) -> Tensor
       tokens(batch) -> int                       tokens the trunk saw, for tokens/s
 

@@ -4,6 +4,8 @@ Model:   logits = Trunk(E[x]) W_out^T                (E the token embedding; W_o
 Loss:    L = -(1/N) sum_t log p(x_{t+1} | x_<=t)    (cross-entropy of the next token, in nats)
 Metrics: perplexity = exp(L);  bits per byte = sum_t -log2 p(x_{t+1} | x_<=t) / (UTF-8 bytes of
          the predicted tokens), which compares models across tokenizers.
+Data:    one text file read whole, or a folder of token shards (`monotile prepare text`,
+         text_shards.py) read memory-mapped, its tokenizer the run's.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,6 +32,7 @@ from ..infer.generate import Sampling, TextPieces, generate_ids
 from ..tokenizers import Tokenizer
 from .base import TaskBase, register
 from .chat import PLAIN_STOP, PLAIN_TEMPLATE, ChatPrompt, read_jsonl, render
+from .text_shards import TokenShards, is_shards
 
 
 
@@ -59,7 +63,8 @@ class Timings:
 
 @dataclass(frozen=True, kw_only=True)
 class TextConfig:
-    data: str = "tinyshakespeare/input.txt"  # a data set name (see monotile.data) or a path
+    data: str = "tinyshakespeare/input.txt"  # a data set name (see monotile.data), a path,
+                                             # or a folder of token shards (monotile prepare)
     tokenizer: str = "char"                  # char | bpe
     bpe_vocab: int = 4096                    # vocabulary size a BPE tokenizer is trained to
     val_fraction: float = 0.1                # the last fraction of the text (in characters),
@@ -121,8 +126,8 @@ class LanguageModel(nn.Module):
 
 @register
 class TextTask(TaskBase):
-    """Next-token prediction on one text file, split by characters into train and validation;
-    or, for an imported encoder (BERT, MiniLM), sentence embeddings."""
+    """Next-token prediction on one text file, split by characters into train and validation,
+    or on token shards; or, for an imported encoder (BERT, MiniLM), sentence embeddings."""
 
     name = "text"
     Config = TextConfig
@@ -138,6 +143,7 @@ class TextTask(TaskBase):
         self.config, self.tokenizer, self.context = config, tokenizer, context
         self._splits: dict[str, torch.Tensor] = {}
         self._chat: dict[str, list] = {}  # chat data: per split, (ids, answer mask) records
+        self._shards: TokenShards | None = None  # token shards, memory-mapped
 
     # ---- setting up -------------------------------------------------------------------------
     @classmethod
@@ -147,6 +153,8 @@ class TextTask(TaskBase):
         path = find_data(config.data, data)
         if data is not None:  # remember where the user's file is
             config = dataclasses.replace(config, data=str(path))
+        if is_shards(path):
+            return cls._from_shards(config, model_cfg, path)
         examples = None
         if is_chat_data(path):  # instruction or chat records: the tokenizer learns their text
             config, examples = _read_chat(config, path)
@@ -168,7 +176,22 @@ class TextTask(TaskBase):
             task._load_chat(examples)
         else:
             task._load_splits(text)
-        return task, model_cfg.replace(vocab_size=tok.vocab_size)
+        return task, model_cfg.replace(vocab_size=_padded(model_cfg, tok.vocab_size))
+
+    @classmethod
+    def _from_shards(cls, config: TextConfig, model_cfg: ModelConfig, path: Path):
+        """A run on token shards: their tokenizer is the run's (whatever `tokenizer` says),
+        their vocabulary its vocab_size, their end-of-text token an end of generation."""
+        if config.model == "encoder":
+            raise ConfigError("model=encoder comes with imported runs; train causal_lm on shards")
+        shards = TokenShards(path)
+        shards.check(model_cfg.context)
+        tok = Tokenizer.load(shards.tokenizer_path)
+        eos = config.eos_ids or ((shards.eot,) if shards.eot is not None else ())
+        config = dataclasses.replace(config, tokenizer=tok.kind, eos_ids=eos)
+        task = cls(config, tok, model_cfg.context)
+        task._shards = shards
+        return task, model_cfg.replace(vocab_size=_padded(model_cfg, shards.vocab_size))
 
     @classmethod
     def load(cls, config: TextConfig, model_cfg: ModelConfig, run_dir: Path):
@@ -204,12 +227,15 @@ class TextTask(TaskBase):
 
     # ---- data -------------------------------------------------------------------------------
     def _load_splits(self, text: str | None = None) -> None:
-        if self._splits:
+        if self._splits or self._shards is not None:
             return
-        if text is None and is_chat_data(find_data(self.config.data)):
+        path = find_data(self.config.data) if text is None else None
+        if path is not None and is_shards(path):
+            return self._open_shards(path)
+        if text is None and is_chat_data(path):
             return self._load_chat()
         if text is None:
-            text = read_text(find_data(self.config.data))
+            text = read_text(path)
         kept, unknown = self.tokenizer.keep_known(text)  # a base model's vocabulary
         _warn_dropped(self.config.data, len(text) - len(kept), len(text), unknown)
         text = kept
@@ -221,6 +247,15 @@ class TextTask(TaskBase):
                                 f"tokens, fewer than context + 1 = {self.context + 1}; give "
                                 "more text or a smaller context")
             self._splits[split] = ids
+
+    def _open_shards(self, path: Path) -> None:
+        """A trained run's shards (resume, eval), checked to be tokenized by its tokenizer."""
+        shards = TokenShards(path)
+        shards.check(self.context)
+        if Tokenizer.load(shards.tokenizer_path).tok.get_vocab() != self.tokenizer.tok.get_vocab():
+            raise DataError(f"the shards in {path} were made with another tokenizer than this "
+                            "run's; give the run the shards it was trained on")
+        self._shards = shards
 
     def _load_chat(self, examples=None) -> None:
         """Records -> (token ids, answer mask) each, truncated to context + 1 tokens; the last
@@ -257,8 +292,9 @@ class TextTask(TaskBase):
         self._splits = {"train": torch.empty(0), "val": torch.empty(0)}
 
     def split(self, name: str) -> torch.Tensor:
+        """A split's token ids, whole (shards are read whole here: small data and tests)."""
         self._load_splits()
-        return self._splits[name]
+        return self._shards.read(name) if self._shards is not None else self._splits[name]
 
     def _chat_batch(self, records) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, T) right-padded with token 0; y the next tokens, -100 (ignored by the loss) at
@@ -272,20 +308,24 @@ class TextTask(TaskBase):
             y[i, :n] = torch.where(mask[1:], ids[1:], -100)
         return x, y
 
-    def batches(self, split: str, rng: torch.Generator, batch_size: int
-                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(self, split: str, rng: torch.Generator, batch_size: int,
+                rows: slice | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Random windows: x = data[i : i+T], y = data[i+1 : i+T+1], i uniform (nanoGPT);
-        for chat data, records drawn uniformly with replacement."""
+        for chat data, records drawn uniformly with replacement. With `rows`, only those rows
+        of each batch are made (a process's share: every process draws the same batch)."""
         self._load_splits()
         if self._chat:
             records = self._chat[split]
             while True:
                 idx = torch.randint(len(records), (batch_size,), generator=rng).tolist()
-                yield self._chat_batch([records[i] for i in idx])
+                yield self._chat_batch([records[i] for i in idx[rows or slice(None)]])
+        if self._shards is not None:
+            yield from self._shards.windows(split, rng, batch_size, self.context, rows)
+            return
         data, T, B = self.split(split), self.context, batch_size
         offsets = torch.arange(T + 1)
         while True:
-            starts = torch.randint(len(data) - T, (B,), generator=rng)
+            starts = torch.randint(len(data) - T, (B,), generator=rng)[rows or slice(None)]
             window = data[starts[:, None] + offsets]  # (B, T+1)
             yield window[:, :-1], window[:, 1:]
 
@@ -305,17 +345,19 @@ class TextTask(TaskBase):
         self._load_splits()
         if self._chat:
             return self._evaluate_chat(model, progress, batch_size)
-        data, T = self.split("val"), self.context
-        if self.config.eval_tokens is not None:
-            data = data[: self.config.eval_tokens + 1]
+        T, cap = self.context, self.config.eval_tokens
+        if self._shards is not None:  # each shard on its own, read a batch at a time
+            segments = self._shards.segments("val", cap)
+        else:
+            segments = [self.split("val")[: None if cap is None else cap + 1]]
         device = next(model.parameters()).device
         token_bytes = torch.tensor(self.tokenizer.token_bytes(), dtype=torch.float64,
                                    device=device)
-        starts = list(range(0, len(data) - 1, T))
+        starts = [(data, s) for data in segments for s in range(0, len(data) - 1, T)]
         nll, count, n_bytes = 0.0, 0, 0.0
         for i in tqdm(range(0, len(starts), batch_size), disable=not progress, desc="eval",
                       unit="batch"):
-            chunk = [data[s:s + T + 1] for s in starts[i:i + batch_size]]
+            chunk = [_as_ids(data[s:s + T + 1]) for data, s in starts[i:i + batch_size]]
             for window in _same_length(chunk):
                 x, y = window[:, :-1].to(device), window[:, 1:].to(device)
                 logits = model(x).float()
@@ -539,6 +581,13 @@ def _warn_dropped(data: str, dropped: int, total: int, unknown: set[str]) -> Non
                       f"the model's vocabulary: {''.join(sorted(unknown))!r}", stacklevel=3)
 
 
+def _padded(model_cfg: ModelConfig, tokens: int) -> int:
+    """The embedding's rows: the tokenizer's size, or the preset's vocab_size when that is
+    larger (gpt2-124m pads GPT-2's 50,257 to 50,304, a multiple of 64, as nanoGPT does: the
+    extra rows are never a target and their logits are pushed down in training)."""
+    return max(model_cfg.vocab_size, tokens)
+
+
 def is_chat_data(path: Path) -> bool:
     return Path(path).suffix.lower() == ".jsonl"
 
@@ -558,10 +607,13 @@ def _split_at(text: str, val_fraction: float) -> int:
     return int(len(text) * (1 - val_fraction))
 
 
+def _as_ids(window) -> torch.Tensor:
+    """A window of ids as an int64 tensor (a shard's window is a uint16 or uint32 array)."""
+    return window if torch.is_tensor(window) else torch.from_numpy(window.astype(np.int64))
+
+
 def _same_length(windows: list[torch.Tensor]) -> Iterator[torch.Tensor]:
-    """Stack windows of equal length; the shorter last window goes alone."""
-    full = [w for w in windows if len(w) == len(windows[0])]
-    yield torch.stack(full)
-    rest = [w for w in windows if len(w) != len(windows[0])]
-    if rest:
-        yield torch.stack(rest)
+    """Stack the windows of each length, in the order the lengths come (the full ones first,
+    then each segment's shorter last window)."""
+    for n in dict.fromkeys(len(w) for w in windows):
+        yield torch.stack([w for w in windows if len(w) == n])

@@ -1,9 +1,15 @@
 """Checkpoints as safetensors, written so that a crash never leaves a broken run.
 
 Every file is written to a temporary name, fsync'd and renamed over the old one (a rename is
-atomic on POSIX). A resumable checkpoint is three files (model, optimizer, trainer state), so
-they are first written whole into `.checkpoint.tmp/`, marked COMPLETE, and only then moved into
-place; `recover` finishes a move that a crash interrupted, or drops an incomplete journal.
+atomic on POSIX). A resumable checkpoint is several files (model, optimizer, trainer state, the
+best weights when this evaluation was the best), so they are first written whole into
+`.checkpoint.tmp/`, marked COMPLETE, and only then moved into place; `recover` finishes a move
+that a crash interrupted, or drops an incomplete journal.
+
+A sharded model (FSDP) is not gathered: every process writes its own shards, in parallel, into
+a new folder of the journal, RUN/checkpoint-<step>/ (and RUN/best-<step>/, the weights alone),
+and trainer_state.json, moved in last, names the folders ("checkpoint", "best_checkpoint"):
+committed folders never change, and the ones no longer named are removed after the commit.
 Nothing is ever unpickled: tensors come from safetensors, everything else from JSON.
 """
 
@@ -14,6 +20,7 @@ import errno
 import json
 import math
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -26,8 +33,10 @@ from ..errors import CheckpointError
 from . import distributed
 
 JOURNAL = ".checkpoint.tmp"
+# moved from the journal in this order: trainer_state.json, which names what is current, last
 RESUME_FILES = ("model.safetensors", "ema.safetensors", "optimizer.safetensors",
-                "trainer_state.json")
+                "best.safetensors", "trainer_state.json")
+SHARDED = re.compile(r"(checkpoint|best)-\d+(\.\d+)?")  # a sharded checkpoint's folder
 
 
 def _fsync_dir(path: Path) -> None:
@@ -114,10 +123,10 @@ def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 # ---- model weights ----------------------------------------------------------------------------
 
-def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict with tied weights saved once (the first name in state-dict order), and
-    sharded (FSDP) tensors gathered whole: every process must call it, in the same order.
-    A model with LoRA adapters (monotile.core.lora) saves the adapters alone."""
+def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors a checkpoint holds, as the model holds them (FSDP: this process's shards):
+    the state dict with tied weights once (the first name in state-dict order); a model with
+    LoRA adapters (monotile.core.lora) saves the adapters alone."""
     out, seen = {}, set()
     adapters_only = bool(getattr(model, "lora", None))
     for name, t in model.state_dict().items():
@@ -127,8 +136,14 @@ def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
         if key is not None and key in seen:
             continue
         seen.add(key)
-        out[name] = distributed.full_tensor(t)
+        out[name] = t
     return out
+
+
+def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """model_state with sharded (FSDP) tensors gathered whole into the main process: every
+    process must call it, in the same order."""
+    return {name: distributed.full_tensor(t) for name, t in model_state(model).items()}
 
 
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
@@ -256,45 +271,152 @@ def rng_from_str(s: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8).clone()
 
 
-# ---- the resumable triple ---------------------------------------------------------------------
+# ---- the resumable checkpoint -----------------------------------------------------------------
 
 def save_checkpoint(run_dir: Path, model: nn.Module, opt: torch.optim.Optimizer,
-                    state: dict, ema: nn.Module | None = None) -> None:
-    """Write model, optimizer, trainer state (and the weights' moving average, if kept) as one
-    unit (journal, COMPLETE mark, renames). With several processes every one of them calls this
-    (sharded state is gathered), the main one writes, and all leave together."""
+                    state: dict, ema: nn.Module | None = None,
+                    best: tuple[nn.Module, dict] | None = None) -> None:
+    """Write model, optimizer, trainer state, the weights' moving average (if kept) and the
+    best weights (`best`: the module evaluated and its safetensors metadata, when this step's
+    evaluation was the best) as one unit: journal, COMPLETE mark, moves. A whole model goes to
+    safetensors files that the main process writes (DDP's replicas as they are); a sharded one
+    (FSDP) to folders where each process writes its own shards. Every process calls this, and
+    all leave together."""
     run_dir = Path(run_dir)
-    step = str(state["step"])
-    weights = model_tensors(model)
-    ema_weights = model_tensors(ema) if ema is not None else None
-    opt_t, opt_meta = optimizer_tensors(opt)
-    if distributed.is_main():
-        journal = run_dir / JOURNAL
-        shutil.rmtree(journal, ignore_errors=True)
-        try:
-            journal.mkdir()
-            save_tensors(journal / "model.safetensors", weights, {"step": step, "format": "pt"})
-            if ema_weights is not None:
-                save_tensors(journal / "ema.safetensors", ema_weights,
-                             {"step": step, "format": "pt"})
-            save_tensors(journal / "optimizer.safetensors", opt_t,
-                         {"step": step, "optimizer": json.dumps(opt_meta)})
-            atomic_write_json(journal / "trainer_state.json", state)
-            atomic_write_text(journal / "COMPLETE", step)
-        except BaseException:  # the last committed checkpoint stays the run's state
-            shutil.rmtree(journal, ignore_errors=True)
-            raise
-        _commit(run_dir)
+    state = {k: v for k, v in state.items() if k not in ("checkpoint", "best_checkpoint")}
+    if best is None:  # the best weights stay those of the last commit
+        kept = (_committed_state(run_dir) or {}).get("best_checkpoint")
+        if isinstance(kept, str) and SHARDED.fullmatch(kept):
+            state["best_checkpoint"] = kept
+    if any(distributed.is_dtensor(t) for t in model_state(model).values()):
+        _save_sharded(run_dir, model, opt, state, best)
+    else:
+        _save_whole(run_dir, model, opt, state, ema, best)
     distributed.barrier()
 
 
-def _commit(run_dir: Path) -> None:
+def _save_whole(run_dir: Path, model, opt, state: dict, ema, best) -> None:
+    """The main process writes model.safetensors, optimizer.safetensors (and ema, best)."""
+    step = str(state["step"])
+    weights = model_tensors(model)
+    ema_weights = model_tensors(ema) if ema is not None else None
+    best_weights = model_tensors(best[0]) if best is not None else None
+    opt_t, opt_meta = optimizer_tensors(opt)
+    if not distributed.is_main():
+        return
+    journal = _new_journal(run_dir)
+    try:
+        save_tensors(journal / "model.safetensors", weights, {"step": step, "format": "pt"})
+        if ema_weights is not None:
+            save_tensors(journal / "ema.safetensors", ema_weights, {"step": step, "format": "pt"})
+        if best_weights is not None:
+            state.pop("best_checkpoint", None)  # best.safetensors is the best now
+            save_tensors(journal / "best.safetensors", best_weights,
+                         {"step": step, **best[1], "format": "pt"})
+        save_tensors(journal / "optimizer.safetensors", opt_t,
+                     {"step": step, "optimizer": json.dumps(opt_meta)})
+        _finish(run_dir, state)
+    except BaseException:  # the last committed checkpoint stays the run's state
+        shutil.rmtree(journal, ignore_errors=True)
+        raise
+
+
+def _save_sharded(run_dir: Path, model, opt, state: dict, best) -> None:
+    """Every process writes its shards of the model and AdamW's moments into
+    JOURNAL/checkpoint-<step>/ (and of the best weights into JOURNAL/best-<step>/), then the
+    main process commits them with trainer_state.json naming them."""
+    step = state["step"]
+    last, best_name = distributed.broadcast((_free_name(run_dir, f"checkpoint-{step}"),
+                                             _free_name(run_dir, f"best-{step}")))
+    journal = _new_journal(run_dir) if distributed.is_main() else run_dir / JOURNAL
+    distributed.barrier()  # the journal is there, empty, for every process
+    try:
+        tensors = {f"model.{k}": v for k, v in model_state(model).items()}
+        opt_t, groups = optimizer_shards(model, opt)
+        distributed.save_shards(journal / last, tensors | opt_t)
+        if best is not None:
+            distributed.save_shards(journal / best_name,
+                                    {f"model.{k}": v for k, v in model_state(best[0]).items()})
+        if distributed.is_main():
+            atomic_write_json(journal / last / "optimizer.json", {"param_groups": groups})
+            state["checkpoint"] = last
+            if best is not None:
+                state["best_checkpoint"] = best_name
+            _finish(run_dir, state)
+    except BaseException as e:  # the last committed checkpoint stays the run's state
+        if distributed.is_main():
+            shutil.rmtree(journal, ignore_errors=True)
+        full = disk_full(e, journal / last) if isinstance(e, Exception) else None
+        if full is not None:
+            raise full from None
+        raise
+
+
+def _new_journal(run_dir: Path) -> Path:
     journal = run_dir / JOURNAL
+    shutil.rmtree(journal, ignore_errors=True)
+    journal.mkdir()
+    return journal
+
+
+def _free_name(run_dir: Path, name: str) -> str:
+    """`name`, or name.2, name.3...: a folder name not in use (committed folders never change,
+    even when the same step is checkpointed again)."""
+    n, free = 1, name
+    while (run_dir / free).exists():
+        n += 1
+        free = f"{name}.{n}"
+    return free
+
+
+def _finish(run_dir: Path, state: dict) -> None:
+    journal = run_dir / JOURNAL
+    atomic_write_json(journal / "trainer_state.json", state)
+    atomic_write_text(journal / "COMPLETE", str(state["step"]))
+    _commit(run_dir)
+
+
+def _commit(run_dir: Path) -> None:
+    """Move a COMPLETE journal's folders and files into the run, trainer_state.json last;
+    then remove what it replaced. A crash at any point is finished by running it again."""
+    journal = run_dir / JOURNAL
+    for entry in sorted(journal.iterdir()):
+        if entry.is_dir() and SHARDED.fullmatch(entry.name):
+            shutil.rmtree(run_dir / entry.name, ignore_errors=True)  # a leftover, never named
+            os.replace(entry, run_dir / entry.name)
     for name in RESUME_FILES:
         if (journal / name).exists():
             os.replace(journal / name, run_dir / name)
     _fsync_dir(run_dir)
     shutil.rmtree(journal, ignore_errors=True)
+    _prune(run_dir)
+
+
+def _prune(run_dir: Path) -> None:
+    """Remove what the committed trainer_state.json no longer names: older sharded folders,
+    and the files a sharded checkpoint replaced (model, ema, optimizer; best.safetensors under
+    a sharded best). Nothing, when trainer_state.json cannot be read."""
+    state = _committed_state(run_dir)
+    if state is None:
+        return
+    named = {state.get("checkpoint"), state.get("best_checkpoint")}
+    for entry in run_dir.iterdir():
+        if entry.is_dir() and SHARDED.fullmatch(entry.name) and entry.name not in named:
+            shutil.rmtree(entry, ignore_errors=True)
+    stale = (["model.safetensors", "ema.safetensors", "optimizer.safetensors"]
+             if state.get("checkpoint") else [])
+    stale += ["best.safetensors"] if state.get("best_checkpoint") else []
+    for name in stale:
+        (run_dir / name).unlink(missing_ok=True)
+
+
+def _committed_state(run_dir: Path) -> dict | None:
+    """RUN/trainer_state.json as committed, or None when it is missing or unreadable."""
+    try:
+        state = json.loads((Path(run_dir) / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) else None
 
 
 def recover(run_dir: Path) -> None:
@@ -302,12 +424,88 @@ def recover(run_dir: Path) -> None:
     run's writer calls it, holding the run's lock (rundir.writer_lock): a reader that did
     would pull the journal from under a training process."""
     journal = Path(run_dir) / JOURNAL
-    if not journal.exists():
-        return
-    if (journal / "COMPLETE").exists():
-        _commit(Path(run_dir))
-    else:
+    if journal.exists():
+        if (journal / "COMPLETE").exists():
+            _commit(Path(run_dir))
+            return
         shutil.rmtree(journal, ignore_errors=True)
+    _prune(Path(run_dir))  # a crash between a commit and its pruning
+
+
+# ---- sharded checkpoints: read -----------------------------------------------------------------
+
+def sharded_folder(run_dir: Path, which: str = "last") -> Path | None:
+    """The folder of the run's sharded checkpoint (FSDP) that trainer_state.json names for the
+    `which` ("last" or "best") weights; None when they are a safetensors file."""
+    state = _committed_state(run_dir) or {}
+    name = state.get("checkpoint" if which == "last" else "best_checkpoint")
+    return Path(run_dir) / name if isinstance(name, str) and SHARDED.fullmatch(name) else None
+
+
+def load_sharded_model(model: nn.Module, run_dir: Path, which: str = "last") -> Path:
+    """Read the run's sharded `which` weights into `model` (a whole one: each process reads
+    every shard of each tensor, alone), and return their folder. A training process may
+    commit a newer checkpoint meanwhile and remove this one: then the newer one is read."""
+    for attempt in range(3):
+        folder = sharded_folder(run_dir, which)
+        if folder is None:
+            raise CheckpointError(f"{run_dir} has no sharded {which} checkpoint; is this a "
+                                  "monotile run directory?")
+        try:
+            with torch.no_grad():
+                distributed.load_shards(folder, {f"model.{k}": v
+                                                 for k, v in model_state(model).items()})
+            return folder
+        except CheckpointError:
+            if attempt == 2 or sharded_folder(run_dir, which) == folder:
+                raise
+    raise AssertionError("unreachable")
+
+
+def optimizer_shards(model: nn.Module, opt: torch.optim.Optimizer
+                     ) -> tuple[dict[str, torch.Tensor], list[dict] | None]:
+    """AdamW's state by parameter name, as this process holds it (FSDP: its shards), from
+    torch.distributed.checkpoint.state_dict: optimizer.<name>.<key> -> tensor (a 0-d one,
+    the step, as 1 value), and the param groups (JSON, parameters by name); ({}, None)
+    before the first step (DCP's helper would take a step of zero gradients to make some)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    if not opt.state:
+        return {}, None
+    osd = get_optimizer_state_dict(model, opt)
+    return _flat(osd["state"]), osd["param_groups"]
+
+
+def _flat(state: dict) -> dict[str, torch.Tensor]:
+    """{name: {key: tensor}} as {optimizer.<name>.<key>: tensor}, a 0-d tensor as a view of 1
+    value (written and read in place, like the others)."""
+    return {f"optimizer.{name}.{key}": value.view(1) if value.dim() == 0 else value
+            for name, st in state.items() for key, value in st.items()}
+
+
+def load_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer, run_dir: Path,
+                         state: dict) -> None:
+    """The optimizer state of the checkpoint that `state` (trainer_state.json) is part of:
+    optimizer.safetensors, or the shards of its sharded folder, which any number of processes
+    reads (each process its own shards under FSDP, the whole moments otherwise)."""
+    name = state.get("checkpoint")
+    if not (isinstance(name, str) and SHARDED.fullmatch(name)):
+        load_optimizer(opt, Path(run_dir) / "optimizer.safetensors")
+        return
+    from torch.distributed.checkpoint.state_dict import (get_optimizer_state_dict,
+                                                         set_optimizer_state_dict)
+    folder = Path(run_dir) / name
+    try:
+        groups = json.loads((folder / "optimizer.json").read_text(encoding="utf-8"))
+        groups = groups["param_groups"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{folder}/optimizer.json is missing or damaged ({e}); the run "
+                              "cannot be resumed exactly: restore it, or start a new run") \
+            from None
+    if groups is None:  # saved before the first step: a new optimizer is that state
+        return
+    osd = get_optimizer_state_dict(model, opt)  # the state's shapes and shards, to be filled
+    distributed.load_shards(folder, _flat(osd["state"]))
+    set_optimizer_state_dict(model, opt, {"state": osd["state"], "param_groups": groups})
 
 
 # ---- the metrics log ---------------------------------------------------------------------------

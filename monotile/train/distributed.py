@@ -1,6 +1,7 @@
 """Training on several processes with PyTorch's own engine: torchrun starts them, this file joins
-them, wraps the model, gives each process its shard of every batch, and gathers sharded state so
-that a checkpoint is the same files whatever the number of processes.
+them, wraps the model, gives each process its shard of every batch, and reads and writes sharded
+state: gathered whole (full_tensor), or each process its own pieces (save_shards, load_shards,
+read back on any number of processes).
 
     torchrun --nproc-per-node N -m monotile train ... --strategy ddp|fsdp
 
@@ -18,17 +19,20 @@ Backends: NCCL on CUDA GPUs, gloo on CPU.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from ..core.transformer import Block
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 
 STRATEGIES = ("auto", "ddp", "fsdp")
 
@@ -198,6 +202,107 @@ def shard_like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     return full
 
 
+# ---- sharded checkpoints (torch.distributed.checkpoint) ---------------------------------------
+
+# DCP's safetensors writer builds each file in memory before it writes it: files of at most
+# this many bytes of a process's pieces keep what a process holds while saving that small
+FILE_BYTES = 2**26
+
+
+def save_shards(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Every process writes the pieces of `tensors` it holds into `folder` at once, nothing
+    gathered: process r's DTensor shards, and its share of the plain tensors (each written
+    once, by one process), go to shard-<r+1>-model-<i>-of-<n>.safetensors, each piece's
+    offset in the tensor in the file's header; file i holds consecutive tensors, about
+    FILE_BYTES of this process's pieces (file_numbers). DCP's safetensors writer: no pickle
+    (its default writer pickles an index file). Every process must call it; a failure on any
+    process raises on all of them."""
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+    from torch.distributed.checkpoint import save as dcp_save
+    from torch.distributed.checkpoint.api import CheckpointException
+    writer = HuggingFaceStorageWriter(str(folder), save_distributed=True,
+                                      fqn_to_index_mapping=file_numbers(tensors))
+    try:
+        dcp_save(tensors, storage_writer=writer)
+    except CheckpointException as e:  # the first process's own failure, not DCP's wrapper
+        raise _first_failure(e) from None
+
+
+def file_numbers(tensors: dict[str, torch.Tensor]) -> dict[str, int]:
+    """name -> file number 1, 2, ...: consecutive tensors, a new file once the whole tensors
+    of this one pass W * FILE_BYTES (so about FILE_BYTES of each process's 1/W pieces). The
+    same on every process: it reads only whole shapes."""
+    budget, numbers, n, size = current().world * FILE_BYTES, {}, 1, 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if size and size + nbytes > budget:
+            n, size = n + 1, 0
+        numbers[name] = n
+        size += nbytes
+    return numbers
+
+
+def load_shards(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Fill `tensors` in place from a folder that save_shards wrote on any number of
+    processes: each tensor (or DTensor shard) is copied from the pieces that overlap it,
+    so W processes read what W' wrote. Whole tensors are read by each process alone, no
+    collective; DTensors by every process together. Each tensor is checked first to be
+    there, of its shape and wholly covered by the pieces (a shard file lost, or a tensor
+    the model lacks, is named)."""
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+    from torch.distributed.checkpoint import load as dcp_load
+    from torch.distributed.checkpoint.api import CheckpointException
+    folder = Path(folder)
+    reader = HuggingFaceStorageReader(str(folder))
+    try:
+        if not any(f.suffix == ".safetensors" for f in folder.iterdir()):
+            raise FileNotFoundError(f"no shard files in {folder}")
+        metadata = reader.read_metadata()
+        _check_shards(folder, metadata.state_dict_metadata, tensors)
+        reader.read_metadata = lambda *args, **kwargs: metadata  # DCP reads what was checked
+        alone = not any(is_dtensor(t) for t in tensors.values())
+        with warnings.catch_warnings():  # DCP warns that a process reading alone reads alone
+            warnings.filterwarnings("ignore", "torch.distributed is disabled")
+            dcp_load(tensors, storage_reader=reader, no_dist=alone)
+    except CheckpointException as e:
+        e = _first_failure(e)
+        raise CheckpointError(f"{folder} is not a readable sharded checkpoint ({e}); it is "
+                              "damaged: restore it or retrain") from None
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        raise CheckpointError(f"{folder} is not a readable sharded checkpoint ({e}); it is "
+                              "damaged: restore it or retrain") from None
+
+
+def _check_shards(folder: Path, saved: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse, by name, a tensor missing from the shards or of another shape, a tensor of the
+    shards' that `tensors` lacks (under the same first name, e.g. model.), and a tensor whose
+    pieces do not cover all of it."""
+    for name, t in tensors.items():
+        md = saved.get(name)
+        short = name.split(".", 1)[-1]
+        if md is None:
+            raise CheckpointError(f"{folder}: tensor {short!r} is missing; the checkpoint does "
+                                  "not belong to this model configuration")
+        if tuple(md.size) != tuple(t.shape):
+            raise CheckpointError(f"{folder}: tensor {short!r} has shape {tuple(md.size)}, the "
+                                  f"model expects {tuple(t.shape)}; config.json and the weights "
+                                  "disagree")
+        if sum(math.prod(c.sizes) for c in md.chunks) != math.prod(md.size):
+            raise CheckpointError(f"{folder}: tensor {short!r} is not whole in the shard files "
+                                  "(one is missing or damaged); restore the folder or retrain")
+    prefixes = {name.split(".", 1)[0] for name in tensors}
+    extra = sorted(n for n in saved if n.split(".", 1)[0] in prefixes and n not in tensors)
+    if extra:
+        raise CheckpointError(f"{folder}: unexpected tensor {extra[0].split('.', 1)[-1]!r}; the "
+                              "checkpoint does not belong to this model configuration")
+
+
+def _first_failure(e: BaseException) -> BaseException:
+    """The exception behind DCP's CheckpointException (which gathers every process's)."""
+    failures = getattr(e, "failures", None)
+    return next(iter(failures.values()))[0] if failures else e
+
+
 def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
     """Scale all gradients by min(1, max_norm / ||g||), ||g|| the norm of all of them together,
     over every shard (nn.utils.clip_grad_norm_ with the FSDP norm made whole first)."""
@@ -213,7 +318,8 @@ def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
 # ---- what a strategy costs ------------------------------------------------------------------
 
 def memory_per_process(model: nn.Module, strategy: str, world: int, *, batch: int,
-                       context: int, bytes_per_value: int = 4) -> dict[str, float]:
+                       context: int, bytes_per_value: int = 4,
+                       activation_bytes: int | None = None) -> dict[str, float]:
     """Bytes one process holds while training `model` with AdamW (build it on the meta device
     for a size that does not fit here). N parameters, W processes, fp32 state:
 
@@ -222,10 +328,14 @@ def memory_per_process(model: nn.Module, strategy: str, world: int, *, batch: in
                      root unit (embeddings, head, final norm: gathered through the forward)
                      and the two largest blocks (the one computing, the one prefetched)
         activations: kept for backward, per token of the process's batch / W rows:
-                     per block 8 d + 2 h (norm inputs and outputs, q, k, v, attention output,
-                     the MLP's hidden before and after its nonlinearity; 8 d + 4 h for SwiGLU)
-                     plus 2 V for the logits and their gradient (an estimate: the rest are
-                     exact counts)."""
+                     per block a = 8 d + 2 h (norm inputs and outputs, q, k, v, attention
+                     output, the MLP's hidden before and after its nonlinearity; 8 d + 4 h for
+                     SwiGLU) plus 2 V for the logits and their gradient (an estimate: the rest
+                     are exact counts). With activation checkpointing of r = L // k blocks:
+                     (L - r + 1) a + r d: the others' activations, each recomputed block's
+                     input, and one recomputed block's activations while its backward runs.
+    `activation_bytes` per activation value (2 under bf16 autocast) defaults to
+    `bytes_per_value`."""
     if strategy not in ("single", "ddp", "fsdp"):
         raise ConfigError(f"strategy={strategy!r} is invalid: choose single, ddp or fsdp")
     seen, n = set(), 0
@@ -244,9 +354,12 @@ def memory_per_process(model: nn.Module, strategy: str, world: int, *, batch: in
                        if strategy == "fsdp" and world > 1 else 0)
     tokens = batch / (world if strategy != "single" else 1) * context
     if cfg is not None:
+        from ..core.transformer import recomputed_blocks
         per_block = 8 * cfg.d_model + (4 if cfg.mlp == "swiglu" else 2) * cfg.hidden
-        per_token = cfg.n_layer * per_block + 2 * cfg.vocab_size
-        out["activations"] = bytes_per_value * tokens * per_token
+        r = recomputed_blocks(cfg)
+        held = cfg.n_layer - r + (1 if r else 0)  # blocks whose activations are held at once
+        per_token = held * per_block + r * cfg.d_model + 2 * cfg.vocab_size
+        out["activations"] = (activation_bytes or bytes_per_value) * tokens * per_token
     else:
         out["activations"] = float("nan")
     out["total"] = sum(v for k, v in out.items() if k != "parameters" and v == v)

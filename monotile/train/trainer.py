@@ -25,9 +25,9 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError, MonotileError, check_positive, invalid
 from . import distributed
-from .checkpoint import (atomic_write_text, disk_full, load_model_weights, load_optimizer,
-                         model_tensors, read_metrics, rng_from_str, rng_to_str,
-                         save_checkpoint, save_tensors)
+from .checkpoint import (atomic_write_text, disk_full, load_model_weights,
+                         load_optimizer_state, read_metrics, rng_from_str, rng_to_str,
+                         save_checkpoint)
 from .ema import EMA
 from .optim import lr_at, make_optimizer
 from .plots import plot_loss_curve
@@ -202,7 +202,7 @@ def fit(task, model: nn.Module, cfg: TrainConfig, run_dir: Path, *, state: dict 
     if state is None:
         state = {"step": 0, "best": None, "tokens": 0, "elapsed_s": 0.0}
     else:
-        load_optimizer(opt, run_dir / "optimizer.safetensors")
+        load_optimizer_state(model, opt, run_dir, state)  # a file, or FSDP's shards
         if ema is not None:
             load_model_weights(ema.model, run_dir / "ema.safetensors")
         data_rng.set_state(rng_from_str(state["data_rng"]))
@@ -215,7 +215,7 @@ def fit(task, model: nn.Module, cfg: TrainConfig, run_dir: Path, *, state: dict 
     decay_steps = cfg.decay_steps or cfg.max_steps
     metric, mode = task.best_metric
     forward_model = torch.compile(train_model) if cfg.compile else train_model
-    batches = task.batches("train", data_rng, cfg.batch_size)
+    batches = rank_batches(task, data_rng, cfg.batch_size, ctx)
 
     def snapshot() -> dict:
         s = dict(state, data_rng=rng_to_str(data_rng.get_state()),
@@ -225,8 +225,11 @@ def fit(task, model: nn.Module, cfg: TrainConfig, run_dir: Path, *, state: dict 
             s["cuda_rng"] = rng_to_str(torch.cuda.get_rng_state(device))
         return s
 
-    def checkpoint():
-        save_checkpoint(run_dir, model, opt, snapshot(), ema=ema.model if ema else None)
+    best_due: list = []  # the weights and scores of an evaluation that was the best
+
+    def checkpoint():  # with the best weights, when this step's evaluation was the best
+        save_checkpoint(run_dir, model, opt, snapshot(), ema=ema.model if ema else None,
+                        best=best_due.pop() if best_due else None)
 
     def evaluate(step: int):
         evaluated = model if ema is None else ema.model  # the weights a user will get
@@ -242,11 +245,8 @@ def fit(task, model: nn.Module, cfg: TrainConfig, run_dir: Path, *, state: dict 
         best = state["best"]
         if value is not None and math.isfinite(value) and (
                 best is None or (value < best if mode == "min" else value > best)):
-            state["best"] = value
-            weights = model_tensors(evaluated)
-            if ctx.main:
-                save_tensors(run_dir / "best.safetensors", weights,
-                             {"step": str(step), metric: str(value), "format": "pt"})
+            state["best"] = value  # saved by the checkpoint that follows every evaluation
+            best_due[:] = [(evaluated, {"step": str(step), metric: str(value)})]
         return results
 
     if state["step"] == 0:
@@ -267,7 +267,7 @@ def fit(task, model: nn.Module, cfg: TrainConfig, run_dir: Path, *, state: dict 
                 group["lr"] = lr
             loss_sum = torch.zeros((), device=device)  # summed on the device: no sync per step
             for micro in range(cfg.grad_accum):
-                batch = to_device(distributed.shard(next(batches), ctx), device)
+                batch = to_device(next(batches), device)
                 # DDP averages gradients once per step, after the last micro-batch (nanoGPT)
                 last = micro == cfg.grad_accum - 1
                 no_sync = getattr(train_model, "no_sync", None)
@@ -326,6 +326,20 @@ def fit(task, model: nn.Module, cfg: TrainConfig, run_dir: Path, *, state: dict 
     state["interrupted"] = interrupted
     state["last_eval"] = last_eval
     return state
+
+
+def rank_batches(task, rng: torch.Generator, batch_size: int, ctx):
+    """This process's rows of each global training batch: the task makes only those when its
+    `batches` takes `rows` (token shards read no other rows), else distributed.shard cuts
+    them from the whole batch. Either way every process draws the same global batch."""
+    import inspect
+    if ctx.world > 1 and "rows" in inspect.signature(task.batches).parameters:
+        n = batch_size // ctx.world
+        yield from task.batches("train", rng, batch_size,
+                                rows=slice(ctx.rank * n, (ctx.rank + 1) * n))
+        return
+    for batch in task.batches("train", rng, batch_size):
+        yield distributed.shard(batch, ctx)
 
 
 @contextlib.contextmanager
