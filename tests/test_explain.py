@@ -146,7 +146,8 @@ SMALL_GPT = {"n_layer": "2", "n_head": "2", "d_model": "32", "context": "16", "v
 
 
 def test_a_presets_budget_counts_the_recomputed_blocks_flops_pytorch_counts():
-    from monotile.explain.budget import ConfigModel, preset_budget
+    from monotile.explain.budget import preset_budget
+    from monotile.modalities.text import LanguageModel as ConfigModel
     b, meta, _ = preset_budget("gpt2-124m", dict(SMALL_GPT, activation_checkpointing="1"),
                                batch=2)
     assert {p.device.type for p in meta.parameters()} == {"meta"}

@@ -46,8 +46,7 @@ import torch
 from torch import nn
 
 from ..core import attention as attention_module
-from ..core.transformer import (ModelConfig, Transformer, recomputed_blocks,
-                                weights_left_uninitialised)
+from ..core.transformer import ModelConfig, recomputed_blocks, weights_left_uninitialised
 from ..errors import ConfigError
 
 COMPONENTS = ("embedding", "attention", "mlp", "norms", "head")
@@ -144,29 +143,12 @@ def budget(run, *, batch: int | None = None, context: int | None = None) -> dict
             **_budget(run.model, cfg, args, batch, T, run.task.head_activations(cfg))}
 
 
-class ConfigModel(nn.Module):
-    """The model a ModelConfig with a vocabulary describes before any data is read: token ids
-    -> embedding -> causal trunk -> head over vocab_size (tied with the embedding when
-    tie_embeddings), a language model's shapes. A preset's budget builds it on the meta
-    device; a modality's own stem and head (image patches, a class head) come with its data."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.trunk = Transformer(cfg)
-        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.head.weight = self.tok_emb.weight
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.head(self.trunk(self.tok_emb(idx)))
-
-
 def preset_budget(name: str, overrides: dict | None = None, *, batch: int | None = None,
                   context: int | None = None) -> tuple[dict, nn.Module, object]:
     """The budget of preset `name` (with `overrides`, as --set gives them) before any run
-    exists: its ConfigModel on the meta device, nothing allocated. Returns (the budget, the
-    model, the preset's TrainConfig)."""
+    exists: its modalities.text.LanguageModel on the meta device, nothing allocated. Returns
+    (the budget, the model, the preset's TrainConfig)."""
+    from ..modalities.text import LanguageModel
     from ..presets import PRESETS
     from ..rundir import build_configs
     if name not in PRESETS:
@@ -184,7 +166,7 @@ def preset_budget(name: str, overrides: dict | None = None, *, batch: int | None
         raise ConfigError(f"--batch {batch} --context {T} is invalid: give positive numbers, "
                           f"a context of at most {cfg.context}")
     with torch.device("meta"), weights_left_uninitialised():
-        model = ConfigModel(cfg)
+        model = LanguageModel(cfg)
         args = (torch.zeros(batch, T, dtype=torch.long),)
     b = {"run": None, "preset": name, "task": task,
          **_budget(model, cfg, args, batch, T, 2 * cfg.vocab_size)}

@@ -230,17 +230,24 @@ def _rows(reader, where, max_values: int) -> dict[str, np.ndarray]:
                     raise DataError(f"row {line} of {where} ({name!r}) holds {c!r} in column "
                                     f"{j + 2}, which is not a number; give numbers (an empty "
                                     "cell for a gap)") from None
-        if not np.isfinite(v).any():
-            raise DataError(f"series {name!r} of {where} has no values")
-        count += len(v)
-        if count > max_values:
-            raise DataError(f"{where} holds more than {max_values:,} values, more than this "
-                            "reads; give fewer series")
-        out[name] = v
+        count = _add(out, name, v, where, count, max_values)
     if not out:
         raise DataError(f"{where} has no series; give one row per series: its id, then its "
                         "values")
     return out
+
+
+def _add(out: dict, name: str, v: np.ndarray, where, count: int, max_values: int) -> int:
+    """out[name] = v, a series of a one-series-per-row file or a .tsf; the values read so far.
+    DataError for a series without a value or past `max_values` values in all."""
+    if not np.isfinite(v).any():
+        raise DataError(f"series {name!r} of {where} has no values")
+    count += len(v)
+    if count > max_values:
+        raise DataError(f"{where} holds more than {max_values:,} values, more than this reads; "
+                        "give fewer series")
+    out[name] = v
+    return count
 
 
 def _m4_test_path(train: Path) -> Path | None:
@@ -357,13 +364,7 @@ def read_tsf(source: Path | str, where, max_values: int) -> Tsf:
             raise DataError(f"series {name!r} of {where} (line {line_no}) holds {bad!r}, "
                             "which is not a number; give numbers, ? for a missing value") \
                 from None
-        if not np.isfinite(v).any():
-            raise DataError(f"series {name!r} of {where} has no values")
-        count += len(v)
-        if count > max_values:
-            raise DataError(f"{where} holds more than {max_values:,} values, more than this "
-                            "reads; give fewer series")
-        out.values[name] = v
+        count = _add(out.values, name, v, where, count, max_values)
     if not out.values:
         raise DataError(f"{where} has no series after @data; give one line per series")
     return out
