@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -45,6 +48,21 @@ def cli(*args: str, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONWARNINGS="default")
     return subprocess.run([sys.executable, "-m", "monotile", *args], capture_output=True,
                           text=True, timeout=timeout, env=env, **kw)
+
+
+def kill_9_at_step(args: list[str], run: Path, step: int, timeout: float = 120) -> int:
+    """Start `monotile ARGS --out RUN`, SIGKILL it once its trainer_state.json reaches `step`
+    (or after `timeout`), and return the step its last checkpoint holds."""
+    proc = subprocess.Popen([sys.executable, "-m", "monotile", *args, "--out", str(run)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = Path(run) / "trainer_state.json"
+    deadline = time.time() + timeout
+    while time.time() < deadline and not (state.exists() and
+                                          json.loads(state.read_text())["step"] >= step):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return json.loads(state.read_text())["step"]
 
 
 def set_args(overrides: dict) -> list[str]:

@@ -15,7 +15,7 @@ import monotile
 from monotile.errors import CheckpointError
 from monotile.train.checkpoint import JOURNAL
 
-from conftest import TINY, cli, set_args
+from conftest import TINY, cli, kill_9_at_step, set_args
 
 STEPS = dict(TINY, max_steps="24", eval_interval="12", checkpoint_interval="4",
              log_interval="4")
@@ -55,17 +55,7 @@ def test_kill_9_mid_training_then_resume_equals_straight_run(tmp_path, small_tex
     args = ["train", "text", "--preset", "shakespeare-char", "--data", str(small_text),
             "--quiet", *set_args(dict(STEPS, max_steps="400", eval_interval="400"))]
     assert cli(*args, "--out", str(tmp_path / "straight")).returncode == 0
-    proc = subprocess.Popen([sys.executable, "-m", "monotile", *args, "--out",
-                             str(tmp_path / "killed")], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    state = tmp_path / "killed" / "trainer_state.json"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (state.exists() and
-                                          json.loads(state.read_text())["step"] >= 40):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    stopped_at = json.loads(state.read_text())["step"]
+    stopped_at = kill_9_at_step(args, tmp_path / "killed", 40)
     assert 40 <= stopped_at < 400
     result = cli("resume", str(tmp_path / "killed"), "--json")
     assert result.returncode == 0, result.stderr

@@ -26,7 +26,7 @@ from monotile.modalities.text_prepare import held_out, prepare_shards
 from monotile.modalities.text_shards import TokenShards, verify
 from monotile.tokenizers import Tokenizer
 
-from conftest import TINY, cli, set_args
+from conftest import TINY, cli, kill_9_at_step, set_args
 
 EOT = "<|endoftext|>"
 
@@ -344,17 +344,7 @@ def test_kill_9_mid_training_on_shards_then_resume_equals_straight_run(tmp_path,
     args = ["train", "text", "--preset", "shakespeare-char", "--data", str(shards), "--quiet",
             *set_args(dict(STEPS, max_steps="200", eval_interval="200"))]
     assert cli(*args, "--out", str(tmp_path / "straight")).returncode == 0
-    proc = subprocess.Popen([sys.executable, "-m", "monotile", *args, "--out",
-                             str(tmp_path / "killed")], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    state = tmp_path / "killed" / "trainer_state.json"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (state.exists() and
-                                          json.loads(state.read_text())["step"] >= 40):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert 40 <= json.loads(state.read_text())["step"] < 200
+    assert 40 <= kill_9_at_step(args, tmp_path / "killed", 40) < 200
     result = cli("resume", str(tmp_path / "killed"), "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["step"] == 200
