@@ -350,16 +350,20 @@ def resume(run_dir: str | Path, *, quiet: bool = False, until_step: int | None =
         if not (run_dir / "trainer_state.json").exists() and _never_checkpointed(run_dir):
             return _restart(run_dir, strategy=strategy, device=device, quiet=quiet,
                             until_step=until_step)
-        run = load(run_dir, checkpoint="last", device=device)
+        ctx = distributed.current(strategy or read_config(run_dir)[2]["train"].strategy)
+        # FSDP: a sharded checkpoint's weights are read by the trainer once it has sharded
+        # the model, each process its own pieces, not whole into every process here
+        run = _load(run_dir, "last", device, read_shards=not ctx.sharded)
         if strategy is not None:
             run.configs["train"] = dataclasses.replace(run.train_config, strategy=strategy)
-        ctx = distributed.current(run.train_config.strategy)
         distributed.check(run.train_config, ctx, resuming=True)
         quiet = quiet or not ctx.main
         if run.train_config.ema > 0:  # training continues from the raw weights, not the average
             load_model_weights(run.model, run.dir / "model.safetensors")
         state = read_trainer_state(run.dir)
         if state["step"] >= run.train_config.max_steps:
+            if ctx.sharded and sharded_folder(run.dir) is not None:
+                load_sharded_model(run.model, run.dir)  # evaluated whole, as load gives it
             if not quiet:
                 print(f"{run.dir} already finished at step {state['step']}; nothing to resume")
             run.state = dict(state, last_eval=run.evaluate(), interrupted=False)
@@ -442,6 +446,13 @@ def load(run_dir: str | Path, *, checkpoint: str = "last", device: str | None = 
     folder an FSDP run's trainer_state.json names, read here in one process) or "best".
     device: auto (the default: CUDA, then MPS, then the CPU), cpu, cuda, cuda:N or mps. It is
     this machine's choice, not the run's: a run trained on a GPU loads on a laptop as it is."""
+    return _load(run_dir, checkpoint, device)
+
+
+def _load(run_dir: str | Path, checkpoint: str, device: str | None, *,
+          read_shards: bool = True) -> Run:
+    """load; with read_shards False, a sharded checkpoint's weights are left unread (an FSDP
+    resume reads them after sharding the model: trainer.fit, checkpoint.load_model_shards)."""
     run_dir = check_run_dir(run_dir)  # read, never repaired here: the writer does that
     doc, meta, configs = read_config(run_dir)
     task_name = meta["task"]
@@ -474,7 +485,8 @@ def load(run_dir: str | Path, *, checkpoint: str = "last", device: str | None = 
         from .infer.quantize import quantize_int8
         quantize_int8(model)
     if sharded is not None:
-        load_sharded_model(model, run_dir, checkpoint)
+        if read_shards:
+            load_sharded_model(model, run_dir, checkpoint)
     else:
         load_model_weights(model, weights)
     model.to(device).eval()

@@ -462,6 +462,19 @@ def load_sharded_model(model: nn.Module, run_dir: Path, which: str = "last") -> 
     raise AssertionError("unreachable")
 
 
+def load_model_shards(model: nn.Module, run_dir: Path, state: dict) -> None:
+    """FSDP resume: the weights of the sharded checkpoint that `state` (trainer_state.json)
+    names, read into `model` once FSDP has sharded it: each process reads only the pieces
+    that overlap its own shards, from files written by any number of processes (DCP
+    reshards), and never holds a whole tensor. Nothing, when the checkpoint is a file (the
+    model was loaded whole before it was sharded)."""
+    name = state.get("checkpoint")
+    if isinstance(name, str) and SHARDED.fullmatch(name):
+        with torch.no_grad():
+            distributed.load_shards(Path(run_dir) / name,
+                                    {f"model.{k}": v for k, v in model_state(model).items()})
+
+
 def optimizer_shards(model: nn.Module, opt: torch.optim.Optimizer
                      ) -> tuple[dict[str, torch.Tensor], list[dict] | None]:
     """AdamW's state by parameter name, as this process holds it (FSDP: its shards), from

@@ -51,6 +51,11 @@ class Context:
         """Only the main process logs and writes files."""
         return self.rank == 0
 
+    @property
+    def sharded(self) -> bool:
+        """Whether each process holds only its shards of the model (FSDP on several)."""
+        return self.strategy == "fsdp" and self.world > 1
+
 
 def launched() -> bool:
     """Whether torchrun (or another launcher setting WORLD_SIZE) started several processes."""

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError, MonotileError, check_positive, invalid
 from . import distributed
-from .checkpoint import (atomic_write_text, disk_full, load_model_weights,
+from .checkpoint import (atomic_write_text, disk_full, load_model_shards, load_model_weights,
                          load_optimizer_state, read_metrics, rng_from_str, rng_to_str,
                          save_checkpoint)
 from .ema import EMA
@@ -197,6 +197,8 @@ def fit(task, model: nn.Module, cfg: TrainConfig, run_dir: Path, *, state: dict 
     data_rng = torch.Generator().manual_seed(cfg.seed)
     ema = EMA(model, cfg.ema) if cfg.ema > 0 else None
     train_model = distributed.wrap(model, ctx)  # FSDP shards `model` itself, in place
+    if state is not None and ctx.sharded:  # each process reads the pieces of its own shards
+        load_model_shards(model, run_dir, state)
     opt = make_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay,
                          beta1=cfg.beta1, beta2=cfg.beta2)
     if state is None:
@@ -279,7 +281,7 @@ def fit(task, model: nn.Module, cfg: TrainConfig, run_dir: Path, *, state: dict 
                 loss_sum += loss.detach()
                 state["tokens"] += task.tokens(batch) * ctx.world
             if cfg.grad_clip > 0:
-                if ctx.strategy == "fsdp" and ctx.world > 1:
+                if ctx.sharded:
                     distributed.clip_grad_norm_(list(model.parameters()), cfg.grad_clip)
                 else:
                     nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
