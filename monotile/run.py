@@ -173,7 +173,7 @@ class Run:
             quantize_int8(self.model)
         elif dtype == "int4":
             quantize_int4(self.model)
-        pack_linears(self.model, measure=True)
+        pack_linears(self.model, measure=True, rows=getattr(self.task, "inference_rows", 1))
         return self
 
     def parameters(self) -> int:

@@ -289,6 +289,12 @@ def test_minilm_embeddings_equal_sentence_transformers(tmp_path):
     cosine = (ours * reference).sum(1) / ours.norm(dim=1) / reference.norm(dim=1)
     assert cosine.min() >= 0.99999, sentences[int(cosine.argmin())]
     assert torch.allclose(ours.norm(dim=1), torch.ones(len(sentences)), atol=1e-5)
+    # as `embed` and `search` run it: weights laid out for a sentence's rows, one sentence a
+    # call (no padding, no mask) or 32 of different lengths (padded, masked)
+    fast = monotile.load(tmp_path / "minilm").optimize_for_inference()
+    for batch_size in (1, 32):
+        torch.testing.assert_close(fast.embed(sentences, batch_size=batch_size), ours,
+                                   atol=2e-6, rtol=0)
     done = cli("embed", str(tmp_path / "minilm"), "A man is eating food.", "--json")
     vector = torch.tensor(json.loads(done.stdout)["embeddings"][0])
     assert vector @ torch.tensor(model.encode(["A man is eating food."])[0]) > 0.99999

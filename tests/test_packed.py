@@ -32,6 +32,13 @@ def test_a_packed_layer_computes_x_w_transpose_plus_b():
     assert torch.equal(packed.weight, linear.weight.detach())
     no_bias = PackedLinear.from_linear(nn.Linear(96, 40, bias=False)).eval()
     assert no_bias(torch.randn(3, 96)).shape == (3, 40)
+    # laid out for 32 rows (an encoder's sentence): the same product at any row count
+    for_rows = PackedLinear.from_linear(linear, rows=32).eval()
+    for x in (torch.randn(1, 96), torch.randn(1, 33, 96), torch.randn(70, 96)):
+        torch.testing.assert_close(for_rows(x), x @ linear.weight.T + linear.bias,
+                                   atol=1e-5, rtol=1e-5)
+    twin = copy.deepcopy(for_rows)
+    assert twin.rows == 32 and torch.equal(twin.weight, linear.weight.detach())
 
 
 @pytest.mark.skipif(not packing_available("cpu", torch.bfloat16),
@@ -130,3 +137,11 @@ def test_a_measured_layout_is_remembered_per_machine_and_shape(tmp_path, monkeyp
     verdicts_file.write_text("{not json")  # a damaged file: measured again, and rewritten
     pack_linears(copy.deepcopy(model), measure=True)
     assert len(json.loads(verdicts_file.read_text())[machine]) == 2
+    # a layout for 32 rows is another verdict: measured at 32 rows, kept beside the others
+    packed = copy.deepcopy(model)
+    names = pack_linears(packed, measure=True, rows=32)
+    verdicts = json.loads(verdicts_file.read_text())[machine]
+    assert {"1 x 64->128 float32 @ 32 rows", "1 x 128->64 float32 @ 32 rows"} < set(verdicts)
+    assert names == [n for n, v in (("0", verdicts["1 x 64->128 float32 @ 32 rows"]),
+                                    ("1", verdicts["1 x 128->64 float32 @ 32 rows"])) if v]
+    assert all(packed[int(n)].rows == 32 for n in names)

@@ -139,6 +139,11 @@ class TextTask(TaskBase):
     def routes(self) -> tuple[str, ...]:
         return ("embeddings",) if self.config.model == "encoder" else ("completions", "chat")
 
+    @property
+    def inference_rows(self) -> int:
+        """An encoder reads a sentence at once (~32 tokens); a language model decodes a row."""
+        return 32 if self.config.model == "encoder" else 1
+
     def __init__(self, config: TextConfig, tokenizer: Tokenizer, context: int):
         self.config, self.tokenizer, self.context = config, tokenizer, context
         self._splits: dict[str, torch.Tensor] = {}
