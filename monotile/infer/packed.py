@@ -51,10 +51,10 @@ class PackedLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
     def _pack(self, weight: torch.Tensor) -> None:
-        # the hint `rows` picks the layout for products with that many rows of x (1: the
-        # matrix-vector products of decoding; ~32: a sentence through an encoder). Other
-        # row counts use the same packed weight, a little slower (1.6x at 33 rows packed
-        # for 1, an fp32 384->1152 layer on an AMD EPYC)
+        # the hint `rows` picks oneDNN's layout as for products with that many rows of x;
+        # any row count uses the same packed weight, at another speed (33 rows: 1.6x slower
+        # packed for 1 than for 33, an fp32 384->1152 layer on an AMD EPYC; 1 row: 1.45x
+        # faster packed for 16 than for 1, SmolLM2's layers). pack_linears measures which
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(),
                                                               self.rows)
 
@@ -101,19 +101,27 @@ class PackedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, dtype={self.dtype}, layout=onednn")
+                f"bias={self.bias is not None}, dtype={self.dtype}, layout=onednn, "
+                f"rows={self.rows}")
+
+
+# The layouts tried for x of `rows` rows: oneDNN's layout for that many rows, and its layout
+# for 16, which streams a decoding step's weights (one row) 1.45x faster in fp32 and 1.15x in
+# bf16 than the one-row layout on an AMD EPYC (SmolLM2, 29 -> 42 tokens/s): the row-count hint
+# picks the blocking, and the one chosen for a single row is not the fastest one everywhere
+HINTS = (16,)
 
 
 def pack_linears(model: nn.Module, measure: bool = False, rows: int = 1) -> list[str]:
     """Replace every plain nn.Linear of `model` whose weight oneDNN can pack (CPU; fp32, or bf16
-    where supported) by a PackedLinear laid out for x of `rows` rows (1: decoding; an
-    encoder's sentence: ~32), in place, and put the model in eval mode. LoRA and int8 layers
-    stay as they are. With `measure`, the layers of each shape (in, out, dtype) are packed
-    only where one pass of x of `rows` rows over all of them is faster packed than plain on
-    this CPU (faster_packed): the layout that wins on one processor can lose on another (and
-    at one row count, lose at another). The verdict is kept per CPU model, PyTorch version
-    and thread count in the cache's packing.json (delete it to measure again). Returns the
-    names replaced."""
+    where supported) by a PackedLinear, in place, and put the model in eval mode. LoRA and int8
+    layers stay as they are. `rows`: the rows of x a call multiplies (1: decoding; an
+    encoder's sentence: ~32). Without `measure`, every layer is laid out for `rows`. With
+    it, the layers of each shape (in, out, dtype) get the layout that one pass of x of `rows`
+    rows over all of them runs fastest in on this CPU: plain (nn.Linear), packed for `rows`,
+    or packed for each of HINTS (fastest_layout): the layout that wins on one processor can
+    lose on another. The verdict is kept per CPU model, PyTorch version and thread count in
+    the cache's layouts.json (delete it to measure again). Returns the names replaced."""
     groups: dict[tuple, list[tuple[nn.Module, str, str, nn.Linear]]] = {}
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
@@ -126,31 +134,43 @@ def pack_linears(model: nn.Module, measure: bool = False, rows: int = 1) -> list
             groups.setdefault(key, []).append((parent, child_name, name, child))
     names = []
     for (n_in, n_out, dtype), layers in groups.items():
-        key = f"{len(layers)} x {n_in}->{n_out} {str(dtype).removeprefix('torch.')}"
-        key += f" @ {rows} rows" if rows != 1 else ""
-        verdict = measured(key) if measure else True
-        if verdict is None:  # measure once: the whole group packed beside the plain one
-            packed = [PackedLinear.from_linear(linear, rows).eval() for *_, linear in layers]
-            verdict = faster_packed([linear for *_, linear in layers], packed, rows=rows)
-            remember(key, verdict)
-            if not verdict:
-                continue
+        key = (f"{len(layers)} x {n_in}->{n_out} {str(dtype).removeprefix('torch.')} "
+               f"@ {rows} rows")
+        hint = measured(key) if measure else rows
+        if hint is None:  # measure once: the group in each layout, the fastest kept
+            hint, packed = fastest_layout([linear for *_, linear in layers], rows)
+            remember(key, hint)
             for (parent, child_name, name, _), new in zip(layers, packed):
                 setattr(parent, child_name, new)
                 names.append(name)
-        elif verdict:  # one layer at a time, each plain weight let go as its copy is made
+        elif hint:  # one layer at a time, each plain weight let go as its copy is made
             while layers:
                 parent, child_name, name, linear = layers.pop(0)
-                setattr(parent, child_name, PackedLinear.from_linear(linear, rows).eval())
+                setattr(parent, child_name, PackedLinear.from_linear(linear, hint).eval())
                 names.append(name)
                 del linear
     model.eval()
     return names
 
 
+def fastest_layout(plain: list[nn.Linear], rows: int = 1) -> tuple[int, list[PackedLinear]]:
+    """(hint, packed layers) of the fastest layout for `plain`'s layers at x of `rows` rows:
+    0 and [] when nn.Linear itself is the fastest. Each layout is timed against the best so
+    far (seconds_per_pass); a loser's copies are let go before the next is made."""
+    best_hint, best_layers = 0, []
+    best = seconds_per_pass(plain, rows)
+    for hint in dict.fromkeys((rows, *HINTS)):
+        packed = [PackedLinear.from_linear(linear, hint).eval() for linear in plain]
+        took = seconds_per_pass(packed, rows)
+        if took < best:
+            best_hint, best_layers, best = hint, packed, took
+        del packed
+    return best_hint, best_layers
+
+
 def _verdicts_file() -> Path:
     from ..data import cache_dir
-    return cache_dir() / "packing.json"
+    return cache_dir() / "layouts.json"
 
 
 def _machine() -> str:
@@ -167,16 +187,18 @@ def _machine() -> str:
     return f"{name} | torch {torch.__version__} | {torch.get_num_threads()} threads"
 
 
-def measured(key: str) -> bool | None:
-    """The verdict faster_packed gave for `key` on this machine before (kept in the cache's
-    packing.json, so a start-up measures once per machine and shape), or None."""
+def measured(key: str) -> int | None:
+    """The layout fastest_layout chose for `key` on this machine before (0 plain, else the
+    packing's row hint; kept in the cache's layouts.json, so a start-up measures once per
+    machine and shape), or None."""
     try:
-        return json.loads(_verdicts_file().read_text()).get(_machine(), {}).get(key)
+        hint = json.loads(_verdicts_file().read_text()).get(_machine(), {}).get(key)
     except (OSError, ValueError, AttributeError):
         return None
+    return hint if isinstance(hint, int) and not isinstance(hint, bool) and hint >= 0 else None
 
 
-def remember(key: str, verdict: bool) -> None:
+def remember(key: str, verdict: int) -> None:
     """Keep a verdict for this machine; a cache that cannot be written is no error."""
     path = _verdicts_file()
     try:
@@ -196,20 +218,18 @@ def remember(key: str, verdict: bool) -> None:
 
 
 @torch.no_grad()
-def faster_packed(plain: list[nn.Linear], packed: list[PackedLinear], rounds: int = 5,
-                  rows: int = 1) -> bool:
-    """Whether y = x W^T + b for x of `rows` rows through every layer in turn (one row: each
-    W read from memory once, as a decoding step reads it) takes less time packed, best of
-    `rounds`."""
-    x = torch.randn(rows, plain[0].in_features, dtype=plain[0].weight.dtype)
+def seconds_per_pass(layers: list[nn.Module], rows: int = 1, rounds: int = 5) -> float:
+    """Seconds of y = x W^T + b for x of `rows` rows through every layer in turn (one row:
+    each W read from memory once, as a decoding step reads it), best of `rounds` after one
+    to warm up."""
+    first = layers[0]
+    dtype = first.weight.dtype if isinstance(first, nn.Linear) else first.dtype
+    x = torch.randn(rows, first.in_features, dtype=dtype)
 
-    def best(layers) -> float:
-        times = []
-        for _ in range(rounds):
-            start = time.perf_counter()
-            for layer in layers:
-                layer(x)
-            times.append(time.perf_counter() - start)
-        return min(times)
-    best(plain), best(packed)  # warm up
-    return best(packed) < best(plain)
+    def once() -> float:
+        start = time.perf_counter()
+        for layer in layers:
+            layer(x)
+        return time.perf_counter() - start
+    once()
+    return min(once() for _ in range(rounds))

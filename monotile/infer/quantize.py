@@ -37,6 +37,17 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+# From this many rows of x on (a prompt's prefill), a product is faster as W dequantized to
+# bf16 once and one bf16 GEMM than in the weight-only kernels, which are built for a few rows:
+# at 512 rows 2.6x faster for SmolLM2's layers, at 64 1.6x; at 16 the kernels win (2 threads,
+# AMD EPYC; bench/real_models.py's prefill)
+GEMM_ROWS = 32
+
+
+def _rows(x: torch.Tensor, in_features: int) -> int:
+    return x.numel() // in_features if x.device.type == "cpu" else 0
+
+
 def _int8_kernel_fits(device: torch.device, in_features: int) -> bool:
     """PyTorch's CPU kernel is right only for inputs of a multiple of 16 features (others give
     NaN or crash on AVX-512 CPUs); the rest dequantize."""
@@ -77,7 +88,10 @@ class Int8Linear(nn.Module):
         return self._scale_bf16
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _int8_kernel_fits(x.device, self.in_features):
+        if _rows(x, self.in_features) >= GEMM_ROWS:  # many rows: W ~ s Q in bf16, one GEMM
+            w = self.weight_int8.to(torch.bfloat16) * self.scale_bf16()[:, None]
+            y = F.linear(x.to(torch.bfloat16), w).to(x.dtype)
+        elif _int8_kernel_fits(x.device, self.in_features):
             flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
             y = torch._weight_int8pack_mm(flat, self.weight_int8, self.scale_bf16())
             y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
@@ -151,9 +165,24 @@ def quantize_groups_int4(w: torch.Tensor, group: int = INT4_GROUP
 
 
 def _int4_kernel_fits(device: torch.device, in_features: int, out_features: int) -> bool:
-    """The CPU kernel takes whole groups and rows a multiple of 8 (as its packing does)."""
+    """The CPU kernel takes whole groups and rows a multiple of 16 (its packing refuses
+    others)."""
     return (device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
-            and in_features % INT4_GROUP == 0 and out_features % 8 == 0)
+            and in_features % INT4_GROUP == 0 and out_features % 16 == 0)
+
+
+def _unpack_int4(packed: torch.Tensor, out_features: int, in_features: int
+                 ) -> torch.Tensor | None:
+    """Q (uint8 (N, K), values 0-15) from the CPU kernel's packing, for N a multiple of 64:
+    blocks of 64 rows, each stored k by k as 32 bytes, byte i holding row i in its low four
+    bits and row 32 + i in its high four (PyTorch 2.13, AVX-512 and AVX2 alike; Int4Linear
+    checks it against Q when it packs, and where it differs does without it). None for
+    other N."""
+    if out_features % 64:
+        return None
+    p = packed.view(out_features // 64, in_features, 32)
+    q = torch.cat([p & 0xF, p >> 4], dim=2)  # (blocks, K, 64 rows)
+    return q.permute(0, 2, 1).reshape(out_features, in_features)
 
 
 class Int4Linear(nn.Module):
@@ -174,6 +203,8 @@ class Int4Linear(nn.Module):
                                  torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
             self.register_buffer("scales_and_zeros", torch.stack(
                 [d.t(), (m + 8 * d).t()], -1).contiguous().to(torch.bfloat16))
+            unpacked = _unpack_int4(self.weight_int4, self.out_features, self.in_features)
+            self.unpacks = unpacked is not None and torch.equal(unpacked, q.to(torch.uint8))
         else:
             self.register_buffer("weight_int4", q.to(torch.int8))
             self.register_buffer("d", d)
@@ -190,8 +221,18 @@ class Int4Linear(nn.Module):
         q = self.weight_int4.float().reshape(self.out_features, -1, INT4_GROUP)
         return (q * self.d[..., None] + self.m[..., None]).reshape(self.out_features, -1)
 
+    def bf16_weight(self) -> torch.Tensor:
+        """W ~ (Q - 8) scale + zero in bf16 (N, K), from the kernel's packing."""
+        q = _unpack_int4(self.weight_int4, self.out_features, self.in_features)
+        sz = self.scales_and_zeros  # (K / G, N, 2)
+        q = q.view(self.out_features, -1, INT4_GROUP).to(torch.bfloat16) - 8
+        w = q * sz[..., 0].t()[..., None] + sz[..., 1].t()[..., None]
+        return w.view(self.out_features, self.in_features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fits:  # bf16 activations: the kernel's fast path
+        if self.fits and self.unpacks and _rows(x, self.in_features) >= GEMM_ROWS:
+            y = F.linear(x.to(torch.bfloat16), self.bf16_weight()).to(x.dtype)
+        elif self.fits:  # bf16 activations: the kernel's fast path
             flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.weight_int4, INT4_GROUP,
                                                            self.scales_and_zeros)

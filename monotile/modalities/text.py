@@ -119,9 +119,13 @@ class LanguageModel(nn.Module):
         if cfg.tie_embeddings:
             self.head.weight = self.tok_emb.weight
 
-    def forward(self, idx: torch.Tensor, *, cache=None, pos: int = 0) -> torch.Tensor:
-        """idx (B, T) token ids -> logits (B, T, vocab)."""
-        return self.head(self.trunk(self.tok_emb(idx), causal=True, cache=cache, pos=pos))
+    def forward(self, idx: torch.Tensor, *, cache=None, pos: int = 0,
+                last: bool = False) -> torch.Tensor:
+        """idx (B, T) token ids -> logits (B, T, vocab); with `last`, of the last position
+        alone (B, 1, vocab): all a prompt's prefill needs, and the head is a fifth of a
+        135M model's weights."""
+        h = self.trunk(self.tok_emb(idx), causal=True, cache=cache, pos=pos)
+        return self.head(h[:, -1:] if last else h)
 
 
 @register

@@ -153,7 +153,8 @@ class Engine:
     def _prefill(self, job: Job) -> None:
         b = len(self.rows)
         ids = torch.tensor([job.prompt], device=self.device)
-        logits = self.model(ids, cache=[c.rows(b, b + 1) for c in self.cache], pos=0)[0, -1]
+        logits = self.model(ids, cache=[c.rows(b, b + 1) for c in self.cache], pos=0,
+                            last=True)[0, -1]
         logits = logits.cpu()
         generator = torch.Generator()
         generator.manual_seed(job.seed if job.seed is not None else torch.seed())
