@@ -13,7 +13,8 @@ set (the first N sentences, a fixed random sample of N FSDD recordings).
 
 Every system hears the same 16-kHz waveforms (read once by monotile's read_audio) and decodes
 greedily (or with `--beam W`), English, no prompt: monotile's predict (temperature fallback
-and previous-text conditioning as its defaults), faster-whisper's transcribe at compute_type
+and previous-text conditioning as its defaults) with float32 and int8 weights (as `monotile
+predict --dtype` runs it), faster-whisper's transcribe at compute_type
 float32 and int8 (beam_size=W, language="en", its own defaults otherwise) and transformers'
 pipeline("automatic-speech-recognition") (num_beams=W, long-form with timestamps past 30 s).
 
@@ -49,7 +50,9 @@ from monotile.modalities.audio import read_audio  # noqa: E402
 from monotile.modalities.metrics import error_rates  # noqa: E402
 from monotile.modalities.speech_io import FSDD_WORDS, normalize_english  # noqa: E402
 
-SYSTEMS = ("monotile", "fw-float32", "fw-int8", "transformers")
+SYSTEMS = ("monotile", "monotile-int8", "fw-float32", "fw-int8", "transformers")
+PAIRS = (("monotile", "fw-float32"), ("monotile-int8", "fw-int8"),
+         ("monotile", "transformers"))  # equal precision: fp32 with fp32, int8 with int8
 CACHE = Path(os.environ.get("MONOTILE_CACHE", Path.home() / ".cache" / "monotile")) / \
     "bench" / "whisper"
 
@@ -93,8 +96,8 @@ def fsdd_set(limit: int | None) -> list[tuple[Path, str]]:
 
 # ---- the systems: each a function (waveform) -> transcript, after its loading ----------------
 
-def load_monotile(run_dir: Path, beam: int):
-    run = monotile.load(run_dir)
+def load_monotile(run_dir: Path, beam: int, dtype: str = "float32"):
+    run = monotile.load(run_dir).optimize_for_inference(dtype)  # as `predict --dtype` runs it
     options = {"beam_width": beam} if beam > 1 else {}
     return lambda wave: run.task.predict(run.model, [wave], **options)[0]["text"]
 
@@ -158,6 +161,7 @@ def main() -> None:
     sets = {"espeak": spoken_set(n), "fsdd": fsdd_set(a.limit)}
     sets = {k: [(read_audio(p, 16000), text) for p, text in v] for k, v in sets.items() if v}
     loaders = {"monotile": lambda: load_monotile(run, a.beam),
+               "monotile-int8": lambda: load_monotile(run, a.beam, "int8"),
                "fw-float32": lambda: load_faster_whisper("float32", a.beam, a.threads),
                "fw-int8": lambda: load_faster_whisper("int8", a.beam, a.threads),
                "transformers": lambda: load_transformers(hf, a.beam)}
@@ -173,16 +177,15 @@ def main() -> None:
         for s, r in per_set.items():
             print(f"{name:<14} {s:<7} {r['files']:>5} {100 * r['wer']:7.2f} "
                   f"{100 * r['cer']:7.2f} {r['rtf']:7.3f}")
-    if "monotile" in results:
-        ours = results["monotile"]
-        print("\nratios: reference RTF / monotile RTF (> 1: monotile faster); "
-              "WER points, monotile - reference")
-        for name, per_set in results.items():
-            if name == "monotile":
-                continue
-            for s, r in per_set.items():
-                print(f"  {name:<14} {s:<7} speed x{r['rtf'] / ours[s]['rtf']:.3f}   "
-                      f"WER {100 * (ours[s]['wer'] - r['wer']):+.2f}")
+    pairs = [(m, ref) for m, ref in PAIRS if m in results and ref in results]
+    if pairs:
+        print("\nratios at equal precision: reference RTF / monotile RTF (> 1: monotile "
+              "faster); WER points, monotile - reference")
+        for mine, ref in pairs:
+            for s, r in results[ref].items():
+                ours = results[mine][s]
+                print(f"  {mine:<14} vs {ref:<13} {s:<7} speed x{r['rtf'] / ours['rtf']:.3f}"
+                      f"   WER {100 * (ours['wer'] - r['wer']):+.2f}")
     if a.json:
         print(json.dumps({"beam": a.beam, "threads": a.threads, "results": results}))
 

@@ -289,6 +289,14 @@ def test_cli_predict_on_real_png_files(mnist_run, tmp_path):
     assert len(rows) == 301
     text = cli("predict", str(mnist_run), str(sample / "7"))
     assert text.returncode == 0 and "accuracy" in text.stdout
+    # the CLI lays the weights out for this CPU: the same classes as the model as loaded;
+    # int8 weights keep the accuracy within two points
+    import monotile
+    plain = monotile.load(mnist_run).predict([str(sample)], top_k=1)["predictions"]
+    assert [p["labels"][0] for p in plain] == [p["labels"][0] for p in result["predictions"]]
+    int8 = cli("predict", str(mnist_run), str(sample), "--json", "--dtype", "int8")
+    assert int8.returncode == 0, int8.stderr
+    assert abs(json.loads(int8.stdout)["accuracy"] - result["accuracy"]) <= 0.02
 
 
 def test_cli_eval_prints_per_class_figures_and_a_confusion_matrix(mnist_run):

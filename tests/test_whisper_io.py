@@ -196,6 +196,23 @@ def test_predict_writes_subtitles_of_a_recording_timed_by_its_words(tiny_en, spo
     assert tsv[0] == "start\tend\ttext" and len(tsv) == len(result["segments"]) + 1
 
 
+def test_predict_lays_out_or_rounds_the_weights_and_keeps_the_words(tiny_en, spoken):
+    """`predict --dtype`: float32 weights laid out for this CPU (infer/packed.py) transcribe
+    what the model as loaded does; int8 weights still hear the words."""
+    import monotile
+    paths = [str(p) for p in spoken["paths"]]
+    plain = monotile.load(tiny_en).predict(paths)["predictions"]
+    said = [normalize_english(t) for t in spoken["texts"]]
+    from monotile.modalities.metrics import error_rates
+    for dtype in ("float32", "int8"):
+        done = cli("predict", str(tiny_en), *paths, "--dtype", dtype, "--json", "--quiet")
+        assert done.returncode == 0, done.stderr
+        heard = [p["text"] for p in json.loads(done.stdout)["predictions"]]
+        if dtype == "float32":
+            assert heard == [p["text"] for p in plain]
+        assert error_rates(said, [normalize_english(h) for h in heard])["wer"] < 0.3
+
+
 def _srt_time(t: float) -> str:
     ms = round(t * 1000)
     return f"00:{ms // 60000:02d}:{ms // 1000 % 60:02d},{ms % 1000:03d}"

@@ -240,7 +240,8 @@ class SelfAttention(nn.Module):
     With cross=True it is cross-attention: m is the `memory` (an encoder's output), q comes
     from `q` over x and k, v from one fused `kv` over m, unmasked. The memory's keys and values
     are computed once per sequence: given `memory` and a `cache` sized to it, they are written
-    there, and later calls without `memory` read them back. `impl` is attention()'s path:
+    there, and later calls without `memory` read them back; a cache of one row serves any
+    number of rows of x (beams of one recording). `impl` is attention()'s path:
     "sdpa" (fused) or "math" (written out), as ModelConfig.attention says.
     """
 
@@ -280,7 +281,14 @@ class SelfAttention(nn.Module):
                 k, v = cache.update(pos, k, v)
         # key_padding (B, Tk): True for real tokens -> (B, 1, 1, Tk), broadcast over heads/queries
         mask = None if key_padding is None else key_padding[:, None, None, :].to(torch.bool)
-        y = attention(q, k, v, mask=mask, is_causal=causal, impl=self.impl)
+        if self.cross and k.size(0) == 1 and B > 1:  # one memory for B rows (beams, samples)
+            if T == 1:  # the rows' queries as B queries of one row: k, v read once
+                y = attention(q.transpose(0, 2), k, v, impl=self.impl).transpose(0, 2)
+            else:
+                y = attention(q, k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1),
+                              impl=self.impl)
+        else:
+            y = attention(q, k, v, mask=mask, is_causal=causal, impl=self.impl)
         y = y.transpose(1, 2).reshape(B, T, H * hd)  # (B, T, H*hd)
         return self.dropout(self.wo(y))
 

@@ -17,10 +17,12 @@ to an embedding gets its own packed copy (the embedding still looks rows up in t
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import platform
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -110,13 +112,26 @@ class PackedLinear(nn.Module):
 # bf16 than the one-row layout on an AMD EPYC (SmolLM2, 29 -> 42 tokens/s): the row-count hint
 # picks the blocking, and the one chosen for a single row is not the fastest one everywhere
 HINTS = (16,)
+# a layout for more rows than this is timed at this many: GEMMs of many rows rank layouts alike,
+# and a first start measures in a fraction of a second
+MEASURED_ROWS = 256
 
 
-def pack_linears(model: nn.Module, measure: bool = False, rows: int = 1) -> list[str]:
+def rows_of(name: str, rows: int | Mapping[str, int]) -> int:
+    """The rows of x the layer `name` multiplies: `rows` itself, or the value of the first
+    of its patterns (fnmatch, e.g. "encoder.*") that the name matches; 1 if none does."""
+    if isinstance(rows, int):
+        return rows
+    return next((n for pattern, n in rows.items() if fnmatch.fnmatchcase(name, pattern)), 1)
+
+
+def pack_linears(model: nn.Module, measure: bool = False,
+                 rows: int | Mapping[str, int] = 1) -> list[str]:
     """Replace every plain nn.Linear of `model` whose weight oneDNN can pack (CPU; fp32, or bf16
     where supported) by a PackedLinear, in place, and put the model in eval mode. LoRA and int8
     layers stay as they are. `rows`: the rows of x a call multiplies (1: decoding; an
-    encoder's sentence: ~32). Without `measure`, every layer is laid out for `rows`. With
+    encoder's sentence: ~32), or {name pattern: rows} (rows_of: Whisper's encoder reads 1500
+    frames, its decoder a token). Without `measure`, every layer is laid out for its rows. With
     it, the layers of each shape (in, out, dtype) get the layout that one pass of x of `rows`
     rows over all of them runs fastest in on this CPU: plain (nn.Linear), packed for `rows`,
     or packed for each of HINTS (fastest_layout): the layout that wins on one processor can
@@ -130,15 +145,16 @@ def pack_linears(model: nn.Module, measure: bool = False, rows: int = 1) -> list
             if not packing_available(child.weight.device, child.weight.dtype):
                 continue
             name = f"{parent_name}.{child_name}" if parent_name else child_name
-            key = (child.in_features, child.out_features, child.weight.dtype)
+            key = (child.in_features, child.out_features, child.weight.dtype,
+                   rows_of(name, rows))
             groups.setdefault(key, []).append((parent, child_name, name, child))
     names = []
-    for (n_in, n_out, dtype), layers in groups.items():
+    for (n_in, n_out, dtype, n_rows), layers in groups.items():
         key = (f"{len(layers)} x {n_in}->{n_out} {str(dtype).removeprefix('torch.')} "
-               f"@ {rows} rows")
-        hint = measured(key) if measure else rows
+               f"@ {n_rows} rows")
+        hint = measured(key) if measure else n_rows
         if hint is None:  # measure once: the group in each layout, the fastest kept
-            hint, packed = fastest_layout([linear for *_, linear in layers], rows)
+            hint, packed = fastest_layout([linear for *_, linear in layers], n_rows)
             remember(key, hint)
             for (parent, child_name, name, _), new in zip(layers, packed):
                 setattr(parent, child_name, new)
@@ -154,14 +170,16 @@ def pack_linears(model: nn.Module, measure: bool = False, rows: int = 1) -> list
 
 
 def fastest_layout(plain: list[nn.Linear], rows: int = 1) -> tuple[int, list[PackedLinear]]:
-    """(hint, packed layers) of the fastest layout for `plain`'s layers at x of `rows` rows:
-    0 and [] when nn.Linear itself is the fastest. Each layout is timed against the best so
-    far (seconds_per_pass); a loser's copies are let go before the next is made."""
+    """(hint, packed layers) of the fastest layout for `plain`'s layers at x of `rows` rows
+    (timed at no more than MEASURED_ROWS of them): 0 and [] when nn.Linear itself is the
+    fastest. Each layout is timed against the best so far (seconds_per_pass); a loser's
+    copies are let go before the next is made."""
+    timed = min(rows, MEASURED_ROWS)
     best_hint, best_layers = 0, []
-    best = seconds_per_pass(plain, rows)
+    best = seconds_per_pass(plain, timed)
     for hint in dict.fromkeys((rows, *HINTS)):
         packed = [PackedLinear.from_linear(linear, hint).eval() for linear in plain]
-        took = seconds_per_pass(packed, rows)
+        took = seconds_per_pass(packed, timed)
         if took < best:
             best_hint, best_layers, best = hint, packed, took
         del packed

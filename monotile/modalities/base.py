@@ -144,8 +144,9 @@ class TaskBase:
     picture: ClassVar[str | None] = None  # the PNG `predict` draws into RUN/plots (its `plot`)
     origin: ClassVar[str] = "train one with `monotile train`"  # how a run of it is made
     # rows of x through a linear layer in a typical inference call: 1 for a decoding step;
-    # optimize_for_inference lays weights out (and measures that layout) for it
-    inference_rows: int = 1
+    # or {layer name pattern: rows} (infer/packed.py rows_of). optimize_for_inference lays
+    # weights out (and measures that layout) for it
+    inference_rows: int | dict[str, int] = 1
 
     def __init__(self, config):
         self.config = config

@@ -212,6 +212,11 @@ class SeriesTask(TaskBase):
     what = "history CSV"
     suffixes = (".csv",)
     routes = ("forecasts",)
+
+    @property
+    def inference_rows(self) -> int:
+        """A series' look-back is its patches at once."""
+        return self.config.n_patches
     picture = "forecast.png"
 
     @property

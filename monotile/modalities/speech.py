@@ -150,6 +150,11 @@ class SpeechTask(Transcriber):
     best_metric = ("wer", "min")
     variable_length = True
 
+    @property
+    def inference_rows(self) -> int:
+        """A recording is its frames at once (up to the model's context)."""
+        return self.config.max_tokens
+
     def __init__(self, config: SpeechConfig):
         self.config = config
         self.filters = mel_filters(config.sample_rate, config.n_fft, config.n_mels)

@@ -187,6 +187,11 @@ class VisionTask(TaskBase):
     suffixes = IMAGE_SUFFIXES
     routes = ("classifications",)
 
+    @property
+    def inference_rows(self) -> int:
+        """An image is its patches (and class token) at once."""
+        return self.config.n_tokens
+
     def __init__(self, config: VisionConfig):
         self.config = config
         self._splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}

@@ -171,6 +171,13 @@ class TranscribeTask(Transcriber):
         self.config, self.tokenizer = config, tokenizer
         self.filters = mel_filters(config.sample_rate, config.n_fft, config.n_mels)
 
+    @property
+    def inference_rows(self) -> dict[str, int]:
+        """The encoder and the cross-attention's keys and values read a window's frames (1500
+        for 30 s); the rest of the decoder reads a token per hypothesis."""
+        frames = self.config.source_positions
+        return {"encoder.*": frames, "*.cross_attn.kv": frames, "*": 1}
+
     @classmethod
     def load(cls, config: TranscribeConfig, model_cfg: ModelConfig, run_dir: Path):
         return cls(config, Tokenizer.load(Path(run_dir) / "tokenizer.json"))

@@ -79,9 +79,24 @@ class TokenRules:
         scores[forced, :ts] = -math.inf
 
 
-def _caches(model: WhisperModel, batch: int, length: int, memory_len: int):
-    return (model.decoder.make_cache(batch, length),
-            model.decoder.make_cross_cache(batch, memory_len))
+def _caches(model: WhisperModel, length: int, memory_len: int):
+    """The decoder's self-attention cache and the cross-attention's, of one row each: the
+    rows of a batch of beams or samples share the memory's keys and values (computed once),
+    and copy the prompt's keys and values after it has run once (_prompt)."""
+    return model.decoder.make_cache(1, length), model.decoder.make_cross_cache(1, memory_len)
+
+
+def _prompt(model: WhisperModel, memory: torch.Tensor, prompt: list[int], rows: int,
+            cache, cross) -> torch.Tensor:
+    """The prompt run once (its keys and values into the caches, the memory's into `cross`),
+    then the self-attention cache copied to `rows` rows; the prompt's logits (1, P, V)."""
+    x = torch.tensor([prompt], device=memory.device)
+    logits = model.logits(x, memory[:1], cache=cache, cross_cache=cross)
+    if rows > 1:
+        first = torch.zeros(rows, dtype=torch.long, device=memory.device)
+        for c in cache:
+            c.reorder(first)
+    return logits
 
 
 @torch.no_grad()
@@ -97,12 +112,11 @@ def greedy_decode(model: WhisperModel, memory: torch.Tensor, prompt: list[int],
     sum_logprob) as "samples", and prompt_logits, the logits (V,) at stats["at"], a position
     of the prompt."""
     n = best_of if temperature > 0 else 1
-    cache, cross = _caches(model, n, len(prompt) + max_new_tokens, memory.size(1))
-    x = torch.tensor([prompt] * n, device=memory.device)
-    logits = model.logits(x, memory.expand(n, -1, -1), cache=cache, cross_cache=cross)
+    cache, cross = _caches(model, len(prompt) + max_new_tokens, memory.size(1))
+    logits = _prompt(model, memory, prompt, n, cache, cross)
     if stats is not None:
         stats["prompt_logits"] = logits[0, stats.get("at", -1)].float()
-    logits = logits[:, -1]
+    logits = logits[:, -1].expand(n, -1)
     outs: list[list[int]] = [[] for _ in range(n)]
     totals, done = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.bool)
     for step in range(max_new_tokens):
@@ -135,14 +149,13 @@ def _start_beams(model: WhisperModel, memory: torch.Tensor, prompt: list[int], W
                  max_new_tokens: int, stats: dict | None):
     """Caches for W beams, the prompt's last logits (W, V), W empty beams and their scores:
     W copies of the prompt, of which only the first expands at the first step."""
-    cache, cross = _caches(model, W, len(prompt) + max_new_tokens, memory.size(1))
-    x = torch.tensor([prompt] * W, device=memory.device)
-    logits = model.logits(x, memory.expand(W, -1, -1), cache=cache, cross_cache=cross)
+    cache, cross = _caches(model, len(prompt) + max_new_tokens, memory.size(1))
+    logits = _prompt(model, memory, prompt, W, cache, cross)
     if stats is not None:
         stats["prompt_logits"] = logits[0, stats.get("at", -1)].float()
     scores = torch.full((W,), -math.inf)
     scores[0] = 0.0
-    return cache, cross, logits[:, -1], [[] for _ in range(W)], scores
+    return cache, cross, logits[:, -1].expand(W, -1), [[] for _ in range(W)], scores
 
 
 @torch.no_grad()
