@@ -30,6 +30,12 @@ def test_rmsnorm_is_x_over_root_mean_square_times_gain():
     with torch.no_grad():
         ref.weight.copy_(norm.weight)
     torch.testing.assert_close(norm(x), ref(x))
+    # bf16 in, bf16 out, computed in fp32 and rounded once (as Llama's RMSNorm)
+    xb, nb = x.bfloat16(), norm.to(torch.bfloat16)
+    x32, g32 = xb.float(), nb.weight.float()
+    expected = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6) * g32).bfloat16()
+    assert nb(xb).dtype == torch.bfloat16
+    torch.testing.assert_close(nb(xb), expected, atol=0, rtol=2 ** -8)
 
 
 def test_gelu_mlp_is_fc2_of_gelu_of_fc1():

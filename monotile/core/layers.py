@@ -36,9 +36,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        # PyTorch's own op: the same formula in fp32 for bf16 and fp16 inputs too (tested
+        # equal to the written-out one), in one call instead of six (decoding runs 61 a token)
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
 def make_norm(kind: str, dim: int, eps: float, bias: bool) -> nn.Module:
