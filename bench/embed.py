@@ -58,12 +58,12 @@ def bert_gguf(src: Path, out: Path) -> Path:
     cfg = json.loads((src / "config.json").read_text())
     tmp = out.with_suffix(".tmp")
     w = gguf.GGUFWriter(str(tmp), "bert")
-    w.add_context_length(cfg["max_position_embeddings"])
-    w.add_embedding_length(cfg["hidden_size"])
-    w.add_feed_forward_length(cfg["intermediate_size"])
-    w.add_block_count(cfg["num_hidden_layers"])
-    w.add_head_count(cfg["num_attention_heads"])
-    w.add_layer_norm_eps(cfg["layer_norm_eps"])
+    for key, hf in (("context_length", "max_position_embeddings"),
+                    ("embedding_length", "hidden_size"),
+                    ("feed_forward_length", "intermediate_size"),
+                    ("block_count", "num_hidden_layers"), ("head_count", "num_attention_heads"),
+                    ("layer_norm_eps", "layer_norm_eps")):
+        getattr(w, f"add_{key}")(cfg[hf])
     w.add_causal_attention(False)
     w.add_pooling_type(gguf.PoolingType.MEAN)
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
@@ -77,12 +77,9 @@ def bert_gguf(src: Path, out: Path) -> Path:
                       for t in vocab])
     w.add_token_types(types)
     ids = {t: i for i, t in enumerate(vocab)}
-    w.add_bos_token_id(ids["[CLS]"])
-    w.add_eos_token_id(ids["[SEP]"])
-    w.add_sep_token_id(ids["[SEP]"])
-    w.add_unk_token_id(ids["[UNK]"])
-    w.add_pad_token_id(ids["[PAD]"])
-    w.add_mask_token_id(ids["[MASK]"])
+    for role, token in (("bos", "[CLS]"), ("eos", "[SEP]"), ("sep", "[SEP]"),
+                        ("unk", "[UNK]"), ("pad", "[PAD]"), ("mask", "[MASK]")):
+        getattr(w, f"add_{role}_token_id")(ids[token])
     w.add_add_bos_token(True)
     w.add_add_eos_token(True)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.BERT, cfg["num_hidden_layers"])

@@ -175,9 +175,9 @@ def _unpack_int4(packed: torch.Tensor, out_features: int, in_features: int
                  ) -> torch.Tensor | None:
     """Q (uint8 (N, K), values 0-15) from the CPU kernel's packing, for N a multiple of 64:
     blocks of 64 rows, each stored k by k as 32 bytes, byte i holding row i in its low four
-    bits and row 32 + i in its high four (PyTorch 2.13, AVX-512 and AVX2 alike; Int4Linear
-    checks it against Q when it packs, and where it differs does without it). None for
-    other N."""
+    bits and row 32 + i in its high four (read off PyTorch 2.13's packing on an AVX-512 CPU;
+    other builds may pack otherwise, so Int4Linear checks it against Q when it packs, and
+    where it differs does without it). None for other N."""
     if out_features % 64:
         return None
     p = packed.view(out_features // 64, in_features, 32)
