@@ -30,9 +30,9 @@ from .rundir import (CONFIG, base_weights, build_configs, check_run_dir, config_
                      new_meta, new_run_dir, parse_overrides, read_config, read_json,
                      weights_file, write_adapter, writer_lock, writer_pid)
 from .train import distributed
-from .train.checkpoint import (atomic_write_json, load_model_weights, load_optimizer_state,
-                               load_sharded_model, model_tensors, recover, rng_from_str,
-                               save_checkpoint, save_tensors, sharded_folder)
+from .train.checkpoint import (WeightReader, atomic_write_json, load_model_weights,
+                               load_optimizer_state, load_sharded_model, model_tensors, recover,
+                               rng_from_str, save_checkpoint, save_tensors, sharded_folder)
 from .train.trainer import TrainConfig, fit, pick_device
 
 __all__ = ["Run", "build_configs", "consolidate", "load", "parse_overrides", "resume",
@@ -150,7 +150,7 @@ class Run:
                                     what=f"`predict` of {self.kind} runs", **options)
         return task.summarize(results, kept, skipped)
 
-    def optimize_for_inference(self, dtype: str = "float32") -> Run:
+    def optimize_for_inference(self, dtype: str = "float32", *, weights=None) -> Run:
         """Make the model fast to run, for inference only (it can no longer be trained), in
         eval mode; returns the run. `dtype` is what a token reads of each weight:
           float32   as trained
@@ -159,21 +159,17 @@ class Run:
           int4      an eighth: llama.cpp's Q4_1 blocks of 32 (a Q4_1 file's own values)
         Linear layers left in float are packed for oneDNN's CPU kernels where that measures
         faster on this CPU (infer/packed.py: ~1.5x faster fp32 decoding on an AMD EPYC,
-        slower than plain on some Intel Xeons); packing is skipped on GPUs."""
+        slower than plain on some Intel Xeons); packing is skipped on GPUs. Layers are
+        converted one at a time (infer/convert.py); `weights` (load(dtype=...) gives it)
+        reads each from the weights file just before."""
         from .infer import INFERENCE_DTYPES
-        from .infer.packed import pack_linears
-        from .infer.quantize import quantize_int4, quantize_int8
+        from .infer.convert import convert
         if dtype not in INFERENCE_DTYPES:
             raise ConfigError(f"dtype={dtype!r} is invalid for inference: choose "
                               f"{', '.join(INFERENCE_DTYPES)}")
         self._parameter_count = self.parameters()
-        if dtype == "bfloat16":
-            self.model.to(torch.bfloat16)
-        elif dtype == "int8":
-            quantize_int8(self.model)
-        elif dtype == "int4":
-            quantize_int4(self.model)
-        pack_linears(self.model, measure=True, rows=getattr(self.task, "inference_rows", 1))
+        convert(self.model, dtype, rows=getattr(self.task, "inference_rows", 1),
+                weights=weights)
         return self
 
     def parameters(self) -> int:
@@ -441,16 +437,25 @@ def check_threads(state: dict, quiet: bool) -> None:
                       f"OMP_NUM_THREADS={was}) resumes exactly", stacklevel=2)
 
 
-def load(run_dir: str | Path, *, checkpoint: str = "last", device: str | None = None) -> Run:
+def load(run_dir: str | Path, *, checkpoint: str = "last", device: str | None = None,
+         dtype: str | None = None) -> Run:
     """A run directory's model and task. checkpoint: "last" (model.safetensors, or the sharded
     folder an FSDP run's trainer_state.json names, read here in one process) or "best".
     device: auto (the default: CUDA, then MPS, then the CPU), cpu, cuda, cuda:N or mps. It is
-    this machine's choice, not the run's: a run trained on a GPU loads on a laptop as it is."""
-    return _load(run_dir, checkpoint, device)
+    this machine's choice, not the run's: a run trained on a GPU loads on a laptop as it is.
+    dtype: load for inference only, as optimize_for_inference(dtype) makes it; on the CPU
+    each layer is converted as it is read, so the process never holds the float weights
+    whole (an int4 SmolLM2 decodes in ~1/3 of the memory of loading, then converting)."""
+    if dtype is not None:
+        from .infer import INFERENCE_DTYPES
+        if dtype not in INFERENCE_DTYPES:
+            raise ConfigError(f"dtype={dtype!r} is invalid for inference: choose "
+                              f"{', '.join(INFERENCE_DTYPES)}")
+    return _load(run_dir, checkpoint, device, dtype=dtype)
 
 
 def _load(run_dir: str | Path, checkpoint: str, device: str | None, *,
-          read_shards: bool = True) -> Run:
+          read_shards: bool = True, dtype: str | None = None) -> Run:
     """load; with read_shards False, a sharded checkpoint's weights are left unread (an FSDP
     resume reads them after sharding the model: trainer.fit, checkpoint.load_model_shards)."""
     run_dir = check_run_dir(run_dir)  # read, never repaired here: the writer does that
@@ -484,13 +489,20 @@ def _load(run_dir: str | Path, checkpoint: str, device: str | None, *,
     if doc.get("quantized"):  # int8 weights: the int8 layers first, then their values
         from .infer.quantize import quantize_int8
         quantize_int8(model)
+    streamed = (dtype is not None and sharded is None and device.type == "cpu"
+                and "lora" not in doc and not doc.get("quantized"))
+    if streamed:  # each layer read as it is converted (infer/convert.py)
+        run = Run(run_dir, meta, configs, task, model)
+        with WeightReader(model, weights) as reader:
+            return run.optimize_for_inference(dtype, weights=reader)
     if sharded is not None:
         if read_shards:
             load_sharded_model(model, run_dir, checkpoint)
     else:
         load_model_weights(model, weights)
     model.to(device).eval()
-    return Run(run_dir, meta, configs, task, model)
+    run = Run(run_dir, meta, configs, task, model)
+    return run if dtype is None else run.optimize_for_inference(dtype)
 
 
 def consolidate(run_dir: str | Path, *, out: str | Path | None = None,

@@ -41,9 +41,8 @@ def chat(sub) -> None:
 def _chat(a) -> None:
     from ..interop.sources import run_dir_for
     from ..run import load
-    run = load(run_dir_for(a.model), device=a.device)
-    run.generator  # noqa: B018  (a run that makes no text is refused here, before any work)
-    run.optimize_for_inference(a.dtype)
+    run = load(run_dir_for(a.model), device=a.device, dtype=a.dtype)
+    run.generator  # noqa: B018  (a run that makes no text is refused here, before any tokens)
     session = Session(run, system=unescape(a.system) if a.system else None,
                       options=dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                                    top_k=a.top_k, top_p=a.top_p, seed=a.seed,

@@ -93,9 +93,10 @@ def generate(sub) -> None:
 def _generate(a) -> None:
     from ..interop.sources import run_dir_for
     from ..run import load
-    run = load(run_dir_for(a.run), checkpoint=a.checkpoint, device=a.device)
-    run.generator  # noqa: B018  (a run that makes no text is refused here, before any work)
-    run.optimize_for_inference(a.dtype)
+    # each layer read, then laid out (or rounded) for this machine: the float weights are
+    # never whole in memory (infer/convert.py)
+    run = load(run_dir_for(a.run), checkpoint=a.checkpoint, device=a.device, dtype=a.dtype)
+    run.generator  # noqa: B018  (a run that makes no text is refused here, before any tokens)
     a.prompt = unescape(a.prompt)
     stop = [unescape(s) for s in a.stop] if a.stop else None
     context = run.configs["model"].context
@@ -273,7 +274,7 @@ def embed(sub) -> None:
 def _embed(a) -> None:
     from ..interop.sources import run_dir_for
     from ..run import load
-    run = load(run_dir_for(a.run), device=a.device).optimize_for_inference()
+    run = load(run_dir_for(a.run), device=a.device, dtype="float32")
     vectors = run.embed(a.texts)
     if a.json:
         print_json({"model": str(run.dir), "dimensions": vectors.size(1),
@@ -303,7 +304,7 @@ def search(sub) -> None:
 def _search(a) -> None:
     from ..search import search as search_documents
     from ..run import load
-    run = load(a.run, device=a.device).optimize_for_inference()
+    run = load(a.run, device=a.device, dtype="float32")
     found = search_documents(run, a.index, a.query, a.top_k)
     if a.json:
         print_json(found)

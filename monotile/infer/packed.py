@@ -132,11 +132,24 @@ def pack_linears(model: nn.Module, measure: bool = False,
     layers stay as they are. `rows`: the rows of x a call multiplies (1: decoding; an
     encoder's sentence: ~32), or {name pattern: rows} (rows_of: Whisper's encoder reads 1500
     frames, its decoder a token). Without `measure`, every layer is laid out for its rows. With
-    it, the layers of each shape (in, out, dtype) get the layout that one pass of x of `rows`
-    rows over all of them runs fastest in on this CPU: plain (nn.Linear), packed for `rows`,
-    or packed for each of HINTS (fastest_layout): the layout that wins on one processor can
-    lose on another. The verdict is kept per CPU model, PyTorch version and thread count in
-    the cache's layouts.json (delete it to measure again). Returns the names replaced."""
+    it, the layers of each shape get the layout `layout` chose for them on this CPU. Returns
+    the names replaced."""
+    names = []
+    for (n_in, n_out, dtype, n_rows), layers in packable_groups(model, rows).items():
+        hint = layout(n_in, n_out, dtype, n_rows, len(layers)) if measure else n_rows
+        while hint and layers:  # one layer at a time, each plain weight let go as it is packed
+            parent, child_name, name, linear = layers.pop(0)
+            setattr(parent, child_name, PackedLinear.from_linear(linear, hint).eval())
+            names.append(name)
+            del linear
+    model.eval()
+    return names
+
+
+def packable_groups(model: nn.Module, rows: int | Mapping[str, int] = 1
+                    ) -> dict[tuple, list[tuple[nn.Module, str, str, nn.Linear]]]:
+    """The plain nn.Linear layers oneDNN can pack, by (in, out, dtype, rows of x): each as
+    (parent, its name there, its full name, the layer)."""
     groups: dict[tuple, list[tuple[nn.Module, str, str, nn.Linear]]] = {}
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
@@ -148,25 +161,30 @@ def pack_linears(model: nn.Module, measure: bool = False,
             key = (child.in_features, child.out_features, child.weight.dtype,
                    rows_of(name, rows))
             groups.setdefault(key, []).append((parent, child_name, name, child))
-    names = []
-    for (n_in, n_out, dtype, n_rows), layers in groups.items():
-        key = (f"{len(layers)} x {n_in}->{n_out} {str(dtype).removeprefix('torch.')} "
-               f"@ {n_rows} rows")
-        hint = measured(key) if measure else n_rows
-        if hint is None:  # measure once: the group in each layout, the fastest kept
-            hint, packed = fastest_layout([linear for *_, linear in layers], n_rows)
-            remember(key, hint)
-            for (parent, child_name, name, _), new in zip(layers, packed):
-                setattr(parent, child_name, new)
-                names.append(name)
-        elif hint:  # one layer at a time, each plain weight let go as its copy is made
-            while layers:
-                parent, child_name, name, linear = layers.pop(0)
-                setattr(parent, child_name, PackedLinear.from_linear(linear, hint).eval())
-                names.append(name)
-                del linear
-    model.eval()
-    return names
+    return groups
+
+
+def layout(n_in: int, n_out: int, dtype: torch.dtype, rows: int, count: int) -> int:
+    """The layout for `count` layers n_in -> n_out of `dtype` multiplying x of `rows` rows on
+    this CPU: 0 for plain nn.Linear, else the row hint of a packing. The one that a pass of x
+    over `count` such layers runs fastest in (fastest_layout: plain, packed for `rows`, packed
+    for each of HINTS; the layout that wins on one processor can lose on another), timed once
+    on layers of random weights, as it does not depend on the values, so that no real layer
+    need be held in two forms. The verdict is kept per CPU model, PyTorch version and thread
+    count in the cache's layouts.json (delete it to measure again)."""
+    key = f"{count} x {n_in}->{n_out} {str(dtype).removeprefix('torch.')} @ {rows} rows"
+    hint = measured(key)
+    if hint is None:
+        plain = []
+        for _ in range(count):
+            linear = nn.Linear(n_in, n_out, bias=False, device="meta", dtype=dtype)
+            linear.weight = nn.Parameter(torch.randn(n_out, n_in, dtype=dtype),
+                                         requires_grad=False)
+            plain.append(linear)
+        hint, packed = fastest_layout(plain, rows)
+        del plain, packed
+        remember(key, hint)
+    return hint
 
 
 def fastest_layout(plain: list[nn.Linear], rows: int = 1) -> tuple[int, list[PackedLinear]]:

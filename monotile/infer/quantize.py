@@ -89,7 +89,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _rows(x, self.in_features) >= GEMM_ROWS:  # many rows: W ~ s Q in bf16, one GEMM
-            w = self.weight_int8.to(torch.bfloat16) * self.scale_bf16()[:, None]
+            w = self.weight_int8.to(torch.bfloat16).mul_(self.scale_bf16()[:, None])
             y = F.linear(x.to(torch.bfloat16), w).to(x.dtype)
         elif _int8_kernel_fits(x.device, self.in_features):
             flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
@@ -225,9 +225,9 @@ class Int4Linear(nn.Module):
         """W ~ (Q - 8) scale + zero in bf16 (N, K), from the kernel's packing."""
         q = _unpack_int4(self.weight_int4, self.out_features, self.in_features)
         sz = self.scales_and_zeros  # (K / G, N, 2)
-        q = q.view(self.out_features, -1, INT4_GROUP).to(torch.bfloat16) - 8
-        w = q * sz[..., 0].t()[..., None] + sz[..., 1].t()[..., None]
-        return w.view(self.out_features, self.in_features)
+        w = q.view(self.out_features, -1, INT4_GROUP).to(torch.bfloat16).sub_(8)
+        w.mul_(sz[..., 0].t()[..., None]).add_(sz[..., 1].t()[..., None])  # in place: one
+        return w.view(self.out_features, self.in_features)  # W-sized temporary, not three
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fits and self.unpacks and _rows(x, self.in_features) >= GEMM_ROWS:

@@ -19,6 +19,7 @@ import base64
 import errno
 import json
 import math
+import mmap
 import os
 import re
 import shutil
@@ -197,33 +198,125 @@ def load_model_weights(model: nn.Module, path: Path) -> dict[str, str]:
     it by rename: this reader keeps the file it opened) and its header checked first; then
     one tensor at a time is read into the model, so the process holds the model and at most
     one tensor of the file, not two copies of it."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path} does not exist; is this a monotile run directory?")
-    expected = model_tensors(model)
-    try:
-        with torch.no_grad(), open(path, "rb") as raw:
-            metadata, places = _header(raw, path)
-            for name, t in expected.items():
-                if name not in places:
-                    raise CheckpointError(f"{path}: tensor {name!r} is missing; the checkpoint "
-                                          "does not belong to this model configuration")
-                if places[name][1] != tuple(t.shape):
-                    raise CheckpointError(f"{path}: tensor {name!r} has shape "
-                                          f"{places[name][1]}, the model expects "
-                                          f"{tuple(t.shape)}; config.json and the weights "
-                                          "disagree")
-            extra = sorted(set(places) - set(expected))
-            if extra:
-                raise CheckpointError(f"{path}: unexpected tensor {extra[0]!r}; the checkpoint "
+    with WeightReader(model, path) as weights:
+        weights.read_rest()
+        return weights.metadata
+
+
+class WeightReader:
+    """A model's safetensors file, read into the model tensor by tensor when asked: the
+    header is checked against the model first (every tensor there, of its shape, and no
+    other), then `read_module` fills one module's tensors, `mapped` lends one tensor straight
+    from the file's pages (only the pages touched become resident: an embedding table's rows
+    as tokens look them up), and `read_rest` fills whatever is left. A model loaded for
+    inference converts each layer as soon as it is read (infer/convert.py), so the float
+    weights are never all in memory at once. A context manager: leaving it closes the file
+    (mapped tensors keep their own mapping)."""
+
+    def __init__(self, model: nn.Module, path: Path):
+        self.path = path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"{path} does not exist; is this a monotile run directory?")
+        self.expected = model_tensors(model)  # what the file must hold (FSDP: gathered)
+        self.targets = model.state_dict()  # where it goes (views of the model's tensors)
+        self.raw = open(path, "rb")
+        self.done: set[str] = set()
+        self.map = None
+        try:
+            self.metadata, self.places = _header(self.raw, path)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            self.close()
+            raise self._unreadable(e) from None
+        for name, t in self.expected.items():
+            if name not in self.places:
+                self.close()
+                raise CheckpointError(f"{path}: tensor {name!r} is missing; the checkpoint "
                                       "does not belong to this model configuration")
-            params = model.state_dict()
-            for name, place in places.items():
-                _read_into(raw, place, params[name])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({e}); it is corrupt "
-                              "or truncated: restore it or retrain") from None
-    return metadata
+            if self.places[name][1] != tuple(t.shape):
+                self.close()
+                raise CheckpointError(f"{path}: tensor {name!r} has shape "
+                                      f"{self.places[name][1]}, the model expects "
+                                      f"{tuple(t.shape)}; config.json and the weights disagree")
+        extra = sorted(set(self.places) - set(self.expected))
+        if extra:
+            self.close()
+            raise CheckpointError(f"{path}: unexpected tensor {extra[0]!r}; the checkpoint "
+                                  "does not belong to this model configuration")
+        # a module's tensors by identity (data pointer, shape): a tied head finds its weight
+        # under the embedding's name, the one the file holds
+        self.names = {(distributed.local_ptr(self.targets[name]), tuple(t.shape)): name
+                      for name, t in self.expected.items() if t.numel()}
+
+    def __enter__(self) -> WeightReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.raw.close()
+
+    def _unreadable(self, e: Exception) -> CheckpointError:
+        return CheckpointError(f"{self.path} is not a readable safetensors file ({e}); it is "
+                               "corrupt or truncated: restore it or retrain")
+
+    def name_of(self, t: torch.Tensor) -> str | None:
+        """The file's name of one of the model's tensors (None for one it does not hold)."""
+        if not t.numel():
+            return None
+        return self.names.get((distributed.local_ptr(t), tuple(t.shape)))
+
+    def read(self, name: str) -> None:
+        """Fill the model's tensor `name` (a name in the file) from the file, once."""
+        if name in self.done:
+            return
+        try:
+            _read_into(self.raw, self.places[name], self.targets[name])
+        except (OSError, ValueError) as e:
+            raise self._unreadable(e) from None
+        self.done.add(name)
+
+    def read_module(self, module: nn.Module, skip: torch.Tensor | None = None) -> None:
+        """Fill `module`'s own parameters and buffers (not its children's), but `skip`."""
+        with torch.no_grad():
+            for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+                name = None if t is skip else self.name_of(t)
+                if name is not None:
+                    self.read(name)
+
+    def read_rest(self) -> None:
+        with torch.no_grad():
+            for name in self.places:
+                self.read(name)
+
+    def mapped(self, t: torch.Tensor) -> torch.Tensor | None:
+        """The model's tensor `t` as a view of the file's pages (copy on write: the file is
+        never changed), or None where it cannot be one (a tensor of another dtype than the
+        file's, or at an unaligned offset)."""
+        name = self.name_of(t)
+        if name is None:
+            return None
+        dtype, shape, start, end = self.places[name]
+        dtype = _SAFETENSORS_DTYPES[dtype]
+        if dtype != t.dtype or t.device.type != "cpu" or start % dtype.itemsize or start == end:
+            return None
+        if self.map is None:
+            self.map = mmap.mmap(self.raw.fileno(), 0, access=mmap.ACCESS_COPY)
+            self.base = torch.frombuffer(self.map, dtype=torch.uint8)
+        self.done.add(name)
+        return self.base[start:end].view(dtype).view(shape)
+
+    def release(self, t: torch.Tensor) -> None:
+        """Let this process's copy of a mapped tensor's pages go (the system keeps them cached;
+        a later read maps them again): what was read to convert a layer is not kept."""
+        if self.map is None or not t.numel():
+            return
+        page = mmap.PAGESIZE
+        start = t.data_ptr() - self.base.data_ptr()
+        end = start + t.numel() * t.element_size()
+        if 0 <= start and end <= len(self.map):
+            start -= start % page
+            self.map.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 
 # ---- optimizer and RNG state ------------------------------------------------------------------

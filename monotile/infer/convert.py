@@ -1,0 +1,197 @@
+"""A model made ready for inference, one layer at a time (Run.optimize_for_inference, and
+monotile.load(RUN, dtype=...), which reads the weights file as it goes):
+
+    float32   W as trained, laid out for oneDNN where that measures faster (packed.py)
+    bfloat16  W rounded to bf16 (the norms too), laid out likewise
+    int8      every Linear and Embedding W ~ s Q, one scale per output (quantize.py)
+    int4      every Linear whose inputs come in groups of 32 W ~ d Q + m; the head 8 bits
+
+With the weights file (train/checkpoint.py's WeightReader) each layer's float weight is read
+just before the layer is converted and let go right after, so the float model is never whole
+in memory: a process decoding in int4 holds the 4-bit weights, not the fp32 ones first, as
+llama.cpp holds what its file maps. An embedding left in float keeps the file's own pages
+(MappedEmbedding): a token's lookup makes its row resident, not the whole table. A head tied
+to an embedding is converted first, while little else is resident, from the file's pages a
+few thousand rows at a time, each let go once converted.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections import Counter
+from collections.abc import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .packed import PackedLinear, layout, packing_available, rows_of
+from .quantize import INT4_GROUP, Int4Linear, Int8Embedding, Int8Linear, quantize_rows
+
+# rows of a weight quantized at once from the file's pages (a 49,152-row head: 12 pieces of
+# 9 MB in fp32, each let go before the next is read)
+CHUNK_ROWS = 4096
+EIGHT_BITS = ("head",)  # int4 keeps these at 8 bits (llama.cpp's Q4 files keep the output too)
+
+
+class MappedEmbedding(nn.Module):
+    """E[i] looked up in a table that stays in the weights file's pages (mapped copy-on-write,
+    never written), cast to `dtype`: for inference, where a token reads one row of it."""
+
+    def __init__(self, table: torch.Tensor, dtype: torch.dtype):
+        super().__init__()
+        self.table, self.dtype = table, dtype
+        self.num_embeddings, self.embedding_dim = table.shape
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return F.embedding(idx, self.table).to(self.dtype)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "weight"] = self.table.to(self.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, dtype={self.dtype}, mapped"
+
+
+def convert(model: nn.Module, dtype: str, rows: int | Mapping[str, int] = 1,
+            weights=None) -> None:
+    """Turn `model`'s layers into `dtype`'s forms (above), in place, one at a time, and put it
+    in eval mode. `rows`: the rows of x a layer multiplies (packed.rows_of). `weights`: a
+    WeightReader of a model built with its weights left unread; each is read when its layer
+    is converted, the rest at the end."""
+    float_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    plan = _plan(model)
+    # the layouts of the layers that stay in float, measured (once per machine) before any
+    # weight is read, on layers of random weights
+    shapes = Counter((m.in_features, m.out_features, rows_of(name, rows))
+                     for _, _, name, m in plan if _stays_float(m, name, dtype)
+                     and packing_available(m.weight.device, float_dtype))
+    hints = {shape: layout(*shape[:2], float_dtype, shape[2], count)
+             for shape, count in shapes.items()}
+    shared: dict[tuple, nn.Module] = {}  # a float weight -> its int8 form (tied layers)
+    with torch.no_grad():
+        while plan:
+            parent, child_name, name, module = plan.pop(0)
+            setattr(parent, child_name, _convert(module, name, dtype, float_dtype, rows, hints,
+                                                 weights, shared))
+            del module
+            if weights is not None:  # the float weight and the temporaries given back: else
+                release_free_memory()  # the allocator keeps them, and memory grows as it goes
+        if weights is not None:
+            weights.read_rest()
+        if dtype == "bfloat16":
+            model.to(torch.bfloat16)
+    model.eval()
+    release_free_memory()
+
+
+def _plan(model: nn.Module) -> list[tuple[nn.Module, str, str, nn.Module]]:
+    """(parent, name there, full name, layer) of every Linear and Embedding; a layer whose
+    weight an embedding shares (a tied head) first."""
+    layers, tables = [], set()
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, (nn.Linear, nn.Embedding)):
+                name = f"{parent_name}.{child_name}" if parent_name else child_name
+                layers.append((parent, child_name, name, child))
+                if isinstance(child, nn.Embedding):
+                    tables.add(_key(child.weight))
+    tied = [entry for entry in layers
+            if isinstance(entry[3], nn.Linear) and _key(entry[3].weight) in tables]
+    return tied + [entry for entry in layers if entry not in tied]
+
+
+def _key(t: torch.Tensor) -> tuple:
+    return (t.data_ptr(), tuple(t.shape))
+
+
+def _stays_float(module: nn.Module, name: str, dtype: str) -> bool:
+    if type(module) is not nn.Linear:
+        return False
+    if dtype == "int8":
+        return False
+    if dtype == "int4":
+        return name not in EIGHT_BITS and module.in_features % INT4_GROUP != 0
+    return True
+
+
+def _convert(module, name, dtype, float_dtype, rows, hints, weights, shared) -> nn.Module:
+    source, release = _source(module, weights)
+    if isinstance(module, nn.Embedding):
+        if dtype == "int8":
+            with torch.device("meta"):  # its buffers come from _int8: none allocated here
+                new = Int8Embedding(*source.shape)
+            return _int8(module, source, release, shared, new)
+        if source is not module.weight:  # left in the file's pages
+            return MappedEmbedding(source, float_dtype)
+        return module
+    if dtype == "int8" or (dtype == "int4" and name in EIGHT_BITS):
+        with torch.device("meta"):
+            new = Int8Linear(module.in_features, module.out_features, module.bias is not None)
+        return _int8(module, source, release, shared, new)
+    if dtype == "int4" and type(module) is nn.Linear and module.in_features % INT4_GROUP == 0:
+        module.weight = nn.Parameter(source, requires_grad=False)
+        new = Int4Linear(module)
+        release(source)
+        return new
+    if not _stays_float(module, name, dtype):
+        module.weight = nn.Parameter(source, requires_grad=False)
+        return module
+    hint = hints.get((module.in_features, module.out_features, rows_of(name, rows)), 0)
+    if hint:
+        new = PackedLinear(source.to(float_dtype), module.bias, hint).eval()
+        release(source)
+        return new
+    if source.dtype != float_dtype:  # plain, cast here (a bf16 copy; the float pages let go)
+        weight = source.to(float_dtype)
+        release(source)
+    elif source is not module.weight:  # plain, in the file's pages (copy on write)
+        weight = source
+    else:
+        return module
+    module.weight = nn.Parameter(weight, requires_grad=False)
+    return module
+
+
+def _source(module: nn.Module, weights) -> tuple[torch.Tensor, Callable]:
+    """(the layer's float weight, a function that lets a read part of it go): the file's pages
+    where the weights file is given and can lend them, else the layer's own weight, read."""
+    weight = module.weight
+    if weights is None:
+        return weight, lambda part: None
+    weights.read_module(module, skip=weight)
+    mapped = weights.mapped(weight)
+    if mapped is None:
+        weights.read_module(module)
+        return weight, lambda part: None
+    return mapped, weights.release
+
+
+def _int8(module, source, release, shared, new):
+    """`new` (an Int8Linear or Int8Embedding) holding module's weight as Q and s, quantized
+    CHUNK_ROWS rows at a time; one Q and s for layers that share a weight (tied)."""
+    key = _key(module.weight)
+    if key in shared:
+        new.weight_int8, new.scale = shared[key].weight_int8, shared[key].scale
+    else:
+        q = torch.empty(source.shape, dtype=torch.int8, device=source.device)
+        s = torch.empty(source.shape[0], device=source.device)
+        for start in range(0, source.shape[0], CHUNK_ROWS):
+            part = source[start:start + CHUNK_ROWS]
+            q[start:start + CHUNK_ROWS], s[start:start + CHUNK_ROWS] = quantize_rows(part)
+            release(part)
+        new.weight_int8, new.scale = q, s
+        shared[key] = new
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        new.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
+    return new
+
+
+def release_free_memory() -> None:
+    """Give the C allocator's free pages back to the system (glibc's malloc_trim; nothing
+    elsewhere): the float weights let go while converting, and the tokenizer's parse, would
+    otherwise stay resident (~15 MB of SmolLM2's tokenizer alone)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
+        pass

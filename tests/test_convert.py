@@ -1,0 +1,88 @@
+"""Loading for inference layer by layer (monotile.load(RUN, dtype=...), infer/convert.py): the
+same model as loading whole, then optimize_for_inference; the file never written; bad input
+refused as a whole load refuses it."""
+
+import hashlib
+import shutil
+
+import pytest
+import torch
+from torch import nn
+
+import monotile
+from monotile.errors import CheckpointError, ConfigError
+from monotile.infer.convert import CHUNK_ROWS, MappedEmbedding
+from monotile.infer.quantize import Int4Linear, Int8Embedding, Int8Linear, quantize_rows
+from monotile.train.checkpoint import WeightReader
+
+
+def digest(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8", "int4"])
+def test_a_run_loaded_layer_by_layer_equals_one_loaded_whole_then_converted(tiny_run, dtype):
+    weights = tiny_run.dir / "model.safetensors"
+    before = digest(weights)
+    ids = torch.tensor([[5, 9, 14, 3, 27, 8, 1, 30]])
+    whole = monotile.load(tiny_run.dir).optimize_for_inference(dtype)
+    streamed = monotile.load(tiny_run.dir, dtype=dtype)
+    with torch.no_grad():
+        assert torch.equal(streamed.model(ids), whole.model(ids))
+    assert streamed.parameters() == monotile.load(tiny_run.dir).parameters()
+    assert not streamed.model.training
+    table = streamed.model.tok_emb
+    if dtype == "int8":  # the tied head and the embedding share one Q and s
+        assert isinstance(table, Int8Embedding)
+        assert table.weight_int8 is streamed.model.head.weight_int8
+    else:  # left in the file's pages, looked up in the model's dtype
+        assert isinstance(table, MappedEmbedding)
+        assert table.dtype == (torch.bfloat16 if dtype == "bfloat16" else torch.float32)
+    if dtype == "int4":
+        assert isinstance(streamed.model.head, Int8Linear)  # the head at 8 bits
+        assert any(isinstance(m, Int4Linear) for m in streamed.model.modules())
+    prompt = "ROMEO:"
+    assert streamed.generate(prompt, max_new_tokens=20, temperature=0.0) == \
+        whole.generate(prompt, max_new_tokens=20, temperature=0.0)
+    assert digest(weights) == before  # the mapped pages are copy-on-write: the file is read only
+
+
+def test_a_mapped_embedding_reads_the_file_and_saves_as_an_embedding(tiny_run):
+    run = monotile.load(tiny_run.dir, dtype="float32")
+    table = run.model.tok_emb
+    plain = monotile.load(tiny_run.dir).model.tok_emb.weight
+    assert torch.equal(table.table, plain)
+    ids = torch.tensor([[0, 3, plain.size(0) - 1]])
+    assert torch.equal(table(ids), nn.functional.embedding(ids, plain))
+    assert torch.equal(run.model.state_dict()["tok_emb.weight"], plain)
+
+
+def test_int8_rows_quantized_in_pieces_equal_the_whole_matrix(tiny_run, monkeypatch):
+    # a table of more rows than CHUNK_ROWS is quantized piece by piece: the same Q and s
+    monkeypatch.setattr("monotile.infer.convert.CHUNK_ROWS", 16)
+    run = monotile.load(tiny_run.dir, dtype="int8")
+    q, s = quantize_rows(monotile.load(tiny_run.dir).model.tok_emb.weight)
+    assert run.model.tok_emb.weight_int8.size(0) > 16 > 0 < CHUNK_ROWS
+    assert torch.equal(run.model.tok_emb.weight_int8, q) and torch.equal(run.model.tok_emb.scale, s)
+
+
+def test_load_for_inference_refuses_a_bad_dtype_and_a_damaged_file(tiny_run, tmp_path):
+    with pytest.raises(ConfigError, match="choose float32, bfloat16, int8, int4"):
+        monotile.load(tiny_run.dir, dtype="float16")
+    copy = tmp_path / "run"
+    shutil.copytree(tiny_run.dir, copy)
+    weights = copy / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])  # truncated
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        monotile.load(copy, dtype="int4")
+
+
+def test_a_weight_reader_names_a_tied_weight_by_the_file_s_name(tiny_run):
+    model = monotile.load(tiny_run.dir).model
+    with WeightReader(model, tiny_run.dir / "model.safetensors") as reader:
+        assert reader.name_of(model.head.weight) == reader.name_of(model.tok_emb.weight)
+        assert reader.name_of(torch.zeros(3)) is None
+        mapped = reader.mapped(model.head.weight)
+        assert torch.equal(mapped, model.tok_emb.weight)
+        reader.release(mapped)  # its pages let go: read again from the file, the same
+        assert torch.equal(mapped, model.tok_emb.weight)
