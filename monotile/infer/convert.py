@@ -12,7 +12,7 @@ in memory: a process decoding in int4 holds the 4-bit weights, not the fp32 ones
 llama.cpp holds what its file maps. An embedding left in float keeps the file's own pages
 (MappedEmbedding): a token's lookup makes its row resident, not the whole table. A head tied
 to an embedding is converted first, while little else is resident, from the file's pages a
-few thousand rows at a time, each let go once converted.
+thousand rows at a time, each let go once converted.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from torch import nn
 from .packed import PackedLinear, layout, packing_available, rows_of
 from .quantize import INT4_GROUP, Int4Linear, Int8Embedding, Int8Linear, quantize_rows
 
-# rows of a weight quantized at once from the file's pages (a 49,152-row head: 12 pieces of
-# 9 MB in fp32, each let go before the next is read)
-CHUNK_ROWS = 4096
+# rows of a weight quantized at once from the file's pages (a 49,152-row head: 48 pieces of
+# 2.4 MB in fp32, each let go before the next is read)
+CHUNK_ROWS = 1024
 EIGHT_BITS = ("head",)  # int4 keeps these at 8 bits (llama.cpp's Q4 files keep the output too)
 
 
@@ -169,7 +169,8 @@ def _source(module: nn.Module, weights) -> tuple[torch.Tensor, Callable]:
 
 def _int8(module, source, release, shared, new):
     """`new` (an Int8Linear or Int8Embedding) holding module's weight as Q and s, quantized
-    CHUNK_ROWS rows at a time; one Q and s for layers that share a weight (tied)."""
+    CHUNK_ROWS rows at a time (its temporaries a few MB, not the weight's size); one Q and s
+    for layers that share a weight (tied)."""
     key = _key(module.weight)
     if key in shared:
         new.weight_int8, new.scale = shared[key].weight_int8, shared[key].scale

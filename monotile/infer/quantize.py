@@ -24,6 +24,8 @@ slow references, ~20x slower): 5 bits a weight, as Q4_1 (whose d and min are fp1
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -33,7 +35,7 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-row int8: (Q int8 (N, K), s fp32 (N,)) with W ~ s[:, None] Q."""
     w = w.detach().float()
     scale = (w.abs().amax(dim=1) / 127).clamp_min(1e-12)
-    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    q = (w / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
     return q, scale
 
 
@@ -42,6 +44,23 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # at 512 rows 2.6x faster for SmolLM2's layers, at 64 1.6x; at 16 the kernels win (2 threads,
 # AMD EPYC; bench/real_models.py's prefill)
 GEMM_ROWS = 32
+
+
+_workspaces = threading.local()
+
+
+def workspace(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A buffer of `shape` kept for this thread and reused: the bf16 W of a dequantized layer
+    is written into it, not into a new tensor each call (SmolLM2's 120 layers allocating and
+    freeing a W each during a prompt's prefill left the C allocator holding up to ~130 MB more
+    than it gave back). Its contents last until the next call for the same shape."""
+    key = (tuple(shape), dtype, torch.device(device))
+    kept = getattr(_workspaces, "buffers", None)
+    if kept is None:
+        kept = _workspaces.buffers = {}
+    if key not in kept:
+        kept[key] = torch.empty(shape, dtype=dtype, device=device)
+    return kept[key]
 
 
 def _rows(x: torch.Tensor, in_features: int) -> int:
@@ -89,7 +108,8 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _rows(x, self.in_features) >= GEMM_ROWS:  # many rows: W ~ s Q in bf16, one GEMM
-            w = self.weight_int8.to(torch.bfloat16).mul_(self.scale_bf16()[:, None])
+            w = workspace(self.weight_int8.shape, torch.bfloat16, x.device)
+            w.copy_(self.weight_int8).mul_(self.scale_bf16()[:, None])
             y = F.linear(x.to(torch.bfloat16), w).to(x.dtype)
         elif _int8_kernel_fits(x.device, self.in_features):
             flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
@@ -222,12 +242,15 @@ class Int4Linear(nn.Module):
         return (q * self.d[..., None] + self.m[..., None]).reshape(self.out_features, -1)
 
     def bf16_weight(self) -> torch.Tensor:
-        """W ~ (Q - 8) scale + zero in bf16 (N, K), from the kernel's packing."""
+        """W ~ (Q - 8) scale + zero in bf16 (N, K), from the kernel's packing, written into
+        this thread's workspace of its shape: valid until the next call."""
         q = _unpack_int4(self.weight_int4, self.out_features, self.in_features)
         sz = self.scales_and_zeros  # (K / G, N, 2)
-        w = q.view(self.out_features, -1, INT4_GROUP).to(torch.bfloat16).sub_(8)
-        w.mul_(sz[..., 0].t()[..., None]).add_(sz[..., 1].t()[..., None])  # in place: one
-        return w.view(self.out_features, self.in_features)  # W-sized temporary, not three
+        w = workspace((self.out_features, self.in_features // INT4_GROUP, INT4_GROUP),
+                      torch.bfloat16, q.device)
+        w.copy_(q.view(w.shape)).sub_(8)
+        w.mul_(sz[..., 0].t()[..., None]).add_(sz[..., 1].t()[..., None])
+        return w.view(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fits and self.unpacks and _rows(x, self.in_features) >= GEMM_ROWS:
