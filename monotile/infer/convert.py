@@ -134,8 +134,9 @@ def _convert(module, name, dtype, float_dtype, rows, hints, weights, shared) -> 
         new = Int4Linear(module)
         release(source)
         return new
-    if not _stays_float(module, name, dtype):
-        module.weight = nn.Parameter(source, requires_grad=False)
+    if not _stays_float(module, name, dtype):  # left as it is (a LoRA layer, say)
+        if source is not module.weight:
+            module.weight = nn.Parameter(source, requires_grad=False)
         return module
     hint = hints.get((module.in_features, module.out_features, rows_of(name, rows)), 0)
     if hint:
