@@ -4,6 +4,8 @@ the rope table's dtype and place."""
 import copy
 import dataclasses
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -90,8 +92,8 @@ def test_rows_at_their_own_positions_decode_as_each_row_alone(positions):
     with torch.no_grad():
         for b, s in enumerate(seqs):  # prefill each alone into its own row
             model(s[None, :-1], cache=[c.rows(b, b + 1) for c in cache], pos=0)
-        for c in cache:  # the row 0 request ends: the last one moves into its place
-            c.move_row(2, 0)
+        for c in cache:  # the row 0 request ends: the last one moves into its place, the
+            c.move_row(2, 0, len(seqs[2]) - 1)  # positions it holds (row 0's stale ones masked)
         seqs = [seqs[2], seqs[1]]
         last = torch.stack([s[-1] for s in seqs])[:, None]
         pos = torch.tensor([len(s) - 1 for s in seqs])
@@ -238,3 +240,21 @@ def test_a_checkpointing_model_decodes_with_its_kv_cache_as_a_plain_one():
         steps = [recomputing(x[:, :6], cache=cache)] + [
             recomputing(x[:, i:i + 1], cache=cache, pos=i) for i in range(6, 10)]
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
+
+
+def resident_mib() -> float:
+    return int(next(line for line in open("/proc/self/status")
+                    if line.startswith("VmRSS")).split()[1]) / 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads Linux's /proc")
+def test_a_large_cpu_cache_takes_memory_as_its_positions_are_written():
+    from monotile.core.attention import KVCache
+    before = resident_mib()
+    cache = KVCache(16, 4, 8192, 64, torch.float32, "cpu")  # 2 x 128 MiB
+    assert torch.count_nonzero(cache.k[:, :, :1]) == 0  # zeros, as torch.zeros
+    assert resident_mib() - before < 32
+    cache.k[:, :, :4096] = 1.0  # half the keys written: half their memory
+    grown = resident_mib() - before
+    assert 48 < grown < 100
+    assert float(cache.k[:, :, 4096:].abs().sum()) == 0.0

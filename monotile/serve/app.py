@@ -90,12 +90,17 @@ class Models:
         self.metrics: Metrics | None = None  # set by create_app
 
     def load_all(self) -> None:
+        from ..rundir import check_run_dir, read_config
         from ..run import load
         try:
             for served in self.by_name.values():
-                run = load(served.path, device=self.device)
+                # a text run's routes (completions and chat, or embeddings) are all PACKED:
+                # it is read for inference layer by layer (infer/convert.py), in less memory
+                _, meta, _ = read_config(check_run_dir(served.path))
+                run = load(served.path, device=self.device,
+                           dtype=self.dtype if meta["task"] == "text" else None)
                 routes = (*run.task.routes, "predictions")
-                if any(r in PACKED for r in routes):
+                if any(r in PACKED for r in routes) and meta["task"] != "text":
                     run.optimize_for_inference(self.dtype)
                 served.run, served.routes = run, routes
                 if "completions" in routes:

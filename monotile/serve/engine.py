@@ -182,8 +182,8 @@ class Engine:
         for i in reversed(done):  # keep rows 0..n-1 the running ones
             last = len(self.rows) - 1
             if i != last:
-                for c in self.cache:
-                    c.move_row(last, i)
+                for c in self.cache:  # the positions it holds: the rest is masked
+                    c.move_row(last, i, self.rows[last].pos)
                 self.rows[i] = self.rows[last]
             self.rows.pop()
 
