@@ -25,7 +25,7 @@ demo: setup
 
 test: setup
 	$(PY) -m ruff check monotile tests bench
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25  # the slowest tests, for keeping CI short
 
 bench: setup
 	$(PY) bench/train_text.py
