@@ -162,11 +162,8 @@ class Run:
         slower than plain on some Intel Xeons); packing is skipped on GPUs. Layers are
         converted one at a time (infer/convert.py); `weights` (load(dtype=...) gives it)
         reads each from the weights file just before."""
-        from .infer import INFERENCE_DTYPES
         from .infer.convert import convert
-        if dtype not in INFERENCE_DTYPES:
-            raise ConfigError(f"dtype={dtype!r} is invalid for inference: choose "
-                              f"{', '.join(INFERENCE_DTYPES)}")
+        _check_inference_dtype(dtype)
         self._parameter_count = self.parameters()
         convert(self.model, dtype, rows=getattr(self.task, "inference_rows", 1),
                 weights=weights)
@@ -446,12 +443,16 @@ def load(run_dir: str | Path, *, checkpoint: str = "last", device: str | None = 
     dtype: load for inference only, as optimize_for_inference(dtype) makes it; on the CPU
     each layer is converted as it is read, so the process never holds the float weights
     whole (an int4 SmolLM2 decodes in ~1/3 of the memory of loading, then converting)."""
-    if dtype is not None:
-        from .infer import INFERENCE_DTYPES
-        if dtype not in INFERENCE_DTYPES:
-            raise ConfigError(f"dtype={dtype!r} is invalid for inference: choose "
-                              f"{', '.join(INFERENCE_DTYPES)}")
+    if dtype is not None:  # refused before any file is read
+        _check_inference_dtype(dtype)
     return _load(run_dir, checkpoint, device, dtype=dtype)
+
+
+def _check_inference_dtype(dtype: str) -> None:
+    from .infer import INFERENCE_DTYPES
+    if dtype not in INFERENCE_DTYPES:
+        raise ConfigError(f"dtype={dtype!r} is invalid for inference: choose "
+                          f"{', '.join(INFERENCE_DTYPES)}")
 
 
 def _load(run_dir: str | Path, checkpoint: str, device: str | None, *,
