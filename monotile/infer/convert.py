@@ -54,17 +54,18 @@ class MappedEmbedding(nn.Module):
 
 
 def convert(model: nn.Module, dtype: str, rows: int | Mapping[str, int] = 1,
-            weights=None) -> None:
+            weights=None, *, pack: bool = True) -> None:
     """Turn `model`'s layers into `dtype`'s forms (above), in place, one at a time, and put it
     in eval mode. `rows`: the rows of x a layer multiplies (packed.rows_of). `weights`: a
     WeightReader of a model built with its weights left unread; each is read when its layer
-    is converted, the rest at the end."""
+    is converted, the rest at the end. `pack=False` leaves the float layers plain nn.Linear
+    (for torch.compile, which lays their weights out itself when it freezes them)."""
     float_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
     plan = _plan(model)
     # the layouts of the layers that stay in float, measured (once per machine) before any
     # weight is read, on layers of random weights
     shapes = Counter((m.in_features, m.out_features, rows_of(name, rows))
-                     for _, _, name, m in plan if _stays_float(m, name, dtype)
+                     for _, _, name, m in plan if pack and _stays_float(m, name, dtype)
                      and packing_available(m.weight.device, float_dtype))
     hints = {shape: layout(*shape[:2], float_dtype, shape[2], count)
              for shape, count in shapes.items()}
