@@ -9,9 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import monotile
+from monotile.infer.convert import convert
 from monotile.infer.quantize import (GEMM_ROWS, Int4Linear, Int8Embedding, Int8Linear,
-                                     quantize_groups_int4,
-                                     quantize_int4, quantize_int8, quantize_rows, weight_bytes)
+                                     quantize_groups_int4, quantize_int8, quantize_rows,
+                                     weight_bytes)
 from monotile.train.checkpoint import model_tensors
 
 from conftest import cli
@@ -148,4 +149,6 @@ def test_an_int4_model_keeps_its_head_at_8_bits_and_generates(tiny_run):
                "--temperature", "0", "--dtype", "int4", "--ignore-eos", "--json")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["new_tokens"] == 20
-    assert quantize_int4(nn.Sequential(nn.Linear(8, 8))) == []  # no whole group: left alone
+    small = nn.Sequential(nn.Linear(8, 8))
+    convert(small, "int4", pack=False)
+    assert type(small[0]) is nn.Linear  # no whole group of 32 inputs: left alone

@@ -267,25 +267,3 @@ class Int4Linear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, group={INT4_GROUP}")
-
-
-def quantize_int4(model: nn.Module, eight_bits: tuple[str, ...] = ("head",)) -> list[str]:
-    """Replace every Linear of `model` whose inputs come in whole groups of 32 by an
-    Int4Linear, in place; the layers named in `eight_bits` (the output head, which llama.cpp's
-    Q4 files keep at 6 or 8 bits too) by an Int8Linear. Embeddings stay as they are (a token
-    reads one row). For inference only: the run is not saved this way. Returns the names
-    replaced."""
-    names = []
-    for parent_name, parent in list(model.named_modules()):
-        for child_name, child in list(parent.named_children()):
-            name = f"{parent_name}.{child_name}" if parent_name else child_name
-            if type(child) is not nn.Linear:
-                continue
-            if name in eight_bits:
-                setattr(parent, child_name, Int8Linear.from_linear(child))
-            elif child.in_features % INT4_GROUP == 0:
-                setattr(parent, child_name, Int4Linear(child))
-            else:
-                continue
-            names.append(name)
-    return names
