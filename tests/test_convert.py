@@ -3,6 +3,7 @@ same model as loading whole, then optimize_for_inference; the file never written
 refused as a whole load refuses it."""
 
 import hashlib
+import json
 import shutil
 
 import pytest
@@ -15,6 +16,8 @@ from monotile.infer.convert import CHUNK_ROWS, MappedEmbedding
 from monotile.infer.packed import PackedLinear
 from monotile.infer.quantize import Int4Linear, Int8Embedding, Int8Linear, quantize_rows
 from monotile.train.checkpoint import WeightReader
+
+from conftest import cli
 
 
 def digest(path) -> str:
@@ -102,6 +105,15 @@ def test_a_compiled_decoding_step_makes_the_tokens_of_the_eager_one(tiny_run, dt
         eager.generate(prompt, max_new_tokens=40, temperature=0.0)
     # a state dict saves as the eager model's (the compiled step holds no module of its own)
     assert compiled.model.state_dict().keys() == eager.model.state_dict().keys()
+    # the command line's flag: the text of the command without it, and the compile reported
+    texts = []
+    for flags in ([], ["--compile"]):
+        done = cli("generate", str(tiny_run.dir), "--prompt", prompt, "--dtype", dtype,
+                   *flags, "--temperature", "0", "--max-new-tokens", "40", "--json")
+        assert done.returncode == 0, done.stderr
+        texts.append(json.loads(done.stdout)["text"])
+    assert texts[0] == texts[1] and texts[0]
+    assert "compiled the decoding step in" in done.stderr
 
 
 def test_compiling_is_for_runs_that_generate_text(tiny_en_run):
