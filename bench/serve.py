@@ -1,10 +1,11 @@
 """Continuous batching on CPU: the total tokens/s `monotile serve` streams to 1 client and to 16
 at once, each asking /v1/completions for ~200 tokens (temperature 0.8, its own seed), with the
-time to the first token and the gap between a stream's tokens (p50, p99). The target: 16
-clients' total >= 4x one client's, as a step of 16 rows reads the weights once, like a step of 1.
+time to the first token and the gap between a stream's tokens (p50, p99), and the server's
+resident memory (after one completion, and its peak). The target: 16 clients' total >= 4x one
+client's, as a step of 16 rows reads the weights once, like a step of 1.
 
     .venv/bin/python bench/serve.py [--run RUN] [--clients 16] [--requests 2] [--max-tokens 200]
-                                    [--dtype float32|bfloat16] [--json]
+                                    [--dtype float32|bfloat16|int8|int4] [--json]
 
 Without --run it trains a 6-layer, width-384 character model (10.6M parameters, context 256)
 for 10 steps (15-40 s): quality does not matter for speed, and one client's decoding step
@@ -26,6 +27,7 @@ from pathlib import Path
 import httpx
 
 import monotile
+from monotile.infer import INFERENCE_DTYPES
 from monotile.serve.process import start_server, stop
 
 PROMPT = "ROMEO:\nWhat light through yonder window breaks?\n"
@@ -89,6 +91,18 @@ def load(url: str, clients: int, requests: int, max_tokens: int, seed: int) -> d
             "per_token_ms": {"p50": 1e3 * quantile(gaps, .5), "p99": 1e3 * quantile(gaps, .99)}}
 
 
+def resident_mib(pid: int) -> dict:
+    """The server's resident memory now and at its peak (VmRSS, VmHWM of /proc/PID/status),
+    in MiB; {} where /proc is not there."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return {}
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    return {"now": int(fields["VmRSS"].split()[0]) / 1024,
+            "peak": int(fields["VmHWM"].split()[0]) / 1024}
+
+
 def quantile(values: list[float], q: float) -> float:
     """The q-quantile of `values`, interpolated between the nearest two."""
     xs = sorted(values)
@@ -104,7 +118,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--requests", type=int, default=2, help="completions per client")
     ap.add_argument("--max-tokens", type=int, default=200)
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--dtype", default="float32", choices=INFERENCE_DTYPES)
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     if a.run:
@@ -118,8 +132,10 @@ def main() -> None:
     load_before = os.getloadavg()[0]  # other work on the machine slows the server's threads
     try:
         load(url, 1, 1, 20, seed=0)  # warm up
+        memory = {"after_one_completion": resident_mib(proc.pid)}
         one = load(url, 1, a.requests, a.max_tokens, seed=1)
         many = load(url, a.clients, a.requests, a.max_tokens, seed=2)
+        memory["after_all"] = resident_mib(proc.pid)
     finally:
         stop(proc)
     ratio = many["tokens_per_s"] / one["tokens_per_s"]
@@ -127,6 +143,7 @@ def main() -> None:
     result = {"model": {"n_layer": cfg.n_layer, "d_model": cfg.d_model, "context": cfg.context},
               "dtype": a.dtype, "max_tokens": a.max_tokens, "one": one, "many": many,
               "ratio": ratio, "target_met": ratio >= 4, "cpus": os.cpu_count(),
+              "resident_mib": memory,
               "load_average": [load_before, os.getloadavg()[0]]}
     if a.json:
         print(json.dumps(result))
@@ -143,6 +160,11 @@ def main() -> None:
               f"{r['per_token_ms']['p50']:.1f} ms, p99 {r['per_token_ms']['p99']:.1f} ms")
     print(f"  {a.clients} clients / 1 client: {ratio:.2f}x; target >= 4x: "
           f"{'met' if ratio >= 4 else 'NOT met'}")
+    first, last = memory["after_one_completion"], memory["after_all"]
+    if first and last:
+        print(f"  server resident memory: {first['now']:.0f} MiB after one completion, peak "
+              f"{last['peak']:.0f} MiB after all (max batch {max(a.clients, 1)}; its KV cache "
+              "takes memory as positions are written)")
     if max(result["load_average"]) > (os.cpu_count() or 1) - 0.5:
         print("  (other work kept the CPUs busy: with OpenMP's threads spin-waiting the server "
               "slows down many times over; compare OMP_WAIT_POLICY=PASSIVE)")
