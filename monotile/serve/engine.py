@@ -168,7 +168,11 @@ class Engine:
     def _step(self) -> None:
         n = len(self.rows)
         tokens = torch.tensor([[row.next] for row in self.rows], device=self.device)
-        pos = torch.tensor([row.pos for row in self.rows], device=self.device)
+        positions = {row.pos for row in self.rows}
+        # rows at one position (one client, or prompts of one length) take the plain step;
+        # others each their own position, behind a key mask
+        pos = (positions.pop() if len(positions) == 1 else
+               torch.tensor([row.pos for row in self.rows], device=self.device))
         logits = self.model(tokens, cache=[c.rows(0, n) for c in self.cache], pos=pos)[:, 0]
         logits = logits.cpu()
         self.steps += 1
