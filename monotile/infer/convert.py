@@ -62,13 +62,7 @@ def convert(model: nn.Module, dtype: str, rows: int | Mapping[str, int] = 1,
     (for torch.compile, which lays their weights out itself when it freezes them)."""
     float_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
     plan = _plan(model)
-    # the layouts of the layers that stay in float, measured (once per machine) before any
-    # weight is read, on layers of random weights
-    shapes = Counter((m.in_features, m.out_features, rows_of(name, rows))
-                     for _, _, name, m in plan if pack and _stays_float(m, name, dtype)
-                     and packing_available(m.weight.device, float_dtype))
-    hints = {shape: layout(*shape[:2], float_dtype, shape[2], count)
-             for shape, count in shapes.items()}
+    hints = _layouts(plan, dtype, rows) if pack else {}
     shared: dict[tuple, nn.Module] = {}  # a float weight -> its int8 form (tied layers)
     with torch.no_grad():
         while plan:
@@ -84,6 +78,24 @@ def convert(model: nn.Module, dtype: str, rows: int | Mapping[str, int] = 1,
             model.to(torch.bfloat16)
     model.eval()
     release_free_memory()
+
+
+def _layouts(plan, dtype: str, rows) -> dict[tuple, int]:
+    """{(in, out, rows): layout} of the layers that stay in float (packed.layout: 0 plain,
+    else a packing's row hint), measured once per machine on layers of random weights, before
+    any real weight is read."""
+    float_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    shapes = Counter((m.in_features, m.out_features, rows_of(name, rows))
+                     for _, _, name, m in plan if _stays_float(m, name, dtype)
+                     and packing_available(m.weight.device, float_dtype))
+    return {shape: layout(*shape[:2], float_dtype, shape[2], count)
+            for shape, count in shapes.items()}
+
+
+def packing_wins(model: nn.Module, dtype: str, rows: int | Mapping[str, int] = 1) -> bool:
+    """Whether any layer `model` keeps in float in `dtype` is faster packed than plain on
+    this CPU (its measured layout); False when none stays in float."""
+    return any(_layouts(_plan(model), dtype, rows).values())
 
 
 def _plan(model: nn.Module) -> list[tuple[nn.Module, str, str, nn.Module]]:

@@ -155,7 +155,7 @@ def generate_ids(model, prompt: torch.Tensor, max_new_tokens: int, sampling: Sam
         model.train(was_training)
 
 
-def compile_decoding(model) -> float:
+def compile_decoding(model, prepack: bool = True) -> float:
     """Compile `model`'s one-token step with a KV cache (torch.compile: inductor's C++ kernels,
     the weights frozen into the program as constants, one program for every position, cache
     length and batch of one row) and run it once, so that the compile is paid here; returns
@@ -166,15 +166,17 @@ def compile_decoding(model) -> float:
     that the weights just streamed through; compiled, they are a few fused loops: SmolLM2
     decodes 1.37x (fp32) to 1.91x (int4) faster on 2 threads (bench/real_models.py
     --compile), for 20-50 s of compiling at each start (inductor keeps its work on disk, so
-    a later start compiles less) and the compiler's memory (~300 MB; in float a second,
-    packed copy of the weights). Float layers must be plain nn.Linear (convert(pack=False)):
-    the compiler packs frozen weights itself."""
+    a later start compiles less) and the compiler's memory (~300 MB; where it packs float
+    weights, a second copy of them). Float layers must be plain nn.Linear (convert(pack=False)):
+    the compiler packs frozen weights itself, unless `prepack` is False."""
     import time
     start = time.perf_counter()
     compiled = torch.compile(model.forward, dynamic=True)
 
-    def step(*args, **kwargs):  # a later compile (another batch size) freezes too
-        with torch._inductor.config.patch(freezing=True):
+    options = {"freezing": True, "cpp.weight_prepack": prepack}
+
+    def step(*args, **kwargs):  # a later compile (another batch size) is made the same way
+        with torch._inductor.config.patch(options):
             return compiled(*args, **kwargs)
     device = next(model.parameters()).device
     # a typical length (the compiler tunes its loops for the sizes it first sees; 0 and 1
