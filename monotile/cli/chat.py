@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from ..errors import MonotileError
-from ..infer import INFERENCE_DTYPES
+from ..infer import COMPILE_HELP, INFERENCE_DTYPES
 from .common import finish, unescape
 
 HELP = ("/reset: a new conversation   /system TEXT: the system message   /exit: leave "
@@ -35,9 +35,7 @@ def chat(sub) -> None:
     p.add_argument("--dtype", default="float32", choices=INFERENCE_DTYPES,
                    help="weights while decoding (bfloat16: half the bytes a token, int8 a "
                    "quarter, int4 an eighth)")
-    p.add_argument("--compile", action="store_true", help="compile the decoding step "
-                   "(torch.compile, needs g++): ~40 s at the start (less once cached), then "
-                   "faster tokens, most in int4 and int8 (bench/real_models.py --compile)")
+    p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     finish(p, _chat, machine=True)
 
 

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from ..errors import MonotileError
-from ..infer import INFERENCE_DTYPES
+from ..infer import COMPILE_HELP, INFERENCE_DTYPES
 from .common import check_output, emit, finish, print_json, unescape, write_rows_csv
 
 # predict's options: (flag, the option of Task.predict it sets); a task refuses by name an
@@ -87,9 +87,7 @@ def generate(sub) -> None:
     p.add_argument("--ignore-eos", action="store_true", help="go on past the model's end "
                    "tokens, so exactly --max-new-tokens are decoded (benchmarks; llama.cpp's "
                    "flag)")
-    p.add_argument("--compile", action="store_true", help="compile the decoding step "
-                   "(torch.compile, needs g++): ~40 s at the start (less once cached), then "
-                   "faster tokens, most in int4 and int8 (bench/real_models.py --compile)")
+    p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     finish(p, _generate, checkpoint=True, json=True, machine=True)
 
 
