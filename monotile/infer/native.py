@@ -1,0 +1,314 @@
+"""Matrix-vector kernels for 4- and 8-bit weights, in C++ (kernels.cpp), built for this CPU.
+
+Decoding one token reads every weight once. PyTorch's weight-only kernels turn each weight
+back into a float and multiply in floating point; llama.cpp instead rounds x to 8 bits too,
+in blocks of 32, and multiplies integers, four byte products summed per instruction (AVX-VNNI,
+AVX512-VNNI; AVX2's maddubs elsewhere). These kernels do the same:
+
+    x_b ~ dx_b qx_b               qx_b int8, dx_b = max|x_b| / 127   (each block b of 32 inputs)
+    int4   y_r = sum_b d_rb dx_b (Q_rb . qx_b) + m_rb dx_b sum(qx_b)    (W ~ d Q + m, Q4_1)
+    int8   y_r = s_r sum_b dx_b (Q_rb . qx_b)                           (W ~ s Q per row)
+
+with eight rows interleaved four bytes at a time, so that one 8-lane instruction advances
+eight rows, their block scales are one vector, and no row needs a horizontal sum. The int4
+layout holds, per eight rows and block: their d and m in fp16, then 128 bytes of nibbles
+(5 bits a weight, as Q4_1).
+
+The C++ is compiled on first use with the machine's C++ compiler for this CPU
+(`-march=native`: its widest integer dot products), a few seconds, and kept in
+~/.cache/monotile/kernels keyed by the source, PyTorch's version and the CPU. `available()`
+says whether they could be built; callers fall back to PyTorch's kernels when not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SOURCE = Path(__file__).with_name("kernels.cpp")
+ROWS = 8        # rows interleaved
+GROUP = 32      # inputs a block
+Q4_BYTES = 160  # a block of 8 rows in int4: d[8] and m[8] in fp16, 128 bytes of nibbles
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def _cpu_id() -> str:
+    """What -march=native depends on: the CPU's model and flags."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return os.uname().machine
+    keep = [line for line in info.splitlines() if line.startswith(("model name", "flags"))]
+    return "\n".join(sorted(set(keep)))
+
+
+def _library_path() -> Path:
+    from ..data import cache_dir
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), torch.__version__, _cpu_id(),
+                                    sys.platform]).encode()).hexdigest()[:16]
+    return cache_dir() / "kernels" / f"monotile_kernels-{key}.so"
+
+
+def _build(target: Path) -> None:
+    compiler = os.environ.get("CXX", "g++")
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"no C++ compiler ({compiler})")
+    root = Path(torch.__file__).parent
+    command = [compiler, "-O3", "-march=native", "-fopenmp", "-std=c++20", "-fPIC", "-shared",
+               "-w", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+               f"-I{root / 'include'}", str(SOURCE), f"-L{root / 'lib'}", "-lc10",
+               "-ltorch_cpu", f"-Wl,-rpath,{root / 'lib'}"]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # another process may build too
+        built = Path(tmp) / target.name
+        done = subprocess.run([*command, "-o", str(built)], capture_output=True, text=True,
+                              timeout=600)
+        if done.returncode:
+            raise RuntimeError((done.stderr.strip().splitlines() or ["failed"])[-1][:300])
+        os.replace(built, target)  # whole or not at all
+
+
+def available() -> bool:
+    """Build (once per machine) and load the kernels; False, with the reason in `reason()`,
+    where they cannot be: no C++ compiler, not a CPU build of x86 or Arm, a failing build."""
+    with _lock:
+        if "ok" not in _state:
+            try:
+                target = _library_path()
+                if not target.exists():
+                    _build(target)
+                torch.ops.load_library(str(target))
+                _register_fakes()
+                _state["ok"] = True
+            except Exception as e:  # noqa: BLE001  (any reason means: use PyTorch's kernels)
+                _state["ok"], _state["reason"] = False, str(e)
+        return bool(_state["ok"])
+
+
+def reason() -> str:
+    return str(_state.get("reason", ""))
+
+
+def _register_fakes() -> None:
+    """Output shapes for torch.compile, which traces the ops without running them."""
+    @torch.library.register_fake("monotile::q4_linear")
+    def _(x, w, n):
+        return x.new_empty((x.shape[0], n), dtype=torch.float32)
+
+    @torch.library.register_fake("monotile::q8_linear")
+    def _(x, w, scale, n):
+        return x.new_empty((x.shape[0], n), dtype=torch.float32)
+
+    @torch.library.register_fake("monotile::float_linear")
+    def _(x, w, n):
+        return x.new_empty((x.shape[0], n), dtype=torch.float32)
+
+
+def pack_q4(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Q (N, K) in [0, 15], d and m (N, K/32) -> the kernels' int4 layout (N/8, K/32, 160)
+    uint8 (N padded to a multiple of 8 with zero rows): per 8 rows and block, d[8] and m[8]
+    in fp16, then four 32-byte chunks c whose byte 4r + j holds row r's input 4c + j in its
+    low four bits and input 16 + 4c + j in its high four."""
+    q, d, m = _pad_rows(q.to(torch.uint8)), _pad_rows(d.float()), _pad_rows(m.float())
+    N, K = q.shape
+    groups, blocks = N // ROWS, K // GROUP
+    qr = q.view(groups, ROWS, blocks, 2, 4, 4)  # (group, row, block, half, chunk, byte)
+    nibbles = (qr[:, :, :, 0] | (qr[:, :, :, 1] << 4)).permute(0, 2, 3, 1, 4)
+    scales = [t.half().view(groups, ROWS, blocks).transpose(1, 2).contiguous()
+              .view(torch.uint8) for t in (d, m)]
+    return torch.cat([*scales, nibbles.reshape(groups, blocks, 128)], -1).contiguous()
+
+
+def unpack_q4(packed: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """pack_q4's inverse: (Q uint8 (n, K), d (n, K/32) fp16, m (n, K/32) fp16)."""
+    groups, blocks, _ = packed.shape
+    d, m = (packed[..., i * 16:(i + 1) * 16].contiguous().view(torch.float16)  # (g, b, 8)
+            .transpose(1, 2).reshape(groups * ROWS, blocks)[:n] for i in (0, 1))
+    nib = packed[..., 32:].reshape(groups, blocks, 4, ROWS, 4).permute(0, 3, 1, 2, 4)
+    q = torch.stack([nib & 0xF, nib >> 4], 3)  # (group, row, block, half, chunk, byte)
+    return q.reshape(groups * ROWS, blocks * GROUP)[:n], d, m
+
+
+def pack_q8(q: torch.Tensor) -> torch.Tensor:
+    """Q (N, K) int8 -> the kernels' int8 layout (N/8, K/32, 256): per 8 rows and block,
+    eight 32-byte chunks c whose byte 4r + j holds row r's input 4c + j."""
+    q = _pad_rows(q)
+    N, K = q.shape
+    groups, blocks = N // ROWS, K // GROUP
+    return (q.view(groups, ROWS, blocks, 8, 4).permute(0, 2, 3, 1, 4)
+            .reshape(groups, blocks, ROWS * GROUP).contiguous())
+
+
+def q8_rows(packed: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Rows `idx` of the Q that pack_q8 packed: (*idx.shape, K) int8."""
+    groups, blocks, _ = packed.shape
+    five = packed.view(groups, blocks, 8, ROWS, 4)
+    rows = five[idx // ROWS, :, :, idx % ROWS]  # (*idx, block, chunk, byte)
+    return rows.reshape(*idx.shape, blocks * GROUP)
+
+
+def unpack_q8(packed: torch.Tensor, n: int) -> torch.Tensor:
+    groups = packed.shape[0]
+    return q8_rows(packed, torch.arange(groups * ROWS, device=packed.device))[:n]
+
+
+def pack_float(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """W (N, K) -> the kernels' float layout: fp32 (N/8, K, 8), row r of eight in lane r;
+    bf16 (N/8, K/2, 8, 2), inputs 2j and 2j + 1 of a row side by side in one 32-bit lane."""
+    w = _pad_rows(w.detach().to(dtype))
+    N, K = w.shape
+    if dtype == torch.bfloat16:
+        return w.view(N // ROWS, ROWS, K // 2, 2).permute(0, 2, 1, 3).contiguous()
+    return w.view(N // ROWS, ROWS, K).transpose(1, 2).contiguous()
+
+
+def float_rows(packed: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Rows `idx` of the W that pack_float packed: (*idx.shape, K)."""
+    if packed.dim() == 4:
+        return packed[idx // ROWS, :, idx % ROWS, :].flatten(-2)
+    return packed[idx // ROWS, :, idx % ROWS]
+
+
+def _pad_rows(t: torch.Tensor) -> torch.Tensor:
+    extra = -t.shape[0] % ROWS
+    return t if not extra else torch.cat([t, t.new_zeros(extra, *t.shape[1:])])
+
+
+class NativeInt4Linear(nn.Module):
+    """y = x W^T + b, W ~ d Q + m in 4-bit blocks of 32 (Q4_1), in pack_q4's layout: a few rows
+    of x through q4_linear; a prompt's many rows (quantize.GEMM_ROWS) through W dequantized to
+    bf16 and one GEMM."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        from .quantize import quantize_groups_int4
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        q, d, m = quantize_groups_int4(weight)
+        self.register_buffer("packed", pack_q4(q, d, m))
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(),
+                                                            requires_grad=False)
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        q, d, m = unpack_q4(self.packed, self.out_features)
+        w = q.view(self.out_features, -1, GROUP).to(dtype)
+        return (w * d[..., None].to(dtype) + m[..., None].to(dtype)).view(self.out_features, -1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .quantize import GEMM_ROWS
+        flat = x.reshape(-1, self.in_features)
+        if flat.shape[0] >= GEMM_ROWS:
+            y = F.linear(flat.to(torch.bfloat16), self.dequantized(torch.bfloat16))
+        else:
+            y = torch.ops.monotile.q4_linear(flat, self.packed, self.out_features)
+        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, group={GROUP}, native")
+
+
+class NativeInt8Linear(nn.Module):
+    """y = (x Q^T) s + b with Q int8 in pack_q8's layout and s per output row (padded)."""
+
+    def __init__(self, packed: torch.Tensor, scale: torch.Tensor, out_features: int,
+                 bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = out_features, packed.shape[1] * GROUP
+        self.register_buffer("packed", packed)
+        self.register_buffer("scale", _pad_rows(scale.float()).contiguous())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(),
+                                                            requires_grad=False)
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        q = unpack_q8(self.packed, self.out_features)
+        return q.to(dtype) * self.scale[:self.out_features, None].to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .quantize import GEMM_ROWS
+        flat = x.reshape(-1, self.in_features)
+        if flat.shape[0] >= GEMM_ROWS:
+            y = F.linear(flat.to(torch.bfloat16), self.dequantized(torch.bfloat16))
+        else:
+            y = torch.ops.monotile.q8_linear(flat, self.packed, self.scale, self.out_features)
+        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, native")
+
+
+class NativeInt8Embedding(nn.Module):
+    """E[i] ~ s_i Q_i, the rows read out of pack_q8's layout (shared with a tied head)."""
+
+    def __init__(self, head: NativeInt8Linear):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
+        self.register_buffer("packed", head.packed)
+        self.register_buffer("scale", head.scale)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return q8_rows(self.packed, idx).float() * self.scale[idx][..., None]
+
+
+class NativeLinear(nn.Module):
+    """y = x W^T + b with W (fp32 or bf16) in pack_float's layout: a few rows of x through
+    float_linear (fp32 sums, x in fp32); a prompt's many rows through W laid out as a plain
+    (N, K) again, in a workspace, and one GEMM."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("packed", pack_float(weight, dtype))
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype).clone(),
+                                                            requires_grad=False)
+
+    def plain(self) -> torch.Tensor:
+        from .quantize import workspace
+        groups, K = self.packed.shape[0], self.in_features
+        w = workspace((groups * ROWS, K), self.packed.dtype, self.packed.device)
+        if self.packed.dim() == 4:
+            w.view(groups, ROWS, K // 2, 2).copy_(self.packed.permute(0, 2, 1, 3))
+        else:
+            w.view(groups, ROWS, K).copy_(self.packed.transpose(1, 2))
+        return w[:self.out_features]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .quantize import GEMM_ROWS
+        flat = x.reshape(-1, self.in_features)
+        if flat.shape[0] >= GEMM_ROWS:
+            y = F.linear(flat.to(self.packed.dtype), self.plain())
+        else:
+            y = torch.ops.monotile.float_linear(flat, self.packed, self.out_features)
+        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, dtype={self.packed.dtype}, native")
+
+
+class NativeEmbedding(nn.Module):
+    """E[i]: rows read out of a tied head's pack_float layout."""
+
+    def __init__(self, head: NativeLinear, dtype: torch.dtype):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
+        self.register_buffer("packed", head.packed)
+        self.dtype = dtype
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return float_rows(self.packed, idx).to(self.dtype)

@@ -1,0 +1,115 @@
+"""The C++ matrix-vector kernels (infer/native.py, kernels.cpp) against their formulas written
+in plain torch: x rounded to 8 bits in blocks of 32, integer products, the block scales; and
+the layers that hold them against the layers they replace."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from monotile.infer import native
+from monotile.infer.quantize import GEMM_ROWS, quantize_groups_int4, quantize_rows
+
+pytestmark = pytest.mark.skipif(not native.available(),
+                                reason=f"the kernels could not be built: {native.reason()}")
+
+
+def quantized_x(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, K) -> (qx (M, K/32, 32), dx (M, K/32)): dx = max|x_b| / 127, qx = round(x / dx)."""
+    blocks = x.double().view(x.shape[0], -1, 32)
+    dx = blocks.abs().amax(-1) / 127
+    qx = torch.round(blocks / dx.clamp_min(1e-30)[..., None])
+    return qx, dx.float().double()  # the kernel keeps dx in fp32
+
+
+@pytest.mark.parametrize("shape", [(37, 96), (64, 32), (8, 1536)])
+def test_the_int4_kernel_is_its_formula(shape):
+    torch.manual_seed(0)
+    N, K = shape
+    w, x = torch.randn(N, K), torch.randn(3, K)
+    q, d, m = quantize_groups_int4(w)
+    packed = native.pack_q4(q, d, m)
+    assert packed.shape == (-(-N // 8), K // 32, native.Q4_BYTES)
+    q2, d2, m2 = native.unpack_q4(packed, N)  # the layout's inverse
+    assert torch.equal(q2, q.to(torch.uint8)) and torch.equal(d2, d.half())
+    assert torch.equal(m2, m.half())
+    # y = sum_b d dx (Q . qx) + m dx sum(qx), d and m in fp16
+    qx, dx = quantized_x(x)
+    qw = q.double().view(N, -1, 32)
+    dots = torch.einsum("nbk,mbk->mnb", qw, qx)
+    dw, mw = d.half().double(), m.half().double()
+    expected = (dots * dw[None] * dx[:, None] + mw[None] * (dx * qx.sum(-1))[:, None]).sum(-1)
+    got = torch.ops.monotile.q4_linear(x, packed, N)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(37, 96), (16, 576)])
+def test_the_int8_kernel_is_its_formula(shape):
+    torch.manual_seed(0)
+    N, K = shape
+    w, x = torch.randn(N, K), torch.randn(2, K)
+    q, s = quantize_rows(w)
+    packed = native.pack_q8(q)
+    assert torch.equal(native.unpack_q8(packed, N), q)
+    idx = torch.tensor([[0, N - 1], [5, 5]])
+    assert torch.equal(native.q8_rows(packed, idx), q[idx])
+    # y = s sum_b dx (Q . qx)
+    qx, dx = quantized_x(x)
+    dots = torch.einsum("nbk,mbk->mnb", q.double().view(N, -1, 32), qx)
+    expected = (dots * dx[:, None]).sum(-1) * s.double()
+    scale = native._pad_rows(s).contiguous()
+    got = torch.ops.monotile.q8_linear(x, packed, scale, N)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_float_kernel_is_a_plain_product(dtype):
+    torch.manual_seed(0)
+    w, x = torch.randn(45, 70), torch.randn(4, 70)
+    packed = native.pack_float(w, dtype)
+    idx = torch.tensor([3, 44, 0])
+    assert torch.equal(native.float_rows(packed, idx), w.to(dtype)[idx])
+    expected = x.double() @ w.to(dtype).double().t()  # x in fp32, sums in fp32
+    got = torch.ops.monotile.float_linear(x, packed, 45)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["int4", "int8", "bfloat16"])
+def test_a_native_layer_is_the_layer_it_replaces(kind):
+    # a few rows through the kernel, a prompt's many through the dequantized W: both within
+    # x's 8-bit rounding of the weights' own product
+    torch.manual_seed(0)
+    w, bias = torch.randn(40, 64) / 8, torch.randn(40)
+    if kind == "int4":
+        layer = native.NativeInt4Linear(w, bias)
+        q, d, m = quantize_groups_int4(w)
+        exact = (q.view(40, -1, 32) * d.half().float()[..., None]
+                 + m.half().float()[..., None]).view(40, 64)
+    elif kind == "int8":
+        q, s = quantize_rows(w)
+        layer = native.NativeInt8Linear(native.pack_q8(q), s, 40, bias)
+        exact = q.float() * s[:, None]
+    else:
+        layer = native.NativeLinear(w, bias, torch.bfloat16)
+        exact = w.bfloat16().float()
+    assert torch.equal(layer.dequantized() if kind != "bfloat16" else layer.plain().float(),
+                       exact)
+    for rows in (1, 3, GEMM_ROWS + 1):
+        x = torch.randn(rows, 64)
+        want = F.linear(x, exact, bias)
+        tol = 2e-3 if kind == "bfloat16" and rows < GEMM_ROWS else 4e-2
+        torch.testing.assert_close(layer(x), want, rtol=0, atol=tol * want.abs().max().item())
+
+
+def test_a_missing_compiler_is_a_reason_not_a_crash(tmp_path):
+    # a fresh cache and no compiler: available() is False and says why; nothing half-built
+    code = ("from monotile.infer import native; print(native.available()); "
+            "print(native.reason())")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", "XDG_CACHE_HOME": str(tmp_path),
+                               "CXX": "no-such-compiler", "HOME": str(tmp_path)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["False", "no C++ compiler (no-such-compiler)"]
+    assert not list(tmp_path.rglob("*.so"))
