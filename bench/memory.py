@@ -16,7 +16,10 @@ same chat prompt, end tokens ignored:
 
     budget = llama.cpp alone + runtime   (issue 21, target 6); "warm" with the warm runtime
 
-    .venv/bin/python bench/memory.py [--tokens 128] [--json]
+    compiled `monotile generate ... --compile` (with --compile): the same, decoding through
+                the compiled step (the compiler's own memory counted)
+
+    .venv/bin/python bench/memory.py [--tokens 128] [--json] [--compile]
 """
 
 from __future__ import annotations
@@ -82,6 +85,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--compile", action="store_true",
+                   help="also measure generate --compile (~20 s of compiling each)")
     a = p.parse_args()
     run_dir, source = CACHE / "smollm2-run", assets.require("SMOLLM2")
     if not (run_dir / "config.json").exists():
@@ -103,6 +108,11 @@ def main() -> None:
                                    "--ignore-eos", "--temperature", "0", "--dtype", dtype)
         row["whole"] = peak_mib(py, "-c", WHOLE.format(question=QUESTION), str(run_dir),
                                 dtype, str(a.tokens))
+        if a.compile:  # generate --compile: the compiler's memory, and the kernels' layouts
+            row["compiled"] = peak_mib(cli, "generate", str(run_dir), "--prompt",
+                                       QUESTION[0]["content"], "--max-new-tokens",
+                                       str(a.tokens), "--ignore-eos", "--temperature", "0",
+                                       "--dtype", dtype, "--compile")
         gguf = source if kind == "Q4_1" else CACHE / f"smollm2-{kind.lower()}.gguf"
         if has_llama and gguf.exists():
             row["llama_process"] = peak_mib(py, "-c", LLAMA, str(gguf), json.dumps(ids),
@@ -127,6 +137,9 @@ def main() -> None:
                   f"{verdict(r['streamed'], r['budget_warm'])}" if "budget" in r else
                   f"{r['llama_cpp']:9} (llama-cpp-python not installed)")
         print(f"{r['monotile']:9} {r['streamed']:9.0f} {r['whole']:7.0f}   {theirs}")
+    if a.compile:
+        print("generate --compile, peak MiB: " + ", ".join(
+            f"{r['monotile']} {r['compiled']:.0f}" for r in rows))
 
 
 if __name__ == "__main__":

@@ -164,7 +164,9 @@ class Run:
         converted one at a time (infer/convert.py); `weights` (load(dtype=...) gives it)
         reads each from the weights file just before. `compile` (text generation runs):
         the one-token decoding step is compiled (infer/generate.py compile_decoding: tens of
-        seconds here, then faster decoding), its float layers left plain for the compiler."""
+        seconds here, then faster decoding), its fp32 layers left plain for the compiler, its
+        int8, int4 and bf16 layers in native kernels (infer/native.py: x rounded to 8 bits
+        for the int8 and int4 products, as llama.cpp does) where a C++ compiler builds them."""
         from .infer import native as native_kernels
         from .infer.convert import convert, packing_wins
         _check_inference_dtype(dtype)

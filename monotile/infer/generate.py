@@ -171,12 +171,14 @@ def compile_decoding(model, prepack: bool = True) -> float:
     prefill stays as it is (a few large products, where the eager kernels are at their best).
 
     A step in eager PyTorch runs ~50 operators a layer, each paying the dispatcher and a cache
-    that the weights just streamed through; compiled, they are a few fused loops: SmolLM2
-    decodes 1.37x (fp32) to 1.91x (int4) faster on 2 threads (bench/real_models.py
-    --compile), for 20-50 s of compiling at each start (inductor keeps its work on disk, so
-    a later start compiles less) and the compiler's memory (~300 MB; where it packs float
-    weights, a second copy of them). Float layers must be plain nn.Linear (convert(pack=False)):
-    the compiler packs frozen weights itself, unless `prepack` is False."""
+    that the weights just streamed through; compiled, they are four fused loops, the
+    attention and four products a layer. Run.optimize_for_inference(compile=True) also puts
+    the int8, int4 and bf16 layers in native.py's kernels: SmolLM2 then decodes 1.4x (fp32)
+    to 3.2x (int4) faster than eager on 2 threads (bench/real_models.py --compile), for
+    15-25 s of compiling at each start (inductor keeps its work on disk, so a later start
+    compiles less) and the compiler's memory (~300 MB). Float layers must be plain nn.Linear
+    or native (convert(pack=False)): the compiler packs frozen weights itself, unless
+    `prepack` is False."""
     import time
     start = time.perf_counter()
     # (dynamo's checks on the modules stay: without them, two models of one class compiled in
