@@ -180,7 +180,8 @@ class Run:
         self._parameter_count = self.parameters()
         # a compiled step multiplies in our own kernels (infer/native.py, built for this CPU
         # with the compiler that torch.compile needs anyway), else in PyTorch's
-        native = compile and native_kernels.available()
+        on_cpu = all(p.device.type == "cpu" for p in self.model.parameters())
+        native = compile and on_cpu and native_kernels.available()
         convert(self.model, dtype, rows=rows, weights=weights, pack=not compile, native=native)
         if compile:
             from .infer.generate import compile_decoding

@@ -113,3 +113,15 @@ def test_a_missing_compiler_is_a_reason_not_a_crash(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["False", "no C++ compiler (no-such-compiler)"]
     assert not list(tmp_path.rglob("*.so"))
+
+
+def test_a_kernel_given_the_wrong_shapes_refuses_them():
+    # a one-line error, not a read past the end of a buffer
+    q, d, m = quantize_groups_int4(torch.randn(16, 96))
+    packed = native.pack_q4(q, d, m)
+    with pytest.raises(RuntimeError, match="q4_linear: shapes do not match"):
+        torch.ops.monotile.q4_linear(torch.randn(1, 64), packed, 16)
+    with pytest.raises(RuntimeError, match="q8_linear"):
+        torch.ops.monotile.q8_linear(torch.randn(1, 96), packed, torch.ones(16), 16)
+    with pytest.raises(RuntimeError, match="float_linear"):
+        torch.ops.monotile.float_linear(torch.randn(1, 96), torch.randn(2, 95, 8), 16)

@@ -87,23 +87,24 @@ def check_seed(seed: int | None) -> None:
         raise ConfigError(f"seed={seed!r} is invalid: give a whole number from 0 to 2**64 - 1")
 
 
+NAN_OUTPUT = ("the model's output is NaN: its weights hold NaN or inf (a diverged or damaged "
+              "checkpoint); load another checkpoint (--checkpoint best) or train again")
+
+
 def next_token(logits: torch.Tensor, seen: torch.Tensor, s: Sampling,
                generator: torch.Generator | None) -> torch.Tensor:
     """One token per row from logits (B, V) under the sampling rules; returns (B,) ids.
     Logits holding NaN (weights that are NaN: a diverged or damaged checkpoint) are refused,
     where argmax would quietly pick a token and multinomial fail with a riddle."""
-    nan = CheckpointError("the model's output is NaN: its weights hold NaN or inf (a "
-                          "diverged or damaged checkpoint); load another checkpoint "
-                          "(--checkpoint best) or train again")
     if s.temperature == 0 and s.repetition_penalty == 1.0:
         # one pass over the vocabulary: max propagates NaN, and its index is argmax's (the
         # first of equal values)
         top, token = logits.max(-1)
         if torch.isnan(top).any():
-            raise nan
+            raise CheckpointError(NAN_OUTPUT)
         return token
     if torch.isnan(logits).any():
-        raise nan
+        raise CheckpointError(NAN_OUTPUT)
     logits = apply_repetition_penalty(logits.float(), seen, s.repetition_penalty)
     if s.temperature == 0:
         return logits.argmax(-1)
@@ -174,18 +175,22 @@ def compile_decoding(model, prepack: bool = True) -> float:
     that the weights just streamed through; compiled, they are four fused loops, the
     attention and four products a layer. Run.optimize_for_inference(compile=True) also puts
     the int8, int4 and bf16 layers in native.py's kernels: SmolLM2 then decodes 1.4x (fp32)
-    to 3.2x (int4) faster than eager on 2 threads (bench/real_models.py --compile), for
+    to 3.0x (int4) faster than eager on 2 threads (bench/real_models.py --compile), for
     15-25 s of compiling at each start (inductor keeps its work on disk, so a later start
     compiles less) and the compiler's memory (~300 MB). Float layers must be plain nn.Linear
     or native (convert(pack=False)): the compiler packs frozen weights itself, unless
     `prepack` is False."""
     import time
     start = time.perf_counter()
-    # (dynamo's checks on the modules stay: without them, two models of one class compiled in
-    # one process would run whichever program was compiled last)
-    compiled = torch.compile(model.forward, dynamic=True)
+    # dynamo checks, before each call, that the model is as it was compiled: thousands of
+    # checks on its modules' attributes and hooks. The model is frozen for inference, so only
+    # its tensors' identities are kept: they tell its program from another model's (two
+    # models of one class in one process must not run each other's)
+    options = {"guard_filter_fn": _identity_guards} if _GUARD_FILTERS else None
+    compiled = torch.compile(model.forward, dynamic=True, options=options)
     # cpp_wrapper: the calls between kernels made in C++ too, not in a Python function (a
-    # step of SmolLM2 is ~270 calls; 5 % more tokens/s for ~20 s more compiling)
+    # step of SmolLM2 is ~270 calls: int4 decoded 156 tokens/s instead of 149 when measured,
+    # for a first compile of 43 s instead of 22)
     options = {"freezing": True, "cpp.weight_prepack": prepack, "cpp_wrapper": True}
 
     def step(*args, **kwargs):  # a later compile (another batch size) is made the same way
@@ -211,6 +216,15 @@ def compile_decoding(model, prepack: bool = True) -> float:
         model.train(was_training)
     model.decode_step = step
     return time.perf_counter() - start
+
+
+_GUARD_FILTERS = hasattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe")  # 2.8+
+
+
+def _identity_guards(entries) -> list[bool]:
+    """Of dynamo's guards, keep those not on the modules, and the modules' tensor ids."""
+    return [e.guard_type == "ID_MATCH" or not e.orig_guard.source.is_unspecialized_nn_module()
+            for e in entries]
 
 
 class TextPieces:

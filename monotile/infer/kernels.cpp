@@ -72,36 +72,7 @@ inline __m256i bcast(const uint8_t* p) { int32_t v; std::memcpy(&v, p, 4); retur
 // 8 rows of 4-bit weights against one quantized x: out[r] = sum_b d_rb dx_b (q_rb . qx_b) + m_rb sx_b
 void group_q4(const uint8_t* p, int64_t nb, const int8_t* qx, const float* dx, const float* sx,
               float* out) {
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-  // two 32-byte chunks a register: lanes 0-7 chunk c, 8-15 chunk c + 1, each against its
-  // own four bytes of x (one permute of the block's 32 bytes of x)
-  __m256 acc = _mm256_setzero_ps(), accm = _mm256_setzero_ps();
-  const __m512i low = _mm512_set1_epi8(0x0F);
-  const __m512i pick[4] = {
-      _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0),
-      _mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2),
-      _mm512_set_epi32(5, 5, 5, 5, 5, 5, 5, 5, 4, 4, 4, 4, 4, 4, 4, 4),
-      _mm512_set_epi32(7, 7, 7, 7, 7, 7, 7, 7, 6, 6, 6, 6, 6, 6, 6, 6)};
-  for (int64_t b = 0; b < nb; ++b, p += Q4_BYTES) {
-    _mm_prefetch((const char*)(p + PREFETCH), _MM_HINT_T0);
-    _mm_prefetch((const char*)(p + PREFETCH + 64), _MM_HINT_T0);
-    _mm_prefetch((const char*)(p + PREFETCH + 128), _MM_HINT_T0);
-    __m512i xb = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)(qx + b * G)));
-    __m512i isum = _mm512_setzero_si512();
-    for (int c = 0; c < 2; ++c) {
-      __m512i v = _mm512_loadu_si512((const void*)(p + 32 + 64 * c));
-      isum = _mm512_dpbusd_epi32(isum, _mm512_and_si512(v, low), _mm512_permutexvar_epi32(pick[c], xb));
-      isum = _mm512_dpbusd_epi32(isum, _mm512_and_si512(_mm512_srli_epi16(v, 4), low),
-                                 _mm512_permutexvar_epi32(pick[c + 2], xb));
-    }
-    __m256i folded = _mm256_add_epi32(_mm512_castsi512_si256(isum), _mm512_extracti64x4_epi64(isum, 1));
-    __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p));
-    __m256 m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p + 16)));
-    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(folded), _mm256_mul_ps(d, _mm256_set1_ps(dx[b])), acc);
-    accm = _mm256_fmadd_ps(m, _mm256_set1_ps(sx[b]), accm);
-  }
-  _mm256_storeu_ps(out, _mm256_add_ps(acc, accm));
-#elif defined(__AVX2__)
+#if defined(__AVX2__)
   __m256 acc = _mm256_setzero_ps(), accm = _mm256_setzero_ps();
   const __m256i low = _mm256_set1_epi8(0x0F);
   for (int64_t b = 0; b < nb; ++b, p += Q4_BYTES) {
@@ -222,6 +193,7 @@ void group_bf16(const uint16_t* p, int64_t K, const float* x, float* out) {
 struct Quantized { std::vector<int8_t> q; std::vector<uint8_t> a; std::vector<float> d, s; };
 
 Quantized quantize_rows_of(const at::Tensor& x, int64_t M, int64_t K) {
+  TORCH_CHECK(x.device().is_cpu(), "monotile's native kernels are for CPU tensors");
   at::Tensor xf = x.scalar_type() == at::kFloat ? x.contiguous() : x.to(at::kFloat).contiguous();
   Quantized out;
   out.q.resize(M * K); out.a.resize(M * K); out.d.resize(M * K / G); out.s.resize(M * K / G);
@@ -236,7 +208,8 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& w, int64_t N) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 3 && w.size(2) == Q4_BYTES && w.scalar_type() == at::kByte,
               "q4_linear: x (M, K) and w (N/8, K/32, 160) uint8");
   const int64_t M = x.size(0), K = x.size(1), groups = w.size(0), nb = w.size(1);
-  TORCH_CHECK(nb * G == K && groups * R >= N && w.is_contiguous(), "q4_linear: shapes do not match");
+  TORCH_CHECK(nb * G == K && groups * R >= N && w.is_contiguous() && w.device().is_cpu(),
+              "q4_linear: shapes do not match");
   Quantized xq = quantize_rows_of(x, M, K);
   at::Tensor out = at::empty({M, groups * R}, x.options().dtype(at::kFloat));
   const uint8_t* wp = w.data_ptr<uint8_t>();
@@ -255,7 +228,8 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   TORCH_CHECK(x.dim() == 2 && w.dim() == 3 && w.size(2) == R * G && w.scalar_type() == at::kChar,
               "q8_linear: x (M, K) and w (N/8, K/32, 256) int8");
   const int64_t M = x.size(0), K = x.size(1), groups = w.size(0), nb = w.size(1);
-  TORCH_CHECK(nb * G == K && groups * R >= N && w.is_contiguous() && scale.numel() == groups * R &&
+  TORCH_CHECK(nb * G == K && groups * R >= N && w.is_contiguous() && w.device().is_cpu() &&
+              scale.device().is_cpu() && scale.numel() == groups * R &&
               scale.scalar_type() == at::kFloat, "q8_linear: shapes do not match");
   Quantized xq = quantize_rows_of(x, M, K);
   at::Tensor out = at::empty({M, groups * R}, x.options().dtype(at::kFloat));
@@ -279,6 +253,7 @@ at::Tensor float_linear(const at::Tensor& x, const at::Tensor& w, int64_t N) {
               "float_linear: x (M, K) and w (N/8, K, 8) fp32 or (N/8, K/2, 8, 2) bf16");
   const int64_t M = x.size(0), K = x.size(1), groups = w.size(0);
   TORCH_CHECK(w.size(1) * (bf16 ? 2 : 1) == K && groups * R >= N, "float_linear: shapes do not match");
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "float_linear: CPU tensors only");
   at::Tensor xf = x.scalar_type() == at::kFloat ? x.contiguous() : x.to(at::kFloat).contiguous();
   at::Tensor out = at::empty({M, groups * R}, x.options().dtype(at::kFloat));
   const float* xp = xf.data_ptr<float>();
