@@ -94,7 +94,7 @@ def test_a_native_layer_is_the_layer_it_replaces(kind):
     else:
         layer = native.NativeLinear(w, bias, torch.bfloat16)
         exact = w.bfloat16().float()
-    assert torch.equal(layer.dequantized() if kind != "bfloat16" else layer.plain().float(),
+    assert torch.equal(layer.dequantized() if kind != "bfloat16" else layer.plain_weight().float(),
                        exact)
     for rows in (1, 3, GEMM_ROWS + 1):
         x = torch.randn(rows, 64)

@@ -160,8 +160,10 @@ def q8_rows(packed: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_q8(packed: torch.Tensor, n: int) -> torch.Tensor:
-    groups = packed.shape[0]
-    return q8_rows(packed, torch.arange(groups * ROWS, device=packed.device))[:n]
+    """pack_q8's inverse: Q (n, K) int8 (one strided copy, not a gather of every row)."""
+    groups, blocks, _ = packed.shape
+    return (packed.view(groups, blocks, 8, ROWS, 4).permute(0, 3, 1, 2, 4)
+            .reshape(groups * ROWS, blocks * GROUP)[:n])
 
 
 def pack_float(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -186,69 +188,72 @@ def _pad_rows(t: torch.Tensor) -> torch.Tensor:
     return t if not extra else torch.cat([t, t.new_zeros(extra, *t.shape[1:])])
 
 
-class NativeInt4Linear(nn.Module):
-    """y = x W^T + b, W ~ d Q + m in 4-bit blocks of 32 (Q4_1), in pack_q4's layout: a few rows
-    of x through q4_linear; a prompt's many rows (quantize.GEMM_ROWS) through W dequantized to
-    bf16 and one GEMM."""
+class _NativeLayer(nn.Module):
+    """y = x W^T + b with W held in one of the kernels' layouts: a few rows of x through the
+    layout's kernel (`product`), a prompt's many rows (quantize.GEMM_ROWS) through W as a
+    plain (N, K) matrix again (`plain_weight`) and one GEMM."""
+
+    def __init__(self, out_features: int, in_features: int, bias: torch.Tensor | None,
+                 bias_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.out_features, self.in_features = out_features, in_features
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(bias_dtype).clone(),
+                                                            requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .quantize import GEMM_ROWS
+        flat = x.reshape(-1, self.in_features)
+        if flat.shape[0] >= GEMM_ROWS:
+            w = self.plain_weight()
+            y = F.linear(flat.to(w.dtype), w)
+        else:
+            y = self.product(flat)
+        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, packed={tuple(self.packed.shape)}, native")
+
+
+class NativeInt4Linear(_NativeLayer):
+    """W ~ d Q + m in 4-bit blocks of 32 (Q4_1), in pack_q4's layout; q4_linear."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         from .quantize import quantize_groups_int4
-        super().__init__()
-        self.out_features, self.in_features = weight.shape
-        q, d, m = quantize_groups_int4(weight)
-        self.register_buffer("packed", pack_q4(q, d, m))
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(),
-                                                            requires_grad=False)
+        super().__init__(*weight.shape, bias)
+        self.register_buffer("packed", pack_q4(*quantize_groups_int4(weight)))
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         q, d, m = unpack_q4(self.packed, self.out_features)
         w = q.view(self.out_features, -1, GROUP).to(dtype)
         return (w * d[..., None].to(dtype) + m[..., None].to(dtype)).view(self.out_features, -1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .quantize import GEMM_ROWS
-        flat = x.reshape(-1, self.in_features)
-        if flat.shape[0] >= GEMM_ROWS:
-            y = F.linear(flat.to(torch.bfloat16), self.dequantized(torch.bfloat16))
-        else:
-            y = torch.ops.monotile.q4_linear(flat, self.packed, self.out_features)
-        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+    def plain_weight(self) -> torch.Tensor:
+        return self.dequantized(torch.bfloat16)
 
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, group={GROUP}, native")
+    def product(self, flat: torch.Tensor) -> torch.Tensor:
+        return torch.ops.monotile.q4_linear(flat, self.packed, self.out_features)
 
 
-class NativeInt8Linear(nn.Module):
-    """y = (x Q^T) s + b with Q int8 in pack_q8's layout and s per output row (padded)."""
+class NativeInt8Linear(_NativeLayer):
+    """W ~ s Q with Q int8 in pack_q8's layout and s per output row (padded); q8_linear."""
 
     def __init__(self, packed: torch.Tensor, scale: torch.Tensor, out_features: int,
                  bias: torch.Tensor | None):
-        super().__init__()
-        self.out_features, self.in_features = out_features, packed.shape[1] * GROUP
+        super().__init__(out_features, packed.shape[1] * GROUP, bias)
         self.register_buffer("packed", packed)
         self.register_buffer("scale", _pad_rows(scale.float()).contiguous())
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(),
-                                                            requires_grad=False)
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         q = unpack_q8(self.packed, self.out_features)
         return q.to(dtype) * self.scale[:self.out_features, None].to(dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .quantize import GEMM_ROWS
-        flat = x.reshape(-1, self.in_features)
-        if flat.shape[0] >= GEMM_ROWS:
-            y = F.linear(flat.to(torch.bfloat16), self.dequantized(torch.bfloat16))
-        else:
-            y = torch.ops.monotile.q8_linear(flat, self.packed, self.scale, self.out_features)
-        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+    def plain_weight(self) -> torch.Tensor:
+        return self.dequantized(torch.bfloat16)
 
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, native")
+    def product(self, flat: torch.Tensor) -> torch.Tensor:
+        return torch.ops.monotile.q8_linear(flat, self.packed, self.scale, self.out_features)
 
 
 class NativeInt8Embedding(nn.Module):
@@ -264,19 +269,15 @@ class NativeInt8Embedding(nn.Module):
         return q8_rows(self.packed, idx).float() * self.scale[idx][..., None]
 
 
-class NativeLinear(nn.Module):
-    """y = x W^T + b with W (fp32 or bf16) in pack_float's layout: a few rows of x through
-    float_linear (fp32 sums, x in fp32); a prompt's many rows through W laid out as a plain
-    (N, K) again, in a workspace, and one GEMM."""
+class NativeLinear(_NativeLayer):
+    """W (fp32 or bf16) in pack_float's layout; float_linear (fp32 sums, x in fp32)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
-        super().__init__()
-        self.out_features, self.in_features = weight.shape
+        super().__init__(*weight.shape, bias, dtype)
         self.register_buffer("packed", pack_float(weight, dtype))
-        self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype).clone(),
-                                                            requires_grad=False)
 
-    def plain(self) -> torch.Tensor:
+    def plain_weight(self) -> torch.Tensor:
+        """W as (N, K) again, written into this thread's workspace of its shape."""
         from .quantize import workspace
         groups, K = self.packed.shape[0], self.in_features
         w = workspace((groups * ROWS, K), self.packed.dtype, self.packed.device)
@@ -286,19 +287,8 @@ class NativeLinear(nn.Module):
             w.view(groups, ROWS, K).copy_(self.packed.transpose(1, 2))
         return w[:self.out_features]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .quantize import GEMM_ROWS
-        flat = x.reshape(-1, self.in_features)
-        if flat.shape[0] >= GEMM_ROWS:
-            y = F.linear(flat.to(self.packed.dtype), self.plain())
-        else:
-            y = torch.ops.monotile.float_linear(flat, self.packed, self.out_features)
-        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, dtype={self.packed.dtype}, native")
+    def product(self, flat: torch.Tensor) -> torch.Tensor:
+        return torch.ops.monotile.float_linear(flat, self.packed, self.out_features)
 
 
 class NativeEmbedding(nn.Module):
