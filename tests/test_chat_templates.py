@@ -150,7 +150,8 @@ def llama_folder(folder: Path, template: str) -> Path:
                                    num_hidden_layers=2, num_attention_heads=4,
                                    num_key_value_heads=2, max_position_embeddings=128,
                                    bos_token_id=1, eos_token_id=2)
-    model = transformers.LlamaForCausalLM(cfg)
+    torch.manual_seed(0)  # random weights, the same each run: some draws greedily repeat one
+    model = transformers.LlamaForCausalLM(cfg)  # token, leaving the end-id check no new token
     model.generation_config.eos_token_id = [2, 5]
     model.save_pretrained(folder)
     hf_tok.save_pretrained(folder)
