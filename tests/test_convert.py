@@ -36,11 +36,13 @@ def test_a_run_loaded_layer_by_layer_equals_one_loaded_whole_then_converted(tiny
         assert torch.equal(streamed.model(ids), whole.model(ids))
     assert streamed.parameters() == monotile.load(tiny_run.dir).parameters()
     assert not streamed.model.training
-    table = streamed.model.tok_emb
-    if dtype == "int8":  # the tied head and the embedding share one Q and s
+    table, head = streamed.model.tok_emb, streamed.model.head
+    if dtype in ("int8", "int4"):  # the tied head and the embedding share one Q and s
         assert isinstance(table, Int8Embedding)
-        assert table.weight_int8 is streamed.model.head.weight_int8
-    else:  # left in the file's pages, looked up in the model's dtype
+        assert table.weight_int8 is head.weight_int8
+    elif dtype == "bfloat16" and type(head) is nn.Linear:  # the head's bf16 W, its rows
+        assert type(table) is nn.Embedding and table.weight is head.weight
+    else:  # left in the file's pages (fp32, or a head packed for oneDNN), in the model's dtype
         assert isinstance(table, MappedEmbedding)
         assert table.dtype == (torch.bfloat16 if dtype == "bfloat16" else torch.float32)
     if dtype == "int4":

@@ -91,6 +91,9 @@ def test_int4_rounds_each_group_of_32_to_16_steps_from_its_minimum():
     torch.testing.assert_close(d, (groups.amax(-1) - groups.amin(-1)) / 15)
     back = q.view(16, 3, 32).float() * d[..., None] + m[..., None]
     assert ((back - groups).abs() <= d[..., None] / 2 + 1e-5).all()
+    # a few rows at a time (the temporaries small), the same Q, d and m
+    for a, b in zip(quantize_groups_int4(w, chunk=5), (q, d, m)):
+        assert torch.equal(a, b)
 
 
 def test_int4_layers_compute_with_the_rounded_weights_and_keep_q4_1_values():
@@ -134,6 +137,7 @@ def test_a_prompts_rows_multiply_the_same_weights_as_one_row_does():
                                        atol=0.02, rtol=0.02)
     packed = Int4Linear(nn.Linear(64, 128))
     assert packed.unpacks  # the layout read back equals Q (else the kernel does all)
+    assert Int4Linear(nn.Linear(64, 640)).unpacks  # checked 512 rows at a time
     assert not Int4Linear(nn.Linear(64, 80)).unpacks  # 80 rows: not whole blocks of 64
 
 

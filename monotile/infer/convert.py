@@ -4,15 +4,18 @@ monotile.load(RUN, dtype=...), which reads the weights file as it goes):
     float32   W as trained, laid out for oneDNN where that measures faster (packed.py)
     bfloat16  W rounded to bf16 (the norms too), laid out likewise
     int8      every Linear and Embedding W ~ s Q, one scale per output (quantize.py)
-    int4      every Linear whose inputs come in groups of 32 W ~ d Q + m; the head 8 bits
+    int4      every Linear whose inputs come in groups of 32 W ~ d Q + m; the head and the
+              embeddings 8 bits, as int8's (llama.cpp's Q4 files keep token_embd in Q8_0)
 
 With the weights file (train/checkpoint.py's WeightReader) each layer's float weight is read
 just before the layer is converted and let go right after, so the float model is never whole
 in memory: a process decoding in int4 holds the 4-bit weights, not the fp32 ones first, as
-llama.cpp holds what its file maps. An embedding left in float keeps the file's own pages
-(MappedEmbedding): a token's lookup makes its row resident, not the whole table. A head tied
-to an embedding is converted first, while little else is resident, from the file's pages a
-thousand rows at a time, each let go once converted.
+llama.cpp holds what its file maps. A head tied to an embedding is converted first, while
+little else is resident, from the file's pages a thousand rows at a time, each let go once
+converted; the embedding then looks its rows up in the head's converted weight (bf16, int8
+or int4's 8 bits), no second copy. An embedding left in float otherwise keeps the file's own
+pages (MappedEmbedding): a token's lookup makes its row resident (and the system's
+fault-around the ~64 KB about it), not the whole table at once.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ from . import native as native_kernels
 from .native import (NativeEmbedding, NativeInt4Linear, NativeInt8Embedding,
                      NativeInt8Linear, NativeLinear)
 from .packed import PackedLinear, layout, packing_available, rows_of
-from .quantize import INT4_GROUP, Int4Linear, Int8Embedding, Int8Linear, quantize_rows
+from .quantize import (INT4_GROUP, Int4Linear, Int8Embedding, Int8Linear,
+                       quantize_groups_int4, quantize_rows)
 
 # rows of a weight quantized at once from the file's pages (a 49,152-row head: 48 pieces of
 # 2.4 MB in fp32, each let go before the next is read)
@@ -135,14 +139,18 @@ def _stays_float(module: nn.Module, name: str, dtype: str) -> bool:
 
 def _convert(module, name, dtype, float_dtype, rows, hints, weights, shared,
              native=False) -> nn.Module:
+    key = _key(module.weight)
     source, release = _source(module, weights)
-    if isinstance(module, nn.Embedding):
-        twin = shared.get(_key(module.weight)) if native else None  # a tied head, native
-        if dtype == "int8" and isinstance(twin, NativeInt8Linear):
+    if isinstance(module, nn.Embedding):  # a tied head's form, converted first, is shared
+        twin = shared.get(key)
+        if isinstance(twin, NativeInt8Linear):
             return NativeInt8Embedding(twin)
         if isinstance(twin, NativeLinear):
             return NativeEmbedding(twin, float_dtype)
-        if dtype == "int8":
+        if type(twin) is nn.Linear:  # a plain bf16 head: its rows are the table in bf16
+            module.weight = twin.weight
+            return module
+        if dtype in ("int8", "int4"):  # int4 too: 8 bits, as llama.cpp's Q4 files keep it
             with torch.device("meta"):  # its buffers come from _int8: none allocated here
                 new = Int8Embedding(*source.shape)
             return _int8(module, source, release, shared, new)
@@ -150,7 +158,7 @@ def _convert(module, name, dtype, float_dtype, rows, hints, weights, shared,
             return MappedEmbedding(source, float_dtype)
         return module
     if dtype == "int8" or (dtype == "int4" and name in EIGHT_BITS):
-        twin = shared.get(_key(module.weight))
+        twin = shared.get(key)
         if isinstance(twin, NativeInt8Linear):  # a second layer on one weight
             return NativeInt8Linear(twin.packed, twin.scale, twin.out_features, module.bias)
         with torch.device("meta"):
@@ -159,17 +167,16 @@ def _convert(module, name, dtype, float_dtype, rows, hints, weights, shared,
         if native and module.in_features % native_kernels.GROUP == 0:
             new = NativeInt8Linear(native_kernels.pack_q8(new.weight_int8), new.scale,
                                    module.out_features, new.bias)
-            shared[_key(module.weight)] = new
+            shared[key] = new
         return new
     if dtype == "int4" and type(module) is nn.Linear and module.in_features % INT4_GROUP == 0:
         if native:
             new = NativeInt4Linear(source, module.bias)
             release(source)
             return new
-        module.weight = nn.Parameter(source, requires_grad=False)
-        new = Int4Linear(module)
-        release(source)
-        return new
+        groups = quantize_groups_int4(source)
+        release(source)  # before packing: the float pages and Q are not resident together
+        return Int4Linear(module, groups)
     if not _stays_float(module, name, dtype):  # left as it is (a LoRA layer, say)
         if source is not module.weight:
             module.weight = nn.Parameter(source, requires_grad=False)
@@ -178,7 +185,7 @@ def _convert(module, name, dtype, float_dtype, rows, hints, weights, shared,
     if native and float_dtype == torch.bfloat16 and module.in_features % 2 == 0:
         new = NativeLinear(source, module.bias, float_dtype)
         release(source)
-        shared[_key(module.weight)] = new
+        shared[key] = new
         return new
     hint = hints.get((module.in_features, module.out_features, rows_of(name, rows)), 0)
     if hint:
@@ -188,6 +195,7 @@ def _convert(module, name, dtype, float_dtype, rows, hints, weights, shared,
     if source.dtype != float_dtype:  # plain, cast here (a bf16 copy; the float pages let go)
         weight = source.to(float_dtype)
         release(source)
+        shared[key] = module  # a tied embedding looks its rows up here, not in the file
     elif source is not module.weight:  # plain, in the file's pages (copy on write)
         weight = source
     else:

@@ -172,16 +172,24 @@ def weight_bytes(model: nn.Module) -> int:
 INT4_GROUP = 32
 
 
-def quantize_groups_int4(w: torch.Tensor, group: int = INT4_GROUP
+def quantize_groups_int4(w: torch.Tensor, group: int = INT4_GROUP, chunk: int = 256
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Asymmetric 4-bit in groups of `group` along each row: (Q int32 (N, K) in [0, 15],
-    d (N, K / group), m (N, K / group)) with W ~ d Q + m, m the group's minimum."""
+    d (N, K / group), m (N, K / group)) with W ~ d Q + m, m the group's minimum, Q =
+    round((W - m) / d), d = (max - m) / 15. `chunk` rows at a time: the temporaries are a
+    few hundred KB, not several copies of W (a load converting layer by layer peaked ~20 MB
+    higher with them)."""
     N, K = w.shape
-    g = w.detach().float().reshape(N, K // group, group)
-    low, high = g.amin(-1), g.amax(-1)
-    d = ((high - low) / 15).clamp_min(1e-12)
-    q = torch.round((g - low[..., None]) / d[..., None]).clamp_(0, 15).to(torch.int32)
-    return q.reshape(N, K), d, low
+    q = torch.empty(N, K, dtype=torch.int32, device=w.device)
+    d = torch.empty(N, K // group, device=w.device)
+    low = torch.empty(N, K // group, device=w.device)
+    for start in range(0, N, chunk):
+        rows = slice(start, start + chunk)
+        g = w[rows].detach().float().reshape(-1, K // group, group)
+        torch.amin(g, -1, out=low[rows])
+        d[rows] = ((g.amax(-1) - low[rows]) / 15).clamp_min_(1e-12)
+        q[rows] = ((g - low[rows, :, None]) / d[rows, :, None]).round_().clamp_(0, 15).view(-1, K)
+    return q, d, low
 
 
 def _int4_kernel_fits(device: torch.device, in_features: int, out_features: int) -> bool:
@@ -210,26 +218,39 @@ class Int4Linear(nn.Module):
     buffers weight_int4 (Q as it packs it, two to a byte) and scales_and_zeros (bf16), 5 bits
     a weight as Q4_1's; elsewhere Q (int8) with d and m (fp32), multiplied as W."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, groups: tuple[torch.Tensor, ...] | None = None):
+        """`groups`: quantize_groups_int4(linear.weight), where the caller has it (and has let
+        the float weight go: infer/convert.py)."""
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         if self.in_features % INT4_GROUP:
             raise ValueError(f"int4 needs inputs in groups of {INT4_GROUP}; this layer has "
                              f"{self.in_features}")
-        q, d, m = quantize_groups_int4(linear.weight)
+        q, d, m = groups if groups is not None else quantize_groups_int4(linear.weight)
         self.fits = _int4_kernel_fits(linear.weight.device, self.in_features, self.out_features)
         if self.fits:
             self.register_buffer("weight_int4",
                                  torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
             self.register_buffer("scales_and_zeros", torch.stack(
                 [d.t(), (m + 8 * d).t()], -1).contiguous().to(torch.bfloat16))
-            unpacked = _unpack_int4(self.weight_int4, self.out_features, self.in_features)
-            self.unpacks = unpacked is not None and torch.equal(unpacked, q.to(torch.uint8))
+            self.unpacks = self._unpacks_to(q)
         else:
             self.register_buffer("weight_int4", q.to(torch.int8))
             self.register_buffer("d", d)
             self.register_buffer("m", m)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone())
+
+    def _unpacks_to(self, q: torch.Tensor, rows: int = 512) -> bool:
+        """Whether _unpack_int4 reads Q back from this build's packing, `rows` rows at a time
+        (blocks of 64: the check's temporaries stay small)."""
+        N, K = self.out_features, self.in_features
+        if N % 64:
+            return False
+        blocks = self.weight_int4.view(N // 64, -1)
+        return all(torch.equal(_unpack_int4(blocks[start // 64:(start + rows) // 64],
+                                            min(rows, N - start), K),
+                               q[start:start + rows].to(torch.uint8))
+                   for start in range(0, N, rows))
 
     def dequantized(self) -> torch.Tensor:
         """The W (out, in) the product uses, in fp32: where the kernel fits, its own product
@@ -242,15 +263,23 @@ class Int4Linear(nn.Module):
         return (q * self.d[..., None] + self.m[..., None]).reshape(self.out_features, -1)
 
     def bf16_weight(self) -> torch.Tensor:
-        """W ~ (Q - 8) scale + zero in bf16 (N, K), from the kernel's packing, written into
-        this thread's workspace of its shape: valid until the next call."""
-        q = _unpack_int4(self.weight_int4, self.out_features, self.in_features)
+        """W ~ (Q - 8) scale + zero in bf16 (N, K), from the kernel's packing (_unpack_int4's
+        layout), written into this thread's workspaces of its shape: valid until the next
+        call. No other tensor is made: a prompt's 120 layers unpacking through new tensors
+        allocated ~300 MB in all, and the allocator kept ~20 MB of it resident."""
+        N, K = self.out_features, self.in_features
+        packed = self.weight_int4.view(N // 64, K, 32)  # byte i: row i low, row 32 + i high
+        nibbles = workspace(packed.shape, torch.uint8, packed.device)
+        w = workspace((N, K), torch.bfloat16, packed.device)
+        rows = w.view(N // 64, 2, 32, K)  # (block, low/high, row, k)
+        torch.bitwise_and(packed, 0xF, out=nibbles)
+        rows[:, 0].copy_(nibbles.transpose(1, 2))
+        torch.bitwise_right_shift(packed, 4, out=nibbles)
+        rows[:, 1].copy_(nibbles.transpose(1, 2))
         sz = self.scales_and_zeros  # (K / G, N, 2)
-        w = workspace((self.out_features, self.in_features // INT4_GROUP, INT4_GROUP),
-                      torch.bfloat16, q.device)
-        w.copy_(q.view(w.shape)).sub_(8)
-        w.mul_(sz[..., 0].t()[..., None]).add_(sz[..., 1].t()[..., None])
-        return w.view(self.out_features, self.in_features)
+        groups = w.view(N, K // INT4_GROUP, INT4_GROUP)
+        groups.sub_(8).mul_(sz[..., 0].t()[..., None]).add_(sz[..., 1].t()[..., None])
+        return w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fits and self.unpacks and _rows(x, self.in_features) >= GEMM_ROWS:
