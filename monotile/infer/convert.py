@@ -72,7 +72,7 @@ def convert(model: nn.Module, dtype: str, rows: int | Mapping[str, int] = 1,
     float_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
     plan = _plan(model)
     hints = _layouts(plan, dtype, rows) if pack else {}
-    shared: dict[tuple, nn.Module] = {}  # a float weight -> its int8 form (tied layers)
+    shared: dict[tuple, nn.Module] = {}  # a float weight -> its converted layer (tied)
     with torch.no_grad():
         while plan:
             parent, child_name, name, module = plan.pop(0)
@@ -170,12 +170,10 @@ def _convert(module, name, dtype, float_dtype, rows, hints, weights, shared,
             shared[key] = new
         return new
     if dtype == "int4" and type(module) is nn.Linear and module.in_features % INT4_GROUP == 0:
-        if native:
-            new = NativeInt4Linear(source, module.bias)
-            release(source)
-            return new
         groups = quantize_groups_int4(source)
         release(source)  # before packing: the float pages and Q are not resident together
+        if native:
+            return NativeInt4Linear(source, module.bias, groups)
         return Int4Linear(module, groups)
     if not _stays_float(module, name, dtype):  # left as it is (a LoRA layer, say)
         if source is not module.weight:

@@ -219,10 +219,14 @@ class _NativeLayer(nn.Module):
 class NativeInt4Linear(_NativeLayer):
     """W ~ d Q + m in 4-bit blocks of 32 (Q4_1), in pack_q4's layout; q4_linear."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None,
+                 groups: tuple[torch.Tensor, ...] | None = None):
+        """`groups`: quantize_groups_int4(weight), where the caller has it (`weight` then gives
+        only its shape: infer/convert.py lets its pages go first)."""
         from .quantize import quantize_groups_int4
         super().__init__(*weight.shape, bias)
-        self.register_buffer("packed", pack_q4(*quantize_groups_int4(weight)))
+        self.register_buffer("packed", pack_q4(*(groups if groups is not None
+                                                  else quantize_groups_int4(weight))))
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         q, d, m = unpack_q4(self.packed, self.out_features)

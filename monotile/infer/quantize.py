@@ -199,18 +199,29 @@ def _int4_kernel_fits(device: torch.device, in_features: int, out_features: int)
             and in_features % INT4_GROUP == 0 and out_features % 16 == 0)
 
 
-def _unpack_int4(packed: torch.Tensor, out_features: int, in_features: int
-                 ) -> torch.Tensor | None:
-    """Q (uint8 (N, K), values 0-15) from the CPU kernel's packing, for N a multiple of 64:
-    blocks of 64 rows, each stored k by k as 32 bytes, byte i holding row i in its low four
-    bits and row 32 + i in its high four (read off PyTorch 2.13's packing on an AVX-512 CPU;
-    other builds may pack otherwise, so Int4Linear checks it against Q when it packs, and
-    where it differs does without it). None for other N."""
+def _unpack_int4(packed: torch.Tensor, out_features: int, in_features: int,
+                 out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Q (N, K), values 0-15, from the CPU kernel's packing, for N a multiple of 64: blocks
+    of 64 rows, each stored k by k as 32 bytes, byte i holding row i in its low four bits and
+    row 32 + i in its high four (read off PyTorch 2.13's packing on an AVX-512 CPU; other
+    builds may pack otherwise, so Int4Linear checks it against Q when it packs, and where it
+    differs does without it). Written into `out` (N, K) of any dtype where given (a prompt's
+    bf16 W: no other tensor made but this thread's nibble workspace), else a new uint8
+    tensor. None for other N."""
     if out_features % 64:
         return None
     p = packed.view(out_features // 64, in_features, 32)
-    q = torch.cat([p & 0xF, p >> 4], dim=2)  # (blocks, K, 64 rows)
-    return q.permute(0, 2, 1).reshape(out_features, in_features)
+    if out is None:
+        out = torch.empty(out_features, in_features, dtype=torch.uint8, device=p.device)
+        nibbles = torch.empty_like(p)
+    else:
+        nibbles = workspace(p.shape, torch.uint8, p.device)
+    rows = out.view(out_features // 64, 2, 32, in_features)  # (block, low/high, row, k)
+    torch.bitwise_and(p, 0xF, out=nibbles)
+    rows[:, 0].copy_(nibbles.transpose(1, 2))
+    torch.bitwise_right_shift(p, 4, out=nibbles)
+    rows[:, 1].copy_(nibbles.transpose(1, 2))
+    return out
 
 
 class Int4Linear(nn.Module):
@@ -263,19 +274,13 @@ class Int4Linear(nn.Module):
         return (q * self.d[..., None] + self.m[..., None]).reshape(self.out_features, -1)
 
     def bf16_weight(self) -> torch.Tensor:
-        """W ~ (Q - 8) scale + zero in bf16 (N, K), from the kernel's packing (_unpack_int4's
-        layout), written into this thread's workspaces of its shape: valid until the next
-        call. No other tensor is made: a prompt's 120 layers unpacking through new tensors
-        allocated ~300 MB in all, and the allocator kept ~20 MB of it resident."""
+        """W ~ (Q - 8) scale + zero in bf16 (N, K), from the kernel's packing, written into
+        this thread's workspaces of its shape: valid until the next call. No other tensor is
+        made: a prompt's 120 layers unpacking through new tensors allocated ~300 MB in all,
+        and the allocator kept ~20 MB of it resident."""
         N, K = self.out_features, self.in_features
-        packed = self.weight_int4.view(N // 64, K, 32)  # byte i: row i low, row 32 + i high
-        nibbles = workspace(packed.shape, torch.uint8, packed.device)
-        w = workspace((N, K), torch.bfloat16, packed.device)
-        rows = w.view(N // 64, 2, 32, K)  # (block, low/high, row, k)
-        torch.bitwise_and(packed, 0xF, out=nibbles)
-        rows[:, 0].copy_(nibbles.transpose(1, 2))
-        torch.bitwise_right_shift(packed, 4, out=nibbles)
-        rows[:, 1].copy_(nibbles.transpose(1, 2))
+        w = _unpack_int4(self.weight_int4, N, K,
+                         out=workspace((N, K), torch.bfloat16, self.weight_int4.device))
         sz = self.scales_and_zeros  # (K / G, N, 2)
         groups = w.view(N, K // INT4_GROUP, INT4_GROUP)
         groups.sub_(8).mul_(sz[..., 0].t()[..., None]).add_(sz[..., 1].t()[..., None])
