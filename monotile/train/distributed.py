@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import time
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
@@ -97,8 +98,13 @@ def barrier() -> None:
 
 
 def shutdown() -> None:
+    """Leave the process group. gloo's worker threads drop a finished collective's tensors just
+    after waking the caller, and need the GIL to do it; a process that reaches interpreter
+    shutdown first kills such a thread inside a C++ destructor ("terminate called without an
+    active exception", SIGABRT, pytorch#179291). A moment without the GIL lets them finish."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+        time.sleep(0.05)
 
 
 def broadcast(obj):
