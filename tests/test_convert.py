@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 import monotile
@@ -40,9 +41,9 @@ def test_a_run_loaded_layer_by_layer_equals_one_loaded_whole_then_converted(tiny
     if dtype in ("int8", "int4"):  # the tied head and the embedding share one Q and s
         assert isinstance(table, Int8Embedding)
         assert table.weight_int8 is head.weight_int8
-    elif dtype == "bfloat16" and type(head) is nn.Linear:  # the head's bf16 W, its rows
+    elif type(head) is nn.Linear:  # the plain head's W (bf16, or fp32 in the file's pages)
         assert type(table) is nn.Embedding and table.weight is head.weight
-    else:  # left in the file's pages (fp32, or a head packed for oneDNN), in the model's dtype
+    else:  # a head packed for oneDNN: the table left in the file's pages, in the model's dtype
         assert isinstance(table, MappedEmbedding)
         assert table.dtype == (torch.bfloat16 if dtype == "bfloat16" else torch.float32)
     if dtype == "int4":
@@ -54,14 +55,36 @@ def test_a_run_loaded_layer_by_layer_equals_one_loaded_whole_then_converted(tiny
     assert digest(weights) == before  # the mapped pages are copy-on-write: the file is read only
 
 
-def test_a_mapped_embedding_reads_the_file_and_saves_as_an_embedding(tiny_run):
-    run = monotile.load(tiny_run.dir, dtype="float32")
-    table = run.model.tok_emb
-    plain = monotile.load(tiny_run.dir).model.tok_emb.weight
-    assert torch.equal(table.table, plain)
-    ids = torch.tensor([[0, 3, plain.size(0) - 1]])
-    assert torch.equal(table(ids), nn.functional.embedding(ids, plain))
-    assert torch.equal(run.model.state_dict()["tok_emb.weight"], plain)
+def resident_kb(path) -> int:
+    """This process's resident KB of the mappings of file `path` (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        head = line.split()
+        if "-" in head[0] and ":" not in head[0]:  # a mapping's first line
+            inside = head[-1] == str(path)
+        elif inside and head[0] == "Rss:":
+            total += int(head[1])
+    return total
+
+
+@pytest.mark.parametrize("release", [False, True])
+def test_a_mapped_embedding_reads_the_file_and_lets_each_lookups_pages_go(tmp_path, release):
+    # a 4 MB table of an untied embedding: 200 lookups spread over it fault ~64 KB each in
+    # (the row, and the system's fault-around); released, what they made resident is let go
+    torch.manual_seed(0)
+    model = nn.Embedding(4096, 256)
+    path = tmp_path / "model.safetensors"
+    save_file({"weight": model.weight.detach()}, path)
+    with WeightReader(model, path) as reader:
+        mapped = reader.mapped(model.weight)
+        table = MappedEmbedding(mapped, torch.float32, reader.release if release else None)
+        reader.release(mapped)
+        ids = torch.randperm(4096)[:200].view(4, 50)
+        assert torch.equal(table(ids), nn.functional.embedding(ids, model.weight))
+        kb = resident_kb(path)
+        assert kb <= 8 if release else kb >= 200 * 4, kb
+        assert torch.equal(table(ids), nn.functional.embedding(ids, model.weight))  # re-read
+    assert torch.equal(nn.Module.state_dict(table)["weight"], model.weight)
 
 
 def test_int8_rows_quantized_in_pieces_equal_the_whole_matrix(tiny_run, monkeypatch):

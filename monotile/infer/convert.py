@@ -13,9 +13,9 @@ in memory: a process decoding in int4 holds the 4-bit weights, not the fp32 ones
 llama.cpp holds what its file maps. A head tied to an embedding is converted first, while
 little else is resident, from the file's pages a thousand rows at a time, each let go once
 converted; the embedding then looks its rows up in the head's converted weight (bf16, int8
-or int4's 8 bits), no second copy. An embedding left in float otherwise keeps the file's own
-pages (MappedEmbedding): a token's lookup makes its row resident (and the system's
-fault-around the ~64 KB about it), not the whole table at once.
+or int4's 8 bits; fp32's in the file's pages), no second copy. An embedding left in float
+otherwise keeps the file's own pages (MappedEmbedding), and lets go what each lookup made
+resident (its row, and what the system maps about it).
 """
 
 from __future__ import annotations
@@ -43,15 +43,23 @@ EIGHT_BITS = ("head",)  # int4 keeps these at 8 bits (llama.cpp's Q4 files keep 
 
 class MappedEmbedding(nn.Module):
     """E[i] looked up in a table that stays in the weights file's pages (mapped copy-on-write,
-    never written), cast to `dtype`: for inference, where a token reads one row of it."""
+    never written), cast to `dtype`: for inference, where a token reads one row of it. With
+    `release` (WeightReader.release) the pages a lookup made resident are let go after it:
+    the row's and those the system mapped about it (its fault-around, 64 KB, or a whole
+    large folio of the page cache, ~1 MB), which a long generation would otherwise keep
+    (20 MB in 128 tokens of SmolLM2's)."""
 
-    def __init__(self, table: torch.Tensor, dtype: torch.dtype):
+    def __init__(self, table: torch.Tensor, dtype: torch.dtype,
+                 release: Callable[[torch.Tensor], None] | None = None):
         super().__init__()
-        self.table, self.dtype = table, dtype
+        self.table, self.dtype, self.release = table, dtype, release
         self.num_embeddings, self.embedding_dim = table.shape
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return F.embedding(idx, self.table).to(self.dtype)
+        out = F.embedding(idx, self.table).to(self.dtype)
+        if self.release is not None and not torch.compiler.is_compiling():
+            self.release(self.table)  # the system's work is the pages mapped, not the size
+        return out
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         destination[prefix + "weight"] = self.table.to(self.dtype)
@@ -83,6 +91,8 @@ def convert(model: nn.Module, dtype: str, rows: int | Mapping[str, int] = 1,
                 release_free_memory()  # the allocator keeps them, and memory grows as it goes
         if weights is not None:
             weights.read_rest()
+            if not any(weights.lends(t) for t in [*model.parameters(), *model.buffers()]):
+                weights.release_all()  # pages mapped about the reads (a mapped table's too)
         if dtype == "bfloat16":
             model.to(torch.bfloat16)
     model.eval()
@@ -147,15 +157,15 @@ def _convert(module, name, dtype, float_dtype, rows, hints, weights, shared,
             return NativeInt8Embedding(twin)
         if isinstance(twin, NativeLinear):
             return NativeEmbedding(twin, float_dtype)
-        if type(twin) is nn.Linear:  # a plain bf16 head: its rows are the table in bf16
+        if type(twin) is nn.Linear:  # a plain head (bf16, or fp32 in the file's pages)
             module.weight = twin.weight
             return module
         if dtype in ("int8", "int4"):  # int4 too: 8 bits, as llama.cpp's Q4 files keep it
             with torch.device("meta"):  # its buffers come from _int8: none allocated here
                 new = Int8Embedding(*source.shape)
             return _int8(module, source, release, shared, new)
-        if source is not module.weight:  # left in the file's pages
-            return MappedEmbedding(source, float_dtype)
+        if source is not module.weight:  # left in the file's pages, each lookup's let go
+            return MappedEmbedding(source, float_dtype, release)
         return module
     if dtype == "int8" or (dtype == "int4" and name in EIGHT_BITS):
         twin = shared.get(key)
@@ -196,6 +206,7 @@ def _convert(module, name, dtype, float_dtype, rows, hints, weights, shared,
         shared[key] = module  # a tied embedding looks its rows up here, not in the file
     elif source is not module.weight:  # plain, in the file's pages (copy on write)
         weight = source
+        shared[key] = module  # a tied embedding looks its rows up in the same pages
     else:
         return module
     module.weight = nn.Parameter(weight, requires_grad=False)

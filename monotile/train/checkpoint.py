@@ -306,6 +306,18 @@ class WeightReader:
         self.done.add(name)
         return self.base[start:end].view(dtype).view(shape)
 
+    def lends(self, t: torch.Tensor) -> bool:
+        """Whether `t` lies in the file's pages (a tensor `mapped` lent)."""
+        if self.map is None:
+            return False
+        start = t.untyped_storage().data_ptr() - self.base.data_ptr()
+        return 0 <= start < len(self.map)
+
+    def release_all(self) -> None:
+        """`release` every page of the file: what reads faulted in about the tensors read."""
+        if self.map is not None:
+            self.release(self.base)
+
     def release(self, t: torch.Tensor) -> None:
         """Let this process's copy of a mapped tensor's pages go (the system keeps them cached;
         a later read maps them again): what was read to convert a layer is not kept."""
