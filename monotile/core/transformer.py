@@ -159,12 +159,17 @@ class Block(nn.Module):
                 x = self.norm_cross(x + self.drop_path(self.cross_attn(
                     x, memory=memory, cache=cross_cache)))
             return self.norm2(x + self.drop_path(self.dropout(self.mlp(x))))
-        x = x + self.drop_path(self.attn(self.norm1(x), rope=rope, causal=causal,
-                                         key_padding=key_padding, cache=cache, pos=pos))
+        # each norm reads x as rows (B T, d), and the products it feeds get those rows, not
+        # a (B, T, d) view of them: compiled, a view of a one-token step's rows has a stride
+        # of 0 that PyTorch's matrix product copies its input for (91 copies a SmolLM2 step)
+        x = x + self.drop_path(self.attn(self.norm1(x.flatten(0, 1)).view_as(x), rope=rope,
+                                         causal=causal, key_padding=key_padding, cache=cache,
+                                         pos=pos))
         if self.cross_attn is not None:
             x = x + self.drop_path(self.cross_attn(self.norm_cross(x), memory=memory,
                                                    cache=cross_cache))
-        return x + self.drop_path(self.dropout(self.mlp(self.norm2(x))))
+        return x + self.drop_path(self.dropout(self.mlp(self.norm2(x.flatten(0, 1))))
+                                  .view_as(x))
 
 
 class Transformer(nn.Module):
@@ -243,7 +248,7 @@ class Transformer(nn.Module):
             x = block(x, rope=rope, causal=causal, key_padding=key_padding,
                       cache=None if cache is None else cache[i], pos=pos, memory=memory,
                       cross_cache=None if cross_cache is None else cross_cache[i])
-        return self.norm(x)
+        return self.norm(x.flatten(0, 1)).view_as(x)  # rows, as in Block.forward
 
     def _forward_rows(self, x, cache, pos: torch.Tensor, memory=None, cross_cache=None):
         """One token per row at its own position pos[b]: row b's query sees its keys 0..pos[b]

@@ -125,7 +125,9 @@ class LanguageModel(nn.Module):
         alone (B, 1, vocab): all a prompt's prefill needs, and the head is a fifth of a
         135M model's weights."""
         h = self.trunk(self.tok_emb(idx), causal=True, cache=cache, pos=pos)
-        return self.head(h[:, -1:] if last else h)
+        if last and h.size(1) > 1:  # (a decoding step's one position is the last already:
+            h = h[:, -1:]           # the head reads the trunk's rows, not a slice of them)
+        return self.head(h)
 
 
 @register
