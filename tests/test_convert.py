@@ -15,6 +15,7 @@ import monotile
 from monotile.errors import CheckpointError, ConfigError
 from monotile.infer import native
 from monotile.infer.convert import CHUNK_ROWS, MappedEmbedding, convert
+from monotile.infer.generate import Sampling, compile_decoding, generate_ids
 from monotile.infer.packed import PackedLinear
 from monotile.infer.quantize import Int4Linear, Int8Embedding, Int8Linear, quantize_rows
 from monotile.train.checkpoint import WeightReader
@@ -67,10 +68,21 @@ def resident_kb(path) -> int:
     return total
 
 
+def test_a_tied_fp32_table_reads_the_heads_file_pages_and_saves_as_an_embedding(tiny_run):
+    run = monotile.load(tiny_run.dir, dtype="float32")
+    table = run.model.tok_emb
+    plain = monotile.load(tiny_run.dir).model.tok_emb.weight
+    assert torch.equal(table.weight, plain)
+    ids = torch.tensor([[0, 3, plain.size(0) - 1]])
+    assert torch.equal(table(ids), nn.functional.embedding(ids, plain))
+    assert torch.equal(run.model.state_dict()["tok_emb.weight"], plain)
+
+
 @pytest.mark.parametrize("release", [False, True])
 def test_a_mapped_embedding_reads_the_file_and_lets_each_lookups_pages_go(tmp_path, release):
-    # a 4 MB table of an untied embedding: 200 lookups spread over it fault ~64 KB each in
-    # (the row, and the system's fault-around); released, what they made resident is let go
+    # a 4 MB table of an untied embedding: 200 lookups spread over it fault at least a page
+    # each in (the row, and what the system maps about it: 64 KB of fault-around, or a page
+    # cache folio of up to ~1 MB); released, what they made resident is let go
     torch.manual_seed(0)
     model = nn.Embedding(4096, 256)
     path = tmp_path / "model.safetensors"
@@ -148,6 +160,21 @@ def test_a_compiled_decoding_step_makes_the_tokens_of_the_eager_one(tiny_run, dt
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["text"] == text
     assert "compiled the decoding step in" in done.stderr
+
+
+def test_a_compiled_fp32_step_hands_its_products_rows_without_copying_them(tiny_run):
+    # the norms read x as (B T, d) rows (Block.forward): compiled, a (1, 1, d) view of them
+    # had a 0 stride that PyTorch's matrix product copied its input for, every call
+    run = monotile.load(tiny_run.dir)
+    convert(run.model, "float32", pack=False)
+    compile_decoding(run.model, prepack=False)  # plain products on every CPU
+    steps = generate_ids(run.model, torch.tensor([[5, 9, 14, 3]]), 6, Sampling(temperature=0.0))
+    next(steps), next(steps)
+    with torch.profiler.profile() as prof:
+        next(steps), next(steps)
+    calls = {e.key: e.count for e in prof.key_averages()}
+    assert any(key.startswith("Torch-Compiled Region") for key in calls), calls  # it ran
+    assert calls.get("aten::clone", 0) == 0, calls
 
 
 def test_compiling_is_for_runs_that_generate_text(tiny_en_run):
