@@ -308,10 +308,7 @@ class WeightReader:
 
     def lends(self, t: torch.Tensor) -> bool:
         """Whether `t` lies in the file's pages (a tensor `mapped` lent)."""
-        if self.map is None:
-            return False
-        start = t.untyped_storage().data_ptr() - self.base.data_ptr()
-        return 0 <= start < len(self.map)
+        return self.map is not None and t.untyped_storage().data_ptr() == self.base.data_ptr()
 
     def release_all(self) -> None:
         """`release` every page of the file: what reads faulted in about the tensors read."""
