@@ -165,9 +165,11 @@ class Run:
         converted one at a time (infer/convert.py); `weights` (load(dtype=...) gives it)
         reads each from the weights file just before. `compile` (text generation runs):
         the one-token decoding step is compiled (infer/generate.py compile_decoding: tens of
-        seconds here, then faster decoding), its fp32 layers left plain for the compiler, its
-        int8, int4 and bf16 layers in native kernels (infer/native.py: x rounded to 8 bits
-        for the int8 and int4 products, as llama.cpp does) where a C++ compiler builds them."""
+        seconds here, then faster decoding), its int8, int4 and bf16 layers in native kernels
+        (infer/native.py: x rounded to 8 bits for the int8 and int4 products, as llama.cpp
+        does) where a C++ compiler builds them, its fp32 layers too where their shapes
+        measure faster there than in the compiler's own product (the rest left plain for
+        it)."""
         from .infer import native as native_kernels
         from .infer.convert import convert, packing_wins
         _check_inference_dtype(dtype)
@@ -183,7 +185,8 @@ class Run:
         # with the compiler that torch.compile needs anyway), else in PyTorch's
         on_cpu = all(p.device.type == "cpu" for p in self.model.parameters())
         native = compile and on_cpu and native_kernels.available()
-        convert(self.model, dtype, rows=rows, weights=weights, pack=not compile, native=native)
+        convert(self.model, dtype, rows=rows, weights=weights, pack=not compile, native=native,
+                compiler_packs=compile and prepack)
         if compile:
             from .infer.generate import compile_decoding
             self.compile_seconds = compile_decoding(self.model, prepack=prepack)

@@ -5,6 +5,7 @@ refused as a whole load refuses it."""
 import hashlib
 import json
 import shutil
+from collections import Counter
 
 import pytest
 import torch
@@ -160,6 +161,33 @@ def test_a_compiled_decoding_step_makes_the_tokens_of_the_eager_one(tiny_run, dt
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["text"] == text
     assert "compiled the decoding step in" in done.stderr
+
+
+@pytest.mark.skipif(not native.available(), reason="the native kernels could not be built")
+def test_a_compiled_fp32_step_multiplies_in_native_kernels_where_they_measured_faster(
+        tiny_run, tmp_path, monkeypatch):
+    # verdicts that the native kernels win for every shape (as the measurement finds for
+    # SmolLM2's layers on some Xeons): the compiled step's layers are NativeLinear, the tied
+    # embedding reads the head's packed rows, and the tokens are the eager model's with the
+    # same layers
+    from monotile.infer import packed
+    monkeypatch.setattr(packed, "_verdicts_file", lambda: tmp_path / "layouts.json")
+    plain = monotile.load(tiny_run.dir).model
+    shapes = Counter((m.in_features, m.out_features) for m in plain.modules()
+                     if type(m) is nn.Linear)
+    for (n_in, n_out), count in shapes.items():
+        for other in ("mkl", "plain"):
+            packed.remember(f"{count} x {n_in}->{n_out} float32 native vs {other}", 1)
+    compiled = monotile.load(tiny_run.dir, dtype="float32", compile=True)
+    kinds = Counter(type(m).__name__ for m in compiled.model.modules())
+    assert kinds["NativeLinear"] == sum(shapes.values()) and kinds["Linear"] == 0, kinds
+    assert kinds["NativeEmbedding"] == 1, kinds
+    eager = monotile.load(tiny_run.dir)
+    convert(eager.model, "float32", pack=False, native=True)
+    assert Counter(type(m).__name__ for m in eager.model.modules()) == kinds
+    prompt = "ROMEO:"
+    assert (compiled.generate(prompt, max_new_tokens=24, temperature=0.0)
+            == eager.generate(prompt, max_new_tokens=24, temperature=0.0))
 
 
 def test_a_compiled_fp32_step_hands_its_products_rows_without_copying_them(tiny_run):

@@ -2,6 +2,7 @@
 in plain torch: x rounded to 8 bits in blocks of 32, integer products, the block scales; and
 the layers that hold them against the layers they replace."""
 
+import json
 import subprocess
 import sys
 
@@ -125,3 +126,40 @@ def test_a_kernel_given_the_wrong_shapes_refuses_them():
         torch.ops.monotile.q8_linear(torch.randn(1, 96), packed, torch.ones(16), 16)
     with pytest.raises(RuntimeError, match="float_linear"):
         torch.ops.monotile.float_linear(torch.randn(1, 96), torch.randn(2, 95, 8), 16)
+
+
+def test_which_fp32_shapes_multiply_here_is_measured_once_and_kept(tmp_path, monkeypatch):
+    # each shape timed in a pass like a model's (here and in the way the compiled step would
+    # multiply it otherwise); the verdicts kept per machine and shape, then read, not measured
+    from monotile.infer import packed
+    verdicts_file = tmp_path / "layouts.json"
+    monkeypatch.setattr(packed, "_verdicts_file", lambda: verdicts_file)
+    shapes = {(64, 96): 3, (96, 64): 3, (64, 1000): 1}
+    for compiler_packs, other in ((False, "plain"), (True, "mkl" if torch._C.has_mkl else "plain")):
+        chosen = native.float32_native_shapes(shapes, compiler_packs)
+        assert chosen <= set(shapes)
+        (machine, verdicts), = json.loads(verdicts_file.read_text()).items()
+        keys = {s: f"{c} x {s[0]}->{s[1]} float32 native vs {other}" for s, c in shapes.items()}
+        assert {verdicts[k] for k in keys.values()} <= {0, 1}
+        assert chosen == {s for s, k in keys.items() if verdicts[k]}
+    doc = json.loads(verdicts_file.read_text())
+    for key in doc[machine]:
+        doc[machine][key] = int("96->64" in key)
+    verdicts_file.write_text(json.dumps(doc))
+    assert native.float32_native_shapes(shapes, True) == {(96, 64)}
+    assert native.float32_native_shapes(shapes, False) == {(96, 64)}
+
+
+def test_every_way_an_fp32_shape_is_timed_makes_the_same_product():
+    # the three ways float32_native_shapes weighs multiply alike (the timing would be wrong
+    # if one of them multiplied something else)
+    torch.manual_seed(0)
+    w, x = torch.randn(40, 64), torch.randn(1, 64)
+    want = x @ w.t()
+    ours = torch.ops.monotile.float_linear(x, native.pack_float(w, torch.float32), 40)
+    ways = [F.linear(x, w), ours]
+    if torch._C.has_mkl:
+        ways.append(torch.ops.mkl._mkl_linear(x, torch.ops.mkl._mkl_reorder_linear_weight(w, 1),
+                                              w, None, 1))
+    for got in ways:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

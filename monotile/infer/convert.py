@@ -69,23 +69,29 @@ class MappedEmbedding(nn.Module):
 
 
 def convert(model: nn.Module, dtype: str, rows: int | Mapping[str, int] = 1,
-            weights=None, *, pack: bool = True, native: bool = False) -> None:
+            weights=None, *, pack: bool = True, native: bool = False,
+            compiler_packs: bool = True) -> None:
     """Turn `model`'s layers into `dtype`'s forms (above), in place, one at a time, and put it
     in eval mode. `rows`: the rows of x a layer multiplies (packed.rows_of). `weights`: a
     WeightReader of a model built with its weights left unread; each is read when its layer
     is converted, the rest at the end. `pack=False` leaves the float layers plain nn.Linear
     (for torch.compile, which lays their weights out itself when it freezes them).
     `native`: the layers multiply in native.py's kernels (built, and loaded,
-    before: native.available())."""
+    before: native.available()); an fp32 one only where that measures faster than the compiled
+    step's product, MKL's packed one where the compiler packs weights (`compiler_packs`:
+    compile_decoding's `prepack`), else plain."""
     float_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
     plan = _plan(model)
     hints = _layouts(plan, dtype, rows) if pack else {}
+    # the float layers in native kernels: bf16's (PyTorch's GEMV reads bf16 at half speed),
+    # fp32's where they measure faster
+    native_float = _native_shapes(plan, dtype, compiler_packs) if native else set()
     shared: dict[tuple, nn.Module] = {}  # a float weight -> its converted layer (tied)
     with torch.no_grad():
         while plan:
             parent, child_name, name, module = plan.pop(0)
             setattr(parent, child_name, _convert(module, name, dtype, float_dtype, rows, hints,
-                                                 weights, shared, native))
+                                                 weights, shared, native, native_float))
             del module
             if weights is not None:  # the float weight and the temporaries given back: else
                 release_free_memory()  # the allocator keeps them, and memory grows as it goes
@@ -109,6 +115,17 @@ def _layouts(plan, dtype: str, rows) -> dict[tuple, int]:
                      and packing_available(m.weight.device, float_dtype))
     return {shape: layout(*shape[:2], float_dtype, shape[2], count)
             for shape, count in shapes.items()}
+
+
+def _native_shapes(plan, dtype: str, compiler_packs: bool) -> set[tuple[int, int]]:
+    """(in, out) of the float layers to multiply in native.py's kernels: every bf16 one, and
+    the fp32 ones whose shape measures faster there than the compiled step's own product
+    (native.float32_native_shapes)."""
+    shapes = Counter((m.in_features, m.out_features) for _, _, name, m in plan
+                     if _stays_float(m, name, dtype) and m.in_features % 2 == 0)
+    if dtype == "bfloat16" or not shapes:
+        return set(shapes)
+    return native_kernels.float32_native_shapes(shapes, compiler_packs)
 
 
 def packing_wins(model: nn.Module, dtype: str, rows: int | Mapping[str, int] = 1) -> bool:
@@ -148,7 +165,7 @@ def _stays_float(module: nn.Module, name: str, dtype: str) -> bool:
 
 
 def _convert(module, name, dtype, float_dtype, rows, hints, weights, shared,
-             native=False) -> nn.Module:
+             native=False, native_float=frozenset()) -> nn.Module:
     key = _key(module.weight)
     source, release = _source(module, weights)
     if isinstance(module, nn.Embedding):  # a tied head's form, converted first, is shared
@@ -189,8 +206,8 @@ def _convert(module, name, dtype, float_dtype, rows, hints, weights, shared,
         if source is not module.weight:
             module.weight = nn.Parameter(source, requires_grad=False)
         return module
-    # fp32 stays plain: MKL's GEMV streams fp32 as fast as ours; bf16 it reads at half speed
-    if native and float_dtype == torch.bfloat16 and module.in_features % 2 == 0:
+    if (module.in_features, module.out_features) in native_float:  # (else, for the compiler
+        # a plain fp32 layer, which it lays out for MKL itself when it freezes it)
         new = NativeLinear(source, module.bias, float_dtype)
         release(source)
         shared[key] = new
