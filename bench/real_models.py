@@ -28,7 +28,7 @@ kernels crash here), otherwise only monotile's side is printed.
 
     .venv/bin/python bench/real_models.py [--install] [--rounds 3] [--tokens 128]
                                           [--prefill 512] [--threads 2] [--json]
-                                          [--compile]
+                                          [--compile] [--dtypes float32,int4]
 """
 
 from __future__ import annotations
@@ -178,6 +178,9 @@ def main() -> None:
     p.add_argument("--prefill", type=int, default=512)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--dtypes", default="float32,bfloat16,int8,int4",
+                   help="which of monotile's precisions to measure (comma-separated; float32 "
+                   "is decoded in any case: the quality figures are changes from it)")
     p.add_argument("--compile", action="store_true", help="also decode through the compiled "
                    "step (generate --compile): each dtype compiled once, ~40 s each")
     a = p.parse_args()
@@ -195,11 +198,15 @@ def main() -> None:
     long = task.prompt_ids(speeches[0].read_text()[:20_000])[:a.prefill]
     llama = llama_cpp(a.install)
     gguf = files(llama, source) if llama else {}
+    wanted = [d.strip() for d in a.dtypes.split(",")]
+    chosen = [(dtype, kind) for dtype, kind in PAIRS if dtype in wanted]
+    if not chosen or not set(wanted) <= {d for d, _ in PAIRS}:
+        p.error(f"--dtypes {a.dtypes!r}: choose among float32, bfloat16, int8, int4")
     ours = {dtype: monotile_side(run_dir, dtype, prompt, long, a)
-            for dtype in dict.fromkeys(d for d, _ in PAIRS)}
-    pairs = list(PAIRS)
+            for dtype in dict.fromkeys(["float32", *(d for d, _ in chosen)])}
+    pairs = list(chosen)
     if a.compile:  # the same weights, decoding through the compiled step
-        for dtype, kind in PAIRS:
+        for dtype, kind in chosen:
             pairs.append((dtype + "+compile", kind))
             if dtype + "+compile" not in ours:
                 ours[dtype + "+compile"] = monotile_side(run_dir, dtype, prompt, long, a,
