@@ -174,7 +174,8 @@ def compile_decoding(model, prepack: bool = True) -> float:
     A step in eager PyTorch runs ~50 operators a layer, each paying the dispatcher and a cache
     that the weights just streamed through; compiled, they are four fused loops, the
     attention and four products a layer. Run.optimize_for_inference(compile=True) also puts
-    the int8, int4 and bf16 layers in native.py's kernels: SmolLM2 then decodes 1.4x (fp32)
+    the int8, int4 and bf16 layers in native.py's kernels (fp32 ones where they measure
+    faster there): SmolLM2 then decodes 1.4x (fp32)
     to 3.0x (int4) faster than eager on 2 threads (bench/real_models.py --compile), for
     15-25 s of compiling at each start (inductor keeps its work on disk, so a later start
     compiles less) and the compiler's memory (~300 MB). Float layers must be plain nn.Linear
