@@ -139,7 +139,7 @@ def test_which_fp32_shapes_multiply_here_is_measured_once_and_kept(tmp_path, mon
         chosen = native.float32_native_shapes(shapes, compiler_packs)
         assert chosen <= set(shapes)
         (machine, verdicts), = json.loads(verdicts_file.read_text()).items()
-        keys = {s: f"{c} x {s[0]}->{s[1]} float32 native vs {other}" for s, c in shapes.items()}
+        keys = {s: native.float32_key(s, c, other) for s, c in shapes.items()}
         assert {verdicts[k] for k in keys.values()} <= {0, 1}
         assert chosen == {s for s, k in keys.items() if verdicts[k]}
     doc = json.loads(verdicts_file.read_text())
@@ -151,15 +151,15 @@ def test_which_fp32_shapes_multiply_here_is_measured_once_and_kept(tmp_path, mon
 
 
 def test_every_way_an_fp32_shape_is_timed_makes_the_same_product():
-    # the three ways float32_native_shapes weighs multiply alike (the timing would be wrong
-    # if one of them multiplied something else)
+    # the ways float32_native_shapes weighs (FLOAT32_WAYS, the functions it times) multiply
+    # alike: the timing would be wrong if one of them multiplied something else
     torch.manual_seed(0)
     w, x = torch.randn(40, 64), torch.randn(1, 64)
     want = x @ w.t()
-    ours = torch.ops.monotile.float_linear(x, native.pack_float(w, torch.float32), 40)
-    ways = [F.linear(x, w), ours]
-    if torch._C.has_mkl:
-        ways.append(torch.ops.mkl._mkl_linear(x, torch.ops.mkl._mkl_reorder_linear_weight(w, 1),
-                                              w, None, 1))
-    for got in ways:
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    names = [n for n in native.FLOAT32_WAYS if n != "mkl" or torch._C.has_mkl]
+    assert len(names) >= 2
+    for name in names:
+        torch.testing.assert_close(native.FLOAT32_WAYS[name](w)(x), want, rtol=1e-5, atol=1e-5)
+    times = native.time_float32_ways({(64, 40): 3, (40, 64): 1}, tuple(names))
+    assert set(times) == set(names)
+    assert all(t.keys() == {(64, 40), (40, 64)} and min(t.values()) > 0 for t in times.values())

@@ -304,48 +304,59 @@ def float32_native_shapes(shapes: Mapping[tuple[int, int], int], compiler_packs:
     float_linear than in the way the compiled step would multiply it otherwise: MKL's packed
     SGEMM where the compiler packs its frozen weights (`compiler_packs`, and PyTorch built with
     MKL), else plain F.linear (MKL's or OpenBLAS's GEMV). Which wins depends on the processor
-    and the shape (on one Intel Xeon, SmolLM2's layers ~10 % faster here than MKL's packed
-    product, its 49,152-row head ~15 % slower), and on where the weights come from: a shape
+    and the shape (on one Intel Xeon, most of SmolLM2's layers 5-15 % faster here than in
+    MKL's packed product, its 49,152-row head 10-20 % slower), and on where the weights come
+    from: a shape
     timed alone sits in a large last-level cache, so the shapes are timed as a model runs
     them, layer after layer in their counts (at most MEASURED_BYTES of random weights), each
-    call on its own clock, the best of five passes. Measured once per machine and set of
-    shapes; the verdicts are kept beside packed.layout's."""
+    call on its own clock, the best of five passes (time_float32_ways; bench/fp32_products.py
+    prints them). Measured once per machine and shape; the verdicts are kept beside
+    packed.layout's (float32_key)."""
     from .packed import measured, remember
     other = "mkl" if compiler_packs and torch._C.has_mkl else "plain"
-    keys = {shape: f"{count} x {shape[0]}->{shape[1]} float32 native vs {other}"
-            for shape, count in shapes.items()}
+    keys = {shape: float32_key(shape, count, other) for shape, count in shapes.items()}
     verdicts = {shape: measured(key) for shape, key in keys.items()}
     if None in verdicts.values():
-        best = _time_float32_ways(shapes, ("native", other))
+        best = time_float32_ways(shapes, ("native", other))
         verdicts = {shape: best["native"][shape] < best[other][shape] for shape in shapes}
         for shape, verdict in verdicts.items():
             remember(keys[shape], int(verdict))
     return {shape for shape, verdict in verdicts.items() if verdict}
 
 
+def float32_key(shape: tuple[int, int], count: int, other: str) -> str:
+    """The name float32_native_shapes keeps a shape's verdict under in layouts.json."""
+    return f"{count} x {shape[0]}->{shape[1]} float32 native vs {other}"
+
+
+# y = x W^T one row at a time, three ways: each maker takes W (out, in) fp32, lays it out as its
+# way needs, and returns the product as a function of x (1, in)
+FLOAT32_WAYS = {
+    "plain": lambda w: (lambda x: F.linear(x, w)),
+    "mkl": lambda w: (lambda x, p=torch.ops.mkl._mkl_reorder_linear_weight(w, 1):
+                      torch.ops.mkl._mkl_linear(x, p, w, None, 1)),
+    "native": lambda w: (lambda x, p=pack_float(w, torch.float32), n=w.shape[0]:
+                         torch.ops.monotile.float_linear(x, p, n)),
+}
+
+
 @torch.no_grad()
-def _time_float32_ways(shapes: Mapping[tuple[int, int], int], names: tuple[str, ...]
-                       ) -> dict[str, dict[tuple[int, int], float]]:
-    """{way: {shape: seconds a pass spends in that shape's layers}}, best of five passes."""
+def time_float32_ways(shapes: Mapping[tuple[int, int], int], names: tuple[str, ...]
+                      ) -> dict[str, dict[tuple[int, int], float]]:
+    """{way: {shape: seconds a pass spends in that shape's layers}} for FLOAT32_WAYS `names`,
+    the layers in a model's order (one of each shape a block, as long as its count lasts; at
+    most MEASURED_BYTES of random weights in all), best of five passes after one to warm up."""
     total = sum(4 * n_in * n_out * count for (n_in, n_out), count in shapes.items())
     scale = min(1.0, MEASURED_BYTES / total)
-    # the layers in a model's order: one of each shape a block, as long as its count lasts
     order = [shape for i in range(max(shapes.values()))
              for shape, count in shapes.items() if i < max(1, round(count * scale))]
     weights = [torch.randn(n_out, n_in) for n_in, n_out in order]
     inputs = {shape: torch.randn(1, shape[0]) for shape in shapes}
-    ways = {
-        "plain": lambda w: (lambda x: F.linear(x, w)),
-        "mkl": lambda w: (lambda x, p=torch.ops.mkl._mkl_reorder_linear_weight(w, 1):
-                          torch.ops.mkl._mkl_linear(x, p, w, None, 1)),
-        "native": lambda w: (lambda x, p=pack_float(w, torch.float32), n=w.shape[0]:
-                             torch.ops.monotile.float_linear(x, p, n)),
-    }
     best = {}
     for name in names:  # one way's copies at a time beside the plain weights
-        calls = [ways[name](w) for w in weights]
+        calls = [FLOAT32_WAYS[name](w) for w in weights]
         best[name] = dict.fromkeys(shapes, float("inf"))
-        for attempt in range(6):  # the first warms up
+        for attempt in range(6):
             took = dict.fromkeys(shapes, 0.0)
             for shape, call in zip(order, calls):
                 start = time.perf_counter()
