@@ -120,6 +120,31 @@ def test_load_for_inference_refuses_a_bad_dtype_and_a_damaged_file(tiny_run, tmp
         monotile.load(copy, dtype="int4")
 
 
+def test_only_the_lent_weights_stay_mapped_and_reading_them_maps_nothing_more(tmp_path):
+    # three 1 MB weights, a small one first so that none begins at a page: the first and last
+    # read to convert them and let go, the middle one lent. keep_only maps the lent one's
+    # pages in, and only those; reading it then maps no neighbour (the system's fault-around
+    # would map up to 64 KB of each, the page cache's large folios more)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Linear(512, 512), nn.Linear(512, 512),
+                          nn.Linear(512, 512))
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, path)
+    with WeightReader(model, path) as reader:
+        first, lent, last = (reader.mapped(model[i].weight) for i in (1, 2, 3))
+        for part in (first, last):
+            assert part.sum().isfinite()
+            reader.release(part)
+        reader.keep_only([model[0].weight, lent])  # a tensor not lent is passed over
+        offset = lent.data_ptr() - reader.base.data_ptr()
+        assert offset % 4096
+        pages = -(-(offset + lent.nbytes) // 4096) - offset // 4096
+        assert resident_kb(path) == pages * 4  # mapped in already, whole pages
+        assert torch.equal(lent, model[2].weight)  # read: nothing more mapped
+        assert resident_kb(path) == pages * 4
+        reader.keep_only([])
+        assert resident_kb(path) == 0
+
+
 def test_a_weight_reader_names_a_tied_weight_by_the_file_s_name(tiny_run):
     model = monotile.load(tiny_run.dir).model
     with WeightReader(model, tiny_run.dir / "model.safetensors") as reader:

@@ -97,8 +97,9 @@ def convert(model: nn.Module, dtype: str, rows: int | Mapping[str, int] = 1,
                 release_free_memory()  # the allocator keeps them, and memory grows as it goes
         if weights is not None:
             weights.read_rest()
-            if not any(weights.lends(t) for t in [*model.parameters(), *model.buffers()]):
-                weights.release_all()  # pages mapped about the reads (a mapped table's too)
+            # what is lent mapped in now, every other page let go: those mapped about the
+            # reads, and a mapped table's
+            weights.keep_only([*model.parameters(), *model.buffers()])
         if dtype == "bfloat16":
             model.to(torch.bfloat16)
     model.eval()
