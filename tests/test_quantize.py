@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import monotile
+from monotile.infer import quantize
 from monotile.infer.convert import convert
 from monotile.infer.quantize import (GEMM_ROWS, Int4Linear, Int8Embedding, Int8Linear,
                                      quantize_groups_int4, quantize_int8, quantize_rows,
-                                     weight_bytes)
+                                     weight_bytes, workspace)
 from monotile.train.checkpoint import model_tensors
 
 from conftest import cli
@@ -139,6 +141,23 @@ def test_a_prompts_rows_multiply_the_same_weights_as_one_row_does():
     assert packed.unpacks  # the layout read back equals Q (else the kernel does all)
     assert Int4Linear(nn.Linear(64, 640)).unpacks  # checked 512 rows at a time
     assert not Int4Linear(nn.Linear(64, 80)).unpacks  # 80 rows: not whole blocks of 64
+
+
+def test_layers_of_several_shapes_dequantize_into_one_buffer_a_dtype(monkeypatch):
+    # a prompt through layers of three shapes in turn: each product as the layer's own W
+    # gives it, the bf16 W of all written into one buffer, the largest's size
+    monkeypatch.setattr(quantize, "_workspaces", threading.local())  # none kept before
+    torch.manual_seed(0)
+    layers = [Int8Linear.from_linear(nn.Linear(64, 256)), Int4Linear(nn.Linear(64, 128)),
+              Int8Linear.from_linear(nn.Linear(64, 64))]
+    x = torch.randn(GEMM_ROWS, 64)
+    for layer in [*layers, *layers]:
+        torch.testing.assert_close(layer(x), F.linear(x, layer.dequantized(), layer.bias),
+                                   atol=0.02, rtol=0.02)
+    small, large = workspace((64, 64), torch.bfloat16, "cpu"), workspace((256, 64),
+                                                                          torch.bfloat16, "cpu")
+    assert small.data_ptr() == large.data_ptr()
+    assert large.untyped_storage().nbytes() == 256 * 64 * 2
 
 
 def test_an_int4_model_keeps_its_head_at_8_bits_and_generates(tiny_run):
