@@ -13,8 +13,8 @@ from torch import nn
 
 import monotile
 from monotile.infer.generate import Sampling, generate_ids
-from monotile.infer.packed import (HINTS, PackedLinear, fastest_layout, pack_linears,
-                                   packing_available, seconds_per_pass)
+from monotile.infer.packed import (HINTS, PackedLinear, layouts, pack_linears,
+                                   packing_available, time_ways)
 
 from conftest import cli
 
@@ -81,16 +81,33 @@ def test_a_packed_model_decodes_the_same_tokens_and_saves_the_same_weights(tiny_
         model(prompt)
 
 
-def test_packing_by_measure_keeps_the_fastest_layout():
-    layers = [nn.Linear(256, 512) for _ in range(8)]
-    packed = [PackedLinear.from_linear(lin).eval() for lin in layers]
-    assert seconds_per_pass(packed[:1] * 64) > seconds_per_pass(packed[:1])  # 64 products > 1
-    hint, chosen = fastest_layout(layers)
-    assert hint in (0, 1, *HINTS)
-    assert len(chosen) == (8 if hint else 0) and all(p.rows == hint for p in chosen)
-    x = torch.randn(1, 256)
-    for lin, p in zip(layers, chosen):
-        torch.testing.assert_close(p(x), lin(x), atol=1e-5, rtol=1e-5)
+def test_layouts_are_timed_together_and_each_shape_keeps_its_fastest(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    # two shapes of a decoding step and one of a 32-row encoder, timed in one pass: every
+    # way's layers multiply as nn.Linear does, each shape's time its own layers' calls
+    shapes = {(256, 512, 1): 3, (512, 256, 1): 2, (64, 96, 32): 1}
+    made = []
+
+    def maker(hint):
+        def make(w, shape):
+            linear = nn.Linear(shape[0], shape[1], bias=False)
+            linear.weight = nn.Parameter(w, requires_grad=False)
+            layer = PackedLinear.from_linear(linear, hint).eval() if hint else linear
+            made.append((layer, linear))
+            return layer
+        return make
+    times = time_ways(shapes, {"plain": maker(0), "16": maker(16)})
+    assert set(times) == {"plain", "16"} and all(t.keys() == shapes.keys() for t in times.values())
+    assert all(0 < t < 1 for way in times.values() for t in way.values())
+    assert len(made) == 2 * 6  # one layer a count, for each way
+    x = torch.randn(1, 512)
+    for layer, linear in made:
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x[:, :linear.in_features]),
+                                       linear(x[:, :linear.in_features]), atol=1e-4, rtol=1e-4)
+    chosen = layouts(shapes, torch.float32)
+    assert chosen.keys() == shapes.keys()
+    assert all(chosen[shape] in (0, shape[2], *HINTS) for shape in shapes)
 
 
 def test_a_run_optimized_for_inference_generates_what_it_did(tiny_run):
@@ -130,7 +147,7 @@ def test_a_measured_layout_is_remembered_per_machine_and_shape(tmp_path, monkeyp
     verdicts_file = tmp_path / "monotile" / "layouts.json"
     doc = json.loads(verdicts_file.read_text())
     (machine, verdicts), = doc.items()
-    keys = ("1 x 64->128 float32 @ 1 rows", "1 x 128->64 float32 @ 1 rows")
+    keys = ("1 x 64->128 float32 @ 1 rows in a pass", "1 x 128->64 float32 @ 1 rows in a pass")
     assert "threads" in machine and set(verdicts) == set(keys)
     assert all(verdicts[k] in (0, 1, *HINTS) for k in keys)  # plain, or a packing's hint
     # the next start takes the verdicts as they are, measuring nothing
@@ -152,7 +169,7 @@ def test_a_measured_layout_is_remembered_per_machine_and_shape(tmp_path, monkeyp
     packed = copy.deepcopy(model)
     names = pack_linears(packed, measure=True, rows=32)
     verdicts = json.loads(verdicts_file.read_text())[machine]
-    wide = ("1 x 64->128 float32 @ 32 rows", "1 x 128->64 float32 @ 32 rows")
+    wide = ("1 x 64->128 float32 @ 32 rows in a pass", "1 x 128->64 float32 @ 32 rows in a pass")
     assert set(wide) < set(verdicts) and all(verdicts[k] in (0, 32, *HINTS) for k in wide)
     assert names == [n for n, k in (("0", wide[0]), ("1", wide[1])) if verdicts[k]]
     assert all(packed[int(n)].rows == verdicts[wide[int(n)]] for n in names)

@@ -31,7 +31,7 @@ from torch import nn
 from . import native as native_kernels
 from .native import (NativeEmbedding, NativeInt4Linear, NativeInt8Embedding,
                      NativeInt8Linear, NativeLinear)
-from .packed import PackedLinear, layout, packing_available, rows_of
+from .packed import PackedLinear, layouts, packing_available, rows_of
 from .quantize import (INT4_GROUP, Int4Linear, Int8Embedding, Int8Linear,
                        quantize_groups_int4, quantize_rows)
 
@@ -107,15 +107,14 @@ def convert(model: nn.Module, dtype: str, rows: int | Mapping[str, int] = 1,
 
 
 def _layouts(plan, dtype: str, rows) -> dict[tuple, int]:
-    """{(in, out, rows): layout} of the layers that stay in float (packed.layout: 0 plain,
+    """{(in, out, rows): layout} of the layers that stay in float (packed.layouts: 0 plain,
     else a packing's row hint), measured once per machine on layers of random weights, before
     any real weight is read."""
     float_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
     shapes = Counter((m.in_features, m.out_features, rows_of(name, rows))
                      for _, _, name, m in plan if _stays_float(m, name, dtype)
                      and packing_available(m.weight.device, float_dtype))
-    return {shape: layout(*shape[:2], float_dtype, shape[2], count)
-            for shape, count in shapes.items()}
+    return layouts(shapes, float_dtype) if shapes else {}
 
 
 def _native_shapes(plan, dtype: str, compiler_packs: bool) -> set[tuple[int, int]]:

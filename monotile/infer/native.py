@@ -29,7 +29,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -41,7 +40,6 @@ SOURCE = Path(__file__).with_name("kernels.cpp")
 ROWS = 8        # rows interleaved
 GROUP = 32      # inputs a block
 Q4_BYTES = 160  # a block of 8 rows in int4: d[8] and m[8] in fp16, 128 bytes of nibbles
-MEASURED_BYTES = 768 << 20  # float32_native_shapes times at most this much of weights
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -306,12 +304,10 @@ def float32_native_shapes(shapes: Mapping[tuple[int, int], int], compiler_packs:
     MKL), else plain F.linear (MKL's or OpenBLAS's GEMV). Which wins depends on the processor
     and the shape (on one Intel Xeon, most of SmolLM2's layers 5-15 % faster here than in
     MKL's packed product, its 49,152-row head 10-20 % slower), and on where the weights come
-    from: a shape
-    timed alone sits in a large last-level cache, so the shapes are timed as a model runs
-    them, layer after layer in their counts (at most MEASURED_BYTES of random weights), each
-    call on its own clock, the best of five passes (time_float32_ways; bench/fp32_products.py
-    prints them). Measured once per machine and shape; the verdicts are kept beside
-    packed.layout's (float32_key)."""
+    from: a shape timed alone sits in a large last-level cache, so the shapes are timed as a
+    model runs them, layer after layer in their counts (time_float32_ways; bench/
+    fp32_products.py prints them). Measured once per machine and shape; the verdicts are kept
+    beside packed.layouts' (float32_key)."""
     from .packed import measured, remember
     other = "mkl" if compiler_packs and torch._C.has_mkl else "plain"
     keys = {shape: float32_key(shape, count, other) for shape, count in shapes.items()}
@@ -340,32 +336,16 @@ FLOAT32_WAYS = {
 }
 
 
-@torch.no_grad()
 def time_float32_ways(shapes: Mapping[tuple[int, int], int], names: tuple[str, ...]
                       ) -> dict[str, dict[tuple[int, int], float]]:
     """{way: {shape: seconds a pass spends in that shape's layers}} for FLOAT32_WAYS `names`,
-    the layers in a model's order (one of each shape a block, as long as its count lasts; at
-    most MEASURED_BYTES of random weights in all), best of five passes after one to warm up."""
-    total = sum(4 * n_in * n_out * count for (n_in, n_out), count in shapes.items())
-    scale = min(1.0, MEASURED_BYTES / total)
-    order = [shape for i in range(max(shapes.values()))
-             for shape, count in shapes.items() if i < max(1, round(count * scale))]
-    weights = [torch.randn(n_out, n_in) for n_in, n_out in order]
-    inputs = {shape: torch.randn(1, shape[0]) for shape in shapes}
-    best = {}
-    for name in names:  # one way's copies at a time beside the plain weights
-        calls = [FLOAT32_WAYS[name](w) for w in weights]
-        best[name] = dict.fromkeys(shapes, float("inf"))
-        for attempt in range(6):
-            took = dict.fromkeys(shapes, 0.0)
-            for shape, call in zip(order, calls):
-                start = time.perf_counter()
-                call(inputs[shape])
-                took[shape] += time.perf_counter() - start
-            if attempt:
-                best[name] = {s: min(best[name][s], took[s]) for s in shapes}
-        del calls
-    return best
+    one row of x through {(in, out): count} layers in a model's order (packed.time_ways: at
+    most MEASURED_BYTES of random weights in all, best of five passes)."""
+    from .packed import time_ways
+    ways = {name: (lambda w, shape, make=FLOAT32_WAYS[name]: make(w)) for name in names}
+    times = time_ways({(n_in, n_out, 1): count for (n_in, n_out), count in shapes.items()}, ways)
+    return {name: {shape[:2]: t for shape, t in by_shape.items()}
+            for name, by_shape in times.items()}
 
 
 class NativeEmbedding(nn.Module):

@@ -22,10 +22,11 @@ import json
 import os
 import platform
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -115,6 +116,10 @@ HINTS = (16,)
 # a layout for more rows than this is timed at this many: GEMMs of many rows rank layouts alike,
 # and a first start measures in a fraction of a second
 MEASURED_ROWS = 256
+# layouts (and native.float32_native_shapes) time at most this much of random weights: a
+# model's layers as a pass streams them, more than a large last-level cache holds (480 MiB
+# on one Xeon), never a large model's whole size
+MEASURED_BYTES = 768 << 20
 
 
 def rows_of(name: str, rows: int | Mapping[str, int]) -> int:
@@ -132,11 +137,18 @@ def pack_linears(model: nn.Module, measure: bool = False,
     layers stay as they are. `rows`: the rows of x a call multiplies (1: decoding; an
     encoder's sentence: ~32), or {name pattern: rows} (rows_of: Whisper's encoder reads 1500
     frames, its decoder a token). Without `measure`, every layer is laid out for its rows. With
-    it, the layers of each shape get the layout `layout` chose for them on this CPU. Returns
+    it, the layers of each shape get the layout `layouts` chose for them on this CPU. Returns
     the names replaced."""
-    names = []
-    for (n_in, n_out, dtype, n_rows), layers in packable_groups(model, rows).items():
-        hint = layout(n_in, n_out, dtype, n_rows, len(layers)) if measure else n_rows
+    names, groups = [], packable_groups(model, rows)
+    chosen: dict[tuple, int] = {}
+    if measure:
+        for dtype in {key[2] for key in groups}:
+            shapes = {(n_in, n_out, n_rows): len(layers)
+                      for (n_in, n_out, kind, n_rows), layers in groups.items() if kind == dtype}
+            chosen |= {(*shape[:2], dtype, shape[2]): hint
+                       for shape, hint in layouts(shapes, dtype).items()}
+    for (n_in, n_out, dtype, n_rows), layers in groups.items():
+        hint = chosen[n_in, n_out, dtype, n_rows] if measure else n_rows
         while hint and layers:  # one layer at a time, each plain weight let go as it is packed
             parent, child_name, name, linear = layers.pop(0)
             setattr(parent, child_name, PackedLinear.from_linear(linear, hint).eval())
@@ -164,44 +176,74 @@ def packable_groups(model: nn.Module, rows: int | Mapping[str, int] = 1
     return groups
 
 
-def layout(n_in: int, n_out: int, dtype: torch.dtype, rows: int, count: int) -> int:
-    """The layout for `count` layers n_in -> n_out of `dtype` multiplying x of `rows` rows on
-    this CPU: 0 for plain nn.Linear, else the row hint of a packing. The one that a pass of x
-    over `count` such layers runs fastest in (fastest_layout: plain, packed for `rows`, packed
-    for each of HINTS; the layout that wins on one processor can lose on another), timed once
-    on layers of random weights, as it does not depend on the values, so that no real layer
-    need be held in two forms. The verdict is kept per CPU model, PyTorch version and thread
-    count in the cache's layouts.json (delete it to measure again)."""
-    key = f"{count} x {n_in}->{n_out} {str(dtype).removeprefix('torch.')} @ {rows} rows"
-    hint = measured(key)
-    if hint is None:
-        plain = []
-        for _ in range(count):
-            linear = nn.Linear(n_in, n_out, bias=False, device="meta", dtype=dtype)
-            linear.weight = nn.Parameter(torch.randn(n_out, n_in, dtype=dtype),
-                                         requires_grad=False)
-            plain.append(linear)
-        hint, packed = fastest_layout(plain, rows)
-        del plain, packed
-        remember(key, hint)
-    return hint
+def layouts(shapes: Mapping[tuple[int, int, int], int], dtype: torch.dtype
+            ) -> dict[tuple[int, int, int], int]:
+    """The layout of each shape of a model's float layers, {(in, out, rows of x): count} of
+    `dtype`, on this CPU: 0 for plain nn.Linear, else the row hint of a packing. The one whose
+    layers a pass of x through all of them spends least time in (time_ways: plain, packed for
+    its rows, packed for each of HINTS; the layout that wins on one processor can lose on
+    another), timed once on layers of random weights, as it does not depend on the values, so
+    that no real layer need be held in two forms. The shapes are timed together, in a model's
+    order: a shape's layers timed alone sit in a large last-level cache, where a model's pass
+    streams them from memory, and the two can rank layouts apart. The verdicts are kept per
+    CPU, PyTorch version and thread count in the cache's layouts.json (delete it to measure
+    again)."""
+    name = str(dtype).removeprefix("torch.")
+    keys = {shape: f"{count} x {shape[0]}->{shape[1]} {name} @ {shape[2]} rows in a pass"
+            for shape, count in shapes.items()}
+    verdicts = {shape: measured(key) for shape, key in keys.items()}
+    if None not in verdicts.values():
+        return verdicts
+    hints = {"plain": lambda shape: 0, "rows": lambda shape: shape[2],
+             **{str(h): (lambda shape, h=h: h) for h in HINTS}}
+    times = time_ways(shapes, {way: _layer_maker(hint) for way, hint in hints.items()}, dtype)
+    for shape in shapes:
+        fastest = min(times, key=lambda way: times[way][shape])
+        verdicts[shape] = hints[fastest](shape)
+        remember(keys[shape], verdicts[shape])
+    return verdicts
 
 
-def fastest_layout(plain: list[nn.Linear], rows: int = 1) -> tuple[int, list[PackedLinear]]:
-    """(hint, packed layers) of the fastest layout for `plain`'s layers at x of `rows` rows
-    (timed at no more than MEASURED_ROWS of them): 0 and [] when nn.Linear itself is the
-    fastest. Each layout is timed against the best so far (seconds_per_pass); a loser's
-    copies are let go before the next is made."""
-    timed = min(rows, MEASURED_ROWS)
-    best_hint, best_layers = 0, []
-    best = seconds_per_pass(plain, timed)
-    for hint in dict.fromkeys((rows, *HINTS)):
-        packed = [PackedLinear.from_linear(linear, hint).eval() for linear in plain]
-        took = seconds_per_pass(packed, timed)
-        if took < best:
-            best_hint, best_layers, best = hint, packed, took
-        del packed
-    return best_hint, best_layers
+def _layer_maker(hint):
+    """W, shape -> W's layer in the layout hint(shape) gives (0: nn.Linear's plain product)."""
+    def make(w: torch.Tensor, shape: tuple[int, int, int]):
+        rows = hint(shape)
+        return (lambda x: F.linear(x, w)) if not rows else PackedLinear(w, None, rows).eval()
+    return make
+
+
+@torch.no_grad()
+def time_ways(shapes: Mapping[tuple[int, int, int], int], ways: Mapping[str, Callable],
+              dtype: torch.dtype = torch.float32, rounds: int = 5
+              ) -> dict[str, dict[tuple[int, int, int], float]]:
+    """{way: {shape: seconds a pass spends in that shape's layers}}: each of `ways` (W (out,
+    in), shape -> the product as a function of x) made of random layers of `shapes`, {(in,
+    out, rows of x): count}, in a model's order (one of each shape a block, as long as its
+    count lasts; at most MEASURED_BYTES of weights in all, and x of at most MEASURED_ROWS
+    rows), each call on its own clock, best of `rounds` passes after one to warm up. One
+    way's layers are held at a time, each made from its own random W."""
+    total = sum(dtype.itemsize * n_in * n_out * count
+                for (n_in, n_out, _), count in shapes.items())
+    scale = min(1.0, MEASURED_BYTES / total)
+    counts = {shape: max(1, round(count * scale)) for shape, count in shapes.items()}
+    order = [shape for i in range(max(counts.values())) for shape in shapes if i < counts[shape]]
+    inputs = {shape: torch.randn(min(shape[2], MEASURED_ROWS), shape[0], dtype=dtype)
+              for shape in shapes}
+    times = {}
+    for way, make in ways.items():
+        calls = [make(torch.randn(shape[1], shape[0], dtype=dtype), shape) for shape in order]
+        best = dict.fromkeys(shapes, float("inf"))
+        for attempt in range(rounds + 1):
+            took = dict.fromkeys(shapes, 0.0)
+            for shape, call in zip(order, calls):
+                start = time.perf_counter()
+                call(inputs[shape])
+                took[shape] += time.perf_counter() - start
+            if attempt:
+                best = {shape: min(best[shape], took[shape]) for shape in shapes}
+        times[way] = best
+        del calls
+    return times
 
 
 def _verdicts_file() -> Path:
@@ -210,21 +252,26 @@ def _verdicts_file() -> Path:
 
 
 def _machine() -> str:
-    """This CPU's model name, PyTorch's version and its thread count: what a verdict holds
-    for."""
+    """This CPU (its model name, and where a virtual machine names every model alike, its
+    family, model, stepping and cache), PyTorch's version and its thread count: what a
+    verdict holds for."""
     name = platform.processor()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
+        info = dict(line.split(":", 1) for line in
+                    Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines()
+                    if ":" in line)
+        info = {k.strip(): v.strip() for k, v in info.items()}
+        name = info.get("model name", name)
+        ids = [info.get(k) for k in ("cpu family", "model", "stepping", "cache size")]
+        if all(ids):
+            name += f" ({'/'.join(ids[:3])}, {ids[3]})"
+    except (OSError, ValueError):
         pass
     return f"{name} | torch {torch.__version__} | {torch.get_num_threads()} threads"
 
 
 def measured(key: str) -> int | None:
-    """The layout fastest_layout chose for `key` on this machine before (0 plain, else the
+    """The layout `layouts` chose for `key` on this machine before (0 plain, else the
     packing's row hint; kept in the cache's layouts.json, so a start-up measures once per
     machine and shape), or None."""
     try:
@@ -251,21 +298,3 @@ def remember(key: str, verdict: int) -> None:
         os.replace(tmp, path)
     except OSError:
         pass
-
-
-@torch.no_grad()
-def seconds_per_pass(layers: list[nn.Module], rows: int = 1, rounds: int = 5) -> float:
-    """Seconds of y = x W^T + b for x of `rows` rows through every layer in turn (one row:
-    each W read from memory once, as a decoding step reads it), best of `rounds` after one
-    to warm up."""
-    first = layers[0]
-    dtype = first.weight.dtype if isinstance(first, nn.Linear) else first.dtype
-    x = torch.randn(rows, first.in_features, dtype=dtype)
-
-    def once() -> float:
-        start = time.perf_counter()
-        for layer in layers:
-            layer(x)
-        return time.perf_counter() - start
-    once()
-    return min(once() for _ in range(rounds))
