@@ -61,6 +61,22 @@ def test_bf16_attention_on_cpu_runs_in_fp32_under_autocast_and_without():
     assert q.grad.dtype == torch.bfloat16 and q.grad.isfinite().all()
 
 
+def test_inference_reads_bf16_keys_and_values_as_they_are():
+    # without gradients, bf16 K and V (a bf16 model's, or a 16-bit cache under an fp32 model)
+    # go to the kernel in bf16, which sums in fp32: the formula on the same rounded values,
+    # an fp32 query cast to bf16 first and the result cast back to fp32
+    q, k, v = qkv(H=4, Hkv=2, Tq=1, Tk=9)
+    k16, v16 = k.bfloat16(), v.bfloat16()
+    expected = attention_math(q, k16.float().repeat_interleave(2, 1),
+                              v16.float().repeat_interleave(2, 1))
+    with torch.no_grad():
+        mixed = attention(q, k16, v16)
+        both = attention(q.bfloat16(), k16, v16)
+    assert mixed.dtype == torch.float32 and both.dtype == torch.bfloat16
+    for out in (mixed, both):
+        torch.testing.assert_close(out.float(), expected, atol=1e-2, rtol=1e-2)
+
+
 def test_a_query_that_sees_no_key_gets_zero_on_both_paths():
     q, k, v = qkv(B=1, Tq=4, Tk=4)
     padding = torch.tensor([[False, False, True, True]])[:, None, None, :]  # left padding

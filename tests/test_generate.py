@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from monotile.core.transformer import ModelConfig, init_weights
+from monotile.infer.convert import convert
 from monotile.infer.generate import (Sampling, TextPieces, apply_presence_frequency,
                                      apply_repetition_penalty, generate_ids,
                                      top_k_filter, top_p_filter)
@@ -30,6 +31,24 @@ def test_kv_cache_generation_equals_full_recompute(style):
     full = torch.stack(list(generate_ids(model, prompt, 40, greedy, use_cache=False)), 1)
     assert cached.tolist() == full.tolist()
     assert len(set(cached[0].tolist())) > 3  # not a degenerate repeat of one token
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_int8_and_int4_decode_from_a_bf16_cache_as_they_would_recompute(dtype):
+    # their KV cache in bf16 (half fp32's bytes, as llama.cpp keeps f16): each step's logits
+    # those of the whole sequence recomputed in fp32, to bf16's rounding of K and V
+    model = random_lm("llama")
+    convert(model, dtype)
+    cache = model.trunk.make_cache(1, 16)
+    assert all(c.k.dtype == c.v.dtype == torch.bfloat16 for c in cache)
+    assert model.trunk.make_cache(1, 16, dtype=torch.float32)[0].k.dtype == torch.float32
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6, 5, 3]])
+    with torch.no_grad():
+        full = model(ids)
+        steps = [model(ids[:, :4], cache=cache, pos=0)[:, -1]]
+        steps += [model(ids[:, t:t + 1], cache=cache, pos=t)[:, -1] for t in range(4, 10)]
+    spread = full.std().item()  # the logits' scale (large weights: ~2)
+    torch.testing.assert_close(torch.stack(steps, 1), full[:, 3:], atol=0.05 * spread, rtol=0)
 
 
 def test_kv_cache_sampling_equals_full_recompute_with_the_same_seed():

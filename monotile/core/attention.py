@@ -50,28 +50,36 @@ ATTENTION_IMPLS = ("sdpa", "math")
 
 
 def _cpu_attends_in_fp32(q: torch.Tensor) -> bool:
-    """True for CPU inputs in bf16 or fp16, or in fp32 under CPU autocast (which would run the
-    kernel in bf16): those are attended in fp32 (see _fp32_on_cpu)."""
+    """True for CPU inputs in bf16 or fp16 where gradients are kept (training: see
+    _fp32_on_cpu), or in fp32 under CPU autocast (which would run the kernel in bf16): those
+    are attended in fp32."""
     if q.device.type != "cpu":
         return False
-    return q.dtype in (torch.bfloat16, torch.float16) or (
+    return (q.dtype in (torch.bfloat16, torch.float16) and torch.is_grad_enabled()) or (
         q.dtype == torch.float32 and torch.is_autocast_enabled("cpu"))
 
 
 def _fp32_on_cpu(attend):
     """`attend(q, k, v, **options)` computed in fp32 with autocast off where
-    _cpu_attends_in_fp32(q), the result cast back to q's dtype; elsewhere `attend` as it is.
+    _cpu_attends_in_fp32(q), the result cast back to q's dtype; elsewhere `attend` as it is,
+    q first cast to the dtype of k and v where a 16-bit KV cache holds them under an fp32
+    model (int8 and int4 decoding), the result cast back.
 
     The CPU kernel's bf16 backward is ~5x slower than its fp32 one at these sizes
     (bench/train_text.py), so a bf16 model or a bf16-autocast step would lose there what its
-    bf16 matmuls gain; and an fp32 softmax is the more accurate anyway."""
+    bf16 matmuls gain; and an fp32 softmax is the more accurate anyway. Without gradients the
+    kernel reads bf16 as it is, summing in fp32: one decoding step's attention over 300 cached
+    positions of SmolLM2's shape took 20 us so, 46 with the keys and values cast to fp32
+    first, 24 all in fp32."""
     @functools.wraps(attend)
     def attend_on_cpu_in_fp32(q, k, v, **options):
-        if not _cpu_attends_in_fp32(q):
-            return attend(q, k, v, **options)
-        with torch.autocast("cpu", enabled=False):
-            out = attend(q.float(), k.float(), v.float(), **options)
-        return out.to(q.dtype)
+        if _cpu_attends_in_fp32(q):
+            with torch.autocast("cpu", enabled=False):
+                out = attend(q.float(), k.float(), v.float(), **options)
+            return out.to(q.dtype)
+        if k.dtype != q.dtype:
+            return attend(q.to(k.dtype), k, v, **options).to(q.dtype)
+        return attend(q, k, v, **options)
     return attend_on_cpu_in_fp32
 
 
@@ -85,8 +93,9 @@ def attention(q, k, v, *, mask=None, is_causal=False, impl: str = "sdpa") -> tor
     kernel, which reads each K/V head for its H / Hkv query heads in place: enable_gqa) or
     "math" (attention_math, on K/V heads repeated); tests prove the two equal.
 
-    On CPU, bf16/fp16 inputs (a bf16 model, or autocast) are attended in fp32 and the result
-    cast back (_fp32_on_cpu: the CPU kernel's bf16 backward is ~5x slower than its fp32 one).
+    On CPU, bf16/fp16 inputs (a bf16 model, or autocast) are attended in fp32 where gradients
+    are kept and the result cast back (_fp32_on_cpu: the CPU kernel's bf16 backward is ~5x
+    slower than its fp32 one); keys and values from a 16-bit cache take q in their dtype.
     """
     gqa = q.size(1) != k.size(1)  # each K/V head serves H / Hkv query heads
     if gqa and impl == "math":
@@ -204,6 +213,7 @@ class KVCache:
         """Write k, v (B, Hkv, T, d) at positions pos..pos+T-1; return all keys/values so far.
         With pos a (B,) tensor (T = 1), row b's key goes to its own position pos[b], and the
         keys up to the largest position come back (the caller masks each row's tail)."""
+        k, v = k.to(self.k.dtype), v.to(self.v.dtype)  # a 16-bit cache of an fp32 model
         if torch.is_tensor(pos):
             rows = torch.arange(k.size(0), device=k.device)
             self.k[rows, :, pos] = k[:, :, 0]

@@ -189,6 +189,9 @@ class Transformer(nn.Module):
                      if cfg.norm_position == "pre" else nn.Identity())
         self.embed_norm = (make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
                            if cfg.embed_norm else None)
+        # the KV cache's dtype, where not the weights': int8 and int4 decoding keep it in bf16
+        # (infer/convert.py), as llama.cpp keeps its f16
+        self.cache_dtype: torch.dtype | None = None
         # the rotation table (context, d_head/2, 2): a buffer, so that .to(device), .cuda() and
         # DDP/FSDP move it with the weights; not saved, since the config determines it
         self.register_buffer("rope", self._rope_table(torch.get_default_device()),
@@ -273,11 +276,13 @@ class Transformer(nn.Module):
         return self.norm(x)
 
     def make_cache(self, batch: int, max_len: int | None = None, dtype=None) -> list[KVCache]:
-        """One empty KVCache per block, for decoding up to max_len (default: the context)."""
+        """One empty KVCache per block, for decoding up to max_len (default: the context), in
+        `dtype` (default: cache_dtype where set, else the weights')."""
         cfg = self.cfg
         p = next(self.parameters())
         return [KVCache(batch, cfg.kv_heads, max_len or cfg.context, cfg.head_dim,
-                        dtype or p.dtype, p.device) for _ in range(cfg.n_layer)]
+                        dtype or self.cache_dtype or p.dtype, p.device)
+                for _ in range(cfg.n_layer)]
 
     def make_cross_cache(self, batch: int, memory_len: int, dtype=None) -> list[KVCache]:
         """One KVCache per block for the cross-attention's keys and values of a memory of

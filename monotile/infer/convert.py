@@ -7,6 +7,9 @@ monotile.load(RUN, dtype=...), which reads the weights file as it goes):
     int4      every Linear whose inputs come in groups of 32 W ~ d Q + m; the head and the
               embeddings 8 bits, as int8's (llama.cpp's Q4 files keep token_embd in Q8_0)
 
+int8 and int4 keep a decoder's KV cache in bf16 (the trunk's cache_dtype), as llama.cpp keeps
+its f16: half the memory of fp32's, and read by the attention kernel as it is.
+
 With the weights file (train/checkpoint.py's WeightReader) each layer's float weight is read
 just before the layer is converted and let go right after, so the float model is never whole
 in memory: a process decoding in int4 holds the 4-bit weights, not the fp32 ones first, as
@@ -102,6 +105,9 @@ def convert(model: nn.Module, dtype: str, rows: int | Mapping[str, int] = 1,
             weights.keep_only([*model.parameters(), *model.buffers()])
         if dtype == "bfloat16":
             model.to(torch.bfloat16)
+    trunk = getattr(model, "trunk", None)
+    if dtype in ("int8", "int4") and hasattr(trunk, "cache_dtype"):
+        trunk.cache_dtype = torch.bfloat16  # K and V in 16 bits: half the cache's memory
     model.eval()
     release_free_memory()
 
@@ -191,6 +197,11 @@ def _convert(module, name, dtype, float_dtype, rows, hints, weights, shared,
         with torch.device("meta"):
             new = Int8Linear(module.in_features, module.out_features, module.bias is not None)
         new = _int8(module, source, release, shared, new)
+        # s in bf16 made now, beside the weights: made at the first call, inside a prompt's
+        # prefill, the 120 small tensors land between its large temporaries and keep the
+        # heap from giving their room back (int8 SmolLM2 peaked at 425-432 MiB in half the
+        # runs, 418 at most with them made here)
+        new.scale_bf16()
         if native and module.in_features % native_kernels.GROUP == 0:
             new = NativeInt8Linear(native_kernels.pack_q8(new.weight_int8), new.scale,
                                    module.out_features, new.bias)
