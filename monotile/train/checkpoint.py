@@ -302,12 +302,8 @@ class WeightReader:
             return None
         if self.map is None:
             self.map = mmap.mmap(self.raw.fileno(), 0, access=mmap.ACCESS_COPY)
-            # pages mapped one by one, never a whole 2 MB folio of the page cache at once:
-            # letting part of such a mapping go would unmap all of it, and mapping one maps
-            # its neighbours' weights too
-            if hasattr(mmap, "MADV_NOHUGEPAGE"):  # Linux
-                self.map.madvise(mmap.MADV_NOHUGEPAGE)
             self.base = torch.frombuffer(self.map, dtype=torch.uint8)
+            self.kept: list[list[int]] = []  # keep_only's spans, never let go after
         self.done.add(name)
         return self.base[start:end].view(dtype).view(shape)
 
@@ -317,10 +313,12 @@ class WeightReader:
 
     def keep_only(self, tensors) -> None:
         """Map in the pages of the lent ones of `tensors` now and let every other page of the
-        file go. Reading a mapped page maps its neighbours too (the system's fault-around,
-        64 KB), so the first pass over the layers left in the file's pages would otherwise
-        bring back pages of the layers converted and let go before them (fp32 SmolLM2:
-        272 MiB lent, 287 to 352 MiB of the file resident after the first token)."""
+        file go, and from then on never the lent ones (`release` passes over them). A read
+        maps the whole page-cache folio it falls in (up to 2 MB here), so the first pass over
+        the layers left in the file's pages would otherwise bring back pages of the layers
+        converted and let go before them (fp32 SmolLM2: 272 MiB lent, 287 to 352 MiB of the
+        file resident after the first token). The lent pages are mapped a page at a time
+        (no 2 MB mapping, which letting any of it go would unmap whole)."""
         if self.map is None:
             return
         page, base = mmap.PAGESIZE, self.base.data_ptr()
@@ -333,27 +331,45 @@ class WeightReader:
                 kept[-1][1] = max(kept[-1][1], end)
             else:
                 kept.append([start, end])
+        if kept and hasattr(mmap, "MADV_NOHUGEPAGE"):  # Linux
+            self.map.madvise(mmap.MADV_NOHUGEPAGE)
+        self.map.madvise(mmap.MADV_DONTNEED)  # all, the 2 MB mappings of the reads with it
         for start, end in kept:
             _populate(self.map, self.base, start, end)
-        at = 0
-        for start, end in [*kept, [len(self.map), len(self.map)]]:
-            if start > at:
-                self.map.madvise(mmap.MADV_DONTNEED, at, start - at)
-            at = max(at, end)
+        self.kept = kept
+        self._release_span(0, len(self.map))  # what the populating mapped about them
 
     def release(self, t: torch.Tensor) -> None:
         """Let this process's copy of a mapped tensor's pages go (the system keeps them cached;
-        a later read maps them again): what was read to convert a layer is not kept."""
+        a later read maps them again): what was read to convert a layer is not kept. With
+        them, the pages of the page-cache folios they fall in (a read mapped those too: up to
+        FOLIO_BYTES about it), but those keep_only kept."""
         if self.map is None or not t.numel():
             return
-        page = mmap.PAGESIZE
         start = t.data_ptr() - self.base.data_ptr()
         end = start + t.numel() * t.element_size()
         if 0 <= start and end <= len(self.map):
-            start -= start % page
-            self.map.madvise(mmap.MADV_DONTNEED, start, end - start)
+            self._release_span(start - start % FOLIO_BYTES,
+                               min(-(-end // FOLIO_BYTES) * FOLIO_BYTES, len(self.map)))
+
+    def _release_span(self, start: int, end: int) -> None:
+        """madvise(MADV_DONTNEED) over start..end (page-aligned) but keep_only's spans."""
+        at = start
+        for low, high in self.kept:
+            if high <= at:
+                continue
+            if low >= end:
+                break
+            if low > at:
+                self.map.madvise(mmap.MADV_DONTNEED, at, low - at)
+            at = max(at, high)
+        if at < end:
+            self.map.madvise(mmap.MADV_DONTNEED, at, end - at)
 
 
+# the largest page-cache folio a read of a mapped file maps whole: a PMD's 2 MB on x86-64 (a
+# file the system keeps as huge pages), smaller folios fault around less
+FOLIO_BYTES = 2 << 20
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14+
 
 
