@@ -61,17 +61,29 @@ def test_bf16_attention_on_cpu_runs_in_fp32_under_autocast_and_without():
     assert q.grad.dtype == torch.bfloat16 and q.grad.isfinite().all()
 
 
-def test_inference_reads_bf16_keys_and_values_as_they_are():
-    # without gradients, bf16 K and V (a bf16 model's, or a 16-bit cache under an fp32 model)
-    # go to the kernel in bf16, which sums in fp32: the formula on the same rounded values,
-    # an fp32 query cast to bf16 first and the result cast back to fp32
+def test_inference_reads_bf16_keys_and_values_as_they_are(monkeypatch):
+    # without gradients or autocast, bf16 K and V (a bf16 model's, or a 16-bit cache under an
+    # fp32 model) go to the kernel in bf16, which sums in fp32: the formula on the same rounded
+    # values, an fp32 query cast to bf16 first and the result cast back to fp32. Training (and
+    # its evaluation under autocast) and the written-out formula attend in fp32 as before
     q, k, v = qkv(H=4, Hkv=2, Tq=1, Tk=9)
     k16, v16 = k.bfloat16(), v.bfloat16()
     expected = attention_math(q, k16.float().repeat_interleave(2, 1),
                               v16.float().repeat_interleave(2, 1))
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, k, v, **kw: seen.append(k.dtype) or sdpa(q, k, v, **kw))
     with torch.no_grad():
         mixed = attention(q, k16, v16)
         both = attention(q.bfloat16(), k16, v16)
+        assert seen == [torch.bfloat16] * 2
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            attention(q.bfloat16(), k16, v16)
+        assert seen[-1] == torch.float32
+        assert attention(q.bfloat16(), k16, v16, impl="math").dtype == torch.bfloat16
+    attention(q.bfloat16().requires_grad_(), k16, v16)
+    assert seen[-1] == torch.float32
     assert mixed.dtype == torch.float32 and both.dtype == torch.bfloat16
     for out in (mixed, both):
         torch.testing.assert_close(out.float(), expected, atol=1e-2, rtol=1e-2)

@@ -49,14 +49,17 @@ def attention_math(q, k, v, mask: torch.Tensor | None = None) -> torch.Tensor:
 ATTENTION_IMPLS = ("sdpa", "math")
 
 
-def _cpu_attends_in_fp32(q: torch.Tensor) -> bool:
-    """True for CPU inputs in bf16 or fp16 where gradients are kept (training: see
-    _fp32_on_cpu), or in fp32 under CPU autocast (which would run the kernel in bf16): those
-    are attended in fp32."""
+def _cpu_attends_in_fp32(q: torch.Tensor, impl: str = "sdpa") -> bool:
+    """True for CPU inputs in bf16 or fp16 where gradients are kept or autocast is on
+    (training, and its evaluation: see _fp32_on_cpu) or the written-out formula computes,
+    and in fp32 under CPU autocast (which would run the kernel in bf16): those are attended
+    in fp32."""
     if q.device.type != "cpu":
         return False
-    return (q.dtype in (torch.bfloat16, torch.float16) and torch.is_grad_enabled()) or (
-        q.dtype == torch.float32 and torch.is_autocast_enabled("cpu"))
+    autocast = torch.is_autocast_enabled("cpu")
+    if q.dtype in (torch.bfloat16, torch.float16):
+        return torch.is_grad_enabled() or autocast or impl == "math"
+    return q.dtype == torch.float32 and autocast
 
 
 def _fp32_on_cpu(attend):
@@ -67,13 +70,13 @@ def _fp32_on_cpu(attend):
 
     The CPU kernel's bf16 backward is ~5x slower than its fp32 one at these sizes
     (bench/train_text.py), so a bf16 model or a bf16-autocast step would lose there what its
-    bf16 matmuls gain; and an fp32 softmax is the more accurate anyway. Without gradients the
-    kernel reads bf16 as it is, summing in fp32: one decoding step's attention over 300 cached
-    positions of SmolLM2's shape took 20 us so, 46 with the keys and values cast to fp32
-    first, 24 all in fp32."""
+    bf16 matmuls gain; and an fp32 softmax is the more accurate anyway. In inference (no
+    gradients, no autocast) the fused kernel reads bf16 as it is, summing in fp32: one
+    decoding step's attention over 300 cached positions of SmolLM2's shape took 20 us so, 46
+    with the keys and values cast to fp32 first, 24 all in fp32."""
     @functools.wraps(attend)
     def attend_on_cpu_in_fp32(q, k, v, **options):
-        if _cpu_attends_in_fp32(q):
+        if _cpu_attends_in_fp32(q, options.get("impl", "sdpa")):
             with torch.autocast("cpu", enabled=False):
                 out = attend(q.float(), k.float(), v.float(), **options)
             return out.to(q.dtype)
@@ -94,8 +97,9 @@ def attention(q, k, v, *, mask=None, is_causal=False, impl: str = "sdpa") -> tor
     "math" (attention_math, on K/V heads repeated); tests prove the two equal.
 
     On CPU, bf16/fp16 inputs (a bf16 model, or autocast) are attended in fp32 where gradients
-    are kept and the result cast back (_fp32_on_cpu: the CPU kernel's bf16 backward is ~5x
-    slower than its fp32 one); keys and values from a 16-bit cache take q in their dtype.
+    are kept or autocast is on, and the result cast back (_fp32_on_cpu: the CPU kernel's bf16
+    backward is ~5x slower than its fp32 one); in inference the fused kernel reads them as
+    they are, and keys and values from a 16-bit cache take q in their dtype.
     """
     gqa = q.size(1) != k.size(1)  # each K/V head serves H / Hkv query heads
     if gqa and impl == "math":

@@ -7,8 +7,9 @@ monotile.load(RUN, dtype=...), which reads the weights file as it goes):
     int4      every Linear whose inputs come in groups of 32 W ~ d Q + m; the head and the
               embeddings 8 bits, as int8's (llama.cpp's Q4 files keep token_embd in Q8_0)
 
-int8 and int4 keep a decoder's KV cache in bf16 (the trunk's cache_dtype), as llama.cpp keeps
-its f16: half the memory of fp32's, and read by the attention kernel as it is.
+int8 and int4 keep a text model's KV cache in bf16 (its trunk's cache_dtype), as llama.cpp
+keeps its f16: half the memory of fp32's, and read by the attention kernel as it is. (Whisper's
+decoder keeps its caches in fp32, as CTranslate2's int8 does.)
 
 With the weights file (train/checkpoint.py's WeightReader) each layer's float weight is read
 just before the layer is converted and let go right after, so the float model is never whole

@@ -332,8 +332,13 @@ class WeightReader:
             else:
                 kept.append([start, end])
         if kept and hasattr(mmap, "MADV_NOHUGEPAGE"):  # Linux
-            self.map.madvise(mmap.MADV_NOHUGEPAGE)
-        self.map.madvise(mmap.MADV_DONTNEED)  # all, the 2 MB mappings of the reads with it
+            try:
+                self.map.madvise(mmap.MADV_NOHUGEPAGE)
+            except OSError:  # a kernel without transparent huge pages: none to avoid
+                pass
+        # all, the 2 MB mappings of the reads with it (the lent tensors are read only: the
+        # file's pages are all they hold, and they are mapped again just below)
+        self.map.madvise(mmap.MADV_DONTNEED)
         for start, end in kept:
             _populate(self.map, self.base, start, end)
         self.kept = kept
