@@ -306,18 +306,15 @@ def float32_native_shapes(shapes: Mapping[tuple[int, int], int], compiler_packs:
     MKL's packed product, its 49,152-row head 10-20 % slower), and on where the weights come
     from: a shape timed alone sits in a large last-level cache, so the shapes are timed as a
     model runs them, layer after layer in their counts (time_float32_ways; bench/
-    fp32_products.py prints them). Measured once per machine and shape; the verdicts are kept
+    layouts.py prints them). Measured once per machine and shape; the verdicts are kept
     beside packed.layouts' (float32_key)."""
-    from .packed import measured, remember
+    from .packed import fastest
     other = "mkl" if compiler_packs and torch._C.has_mkl else "plain"
-    keys = {shape: float32_key(shape, count, other) for shape, count in shapes.items()}
-    verdicts = {shape: measured(key) for shape, key in keys.items()}
-    if None in verdicts.values():
-        best = time_float32_ways(shapes, ("native", other))
-        verdicts = {shape: best["native"][shape] < best[other][shape] for shape in shapes}
-        for shape, verdict in verdicts.items():
-            remember(keys[shape], int(verdict))
-    return {shape for shape, verdict in verdicts.items() if verdict}
+    ways = {name: _float32_maker(name) for name in (other, "native")}  # a tie: the compiler's
+    verdicts = fastest({(n_in, n_out, 1): count for (n_in, n_out), count in shapes.items()},
+                       ways, lambda way, shape: int(way == "native"),
+                       lambda shape, count: float32_key(shape[:2], count, other))
+    return {shape[:2] for shape, verdict in verdicts.items() if verdict}
 
 
 def float32_key(shape: tuple[int, int], count: int, other: str) -> str:
@@ -342,10 +339,15 @@ def time_float32_ways(shapes: Mapping[tuple[int, int], int], names: tuple[str, .
     one row of x through {(in, out): count} layers in a model's order (packed.time_ways: at
     most MEASURED_BYTES of random weights in all, best of five passes)."""
     from .packed import time_ways
-    ways = {name: (lambda w, shape, make=FLOAT32_WAYS[name]: make(w)) for name in names}
-    times = time_ways({(n_in, n_out, 1): count for (n_in, n_out), count in shapes.items()}, ways)
+    times = time_ways({(n_in, n_out, 1): count for (n_in, n_out), count in shapes.items()},
+                      {name: _float32_maker(name) for name in names})
     return {name: {shape[:2]: t for shape, t in by_shape.items()}
             for name, by_shape in times.items()}
+
+
+def _float32_maker(name: str):
+    """FLOAT32_WAYS[name] as time_ways makes layers: W, shape -> the product."""
+    return lambda w, shape: FLOAT32_WAYS[name](w)
 
 
 class NativeEmbedding(nn.Module):

@@ -180,36 +180,51 @@ def layouts(shapes: Mapping[tuple[int, int, int], int], dtype: torch.dtype
             ) -> dict[tuple[int, int, int], int]:
     """The layout of each shape of a model's float layers, {(in, out, rows of x): count} of
     `dtype`, on this CPU: 0 for plain nn.Linear, else the row hint of a packing. The one whose
-    layers a pass of x through all of them spends least time in (time_ways: plain, packed for
+    layers a pass of x through all of them spends least time in (LAYOUTS: plain, packed for
     its rows, packed for each of HINTS; the layout that wins on one processor can lose on
     another), timed once on layers of random weights, as it does not depend on the values, so
     that no real layer need be held in two forms. The shapes are timed together, in a model's
     order: a shape's layers timed alone sit in a large last-level cache, where a model's pass
-    streams them from memory, and the two can rank layouts apart. The verdicts are kept per
-    CPU, PyTorch version and thread count in the cache's layouts.json (delete it to measure
-    again)."""
+    streams them from memory, and the two can rank layouts apart (bench/layouts.py prints the
+    timings). The verdicts are kept per CPU, PyTorch version and thread count in the cache's
+    layouts.json (delete it to measure again)."""
     name = str(dtype).removeprefix("torch.")
-    keys = {shape: f"{count} x {shape[0]}->{shape[1]} {name} @ {shape[2]} rows in a pass"
-            for shape, count in shapes.items()}
-    verdicts = {shape: measured(key) for shape, key in keys.items()}
-    if None not in verdicts.values():
-        return verdicts
-    hints = {"plain": lambda shape: 0, "rows": lambda shape: shape[2],
-             **{str(h): (lambda shape, h=h: h) for h in HINTS}}
-    times = time_ways(shapes, {way: _layer_maker(hint) for way, hint in hints.items()}, dtype)
-    for shape in shapes:
-        fastest = min(times, key=lambda way: times[way][shape])
-        verdicts[shape] = hints[fastest](shape)
-        remember(keys[shape], verdicts[shape])
-    return verdicts
+    return fastest(shapes, {way: layout_maker(hint) for way, hint in LAYOUTS.items()},
+                   lambda way, shape: LAYOUTS[way](shape),
+                   lambda shape, count: f"{count} x {shape[0]}->{shape[1]} {name} @ "
+                                        f"{shape[2]} rows in a pass", dtype)
 
 
-def _layer_maker(hint):
-    """W, shape -> W's layer in the layout hint(shape) gives (0: nn.Linear's plain product)."""
+# the layouts a float layer may take, each as the packing's row hint it gives a shape (in,
+# out, rows of x): 0 for nn.Linear's plain product
+LAYOUTS: dict[str, Callable[[tuple[int, int, int]], int]] = {
+    "plain": lambda shape: 0, "rows": lambda shape: shape[2],
+    **{str(h): (lambda shape, h=h: h) for h in HINTS}}
+
+
+def layout_maker(hint: Callable[[tuple[int, int, int]], int]) -> Callable:
+    """W, shape -> W's layer in the layout hint(shape) gives (0: nn.Linear's plain product),
+    for time_ways."""
     def make(w: torch.Tensor, shape: tuple[int, int, int]):
         rows = hint(shape)
         return (lambda x: F.linear(x, w)) if not rows else PackedLinear(w, None, rows).eval()
     return make
+
+
+def fastest(shapes: Mapping[tuple, int], ways: Mapping[str, Callable],
+            verdict: Callable[[str, tuple], int], key: Callable[[tuple, int], str],
+            dtype: torch.dtype = torch.float32) -> dict[tuple, int]:
+    """{shape: verdict(the fastest of `ways` for it, shape)} for a model's layer shapes
+    {(in, out, rows of x): count}, timed together once per machine (time_ways; the first of
+    equally fast ways wins) and kept in layouts.json under key(shape, count)."""
+    keys = {shape: key(shape, count) for shape, count in shapes.items()}
+    verdicts = {shape: measured(k) for shape, k in keys.items()}
+    if None in verdicts.values():
+        times = time_ways(shapes, ways, dtype)
+        for shape in shapes:
+            verdicts[shape] = verdict(min(times, key=lambda way: times[way][shape]), shape)
+            remember(keys[shape], verdicts[shape])
+    return verdicts
 
 
 @torch.no_grad()
