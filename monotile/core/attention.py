@@ -217,7 +217,8 @@ class KVCache:
         """Write k, v (B, Hkv, T, d) at positions pos..pos+T-1; return all keys/values so far.
         With pos a (B,) tensor (T = 1), row b's key goes to its own position pos[b], and the
         keys up to the largest position come back (the caller masks each row's tail)."""
-        k, v = k.to(self.k.dtype), v.to(self.v.dtype)  # a 16-bit cache of an fp32 model
+        if k.dtype != self.k.dtype:  # a 16-bit cache of an fp32 model
+            k, v = k.to(self.k.dtype), v.to(self.v.dtype)
         if torch.is_tensor(pos):
             rows = torch.arange(k.size(0), device=k.device)
             self.k[rows, :, pos] = k[:, :, 0]

@@ -198,15 +198,15 @@ def _convert(module, name, dtype, float_dtype, rows, hints, weights, shared,
         with torch.device("meta"):
             new = Int8Linear(module.in_features, module.out_features, module.bias is not None)
         new = _int8(module, source, release, shared, new)
-        # s in bf16 made now, beside the weights: made at the first call, inside a prompt's
-        # prefill, the 120 small tensors land between its large temporaries and keep the
-        # heap from giving their room back (int8 SmolLM2 peaked at 425-432 MiB in half the
-        # runs, 418 at most with them made here)
-        new.scale_bf16()
         if native and module.in_features % native_kernels.GROUP == 0:
             new = NativeInt8Linear(native_kernels.pack_q8(new.weight_int8), new.scale,
                                    module.out_features, new.bias)
             shared[key] = new
+        else:  # s in bf16 made now, beside the weights: made at the first call, inside a
+            # prompt's prefill, the 120 small tensors land between its large temporaries and
+            # keep the heap from giving their room back (int8 SmolLM2 peaked at 425-432 MiB
+            # in half the runs, 418 at most with them made here)
+            new.scale_bf16()
         return new
     if dtype == "int4" and type(module) is nn.Linear and module.in_features % INT4_GROUP == 0:
         groups = quantize_groups_int4(source)

@@ -18,6 +18,7 @@ to an embedding gets its own packed copy (the embedding still looks rows up in t
 from __future__ import annotations
 
 import fnmatch
+import functools
 import json
 import os
 import platform
@@ -218,12 +219,13 @@ def fastest(shapes: Mapping[tuple, int], ways: Mapping[str, Callable],
     {(in, out, rows of x): count}, timed together once per machine (time_ways; the first of
     equally fast ways wins) and kept in layouts.json under key(shape, count)."""
     keys = {shape: key(shape, count) for shape, count in shapes.items()}
-    verdicts = {shape: measured(k) for shape, k in keys.items()}
+    here = _verdicts_here()
+    verdicts = {shape: _verdict(here.get(k)) for shape, k in keys.items()}
     if None in verdicts.values():
         times = time_ways(shapes, ways, dtype)
-        for shape in shapes:
-            verdicts[shape] = verdict(min(times, key=lambda way: times[way][shape]), shape)
-            remember(keys[shape], verdicts[shape])
+        verdicts = {shape: verdict(min(times, key=lambda way: times[way][shape]), shape)
+                    for shape in shapes}
+        remember_all({keys[shape]: v for shape, v in verdicts.items()})
     return verdicts
 
 
@@ -266,10 +268,10 @@ def _verdicts_file() -> Path:
     return cache_dir() / "layouts.json"
 
 
-def _machine() -> str:
-    """This CPU (its model name, and where a virtual machine names every model alike, its
-    family, model, stepping and cache), PyTorch's version and its thread count: what a
-    verdict holds for."""
+@functools.cache
+def _cpu() -> str:
+    """This CPU: its model name, and where a virtual machine names every model alike, its
+    family, model, stepping and cache (read once a process)."""
     name = platform.processor()
     try:
         info = dict(line.split(":", 1) for line in
@@ -282,22 +284,42 @@ def _machine() -> str:
             name += f" ({'/'.join(ids[:3])}, {ids[3]})"
     except (OSError, ValueError):
         pass
-    return f"{name} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+    return name
+
+
+def _machine() -> str:
+    """This CPU, PyTorch's version and its thread count: what a verdict holds for."""
+    return f"{_cpu()} | torch {torch.__version__} | {torch.get_num_threads()} threads"
 
 
 def measured(key: str) -> int | None:
     """The layout `layouts` chose for `key` on this machine before (0 plain, else the
     packing's row hint; kept in the cache's layouts.json, so a start-up measures once per
     machine and shape), or None."""
+    return _verdict(_verdicts_here().get(key))
+
+
+def _verdicts_here() -> dict:
+    """This machine's verdicts in layouts.json, read once ({} where none can be read)."""
     try:
-        hint = json.loads(_verdicts_file().read_text()).get(_machine(), {}).get(key)
+        here = json.loads(_verdicts_file().read_text()).get(_machine(), {})
     except (OSError, ValueError, AttributeError):
-        return None
-    return hint if isinstance(hint, int) and not isinstance(hint, bool) and hint >= 0 else None
+        return {}
+    return here if isinstance(here, dict) else {}
+
+
+def _verdict(value) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 \
+        else None
 
 
 def remember(key: str, verdict: int) -> None:
     """Keep a verdict for this machine; a cache that cannot be written is no error."""
+    remember_all({key: verdict})
+
+
+def remember_all(verdicts: Mapping[str, int]) -> None:
+    """Keep verdicts for this machine, the file written once."""
     path = _verdicts_file()
     try:
         doc = json.loads(path.read_text()) if path.exists() else {}
@@ -305,7 +327,7 @@ def remember(key: str, verdict: int) -> None:
             doc = {}
     except (OSError, ValueError):
         doc = {}
-    doc.setdefault(_machine(), {})[key] = verdict
+    doc.setdefault(_machine(), {}).update(verdicts)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")

@@ -222,6 +222,7 @@ class WeightReader:
         self.raw = open(path, "rb")
         self.done: set[str] = set()
         self.map = None
+        self.kept: list[list[int]] = []  # keep_only's spans of the map, never let go after
         try:
             self.metadata, self.places = _header(self.raw, path)
         except (OSError, ValueError, KeyError, TypeError) as e:
@@ -303,7 +304,6 @@ class WeightReader:
         if self.map is None:
             self.map = mmap.mmap(self.raw.fileno(), 0, access=mmap.ACCESS_COPY)
             self.base = torch.frombuffer(self.map, dtype=torch.uint8)
-            self.kept: list[list[int]] = []  # keep_only's spans, never let go after
         self.done.add(name)
         return self.base[start:end].view(dtype).view(shape)
 
