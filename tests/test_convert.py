@@ -16,7 +16,7 @@ from torch import nn
 import monotile
 from monotile.errors import CheckpointError, ConfigError
 from monotile.infer import native
-from monotile.infer.convert import CHUNK_ROWS, MappedEmbedding, convert
+from monotile.infer.convert import CHUNK_ROWS, FileEmbedding, convert
 from monotile.infer.generate import Sampling, compile_decoding, generate_ids
 from monotile.infer.packed import PackedLinear
 from monotile.infer.quantize import Int4Linear, Int8Embedding, Int8Linear, quantize_rows
@@ -47,7 +47,7 @@ def test_a_run_loaded_layer_by_layer_equals_one_loaded_whole_then_converted(tiny
     elif type(head) is nn.Linear:  # the plain head's W (bf16, or fp32 in the file's pages)
         assert type(table) is nn.Embedding and table.weight is head.weight
     else:  # a head packed for oneDNN: the table left in the file's pages, in the model's dtype
-        assert isinstance(table, MappedEmbedding)
+        assert isinstance(table, FileEmbedding)
         assert table.dtype == (torch.bfloat16 if dtype == "bfloat16" else torch.float32)
     if dtype == "int4":
         assert isinstance(streamed.model.head, Int8Linear)  # the head at 8 bits
@@ -80,25 +80,40 @@ def test_a_tied_fp32_table_reads_the_heads_file_pages_and_saves_as_an_embedding(
     assert torch.equal(run.model.state_dict()["tok_emb.weight"], plain)
 
 
-@pytest.mark.parametrize("release", [False, True])
-def test_a_mapped_embedding_reads_the_file_and_lets_each_lookups_pages_go(tmp_path, release):
-    # a 4 MB table of an untied embedding: 200 lookups spread over it fault at least a page
-    # each in (the row, and what the system maps about it: 64 KB of fault-around, or a page
-    # cache folio of up to ~1 MB); released, what they made resident is let go
+@pytest.mark.parametrize("pread", [False, True])
+def test_a_file_embedding_reads_rows_without_mapping_the_file(tmp_path, pread):
+    # a 4 MB table of an untied embedding: 200 lookups spread over it. Through the mapping
+    # each faults at least a page in (the row, and what the system maps about it: 64 KB of
+    # fault-around, or a page-cache folio of up to 2 MB); read with pread, none is mapped
     torch.manual_seed(0)
     model = nn.Embedding(4096, 256)
     path = tmp_path / "model.safetensors"
     save_file({"weight": model.weight.detach()}, path)
     with WeightReader(model, path) as reader:
         mapped = reader.mapped(model.weight)
-        table = MappedEmbedding(mapped, torch.float32, reader.release if release else None)
-        reader.release(mapped)
-        ids = torch.randperm(4096)[:200].view(4, 50)
-        assert torch.equal(table(ids), nn.functional.embedding(ids, model.weight))
-        kb = resident_kb(path)
-        assert kb <= 8 if release else kb >= 200 * 4, kb
-        assert torch.equal(table(ids), nn.functional.embedding(ids, model.weight))  # re-read
+        table = FileEmbedding(mapped, torch.float32, reader.rows(mapped) if pread else None)
+    ids = torch.randperm(4096)[:200].view(4, 50)
+    assert torch.equal(table(ids), nn.functional.embedding(ids, model.weight))
+    kb = resident_kb(path)
+    assert kb == 0 if pread else kb >= 200 * 4, kb
+    assert torch.equal(table(ids[0, 0]), model.weight[ids[0, 0]])  # one id, no batch
+    assert table(torch.zeros(0, dtype=torch.long)).shape == (0, 256)
+    for bad in (4096, -1):  # refused as nn.Embedding refuses it, not read from elsewhere
+        with pytest.raises(IndexError, match="index out of range"):
+            table(torch.tensor([[3, bad]]))
     assert torch.equal(nn.Module.state_dict(table)["weight"], model.weight)
+
+
+def test_a_file_embedding_in_bf16_reads_the_fp32_rows_and_rounds_them(tmp_path):
+    model = nn.Embedding(64, 32)
+    path = tmp_path / "model.safetensors"
+    save_file({"weight": model.weight.detach()}, path)
+    with WeightReader(model, path) as reader:
+        mapped = reader.mapped(model.weight)
+        table = FileEmbedding(mapped, torch.bfloat16, reader.rows(mapped))
+    ids = torch.tensor([[1, 63, 1]])
+    assert table(ids).dtype == torch.bfloat16
+    assert torch.equal(table(ids), model.weight.detach()[ids].bfloat16())
 
 
 def test_int8_rows_quantized_in_pieces_equal_the_whole_matrix(tiny_run, monkeypatch):

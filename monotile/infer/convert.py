@@ -18,8 +18,8 @@ llama.cpp holds what its file maps. A head tied to an embedding is converted fir
 little else is resident, from the file's pages a thousand rows at a time, each let go once
 converted; the embedding then looks its rows up in the head's converted weight (bf16, int8
 or int4's 8 bits; fp32's in the file's pages), no second copy. An embedding left in float
-otherwise keeps the file's own pages (MappedEmbedding), and lets go what each lookup made
-resident (its row, and what the system maps about it).
+otherwise reads each lookup's rows from the file (FileEmbedding, with pread): none of its
+pages is mapped, where a mapped row brings the page-cache folio about it (up to 2 MB).
 """
 
 from __future__ import annotations
@@ -45,31 +45,28 @@ CHUNK_ROWS = 1024
 EIGHT_BITS = ("head",)  # int4 keeps these at 8 bits (llama.cpp's Q4 files keep the output too)
 
 
-class MappedEmbedding(nn.Module):
-    """E[i] looked up in a table that stays in the weights file's pages (mapped copy-on-write,
-    never written), cast to `dtype`: for inference, where a token reads one row of it. With
-    `release` (WeightReader.release) the pages a lookup made resident are let go after it:
-    the row's and those the system mapped about it (its fault-around, 64 KB, or a whole
-    large folio of the page cache, ~1 MB), which a long generation would otherwise keep
-    (20 MB in 128 tokens of SmolLM2's)."""
+class FileEmbedding(nn.Module):
+    """E[i] read from the weights file, cast to `dtype`: for inference, where a token reads one
+    row of the table. `rows` (WeightReader.rows) reads each with pread, so nothing of the file
+    is mapped into the process; `table`, the file's pages mapped (copy on write, never
+    written), is what a compiled step looks up (and what saving writes)."""
 
     def __init__(self, table: torch.Tensor, dtype: torch.dtype,
-                 release: Callable[[torch.Tensor], None] | None = None):
+                 rows: Callable[[torch.Tensor], torch.Tensor] | None = None):
         super().__init__()
-        self.table, self.dtype, self.release = table, dtype, release
+        self.table, self.dtype, self.rows = table, dtype, rows
         self.num_embeddings, self.embedding_dim = table.shape
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        out = F.embedding(idx, self.table).to(self.dtype)
-        if self.release is not None and not torch.compiler.is_compiling():
-            self.release(self.table)  # the system's work is the pages mapped, not the size
-        return out
+        if self.rows is None or torch.compiler.is_compiling():
+            return F.embedding(idx, self.table).to(self.dtype)
+        return self.rows(idx).to(self.dtype)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         destination[prefix + "weight"] = self.table.to(self.dtype)
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, dtype={self.dtype}, mapped"
+        return f"{self.num_embeddings}, {self.embedding_dim}, dtype={self.dtype}, in the file"
 
 
 def convert(model: nn.Module, dtype: str, rows: int | Mapping[str, int] = 1,
@@ -188,8 +185,8 @@ def _convert(module, name, dtype, float_dtype, rows, hints, weights, shared,
             with torch.device("meta"):  # its buffers come from _int8: none allocated here
                 new = Int8Embedding(*source.shape)
             return _int8(module, source, release, shared, new)
-        if source is not module.weight:  # left in the file's pages, each lookup's let go
-            return MappedEmbedding(source, float_dtype, release)
+        if source is not module.weight:  # left in the file, each lookup's rows read from it
+            return FileEmbedding(source, float_dtype, weights.rows(source))
         return module
     if dtype == "int8" or (dtype == "int4" and name in EIGHT_BITS):
         twin = shared.get(key)
