@@ -12,9 +12,9 @@ from torch import nn
 import monotile
 from monotile.infer import quantize
 from monotile.infer.convert import convert
-from monotile.infer.quantize import (GEMM_ROWS, Int4Linear, Int8Embedding, Int8Linear,
-                                     quantize_groups_int4, quantize_int8, quantize_rows,
-                                     weight_bytes, workspace)
+from monotile.infer.quantize import (GEMM_ROWS, GEMM_ROWS_TRIED, Int4Linear, Int8Embedding,
+                                     Int8Linear, quantize_groups_int4, quantize_int8,
+                                     quantize_rows, tune_gemm_rows, weight_bytes, workspace)
 from monotile.train.checkpoint import model_tensors
 
 from conftest import cli
@@ -158,6 +158,42 @@ def test_layers_of_several_shapes_dequantize_into_one_buffer_a_dtype(monkeypatch
                                                                           torch.bfloat16, "cpu")
     assert small.data_ptr() == large.data_ptr()
     assert large.untyped_storage().nbytes() == 256 * 64 * 2
+
+
+def test_a_prompts_rows_take_the_kernel_or_one_gemm_as_this_machine_measured(tmp_path,
+                                                                            monkeypatch):
+    # from how many rows each layer's product is faster dequantized + one GEMM: timed once on
+    # the model's own layers, kept per machine; below it the kernel, from it the GEMM (whose
+    # bf16 W is the only workspace made), the same product either way
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    torch.manual_seed(0)
+    model = nn.Sequential(Int8Linear.from_linear(nn.Linear(64, 128)),
+                          Int4Linear(nn.Linear(128, 64)))
+    tune_gemm_rows(model)
+    doc = json.loads((tmp_path / "monotile" / "layouts.json").read_text())
+    (machine, verdicts), = doc.items()
+    keys = ["Int8Linear 64->128: dequantized + GEMM from rows",
+            "Int4Linear 128->64: dequantized + GEMM from rows"]
+    assert "threads" in machine and sorted(verdicts) == sorted(keys)
+    assert [layer.gemm_rows for layer in model] == [verdicts[k] for k in keys]
+    assert all(verdicts[k] in (*GEMM_ROWS_TRIED, 2 * GEMM_ROWS_TRIED[-1]) for k in keys)
+    for layer in model:
+        for rows, gemm in ((layer.gemm_rows - 1, False), (layer.gemm_rows, True)):
+            monkeypatch.setattr(quantize, "_workspaces", threading.local())
+            x = torch.randn(rows, layer.in_features)
+            torch.testing.assert_close(layer(x), F.linear(x, layer.dequantized(), layer.bias),
+                                       atol=0.02, rtol=0.02)
+            made = getattr(quantize._workspaces, "buffers", {})
+            assert ((torch.bfloat16, torch.device("cpu")) in made) == gemm, (rows, made)
+    # the next start takes the verdicts as they are, timing nothing
+    doc[machine] = {keys[0]: 64, keys[1]: 256}
+    (tmp_path / "monotile" / "layouts.json").write_text(json.dumps(doc))
+    monkeypatch.setattr(quantize, "_time_gemm_rows", None)  # a call would fail
+    fresh = nn.Sequential(Int8Linear.from_linear(nn.Linear(64, 128)),
+                          Int4Linear(nn.Linear(128, 64)))
+    assert [layer.gemm_rows for layer in fresh] == [GEMM_ROWS, GEMM_ROWS]
+    tune_gemm_rows(fresh)
+    assert [layer.gemm_rows for layer in fresh] == [64, 256]
 
 
 def test_an_int4_model_keeps_its_head_at_8_bits_and_generates(tiny_run):

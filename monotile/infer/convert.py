@@ -37,7 +37,7 @@ from .native import (NativeEmbedding, NativeInt4Linear, NativeInt8Embedding,
                      NativeInt8Linear, NativeLinear)
 from .packed import PackedLinear, layouts, packing_available, rows_of
 from .quantize import (INT4_GROUP, Int4Linear, Int8Embedding, Int8Linear,
-                       quantize_groups_int4, quantize_rows)
+                       quantize_groups_int4, quantize_rows, tune_gemm_rows)
 
 # rows of a weight quantized at once from the file's pages (a 49,152-row head: 48 pieces of
 # 2.4 MB in fp32, each let go before the next is read)
@@ -103,6 +103,8 @@ def convert(model: nn.Module, dtype: str, rows: int | Mapping[str, int] = 1,
             weights.keep_only([*model.parameters(), *model.buffers()])
         if dtype == "bfloat16":
             model.to(torch.bfloat16)
+    if dtype in ("int8", "int4") or native:  # a prompt's rows: the kernels or one GEMM
+        tune_gemm_rows(model)
     trunk = getattr(model, "trunk", None)
     if dtype in ("int8", "int4") and hasattr(trunk, "cache_dtype"):
         trunk.cache_dtype = torch.bfloat16  # K and V in 16 bits: half the cache's memory

@@ -191,20 +191,22 @@ def _pad_rows(t: torch.Tensor) -> torch.Tensor:
 
 class _NativeLayer(nn.Module):
     """y = x W^T + b with W held in one of the kernels' layouts: a few rows of x through the
-    layout's kernel (`product`), a prompt's many rows (quantize.GEMM_ROWS) through W as a
-    plain (N, K) matrix again (`plain_weight`) and one GEMM."""
+    layout's kernel (`product`), a prompt's many rows (from gemm_rows, which
+    quantize.tune_gemm_rows measures) through W as a plain (N, K) matrix again
+    (`plain_weight`) and one GEMM."""
 
     def __init__(self, out_features: int, in_features: int, bias: torch.Tensor | None,
                  bias_dtype: torch.dtype = torch.float32):
+        from .quantize import GEMM_ROWS
         super().__init__()
         self.out_features, self.in_features = out_features, in_features
+        self.gemm_rows = GEMM_ROWS  # quantize.tune_gemm_rows measures it for this machine
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(bias_dtype).clone(),
                                                             requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .quantize import GEMM_ROWS
         flat = x.reshape(-1, self.in_features)
-        if flat.shape[0] >= GEMM_ROWS:
+        if flat.shape[0] >= self.gemm_rows:
             w = self.plain_weight()
             y = F.linear(flat.to(w.dtype), w)
         else:

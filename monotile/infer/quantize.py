@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 
 import torch
 import torch.nn.functional as F
@@ -43,8 +44,13 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # From this many rows of x on (a prompt's prefill), a product is faster as W dequantized to
 # bf16 once and one bf16 GEMM than in the weight-only kernels, which are built for a few rows:
 # at 512 rows 2.6x faster for SmolLM2's layers, at 64 1.6x; at 16 the kernels win (2 threads,
-# AMD EPYC; bench/real_models.py's prefill)
+# AMD EPYC; bench/real_models.py's prefill). A layer's own `gemm_rows` starts here;
+# tune_gemm_rows measures it for this machine (on an Intel Xeon the kernels won up to ~110
+# rows in int8 and ~200 in int4: dequantizing W costs more there)
 GEMM_ROWS = 32
+# the row counts tune_gemm_rows times both ways at, and the layers of a shape it times
+GEMM_ROWS_TRIED = (32, 64, 128, 256)
+GEMM_LAYERS_TIMED = 4
 
 
 _workspaces = threading.local()
@@ -67,6 +73,67 @@ def workspace(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) 
     return kept[key][:numel].view(shape)
 
 
+@torch.no_grad()
+def tune_gemm_rows(model: nn.Module) -> None:
+    """Set the `gemm_rows` of each of `model`'s layers that has one (int8, int4, native.py's):
+    the fewest rows of x, of GEMM_ROWS_TRIED, from which the layers of its (kind, in, out)
+    multiplied faster through W dequantized and one bf16 GEMM than through their kernel, at
+    that row count and the next one tried (twice the largest where the kernel won there).
+    Timed once per machine on up to GEMM_LAYERS_TIMED of the model's own layers of each
+    shape, in its order, and kept with packed.py's verdicts (layouts.json)."""
+    from .packed import _verdict, _verdicts_here, remember_all
+    layers = [m for m in model.modules() if hasattr(m, "gemm_rows") and getattr(m, "fits", True)
+              and next(m.buffers(), torch.empty(0)).device.type == "cpu"]
+    shapes: dict[tuple, list[nn.Module]] = {}
+    for m in layers:
+        shapes.setdefault((type(m).__name__, m.in_features, m.out_features), []).append(m)
+    keys = {shape: f"{shape[0]} {shape[1]}->{shape[2]}: dequantized + GEMM from rows"
+            for shape in shapes}
+    here = _verdicts_here()
+    found = {shape: _verdict(here.get(key)) for shape, key in keys.items()}
+    if None in found.values():
+        found = _time_gemm_rows({shape: group[:GEMM_LAYERS_TIMED]
+                                 for shape, group in shapes.items()})
+        remember_all({keys[shape]: rows for shape, rows in found.items()})
+        _workspaces.__dict__.pop("buffers", None)  # the GEMM's W, if the kernels won
+    for shape, group in shapes.items():
+        for m in group:
+            m.gemm_rows = found[shape]
+
+
+def _time_gemm_rows(shapes: dict[tuple, list[nn.Module]]) -> dict[tuple, int]:
+    """{shape: gemm_rows} from timing each shape's layers, called in turn, both ways, at each
+    row count tried until the GEMM has won at two in a row (it gains as rows grow)."""
+    found, streak = {}, {shape: 0 for shape in shapes}
+    for rows in GEMM_ROWS_TRIED:
+        left = {shape: group for shape, group in shapes.items() if shape not in found}
+        if not left:
+            break
+        order = [group[i] for i in range(max(map(len, left.values())))
+                 for group in left.values() if i < len(group)]
+        shape_of = {id(m): shape for shape, group in left.items() for m in group}
+        xs = {n: torch.randn(rows, n) for n in {m.in_features for m in order}}
+        times = {}
+        for way, threshold in (("kernel", rows + 1), ("gemm", 0)):
+            best = dict.fromkeys(left, float("inf"))
+            for attempt in range(3):  # one to warm up, best of two
+                took = dict.fromkeys(left, 0.0)
+                for m in order:
+                    m.gemm_rows = threshold
+                    start = time.perf_counter()
+                    m(xs[m.in_features])
+                    took[shape_of[id(m)]] += time.perf_counter() - start
+                if attempt:
+                    best = {shape: min(best[shape], took[shape]) for shape in left}
+            times[way] = best
+        for shape in left:
+            won = times["gemm"][shape] <= times["kernel"][shape]
+            streak[shape] = streak[shape] + 1 if won else 0
+            if streak[shape] == 2 or (won and rows == GEMM_ROWS_TRIED[-1]):
+                found[shape] = GEMM_ROWS_TRIED[GEMM_ROWS_TRIED.index(rows) - streak[shape] + 1]
+    return {shape: found.get(shape, 2 * GEMM_ROWS_TRIED[-1]) for shape in shapes}
+
+
 def _rows(x: torch.Tensor, in_features: int) -> int:
     return x.numel() // in_features if x.device.type == "cpu" else 0
 
@@ -84,6 +151,7 @@ class Int8Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        self.gemm_rows = GEMM_ROWS  # from this many rows of x: W dequantized, one GEMM
         self.register_buffer("weight_int8", torch.zeros(out_features, in_features,
                                                         dtype=torch.int8))
         self.register_buffer("scale", torch.ones(out_features))
@@ -111,7 +179,7 @@ class Int8Linear(nn.Module):
         return self._scale_bf16
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _rows(x, self.in_features) >= GEMM_ROWS:  # many rows: W ~ s Q in bf16, one GEMM
+        if _rows(x, self.in_features) >= self.gemm_rows:  # many rows: W ~ s Q in bf16, a GEMM
             w = workspace(self.weight_int8.shape, torch.bfloat16, x.device)
             w.copy_(self.weight_int8).mul_(self.scale_bf16()[:, None])
             y = F.linear(x.to(torch.bfloat16), w).to(x.dtype)
@@ -242,6 +310,7 @@ class Int4Linear(nn.Module):
             raise ValueError(f"int4 needs inputs in groups of {INT4_GROUP}; this layer has "
                              f"{self.in_features}")
         q, d, m = groups if groups is not None else quantize_groups_int4(linear.weight)
+        self.gemm_rows = GEMM_ROWS  # from this many rows of x: W in bf16, one GEMM
         self.fits = _int4_kernel_fits(linear.weight.device, self.in_features, self.out_features)
         if self.fits:
             self.register_buffer("weight_int4",
@@ -291,7 +360,7 @@ class Int4Linear(nn.Module):
         return w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fits and self.unpacks and _rows(x, self.in_features) >= GEMM_ROWS:
+        if self.fits and self.unpacks and _rows(x, self.in_features) >= self.gemm_rows:
             y = F.linear(x.to(torch.bfloat16), self.bf16_weight()).to(x.dtype)
         elif self.fits:  # bf16 activations: the kernel's fast path
             flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
