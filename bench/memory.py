@@ -12,12 +12,17 @@ same chat prompt, end tokens ignored:
                 `python -c "import llama_cpp"` (its interpreter and bindings)
     runtime     `python -c "import torch, monotile.cli"`: the Python runtime monotile runs on;
                 "warm": the same, having decoded with a model of 64 features in that dtype
-                (PyTorch's kernels' code paged in, its threads started: ~0.1 MB of weights)
+                (PyTorch's kernels' code paged in, its threads started: ~0.1 MB of weights),
+                its prompt's rows through the ways SmolLM2's layers take the chat prompt's:
+                the weight-only kernels, and also one GEMM of the dequantized W where a layer's
+                gemm_rows (quantize.tune_gemm_rows) is no more than the prompt's length
 
     budget = llama.cpp alone + runtime   (issue 21, target 6); "warm" with the warm runtime
 
     compiled `monotile generate ... --compile` (with --compile): the same, decoding through
                 the compiled step (the compiler's own memory counted)
+
+    each figure the median of 3 processes, after one not counted
 
     .venv/bin/python bench/memory.py [--tokens 128] [--json] [--compile]
 """
@@ -28,6 +33,7 @@ import argparse
 import importlib.util
 import json
 import re
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -50,12 +56,13 @@ from monotile.core.transformer import ModelConfig
 from monotile.infer.convert import convert
 from monotile.infer.generate import Sampling, generate_ids
 from monotile.modalities.text import LanguageModel
-cfg = ModelConfig(vocab_size=64, n_layer=1, n_head=2, n_kv_head=1, d_model=64, context=64,
+cfg = ModelConfig(vocab_size=64, n_layer=1, n_head=2, n_kv_head=1, d_model=64, context=640,
                   norm="rmsnorm", mlp="swiglu", positions="rope", bias=False)
 model = LanguageModel(cfg)
 convert(model, sys.argv[1])
-for _ in generate_ids(model, torch.randint(0, 64, (1, 40)), 8, Sampling(temperature=0.0)):
-    pass
+for rows in map(int, sys.argv[2:]):  # a prompt's rows through the kernels, or one GEMM
+    for _ in generate_ids(model, torch.randint(0, 64, (1, rows)), 8, Sampling(temperature=0.0)):
+        pass
 """
 LLAMA = """
 import sys, json, llama_cpp
@@ -68,13 +75,31 @@ for _ in llm.generate(json.loads(sys.argv[2]), temp=0.0, top_k=1):
 """
 
 
+REPEATS = 3  # each figure the median of this many processes: one moves by up to ~10 MiB
+
+
 def peak_mib(*command: str) -> float:
-    """The peak resident set size of `command` in MiB (GNU time's -v report)."""
-    done = subprocess.run(["/usr/bin/time", "-v", *command], capture_output=True, text=True)
-    if done.returncode:
-        raise SystemExit(f"{' '.join(command[:3])}... failed:\n{done.stderr[-2000:]}")
-    kb = re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr)
-    return int(kb.group(1)) / 1024
+    """The median peak resident set size of `command` in MiB over REPEATS runs (GNU time's
+    -v report), after one run not counted (a first start measures layouts and kernels'
+    row counts once per machine: bench/layouts.py)."""
+    peaks = []
+    for attempt in range(REPEATS + 1):
+        done = subprocess.run(["/usr/bin/time", "-v", *command], capture_output=True,
+                              text=True)
+        if done.returncode:
+            raise SystemExit(f"{' '.join(command[:3])}... failed:\n{done.stderr[-2000:]}")
+        kb = re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr)
+        if attempt:
+            peaks.append(int(kb.group(1)) / 1024)
+    return statistics.median(peaks)
+
+
+def gemm_prefill(run_dir: Path, dtype: str, rows: int) -> bool:
+    """Whether a prompt of `rows` tokens takes some of the run's layers in `dtype` through one
+    GEMM of their dequantized W (a layer's gemm_rows, as this machine measured it)."""
+    import monotile
+    model = monotile.load(run_dir, dtype=dtype).model
+    return any(m.gemm_rows <= rows for m in model.modules() if hasattr(m, "gemm_rows"))
 
 
 def verdict(ours: float, budget: float) -> str:
@@ -101,8 +126,9 @@ def main() -> None:
     bindings = peak_mib(py, "-c", "import llama_cpp") if has_llama else None
     rows = []
     for dtype, kind in PAIRS:
+        prompts = ["40"] + (["600"] if gemm_prefill(run_dir, dtype, len(ids)) else [])
         row = {"monotile": dtype, "llama_cpp": kind, "runtime": runtime,
-               "runtime_warm": peak_mib(py, "-c", WARM, dtype)}
+               "runtime_warm": peak_mib(py, "-c", WARM, dtype, *prompts)}
         row["streamed"] = peak_mib(cli, "generate", str(run_dir), "--prompt",
                                    QUESTION[0]["content"], "--max-new-tokens", str(a.tokens),
                                    "--ignore-eos", "--temperature", "0", "--dtype", dtype)

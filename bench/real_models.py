@@ -116,7 +116,7 @@ def monotile_side(run_dir: Path, dtype: str, prompt: list[int], long: list[int],
 
     def stepped(ids: list[int]) -> torch.Tensor:
         """Logits of `ids` fed STEP tokens at a time into the cache: the layers multiply as
-        in decoding (under quantize.GEMM_ROWS rows: the weight-only or native kernels), not
+        in decoding (under any layer's gemm_rows: the weight-only or native kernels), not
         as one prompt's GEMM."""
         cache, out = model.trunk.make_cache(1, len(ids)), []
         with torch.no_grad():

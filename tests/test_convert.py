@@ -2,6 +2,7 @@
 same model as loading whole, then optimize_for_inference; the file never written; bad input
 refused as a whole load refuses it."""
 
+import copy
 import hashlib
 import json
 import mmap
@@ -16,10 +17,13 @@ from torch import nn
 import monotile
 from monotile.errors import CheckpointError, ConfigError
 from monotile.infer import native
-from monotile.infer.convert import CHUNK_ROWS, FileEmbedding, convert
+from monotile.core.attention import rope_frequencies
+from monotile.core.transformer import ModelConfig
+from monotile.infer.convert import CHUNK_ROWS, ROPE_POSITIONS, FileEmbedding, convert
 from monotile.infer.generate import Sampling, compile_decoding, generate_ids
 from monotile.infer.packed import PackedLinear
 from monotile.infer.quantize import Int4Linear, Int8Embedding, Int8Linear, quantize_rows
+from monotile.modalities.text import LanguageModel
 from monotile.train.checkpoint import WeightReader
 
 from conftest import cli
@@ -249,3 +253,32 @@ def test_a_compiled_fp32_step_hands_its_products_rows_without_copying_them(tiny_
 def test_compiling_is_for_runs_that_generate_text(tiny_en_run):
     with pytest.raises(ConfigError, match="does not generate text"):
         monotile.load(tiny_en_run, dtype="float32", compile=True)
+
+
+def test_an_inference_model_makes_its_rotations_as_positions_are_reached():
+    # a converted model keeps the RoPE table's first ROPE_POSITIONS rows (not the context's:
+    # 32 MiB at 131,072 positions); a longer prompt, or a cache for more positions, makes the
+    # rows it reaches, each bit for bit the whole table's, and the outputs are the same
+    cfg = ModelConfig(vocab_size=64, n_layer=2, n_head=2, n_kv_head=1, d_model=32, context=1024,
+                      norm="rmsnorm", mlp="swiglu", positions="rope", bias=False)
+    torch.manual_seed(0)
+    whole = LanguageModel(cfg).eval()
+    model = copy.deepcopy(whole)
+    convert(model, "float32", pack=False)
+    trunk, full = model.trunk, rope_frequencies(cfg.head_dim, cfg.context, cfg.rope_theta)
+    assert trunk.rope.size(0) == ROPE_POSITIONS < cfg.context
+    ids = torch.randint(0, 64, (1, 600))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), whole(ids), atol=1e-5, rtol=1e-5)
+        assert 600 <= trunk.rope.size(0) < cfg.context
+        assert torch.equal(trunk.rope, full[:trunk.rope.size(0)])
+        trunk.keep_positions(ROPE_POSITIONS)
+        cache = trunk.make_cache(1, 900)  # what a generation can reach, made before it
+        assert trunk.rope.size(0) >= 900 and torch.equal(trunk.rope, full[:trunk.rope.size(0)])
+        steps = torch.cat([model(ids[:, :500], cache=cache, pos=0)]
+                          + [model(ids[:, t:t + 1], cache=cache, pos=t) for t in range(500, 600)],
+                          dim=1)
+        torch.testing.assert_close(steps, whole(ids), atol=1e-4, rtol=1e-4)
+    model.to(torch.float64)  # moved or cast: the table made anew, as long as it was, in fp32
+    assert trunk.rope.dtype == torch.float32 and torch.equal(trunk.rope,
+                                                             full[:trunk.rope.size(0)])

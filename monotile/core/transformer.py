@@ -197,17 +197,19 @@ class Transformer(nn.Module):
         self.register_buffer("rope", self._rope_table(torch.get_default_device()),
                              persistent=False)
 
-    def _rope_table(self, device) -> torch.Tensor | None:
-        """cos, sin of p theta_j in fp32 for p < context on `device`, or None without RoPE;
-        computed on the CPU, then moved, so that every device holds the same numbers."""
+    def _rope_table(self, device, rows: int | None = None) -> torch.Tensor | None:
+        """cos, sin of p theta_j in fp32 for p < rows (default: the context) on `device`, or
+        None without RoPE; computed on the CPU, then moved, so that every device holds the
+        same numbers. A shorter table is the first rows of the whole one, bit for bit."""
         cfg = self.cfg
         if cfg.positions != "rope":
             return None
+        rows = cfg.context if rows is None else min(rows, cfg.context)
         if torch.device(device).type == "meta":  # shapes only (a model sized before building)
-            return torch.empty(cfg.context, cfg.head_dim // 2, 2, device="meta")
+            return torch.empty(rows, cfg.head_dim // 2, 2, device="meta")
         with torch.device("cpu"):
             table = rope_frequencies(cfg.head_dim, cfg.context, cfg.rope_theta, cfg.rope_scaling)
-        return table.to(device)
+        return (table if rows == cfg.context else table[:rows].clone()).to(device)
 
     def _apply(self, fn, recurse=True):
         """nn.Module._apply (under .to, .cuda, .half, .to_empty), then the rope table made anew
@@ -215,8 +217,23 @@ class Transformer(nn.Module):
         cos and sin, and to_empty (meta-device init) leaves it uninitialised."""
         super()._apply(fn, recurse)
         if self.rope is not None:
-            self.rope = self._rope_table(self.rope.device)
+            self.rope = self._rope_table(self.rope.device, self.rope.size(0))
         return self
+
+    def keep_positions(self, positions: int) -> None:
+        """Keep the rotations of positions < `positions` only, for inference (infer/convert.py):
+        a 131,072-token context's table is 32 MiB at d_head 64, SmolLM2's 8,192 2 MiB. Any
+        longer sequence makes it longer again (reserve_positions)."""
+        if self.rope is not None and positions < self.rope.size(0):
+            self.rope = self.rope[:max(1, positions)].clone()
+
+    def reserve_positions(self, positions: int) -> None:
+        """Rotations for every position < `positions` (at most the context): the table, where
+        keep_positions shortened it, made at least twice as long (make_cache calls this for its
+        length, so a decoding step never grows it)."""
+        if self.rope is not None and self.rope.size(0) < min(positions, self.cfg.context):
+            self.rope = self._rope_table(self.rope.device,
+                                         max(positions, 2 * self.rope.size(0)))
 
     def forward(self, x, *, causal: bool = True, key_padding=None, cache=None, pos=0,
                 memory=None, cross_cache=None):
@@ -241,6 +258,8 @@ class Transformer(nn.Module):
         x = self.drop(x)
         rope = None
         if self.rope is not None:  # one table for all blocks, for the positions of x
+            if pos + T > self.rope.size(0):  # only where keep_positions shortened it
+                self.reserve_positions(pos + T)
             rope = qkv_rotations(self.rope[pos:pos + T], self.cfg.n_head + self.cfg.kv_heads,
                                  self.cfg.kv_heads)
         k = self.cfg.activation_checkpointing  # only where backward follows: never decoding
@@ -267,6 +286,7 @@ class Transformer(nn.Module):
             x = self.embed_norm(x)
         rope = None
         if self.rope is not None:
+            self.reserve_positions(int(pos.max()) + 1)
             rope = qkv_rotations(self.rope[pos], self.cfg.n_head + self.cfg.kv_heads,
                                  self.cfg.kv_heads)[:, None]  # (B, 1, heads, d/2, 2)
         seen = torch.arange(int(pos.max()) + 1, device=x.device)[None] <= pos[:, None]  # (B, Tk)
@@ -280,6 +300,7 @@ class Transformer(nn.Module):
         `dtype` (default: cache_dtype where set, else the weights')."""
         cfg = self.cfg
         p = next(self.parameters())
+        self.reserve_positions(max_len or cfg.context)
         return [KVCache(batch, cfg.kv_heads, max_len or cfg.context, cfg.head_dim,
                         dtype or self.cache_dtype or p.dtype, p.device)
                 for _ in range(cfg.n_layer)]

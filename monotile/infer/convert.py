@@ -42,7 +42,10 @@ from .quantize import (INT4_GROUP, Int4Linear, Int8Embedding, Int8Linear,
 # rows of a weight quantized at once from the file's pages (a 49,152-row head: 48 pieces of
 # 2.4 MB in fp32, each let go before the next is read)
 CHUNK_ROWS = 1024
-EIGHT_BITS = ("head",)  # int4 keeps these at 8 bits (llama.cpp's Q4 files keep the output too)
+EIGHT_BITS = ("head",)
+# the RoPE rotations an inference model keeps at first (Trunk.keep_positions): more are made as
+# a longer sequence comes
+ROPE_POSITIONS = 256  # int4 keeps these at 8 bits (llama.cpp's Q4 files keep the output too)
 
 
 class FileEmbedding(nn.Module):
@@ -106,6 +109,8 @@ def convert(model: nn.Module, dtype: str, rows: int | Mapping[str, int] = 1,
     if dtype in ("int8", "int4") or native:  # a prompt's rows: the kernels or one GEMM
         tune_gemm_rows(model)
     trunk = getattr(model, "trunk", None)
+    if hasattr(trunk, "keep_positions"):  # rotations made as positions are reached
+        trunk.keep_positions(ROPE_POSITIONS)
     if dtype in ("int8", "int4") and hasattr(trunk, "cache_dtype"):
         trunk.cache_dtype = torch.bfloat16  # K and V in 16 bits: half the cache's memory
     model.eval()
