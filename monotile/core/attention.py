@@ -128,7 +128,8 @@ def attention(q, k, v, *, mask=None, is_causal=False, impl: str = "sdpa") -> tor
 def rope_frequencies(head_dim: int, max_len: int, theta: float = 10000.0,
                      scaling: dict | None = None) -> torch.Tensor:
     """Rotations e^{i p theta_j}, theta_j = theta^(-2j/head_dim), as a real (max_len, head_dim/2, 2)
-    tensor of (cos, sin) pairs; the trunk keeps it in fp32 whatever the model's dtype.
+    tensor of (cos, sin) pairs: p theta_j in fp32 (as Hugging Face's Llama computes it), its cos
+    and sin rounded to fp32; the trunk keeps it in fp32 whatever the model's dtype.
     `scaling` stretches the context as Hugging Face's rope_scaling does: "linear" divides every
     theta_j by `factor`; "llama3" divides the slow ones (wavelength > original / low_freq_factor)
     by `factor`, keeps the fast ones (< original / high_freq_factor), and blends in between."""
@@ -136,7 +137,11 @@ def rope_frequencies(head_dim: int, max_len: int, theta: float = 10000.0,
     if scaling:
         inv_freq = scale_rope(inv_freq, scaling)
     angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (T, d/2)
-    return torch.stack([angles.cos(), angles.sin()], dim=-1)
+    # cos and sin of the fp32 angles in float64, rounded once: the same table in every process.
+    # PyTorch 2.13's fp32 cos gave the first call of some processes errors up to 1.5e-4 in half
+    # a table's entries (its parallel part; later calls within 1 ulp)
+    angles = angles.double()
+    return torch.stack([angles.cos(), angles.sin()], dim=-1).float()
 
 
 ROPE_SCALINGS = ("linear", "llama3")
