@@ -14,8 +14,9 @@ same chat prompt, end tokens ignored:
                 "warm": the same, having decoded with a model of 64 features in that dtype
                 (PyTorch's kernels' code paged in, its threads started: ~0.1 MB of weights),
                 its prompt's rows through the ways SmolLM2's layers take the chat prompt's:
-                the weight-only kernels, and also one GEMM of the dequantized W where a layer's
-                gemm_rows (quantize.tune_gemm_rows) is no more than the prompt's length
+                the weight-only kernels (16 rows, fewer than any layer's gemm_rows), and also
+                one GEMM of the dequantized W (600 rows) where a trunk layer's gemm_rows
+                (quantize.tune_gemm_rows) is no more than the prompt's length
 
     budget = llama.cpp alone + runtime   (issue 21, target 6); "warm" with the warm runtime
 
@@ -98,8 +99,9 @@ def gemm_prefill(run_dir: Path, dtype: str, rows: int) -> bool:
     """Whether a prompt of `rows` tokens takes some of the run's layers in `dtype` through one
     GEMM of their dequantized W (a layer's gemm_rows, as this machine measured it)."""
     import monotile
-    model = monotile.load(run_dir, dtype=dtype).model
-    return any(m.gemm_rows <= rows for m in model.modules() if hasattr(m, "gemm_rows"))
+    trunk = monotile.load(run_dir, dtype=dtype).model.trunk  # (the head gets the last row)
+    return any(m.gemm_rows <= rows for m in trunk.modules() if hasattr(m, "gemm_rows")
+               and getattr(m, "fits", True) and getattr(m, "unpacks", True))
 
 
 def verdict(ours: float, budget: float) -> str:
@@ -126,7 +128,7 @@ def main() -> None:
     bindings = peak_mib(py, "-c", "import llama_cpp") if has_llama else None
     rows = []
     for dtype, kind in PAIRS:
-        prompts = ["40"] + (["600"] if gemm_prefill(run_dir, dtype, len(ids)) else [])
+        prompts = ["16"] + (["600"] if gemm_prefill(run_dir, dtype, len(ids)) else [])
         row = {"monotile": dtype, "llama_cpp": kind, "runtime": runtime,
                "runtime_warm": peak_mib(py, "-c", WARM, dtype, *prompts)}
         row["streamed"] = peak_mib(cli, "generate", str(run_dir), "--prompt",

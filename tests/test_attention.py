@@ -167,9 +167,10 @@ def test_rope_table_is_the_rounded_cos_and_sin_of_its_fp32_angles_in_every_proce
               "a = np.outer(np.arange(1024, dtype=np.float32), inv.numpy()).astype(np.float64)\n"
               "ref = np.stack([np.cos(a), np.sin(a)], -1).astype(np.float32)\n"
               "print(int((t != ref).sum()), float(np.abs(t - ref).max()))\n")
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         check=True).stdout.split()
-    assert out == ["0", "0.0"], out
+    for _ in range(3):  # the old fault showed in one start of two
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                             check=True).stdout.split()
+        assert out == ["0", "0.0"], out
 
 
 def test_rope_is_a_rotation_of_each_pair():

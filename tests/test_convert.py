@@ -6,6 +6,8 @@ import copy
 import hashlib
 import json
 import mmap
+import os
+import pickle
 import shutil
 from collections import Counter
 
@@ -50,8 +52,8 @@ def test_a_run_loaded_layer_by_layer_equals_one_loaded_whole_then_converted(tiny
         assert table.weight_int8 is head.weight_int8
     elif type(head) is nn.Linear:  # the plain head's W (bf16, or fp32 in the file's pages)
         assert type(table) is nn.Embedding and table.weight is head.weight
-    else:  # a head packed for oneDNN: the table left in the file's pages, in the model's dtype
-        assert isinstance(table, FileEmbedding)
+    else:  # a head packed for oneDNN: the table read from the file, in the model's dtype
+        assert isinstance(table, FileEmbedding) and table.rows is not None
         assert table.dtype == (torch.bfloat16 if dtype == "bfloat16" else torch.float32)
     if dtype == "int4":
         assert isinstance(streamed.model.head, Int8Linear)  # the head at 8 bits
@@ -106,6 +108,17 @@ def test_a_file_embedding_reads_rows_without_mapping_the_file(tmp_path, pread):
         with pytest.raises(IndexError, match="index out of range"):
             table(torch.tensor([[3, bad]]))
     assert torch.equal(nn.Module.state_dict(table)["weight"], model.weight)
+    if not pread:
+        return
+    # the file loaded is read, though another is written over its path, and a copy of the
+    # model reads it too once the original is gone; pickling it is refused by name
+    save_file({"weight": torch.zeros(4096, 256)}, tmp_path / "new.safetensors")
+    os.replace(tmp_path / "new.safetensors", path)  # as a checkpoint is written
+    twin = copy.deepcopy(table)
+    del table
+    assert torch.equal(twin(ids), nn.functional.embedding(ids, model.weight))
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        pickle.dumps(twin)
 
 
 def test_a_file_embedding_in_bf16_reads_the_fp32_rows_and_rounds_them(tmp_path):
@@ -188,6 +201,8 @@ def test_a_compiled_decoding_step_makes_the_tokens_of_the_eager_one(tiny_run, dt
     convert(eager.model, dtype, pack=False, native=native.available())
     assert compiled.compile_seconds > 0 and callable(compiled.model.decode_step)
     assert not any(isinstance(m, PackedLinear) for m in compiled.model.modules())
+    trunk = compiled.model.trunk  # every position's rotations baked in: none made after
+    assert trunk.rope.size(0) == trunk.cfg.context
     if native.available():
         kinds = {type(m).__name__ for m in compiled.model.modules()}
         assert kinds >= {"int4": {"NativeInt4Linear", "NativeInt8Linear"},

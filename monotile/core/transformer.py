@@ -200,7 +200,8 @@ class Transformer(nn.Module):
     def _rope_table(self, device, rows: int | None = None) -> torch.Tensor | None:
         """cos, sin of p theta_j in fp32 for p < rows (default: the context) on `device`, or
         None without RoPE; computed on the CPU, then moved, so that every device holds the
-        same numbers. A shorter table is the first rows of the whole one, bit for bit."""
+        same numbers. A shorter table is the first rows of the whole one, bit for bit (each
+        entry rounded once from float64: rope_frequencies)."""
         cfg = self.cfg
         if cfg.positions != "rope":
             return None
@@ -208,8 +209,8 @@ class Transformer(nn.Module):
         if torch.device(device).type == "meta":  # shapes only (a model sized before building)
             return torch.empty(rows, cfg.head_dim // 2, 2, device="meta")
         with torch.device("cpu"):
-            table = rope_frequencies(cfg.head_dim, cfg.context, cfg.rope_theta, cfg.rope_scaling)
-        return (table if rows == cfg.context else table[:rows].clone()).to(device)
+            table = rope_frequencies(cfg.head_dim, rows, cfg.rope_theta, cfg.rope_scaling)
+        return table.to(device)
 
     def _apply(self, fn, recurse=True):
         """nn.Module._apply (under .to, .cuda, .half, .to_empty), then the rope table made anew
@@ -222,8 +223,9 @@ class Transformer(nn.Module):
 
     def keep_positions(self, positions: int) -> None:
         """Keep the rotations of positions < `positions` only, for inference (infer/convert.py):
-        a 131,072-token context's table is 32 MiB at d_head 64, SmolLM2's 8,192 2 MiB. Any
-        longer sequence makes it longer again (reserve_positions)."""
+        a 131,072-token context's table is 32 MiB at d_head 64, SmolLM2's 8,192 2 MiB. A
+        longer sequence, or a cache for more positions, makes it longer again
+        (reserve_positions; a server's cache for the whole context makes it whole)."""
         if self.rope is not None and positions < self.rope.size(0):
             self.rope = self.rope[:max(1, positions)].clone()
 

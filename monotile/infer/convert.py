@@ -42,10 +42,10 @@ from .quantize import (INT4_GROUP, Int4Linear, Int8Embedding, Int8Linear,
 # rows of a weight quantized at once from the file's pages (a 49,152-row head: 48 pieces of
 # 2.4 MB in fp32, each let go before the next is read)
 CHUNK_ROWS = 1024
-EIGHT_BITS = ("head",)
-# the RoPE rotations an inference model keeps at first (Trunk.keep_positions): more are made as
-# a longer sequence comes
-ROPE_POSITIONS = 256  # int4 keeps these at 8 bits (llama.cpp's Q4 files keep the output too)
+EIGHT_BITS = ("head",)  # int4 keeps these at 8 bits (llama.cpp's Q4 files keep the output too)
+# the RoPE rotations an inference model keeps at first (Transformer.keep_positions): more are
+# made as a longer sequence, or a KV cache for more positions, comes
+ROPE_POSITIONS = 256
 
 
 class FileEmbedding(nn.Module):
@@ -63,7 +63,7 @@ class FileEmbedding(nn.Module):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         if self.rows is None or torch.compiler.is_compiling():
             return F.embedding(idx, self.table).to(self.dtype)
-        return self.rows(idx).to(self.dtype)
+        return self.rows(idx.cpu()).to(device=idx.device, dtype=self.dtype)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         destination[prefix + "weight"] = self.table.to(self.dtype)

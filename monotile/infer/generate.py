@@ -201,6 +201,9 @@ def compile_decoding(model, prepack: bool = True) -> float:
     # a typical length (the compiler tunes its loops for the sizes it first sees; 0 and 1
     # it would compile as constants)
     length = min(model.trunk.cfg.context, 512)
+    # every position's rotations before the compile: the step bakes the table in, and a table
+    # made longer later would compile it again (convert keeps a short one)
+    model.trunk.reserve_positions(model.trunk.cfg.context)
     cache = model.trunk.make_cache(1, length)
     was_training = model.training
     model.eval()

@@ -81,16 +81,20 @@ def tune_gemm_rows(model: nn.Module) -> None:
     that row count and the next one tried (twice the largest where the kernel won there).
     Timed once per machine on up to GEMM_LAYERS_TIMED of the model's own layers of each
     shape, in its order, and kept with packed.py's verdicts (layouts.json)."""
-    from .packed import _verdict, _verdicts_here, remember_all
-    layers = [m for m in model.modules() if hasattr(m, "gemm_rows") and getattr(m, "fits", True)
+    from .packed import _verdicts_here, remember_all
+    layers = [m for m in model.modules() if hasattr(m, "gemm_rows")
+              and getattr(m, "fits", True) and getattr(m, "unpacks", True)  # else no choice
               and next(m.buffers(), torch.empty(0)).device.type == "cpu"]
     shapes: dict[tuple, list[nn.Module]] = {}
-    for m in layers:
-        shapes.setdefault((type(m).__name__, m.in_features, m.out_features), []).append(m)
+    for m in layers:  # a native layer's packed dtype apart: fp32's and bf16's GEMMs differ
+        kind = type(m).__name__ + (f" {str(m.packed.dtype).removeprefix('torch.')}"
+                                   if hasattr(m, "packed") else "")
+        shapes.setdefault((kind, m.in_features, m.out_features), []).append(m)
     keys = {shape: f"{shape[0]} {shape[1]}->{shape[2]}: dequantized + GEMM from rows"
             for shape in shapes}
-    here = _verdicts_here()
-    found = {shape: _verdict(here.get(key)) for shape, key in keys.items()}
+    here, allowed = _verdicts_here(), (*GEMM_ROWS_TRIED, 2 * GEMM_ROWS_TRIED[-1])
+    found = {shape: here.get(key) if here.get(key) in allowed else None  # else timed again
+             for shape, key in keys.items()}
     if None in found.values():
         found = _time_gemm_rows({shape: group[:GEMM_LAYERS_TIMED]
                                  for shape, group in shapes.items()})

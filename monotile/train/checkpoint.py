@@ -310,7 +310,8 @@ class WeightReader:
 
     def rows(self, t: torch.Tensor) -> FileRows:
         """A reader of rows of `t`, a tensor `mapped` lent, straight from the file (FileRows)."""
-        return FileRows(self.path, t.data_ptr() - self.base.data_ptr(), tuple(t.shape), t.dtype)
+        return FileRows(self.path, os.dup(self.raw.fileno()), t.data_ptr() - self.base.data_ptr(),
+                        tuple(t.shape), t.dtype)
 
     def lends(self, t: torch.Tensor) -> bool:
         """Whether `t` lies in the file's pages (a tensor `mapped` lent)."""
@@ -382,15 +383,23 @@ class FileRows:
     at offset + i * row_bytes into memory of their own: the file's pages are never mapped into
     the process, so a lookup leaves nothing resident but the rows it returns, where a read of
     a mapped table maps the page-cache folio about each row (up to 2 MB: a 39-token prompt's
-    rows took bf16 SmolLM2's peak from 542 MiB to 555, each let go at once after). The file
-    is the one opened now (its descriptor kept): a checkpoint written over it later is not
-    read, as a mapping would not read it either."""
+    rows took bf16 SmolLM2's peak from 542 MiB to 555, each let go at once after). `fd` is
+    the reader's own file, the one loaded (a descriptor of its own, closed with this object):
+    a checkpoint written over the path later is not read, as a mapping would not read it
+    either."""
 
-    def __init__(self, path: Path, offset: int, shape: tuple[int, int], dtype: torch.dtype):
-        self.path, self.offset, self.shape, self.dtype = path, offset, shape, dtype
+    def __init__(self, path: Path, fd: int, offset: int, shape: tuple[int, int],
+                 dtype: torch.dtype):
+        self.path, self.fd, self.offset, self.shape, self.dtype = path, fd, offset, shape, dtype
         self.row_bytes = shape[1] * dtype.itemsize
-        self.fd = os.open(path, os.O_RDONLY)
-        weakref.finalize(self, os.close, self.fd)
+        weakref.finalize(self, os.close, fd)
+
+    def __deepcopy__(self, memo) -> FileRows:  # a model copied: the same file, its own fd
+        return FileRows(self.path, os.dup(self.fd), self.offset, self.shape, self.dtype)
+
+    def __reduce__(self):
+        raise TypeError(f"a model reading rows from {self.path} holds that open file and "
+                        "cannot be pickled; load the run again in the other process")
 
     def __call__(self, idx: torch.Tensor) -> torch.Tensor:
         flat = idx.reshape(-1)
