@@ -17,6 +17,7 @@ import math
 import mmap
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -137,11 +138,12 @@ def rope_frequencies(head_dim: int, max_len: int, theta: float = 10000.0,
     if scaling:
         inv_freq = scale_rope(inv_freq, scaling)
     angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (T, d/2)
-    # cos and sin of the fp32 angles in float64, rounded once: the same table in every process.
-    # PyTorch 2.13's fp32 cos gave the first call of some processes errors up to 1.5e-4 in half
-    # a table's entries (its parallel part; later calls within 1 ulp)
-    angles = angles.double()
-    return torch.stack([angles.cos(), angles.sin()], dim=-1).float()
+    # cos and sin of the fp32 angles in float64 by numpy, rounded once: the same table in every
+    # process. PyTorch 2.13's cos on CPU gave the first call of some processes errors up to
+    # 1.5e-4 in fp32 (half a table's entries; later calls within 1 ulp), and 1-ulp ones even
+    # computed in float64
+    a = angles.double().cpu().numpy()
+    return torch.from_numpy(np.stack([np.cos(a), np.sin(a)], axis=-1).astype(np.float32))
 
 
 ROPE_SCALINGS = ("linear", "llama3")
