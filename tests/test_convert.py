@@ -237,7 +237,7 @@ def test_a_compiled_fp32_step_multiplies_in_native_kernels_where_they_measured_f
                      if type(m) is nn.Linear)
     for (n_in, n_out), count in shapes.items():
         for other in ("mkl", "plain"):
-            packed.remember(native.float32_key((n_in, n_out), count, other), 1)
+            packed.remember_all({native.float32_key((n_in, n_out), count, other): 1})
     compiled = monotile.load(tiny_run.dir, dtype="float32", compile=True)
     kinds = Counter(type(m).__name__ for m in compiled.model.modules())
     assert kinds["NativeLinear"] == sum(shapes.values()) and kinds["Linear"] == 0, kinds

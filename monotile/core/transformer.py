@@ -279,8 +279,9 @@ class Transformer(nn.Module):
         (a key mask instead of the causal one, since the rows' lengths differ)."""
         if cache is None or x.size(1) != 1 or pos.shape != (x.size(0),):
             raise ValueError("per-row positions take one token per row, a cache and pos (B,)")
-        if int(pos.max()) >= self.cfg.context:
-            raise ValueError(f"position {int(pos.max())} is past the context {self.cfg.context}")
+        last = int(pos.max())  # one read of the device's value a step
+        if last >= self.cfg.context:
+            raise ValueError(f"position {last} is past the context {self.cfg.context}")
         pos = pos.to(x.device)
         if self.pos_emb is not None:
             x = x + self.pos_emb[pos][:, None]
@@ -288,10 +289,10 @@ class Transformer(nn.Module):
             x = self.embed_norm(x)
         rope = None
         if self.rope is not None:
-            self.reserve_positions(int(pos.max()) + 1)
+            self.reserve_positions(last + 1)
             rope = qkv_rotations(self.rope[pos], self.cfg.n_head + self.cfg.kv_heads,
                                  self.cfg.kv_heads)[:, None]  # (B, 1, heads, d/2, 2)
-        seen = torch.arange(int(pos.max()) + 1, device=x.device)[None] <= pos[:, None]  # (B, Tk)
+        seen = torch.arange(last + 1, device=x.device)[None] <= pos[:, None]  # (B, Tk)
         for i, block in enumerate(self.blocks):
             x = block(x, rope=rope, causal=False, key_padding=seen, cache=cache[i], pos=pos,
                       memory=memory, cross_cache=None if cross_cache is None else cross_cache[i])

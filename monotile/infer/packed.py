@@ -23,7 +23,7 @@ import json
 import os
 import platform
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from pathlib import Path
 
 import torch
@@ -218,13 +218,23 @@ def fastest(shapes: Mapping[tuple, int], ways: Mapping[str, Callable],
     """{shape: verdict(the fastest of `ways` for it, shape)} for a model's layer shapes
     {(in, out, rows of x): count}, timed together once per machine (time_ways; the first of
     equally fast ways wins) and kept in layouts.json under key(shape, count)."""
-    keys = {shape: key(shape, count) for shape, count in shapes.items()}
-    here = _verdicts_here()
-    verdicts = {shape: _verdict(here.get(k)) for shape, k in keys.items()}
-    if None in verdicts.values():
+    def measure() -> dict[tuple, int]:
         times = time_ways(shapes, ways, dtype)
-        verdicts = {shape: verdict(min(times, key=lambda way: times[way][shape]), shape)
-                    for shape in shapes}
+        return {shape: verdict(min(times, key=lambda way: times[way][shape]), shape)
+                for shape in shapes}
+    return remembered({shape: key(shape, count) for shape, count in shapes.items()}, measure)
+
+
+def remembered(keys: Mapping[tuple, str], measure: Callable[[], Mapping[tuple, int]],
+               valid: Callable[[object], int | None] | None = None) -> dict[tuple, int]:
+    """{shape: verdict} as this machine kept them in layouts.json under keys[shape]; where
+    any is missing, or not `valid` (default: an int >= 0), measure() gives them all, and they
+    are kept (the file read once and written once)."""
+    valid = valid or _verdict
+    here = _verdicts_here()
+    verdicts = {shape: valid(here.get(k)) for shape, k in keys.items()}
+    if None in verdicts.values():
+        verdicts = dict(measure())
         remember_all({keys[shape]: v for shape, v in verdicts.items()})
     return verdicts
 
@@ -249,18 +259,27 @@ def time_ways(shapes: Mapping[tuple[int, int, int], int], ways: Mapping[str, Cal
     times = {}
     for way, make in ways.items():
         calls = [make(torch.randn(shape[1], shape[0], dtype=dtype), shape) for shape in order]
-        best = dict.fromkeys(shapes, float("inf"))
-        for attempt in range(rounds + 1):
-            took = dict.fromkeys(shapes, 0.0)
-            for shape, call in zip(order, calls):
-                start = time.perf_counter()
-                call(inputs[shape])
-                took[shape] += time.perf_counter() - start
-            if attempt:
-                best = {shape: min(best[shape], took[shape]) for shape in shapes}
-        times[way] = best
+        times[way] = pass_times([(shape, call, inputs[shape])
+                                 for shape, call in zip(order, calls)], rounds)
         del calls
     return times
+
+
+def pass_times(calls: list[tuple[Hashable, Callable, torch.Tensor]], rounds: int
+               ) -> dict[Hashable, float]:
+    """{key: seconds a pass spends in its calls}: each (key, f, x) of `calls` run in turn as
+    f(x), on its own clock, best of `rounds` passes after one to warm up."""
+    keys = dict.fromkeys(key for key, _, _ in calls)
+    best = dict.fromkeys(keys, float("inf"))
+    for attempt in range(rounds + 1):
+        took = dict.fromkeys(keys, 0.0)
+        for key, call, x in calls:
+            start = time.perf_counter()
+            call(x)
+            took[key] += time.perf_counter() - start
+        if attempt:
+            best = {key: min(best[key], took[key]) for key in keys}
+    return best
 
 
 def _verdicts_file() -> Path:
@@ -292,13 +311,6 @@ def _machine() -> str:
     return f"{_cpu()} | torch {torch.__version__} | {torch.get_num_threads()} threads"
 
 
-def measured(key: str) -> int | None:
-    """The layout `layouts` chose for `key` on this machine before (0 plain, else the
-    packing's row hint; kept in the cache's layouts.json, so a start-up measures once per
-    machine and shape), or None."""
-    return _verdict(_verdicts_here().get(key))
-
-
 def _verdicts_here() -> dict:
     """This machine's verdicts in layouts.json, read once ({} where none can be read)."""
     try:
@@ -313,13 +325,9 @@ def _verdict(value) -> int | None:
         else None
 
 
-def remember(key: str, verdict: int) -> None:
-    """Keep a verdict for this machine; a cache that cannot be written is no error."""
-    remember_all({key: verdict})
-
-
 def remember_all(verdicts: Mapping[str, int]) -> None:
-    """Keep verdicts for this machine, the file written once."""
+    """Keep verdicts for this machine, the file written once; a cache that cannot be written
+    is no error."""
     path = _verdicts_file()
     try:
         doc = json.loads(path.read_text()) if path.exists() else {}

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 import threading
-import time
 
 import torch
 import torch.nn.functional as F
@@ -81,7 +80,7 @@ def tune_gemm_rows(model: nn.Module) -> None:
     that row count and the next one tried (twice the largest where the kernel won there).
     Timed once per machine on up to GEMM_LAYERS_TIMED of the model's own layers of each
     shape, in its order, and kept with packed.py's verdicts (layouts.json)."""
-    from .packed import _verdicts_here, remember_all
+    from .packed import remembered
     layers = [m for m in model.modules() if hasattr(m, "gemm_rows")
               and getattr(m, "fits", True) and getattr(m, "unpacks", True)  # else no choice
               and next(m.buffers(), torch.empty(0)).device.type == "cpu"]
@@ -90,24 +89,26 @@ def tune_gemm_rows(model: nn.Module) -> None:
         kind = type(m).__name__ + (f" {str(m.packed.dtype).removeprefix('torch.')}"
                                    if hasattr(m, "packed") else "")
         shapes.setdefault((kind, m.in_features, m.out_features), []).append(m)
-    keys = {shape: f"{shape[0]} {shape[1]}->{shape[2]}: dequantized + GEMM from rows"
-            for shape in shapes}
-    here, allowed = _verdicts_here(), (*GEMM_ROWS_TRIED, 2 * GEMM_ROWS_TRIED[-1])
-    found = {shape: here.get(key) if here.get(key) in allowed else None  # else timed again
-             for shape, key in keys.items()}
-    if None in found.values():
-        found = _time_gemm_rows({shape: group[:GEMM_LAYERS_TIMED]
+    allowed = (*GEMM_ROWS_TRIED, 2 * GEMM_ROWS_TRIED[-1])  # a stored count else: timed again
+
+    def measure() -> dict[tuple, int]:
+        timed = _time_gemm_rows({shape: group[:GEMM_LAYERS_TIMED]
                                  for shape, group in shapes.items()})
-        remember_all({keys[shape]: rows for shape, rows in found.items()})
         _workspaces.__dict__.pop("buffers", None)  # the GEMM's W, if the kernels won
+        return timed
+    found = remembered({shape: f"{shape[0]} {shape[1]}->{shape[2]}: dequantized + GEMM from "
+                               "rows" for shape in shapes}, measure,
+                       lambda value: value if value in allowed else None)
     for shape, group in shapes.items():
         for m in group:
             m.gemm_rows = found[shape]
 
 
 def _time_gemm_rows(shapes: dict[tuple, list[nn.Module]]) -> dict[tuple, int]:
-    """{shape: gemm_rows} from timing each shape's layers, called in turn, both ways, at each
-    row count tried until the GEMM has won at two in a row (it gains as rows grow)."""
+    """{shape: gemm_rows} from timing each shape's layers, called in turn, both ways
+    (packed.pass_times), at each row count tried until the GEMM has won at two in a row (it
+    gains as rows grow)."""
+    from .packed import pass_times
     found, streak = {}, {shape: 0 for shape in shapes}
     for rows in GEMM_ROWS_TRIED:
         left = {shape: group for shape, group in shapes.items() if shape not in found}
@@ -119,17 +120,10 @@ def _time_gemm_rows(shapes: dict[tuple, list[nn.Module]]) -> dict[tuple, int]:
         xs = {n: torch.randn(rows, n) for n in {m.in_features for m in order}}
         times = {}
         for way, threshold in (("kernel", rows + 1), ("gemm", 0)):
-            best = dict.fromkeys(left, float("inf"))
-            for attempt in range(3):  # one to warm up, best of two
-                took = dict.fromkeys(left, 0.0)
-                for m in order:
-                    m.gemm_rows = threshold
-                    start = time.perf_counter()
-                    m(xs[m.in_features])
-                    took[shape_of[id(m)]] += time.perf_counter() - start
-                if attempt:
-                    best = {shape: min(best[shape], took[shape]) for shape in left}
-            times[way] = best
+            for m in order:
+                m.gemm_rows = threshold
+            times[way] = pass_times([(shape_of[id(m)], m, xs[m.in_features]) for m in order],
+                                    rounds=2)
         for shape in left:
             won = times["gemm"][shape] <= times["kernel"][shape]
             streak[shape] = streak[shape] + 1 if won else 0
