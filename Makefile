@@ -23,9 +23,14 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 demo: setup
 	$(VENV)/bin/monotile train text --preset shakespeare-char --sample 300
 
+# Two pytest workers, a test file each at a time, each PyTorch on one thread: on CI's 2 cores
+# the suite takes 15 minutes instead of 27 (two processes of two threads each would stall each
+# other). TEST_WORKERS=4 on a larger machine; `pytest tests/test_x.py` runs one file alone.
+TEST_WORKERS ?= 2
 test: setup
 	$(PY) -m ruff check monotile tests bench
-	$(PY) -m pytest -q --durations=25  # the slowest tests, for keeping CI short
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile \
+	  --durations=25  # the slowest tests, for keeping CI short
 
 bench: setup
 	$(PY) bench/train_text.py
