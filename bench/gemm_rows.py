@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from real_models import CACHE  # noqa: E402
 
 import monotile  # noqa: E402
-from monotile.infer.quantize import GEMM_ROWS  # noqa: E402
+from monotile.infer.quantize import GEMM_ROWS, gemm_layers  # noqa: E402
 
 
 def main() -> None:
@@ -35,7 +35,7 @@ def main() -> None:
           f"threads: measured row counts against GEMM_ROWS = {GEMM_ROWS} for every layer")
     for dtype in ("int8", "int4"):
         model = monotile.load(run_dir, dtype=dtype).model
-        layers = [m for m in model.modules() if hasattr(m, "gemm_rows")]
+        layers = gemm_layers(model)
         measured = {id(m): m.gemm_rows for m in layers}
         counts = sorted({(type(m).__name__, m.in_features, m.out_features, m.gemm_rows)
                          for m in layers})

@@ -99,9 +99,9 @@ def gemm_prefill(run_dir: Path, dtype: str, rows: int) -> bool:
     """Whether a prompt of `rows` tokens takes some of the run's layers in `dtype` through one
     GEMM of their dequantized W (a layer's gemm_rows, as this machine measured it)."""
     import monotile
+    from monotile.infer.quantize import gemm_layers
     trunk = monotile.load(run_dir, dtype=dtype).model.trunk  # (the head gets the last row)
-    return any(m.gemm_rows <= rows for m in trunk.modules() if hasattr(m, "gemm_rows")
-               and getattr(m, "fits", True) and getattr(m, "unpacks", True))
+    return any(m.gemm_rows <= rows for m in gemm_layers(trunk))
 
 
 def verdict(ours: float, budget: float) -> str:

@@ -72,6 +72,15 @@ def workspace(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) 
     return kept[key][:numel].view(shape)
 
 
+def gemm_layers(model: nn.Module) -> list[nn.Module]:
+    """`model`'s layers whose rows of x take their weight-only kernel or, from the layer's
+    `gemm_rows` on, one GEMM of W dequantized (int8, int4 and native.py's layers on the CPU);
+    an int4 layer the kernel cannot take, or whose packing does not unpack, has no choice."""
+    return [m for m in model.modules() if hasattr(m, "gemm_rows")
+            and getattr(m, "fits", True) and getattr(m, "unpacks", True)
+            and next(m.buffers(), torch.empty(0)).device.type == "cpu"]
+
+
 @torch.no_grad()
 def tune_gemm_rows(model: nn.Module) -> None:
     """Set the `gemm_rows` of each of `model`'s layers that has one (int8, int4, native.py's):
@@ -81,11 +90,8 @@ def tune_gemm_rows(model: nn.Module) -> None:
     Timed once per machine on up to GEMM_LAYERS_TIMED of the model's own layers of each
     shape, in its order, and kept with packed.py's verdicts (layouts.json)."""
     from .packed import remembered
-    layers = [m for m in model.modules() if hasattr(m, "gemm_rows")
-              and getattr(m, "fits", True) and getattr(m, "unpacks", True)  # else no choice
-              and next(m.buffers(), torch.empty(0)).device.type == "cpu"]
     shapes: dict[tuple, list[nn.Module]] = {}
-    for m in layers:  # a native layer's packed dtype apart: fp32's and bf16's GEMMs differ
+    for m in gemm_layers(model):  # a native layer's packed dtype apart: fp32's, bf16's GEMMs
         kind = type(m).__name__ + (f" {str(m.packed.dtype).removeprefix('torch.')}"
                                    if hasattr(m, "packed") else "")
         shapes.setdefault((kind, m.in_features, m.out_features), []).append(m)
