@@ -3,6 +3,7 @@ in plain torch: x rounded to 8 bits in blocks of 32, integer products, the block
 the layers that hold them against the layers they replace."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -104,6 +105,62 @@ def test_a_native_layer_is_the_layer_it_replaces(kind):
         torch.testing.assert_close(layer(x), want, rtol=0, atol=tol * want.abs().max().item())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim,length", [(64, 1), (64, 45), (40, 13)])
+def test_the_attention_kernel_is_softmax_of_scaled_products(dtype, head_dim, length):
+    # o = softmax(q k^T / sqrt(d)) v, one query a head, two query heads a K/V head, K and V
+    # the first `length` positions of a longer cache (read in place): plain float64 math on
+    # the same K and V. 64 takes the vector path (lengths of 8 and a tail), 40 the plain one
+    torch.manual_seed(0)
+    q = torch.randn(2, 6, 1, head_dim).to(dtype)  # a bf16 model's q, or an fp32 one's
+    cache_k, cache_v = (torch.randn(2, 3, 50, head_dim).to(dtype) for _ in range(2))
+    k, v = cache_k[:, :, :length], cache_v[:, :, :length]
+    kk, vv = (t.double().repeat_interleave(2, dim=1) for t in (k, v))
+    scores = q.double() @ kk.transpose(-1, -2) / math.sqrt(head_dim)
+    expected = torch.softmax(scores, -1) @ vv
+    got = native.attend_one(q, k, v)
+    assert got.dtype == torch.float32 and got.shape == q.shape
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+    # and as PyTorch's fused kernel makes it, to its rounding
+    fused = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), enable_gqa=True)
+    torch.testing.assert_close(got, fused, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int4"])
+def test_a_native_models_decoding_steps_attend_in_the_kernel(dtype):
+    # convert(native=True) gives each self-attention the kernel; a cached step's logits are
+    # those of PyTorch's attention, and the prompt (many queries) stays with PyTorch's
+    from monotile.core.attention import SelfAttention
+    from monotile.core.transformer import ModelConfig
+    from monotile.infer.convert import convert
+    from monotile.modalities.text import LanguageModel
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=50, n_layer=2, n_head=2, n_kv_head=1, d_model=128, context=32,
+                      norm="rmsnorm", mlp="swiglu", positions="rope", bias=False)
+    model = LanguageModel(cfg).eval()  # heads of 64: the kernel's vector path
+    convert(model, dtype, pack=False, native=True)
+    layers = [m for m in model.modules() if isinstance(m, SelfAttention)]
+    assert layers and all(m.one_query is native.attend_one for m in layers)
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6, 5, 3]])
+
+    def steps():
+        cache = model.trunk.make_cache(1, 16)
+        with torch.no_grad():
+            out = [model(ids[:, :4], cache=cache, pos=0)[:, -1]]
+            return torch.stack(out + [model(ids[:, t:t + 1], cache=cache, pos=t)[:, -1]
+                                      for t in range(4, 10)], 1).float()
+    with torch.profiler.profile() as prof:
+        kernel = steps()
+    calls = {e.key: e.count for e in prof.key_averages()}
+    assert calls.get("monotile::attend_one") == 6 * len(layers), calls
+    for m in layers:
+        m.one_query = None
+    # a bf16 cache (bf16's, int4's): PyTorch's takes q and gives its output in bf16, the
+    # kernel keeps both in fp32
+    tol = 1e-4 if dtype == "float32" else 2e-2
+    torch.testing.assert_close(kernel, steps(), rtol=0, atol=tol * kernel.abs().max().item())
+
+
 def test_a_missing_compiler_is_a_reason_not_a_crash(tmp_path):
     # a fresh cache and no compiler: available() is False and says why; nothing half-built
     code = ("from monotile.infer import native; print(native.available()); "
@@ -126,6 +183,13 @@ def test_a_kernel_given_the_wrong_shapes_refuses_them():
         torch.ops.monotile.q8_linear(torch.randn(1, 96), packed, torch.ones(16), 16)
     with pytest.raises(RuntimeError, match="float_linear"):
         torch.ops.monotile.float_linear(torch.randn(1, 96), torch.randn(2, 95, 8), 16)
+    k = torch.randn(1, 2, 5, 64)
+    with pytest.raises(RuntimeError, match="attend_one: q"):  # two queries a head
+        native.attend_one(torch.randn(1, 4, 2, 64), k, k)
+    with pytest.raises(RuntimeError, match="attend_one: q"):  # 3 heads on 2 K/V heads
+        native.attend_one(torch.randn(1, 3, 1, 64), k, k)
+    with pytest.raises(RuntimeError, match="attend_one: CPU k and v"):  # d not contiguous
+        native.attend_one(torch.randn(1, 4, 1, 64), k.transpose(2, 3).contiguous().mT, k)
 
 
 def test_which_fp32_shapes_multiply_here_is_measured_once_and_kept(tmp_path, monkeypatch):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import math
 import mmap
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import numpy as np
@@ -305,6 +306,9 @@ class SelfAttention(nn.Module):
         self.wo = nn.Linear(n_head * self.head_dim, dim, bias=bias)
         self.dropout = nn.Dropout(dropout)
         self.impl = impl  # sdpa | math: the same numbers, tested equal
+        # one query against a cache, (q, k, v) -> out: infer/convert.py puts native.py's
+        # kernel here for a compiled decoding step (PyTorch's is made for many queries)
+        self.one_query: Callable | None = None
 
     def forward(self, x, *, rope=None, causal=True, key_padding=None, cache=None, pos=0,
                 memory=None):
@@ -323,7 +327,10 @@ class SelfAttention(nn.Module):
                 k, v = cache.update(pos, k, v)
         # key_padding (B, Tk): True for real tokens -> (B, 1, 1, Tk), broadcast over heads/queries
         mask = None if key_padding is None else key_padding[:, None, None, :].to(torch.bool)
-        if self.cross and k.size(0) == 1 and B > 1:  # one memory for B rows (beams, samples)
+        if (self.one_query is not None and T == 1 and mask is None and cache is not None
+                and not self.cross and not torch.is_tensor(pos)):  # a decoding step's
+            y = self.one_query(q, k, v).to(q.dtype)
+        elif self.cross and k.size(0) == 1 and B > 1:  # one memory for B rows (beams, samples)
             if T == 1:  # the rows' queries as B queries of one row: k, v read once
                 y = attention(q.transpose(0, 2), k, v, impl=self.impl).transpose(0, 2)
             else:

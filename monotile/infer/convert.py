@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.attention import SelfAttention
 from . import native as native_kernels
 from .native import (NativeEmbedding, NativeInt4Linear, NativeInt8Embedding,
                      NativeInt8Linear, NativeLinear)
@@ -113,6 +114,10 @@ def convert(model: nn.Module, dtype: str, rows: int | Mapping[str, int] = 1,
         trunk.keep_positions(ROPE_POSITIONS)
     if dtype in ("int8", "int4") and hasattr(trunk, "cache_dtype"):
         trunk.cache_dtype = torch.bfloat16  # K and V in 16 bits: half the cache's memory
+    if native:  # a decoding step's attention in the kernels too
+        for module in model.modules():
+            if isinstance(module, SelfAttention) and not module.cross:
+                module.one_query = native_kernels.attend_one
     model.eval()
     release_free_memory()
 
