@@ -297,3 +297,55 @@ def test_an_inference_model_makes_its_rotations_as_positions_are_reached():
     model.to(torch.float64)  # moved or cast: the table made anew, as long as it was, in fp32
     assert trunk.rope.dtype == torch.float32 and torch.equal(trunk.rope,
                                                              full[:trunk.rope.size(0)])
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_a_16_bit_cache_is_cast_for_the_kernel_where_this_cpu_measured_that_faster(
+        dtype, tmp_path, monkeypatch):
+    # the verdict is measured once per machine and shape and kept; each self-attention gets it;
+    # where it says cast, a one-query step hands PyTorch's kernel fp32 keys and values (a
+    # prompt's many queries, and a cache already in fp32, as they are), and the logits are
+    # those of the uncast step to bf16's rounding
+    from monotile.core.attention import SelfAttention
+    from monotile.infer import convert as convert_module, packed
+    verdicts_file = tmp_path / "layouts.json"
+    monkeypatch.setattr(packed, "_verdicts_file", lambda: verdicts_file)
+    cfg = ModelConfig(vocab_size=50, n_layer=2, n_head=4, n_kv_head=2, d_model=64, context=32,
+                      norm="rmsnorm", mlp="swiglu", positions="rope", bias=False)
+    torch.manual_seed(0)
+    model = LanguageModel(cfg).eval()
+    convert(model, dtype, pack=False)
+    (machine, verdicts), = json.loads(verdicts_file.read_text()).items()
+    key = f"attention 4/2x16 q {'bfloat16' if dtype == 'bfloat16' else 'float32'} cache bfloat16"
+    (kept,) = [v for k, v in verdicts.items() if k.startswith(key)]
+    layers = [m for m in model.modules() if isinstance(m, SelfAttention)]
+    assert [m.upcast_cache for m in layers] == [bool(kept)] * 2
+    # read, not measured again
+    monkeypatch.setattr(convert_module, "attention", lambda *a, **k: pytest.fail("measured"))
+    assert convert_module.upcasting_wins(4, 2, 16, layers[0].qkv.weight.dtype
+                                         if dtype == "bfloat16" else torch.float32,
+                                         torch.bfloat16) == bool(kept)
+    monkeypatch.undo()
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recorded(q, k, v, **options):
+        seen.append((q.size(2), k.dtype))
+        return sdpa(q, k, v, **options)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recorded)
+
+    def steps(upcast: bool) -> torch.Tensor:
+        for m in layers:
+            m.upcast_cache = upcast
+        cache = model.trunk.make_cache(1, 16)
+        with torch.no_grad():
+            out = [model(ids[:, :4], cache=cache, pos=0)[:, -1]]
+            out += [model(ids[:, t:t + 1], cache=cache, pos=t)[:, -1] for t in range(4, 8)]
+        return torch.stack(out, 1).float()
+    as_they_are = steps(False)
+    assert seen == [(4, torch.bfloat16)] * 2 + [(1, torch.bfloat16)] * 8
+    seen.clear()
+    cast = steps(True)
+    assert seen == [(4, torch.bfloat16)] * 2 + [(1, torch.float32)] * 8
+    torch.testing.assert_close(cast, as_they_are, rtol=0, atol=2e-2 * cast.abs().max().item())

@@ -48,7 +48,9 @@ def test_int8_and_int4_decode_from_a_bf16_cache_as_they_would_recompute(dtype):
         steps = [model(ids[:, :4], cache=cache, pos=0)[:, -1]]
         steps += [model(ids[:, t:t + 1], cache=cache, pos=t)[:, -1] for t in range(4, 10)]
     spread = full.std().item()  # the logits' scale (large weights: ~2)
-    torch.testing.assert_close(torch.stack(steps, 1), full[:, 3:], atol=0.05 * spread, rtol=0)
+    # (int4's worst logit is 0.070 off with the cache read as bf16, 0.086 with it cast to fp32
+    # for the kernel, as convert does where that is faster: the rounding of K and V in both)
+    torch.testing.assert_close(torch.stack(steps, 1), full[:, 3:], atol=0.06 * spread, rtol=0)
 
 
 def test_kv_cache_sampling_equals_full_recompute_with_the_same_seed():

@@ -309,6 +309,9 @@ class SelfAttention(nn.Module):
         # one query against a cache, (q, k, v) -> out: infer/convert.py puts native.py's
         # kernel here for a compiled decoding step (PyTorch's is made for many queries)
         self.one_query: Callable | None = None
+        # a one-query step's 16-bit cached keys and values cast to fp32 before PyTorch's
+        # kernel: infer/convert.py sets it where that measures faster on this CPU
+        self.upcast_cache = False
 
     def forward(self, x, *, rope=None, causal=True, key_padding=None, cache=None, pos=0,
                 memory=None):
@@ -330,6 +333,8 @@ class SelfAttention(nn.Module):
         if (self.one_query is not None and T == 1 and mask is None and cache is not None
                 and not self.cross and not torch.is_tensor(pos)):  # a decoding step's
             y = self.one_query(q, k, v).to(q.dtype)
+        elif self.upcast_cache and T == 1 and cache is not None and not self.cross:
+            y = attention(q, k.float(), v.float(), mask=mask, is_causal=causal, impl=self.impl)
         elif self.cross and k.size(0) == 1 and B > 1:  # one memory for B rows (beams, samples)
             if T == 1:  # the rows' queries as B queries of one row: k, v read once
                 y = attention(q.transpose(0, 2), k, v, impl=self.impl).transpose(0, 2)

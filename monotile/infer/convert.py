@@ -25,6 +25,7 @@ pages is mapped, where a mapped row brings the page-cache folio about it (up to 
 from __future__ import annotations
 
 import ctypes
+import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 
@@ -32,11 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.attention import SelfAttention
+from ..core.attention import SelfAttention, attention
 from . import native as native_kernels
 from .native import (NativeEmbedding, NativeInt4Linear, NativeInt8Embedding,
                      NativeInt8Linear, NativeLinear)
-from .packed import PackedLinear, layouts, packing_available, rows_of
+from .packed import PackedLinear, layouts, packing_available, remembered, rows_of
 from .quantize import (INT4_GROUP, Int4Linear, Int8Embedding, Int8Linear,
                        quantize_groups_int4, quantize_rows, tune_gemm_rows)
 
@@ -114,12 +115,46 @@ def convert(model: nn.Module, dtype: str, rows: int | Mapping[str, int] = 1,
         trunk.keep_positions(ROPE_POSITIONS)
     if dtype in ("int8", "int4") and hasattr(trunk, "cache_dtype"):
         trunk.cache_dtype = torch.bfloat16  # K and V in 16 bits: half the cache's memory
+    layers = [m for m in model.modules() if isinstance(m, SelfAttention) and not m.cross]
     if native:  # a decoding step's attention in the kernels too
-        for module in model.modules():
-            if isinstance(module, SelfAttention) and not module.cross:
-                module.one_query = native_kernels.attend_one
+        for module in layers:
+            module.one_query = native_kernels.attend_one
+    sixteen = torch.bfloat16 if dtype == "bfloat16" else getattr(trunk, "cache_dtype", None)
+    if layers and sixteen is not None and next(model.parameters()).device.type == "cpu":
+        upcast = upcasting_wins(layers[0].n_head, layers[0].n_kv_head, layers[0].head_dim,
+                                float_dtype, sixteen)
+        for module in layers:
+            module.upcast_cache = upcast
     model.eval()
     release_free_memory()
+
+
+def upcasting_wins(heads: int, kv_heads: int, head_dim: int, q_dtype: torch.dtype,
+                   cache_dtype: torch.dtype, positions: int = 256) -> bool:
+    """Whether PyTorch's attention kernel takes one query against `positions` cached keys
+    and values in `cache_dtype` faster with them cast to fp32 first than as they are: measured
+    once per machine and shape, and kept (layouts.json). On an Intel Xeon with AMX it read
+    bf16 as it is in 20 us (SmolLM2's 9 heads of 64 over 300 positions), 46 cast first; on an
+    AMD EPYC the bf16 path took 116 us over 220, the cast and fp32 one 36."""
+    shape = (heads, kv_heads, head_dim)
+    key = (f"attention {heads}/{kv_heads}x{head_dim} q {str(q_dtype).removeprefix('torch.')}"
+           f" cache {str(cache_dtype).removeprefix('torch.')}: fp32 vs as it is")
+
+    def measure() -> dict[tuple, int]:
+        q = torch.randn(1, heads, 1, head_dim, dtype=q_dtype)
+        k, v = (torch.randn(1, kv_heads, positions, head_dim).to(cache_dtype) for _ in "kv")
+        ways = {0: lambda: attention(q, k, v), 1: lambda: attention(q, k.float(), v.float())}
+        best = dict.fromkeys(ways, float("inf"))
+        with torch.no_grad():
+            for _ in range(5):  # in turn, best of 5 rounds of 20 after one to warm up
+                for way, attend in ways.items():
+                    attend()
+                    start = time.perf_counter()
+                    for _ in range(20):
+                        attend()
+                    best[way] = min(best[way], time.perf_counter() - start)
+        return {shape: int(best[1] < best[0])}
+    return bool(remembered({shape: key}, measure)[shape])
 
 
 def _layouts(plan, dtype: str, rows) -> dict[tuple, int]:
