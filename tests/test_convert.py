@@ -47,7 +47,11 @@ def test_a_run_loaded_layer_by_layer_equals_one_loaded_whole_then_converted(tiny
     assert streamed.parameters() == monotile.load(tiny_run.dir).parameters()
     assert not streamed.model.training
     table, head = streamed.model.tok_emb, streamed.model.head
-    if dtype in ("int8", "int4"):  # the tied head and the embedding share one Q and s
+    if dtype in ("int8", "int4") and native.available():  # a text model's int8 and int4
+        # layers in the native kernels (Run.optimize_for_inference): one packed Q and s
+        assert isinstance(table, native.NativeInt8Embedding)
+        assert table.packed is head.packed and table.scale is head.scale
+    elif dtype in ("int8", "int4"):  # the tied head and the embedding share one Q and s
         assert isinstance(table, Int8Embedding)
         assert table.weight_int8 is head.weight_int8
     elif type(head) is nn.Linear:  # the plain head's W (bf16, or fp32 in the file's pages)
@@ -55,9 +59,10 @@ def test_a_run_loaded_layer_by_layer_equals_one_loaded_whole_then_converted(tiny
     else:  # a head packed for oneDNN: the table read from the file, in the model's dtype
         assert isinstance(table, FileEmbedding) and table.rows is not None
         assert table.dtype == (torch.bfloat16 if dtype == "bfloat16" else torch.float32)
-    if dtype == "int4":
-        assert isinstance(streamed.model.head, Int8Linear)  # the head at 8 bits
-        assert any(isinstance(m, Int4Linear) for m in streamed.model.modules())
+    if dtype == "int4":  # the head at 8 bits
+        assert isinstance(head, (Int8Linear, native.NativeInt8Linear))
+        assert any(isinstance(m, (Int4Linear, native.NativeInt4Linear))
+                   for m in streamed.model.modules())
     prompt = "ROMEO:"
     assert streamed.generate(prompt, max_new_tokens=20, temperature=0.0) == \
         whole.generate(prompt, max_new_tokens=20, temperature=0.0)
@@ -138,8 +143,13 @@ def test_int8_rows_quantized_in_pieces_equal_the_whole_matrix(tiny_run, monkeypa
     monkeypatch.setattr("monotile.infer.convert.CHUNK_ROWS", 16)
     run = monotile.load(tiny_run.dir, dtype="int8")
     q, s = quantize_rows(monotile.load(tiny_run.dir).model.tok_emb.weight)
-    assert run.model.tok_emb.weight_int8.size(0) > 16 > 0 < CHUNK_ROWS
-    assert torch.equal(run.model.tok_emb.weight_int8, q) and torch.equal(run.model.tok_emb.scale, s)
+    table, rows = run.model.tok_emb, q.size(0)
+    if isinstance(table, native.NativeInt8Embedding):  # the native kernels' layout
+        kept_q, kept_s = native.unpack_q8(table.packed, rows), table.scale[:rows]
+    else:
+        kept_q, kept_s = table.weight_int8, table.scale
+    assert rows > 16 > 0 < CHUNK_ROWS
+    assert torch.equal(kept_q, q) and torch.equal(kept_s, s)
 
 
 def test_load_for_inference_refuses_a_bad_dtype_and_a_damaged_file(tiny_run, tmp_path):
