@@ -172,7 +172,7 @@ class Run:
         (infer/native.py: x rounded to 8 bits for the int8 and int4 products, as llama.cpp
         does) where a C++ compiler builds them, its fp32 layers too where their shapes
         measure faster there than in the compiler's own product (the rest left plain for
-        it). Uncompiled, a text generation run's int8 and int4 layers and its decoding
+        it). Uncompiled, a text generation run's int8, int4 and bf16 layers and its decoding
         steps' attention use the native kernels too, where they build (the first use on a
         machine compiles them: ~10 s, once); other tasks keep PyTorch's kernels."""
         from .infer import native as native_kernels
@@ -188,10 +188,12 @@ class Run:
         self._parameter_count = self.parameters()
         # a compiled step multiplies in our own kernels (infer/native.py, built for this CPU
         # with the compiler that torch.compile needs anyway), else in PyTorch's
-        # (and an int8 or int4 model that generates text, uncompiled: its one-row products
-        # and attention there took int4 SmolLM2's step from 18.4 ms to 11.3 on an AMD EPYC)
+        # (and an int8, int4 or bf16 model that generates text, uncompiled: its one-row
+        # products and attention there took SmolLM2's step on an AMD EPYC from 18.4 ms to
+        # 11.3 in int4, from 28.6 to 17-19 in bf16)
         on_cpu = all(p.device.type == "cpu" for p in self.model.parameters())
-        native = (on_cpu and (compile or (dtype in ("int8", "int4") and self._generates()))
+        native = (on_cpu and (compile or (dtype in ("int8", "int4", "bfloat16")
+                                          and self._generates()))
                   and native_kernels.available())
         convert(self.model, dtype, rows=rows, weights=weights, pack=not compile, native=native,
                 compiler_packs=compile and prepack)

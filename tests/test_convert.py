@@ -54,6 +54,9 @@ def test_a_run_loaded_layer_by_layer_equals_one_loaded_whole_then_converted(tiny
     elif dtype in ("int8", "int4"):  # the tied head and the embedding share one Q and s
         assert isinstance(table, Int8Embedding)
         assert table.weight_int8 is head.weight_int8
+    elif isinstance(head, native.NativeLinear):  # bf16 in the native kernels' layout: the
+        # table reads its rows there
+        assert isinstance(table, native.NativeEmbedding) and table.packed is head.packed
     elif type(head) is nn.Linear:  # the plain head's W (bf16, or fp32 in the file's pages)
         assert type(table) is nn.Embedding and table.weight is head.weight
     else:  # a head packed for oneDNN: the table read from the file, in the model's dtype
