@@ -117,7 +117,7 @@ class Run:
     @property
     def generator(self):
         """The task, if it generates text (TextGenerator); a one-line error otherwise."""
-        if not isinstance(self.task, TextGenerator) or "completions" not in self.task.routes:
+        if not self._generates():
             raise ConfigError(f"{self.dir} is a {self.kind} run; it does not generate text "
                               "(`monotile predict` is its command)")
         return self.task

@@ -25,7 +25,6 @@ pages is mapped, where a mapped row brings the page-cache folio about it (up to 
 from __future__ import annotations
 
 import ctypes
-import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 
@@ -37,7 +36,8 @@ from ..core.attention import SelfAttention, attention
 from . import native as native_kernels
 from .native import (NativeEmbedding, NativeInt4Linear, NativeInt8Embedding,
                      NativeInt8Linear, NativeLinear)
-from .packed import PackedLinear, layouts, packing_available, remembered, rows_of
+from .packed import (PackedLinear, layouts, packing_available, pass_times, remembered,
+                     rows_of)
 from .quantize import (INT4_GROUP, Int4Linear, Int8Embedding, Int8Linear,
                        quantize_groups_int4, quantize_rows, tune_gemm_rows)
 
@@ -143,16 +143,10 @@ def upcasting_wins(heads: int, kv_heads: int, head_dim: int, q_dtype: torch.dtyp
     def measure() -> dict[tuple, int]:
         q = torch.randn(1, heads, 1, head_dim, dtype=q_dtype)
         k, v = (torch.randn(1, kv_heads, positions, head_dim).to(cache_dtype) for _ in "kv")
-        ways = {0: lambda: attention(q, k, v), 1: lambda: attention(q, k.float(), v.float())}
-        best = dict.fromkeys(ways, float("inf"))
-        with torch.no_grad():
-            for _ in range(5):  # in turn, best of 5 rounds of 20 after one to warm up
-                for way, attend in ways.items():
-                    attend()
-                    start = time.perf_counter()
-                    for _ in range(20):
-                        attend()
-                    best[way] = min(best[way], time.perf_counter() - start)
+        ways = {0: lambda _: attention(q, k, v),
+                1: lambda _: attention(q, k.float(), v.float())}
+        with torch.no_grad():  # 20 calls each a pass, best of 5 passes
+            best = pass_times([(way, f, None) for way, f in ways.items() for _ in range(20)], 5)
         return {shape: int(best[1] < best[0])}
     return bool(remembered({shape: key}, measure)[shape])
 
