@@ -172,9 +172,10 @@ class Run:
         (infer/native.py: x rounded to 8 bits for the int8 and int4 products, as llama.cpp
         does) where a C++ compiler builds them, its fp32 layers too where their shapes
         measure faster there than in the compiler's own product (the rest left plain for
-        it). Uncompiled, a text generation run's int8, int4 and bf16 layers and its decoding
-        steps' attention use the native kernels too, where they build (the first use on a
-        machine compiles them: ~10 s, once); other tasks keep PyTorch's kernels."""
+        it). Uncompiled, a text generation run's layers use the native kernels too, where they
+        build (the first use on a machine compiles them: ~10 s, once), and each pre-norm
+        block's one-token step is one native call (native.block_step: SmolLM2 decodes at
+        the compiled step's pace, with no compile); other tasks keep PyTorch's kernels."""
         from .infer import native as native_kernels
         from .infer.convert import convert, packing_wins
         _check_inference_dtype(dtype)
@@ -187,16 +188,14 @@ class Run:
             prepack = dtype in ("int8", "int4") or packing_wins(self.model, dtype, rows)
         self._parameter_count = self.parameters()
         # a compiled step multiplies in our own kernels (infer/native.py, built for this CPU
-        # with the compiler that torch.compile needs anyway), else in PyTorch's
-        # (and an int8, int4 or bf16 model that generates text, uncompiled: its one-row
-        # products and attention there took SmolLM2's step on an AMD EPYC from 18.4 ms to
-        # 11.3 in int4, from 28.6 to 17-19 in bf16)
+        # with the compiler that torch.compile needs anyway), else in PyTorch's; so does a
+        # model that generates text, uncompiled, its blocks' steps each one call (SmolLM2's
+        # step on an AMD EPYC: int4 18.4 ms in PyTorch's operators and kernels, 11.3 in ours
+        # one operator at a time, ~5 in one call a block; fp32 30 -> 17)
         on_cpu = all(p.device.type == "cpu" for p in self.model.parameters())
-        native = (on_cpu and (compile or (dtype in ("int8", "int4", "bfloat16")
-                                          and self._generates()))
-                  and native_kernels.available())
+        native = (on_cpu and (compile or self._generates()) and native_kernels.available())
         convert(self.model, dtype, rows=rows, weights=weights, pack=not compile, native=native,
-                compiler_packs=compile and prepack)
+                compiler_packs=compile and prepack, fused_steps=not compile)
         if compile:
             from .infer.generate import compile_decoding
             self.compile_seconds = compile_decoding(self.model, prepack=prepack)

@@ -161,6 +161,75 @@ def test_a_native_models_decoding_steps_attend_in_the_kernel(dtype):
     torch.testing.assert_close(kernel, steps(), rtol=0, atol=tol * kernel.abs().max().item())
 
 
+FUSED_SHAPES = {  # Llama's block (grouped heads, a biased qkv as Qwen's) and GPT-2's
+    "llama": dict(norm="rmsnorm", mlp="swiglu", positions="rope", bias=False, qkv_bias=True,
+                  n_kv_head=1),
+    "gpt2": dict(norm="layernorm", mlp="gelu_tanh", positions="learned", bias=True),
+    "gelu": dict(norm="layernorm", mlp="gelu", positions="rope", bias=False),
+}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8", "int4"])
+@pytest.mark.parametrize("shape", list(FUSED_SHAPES))
+def test_a_fused_block_step_is_the_blocks_operators(dtype, shape):
+    # convert(fused_steps=True): a block's one-token step is one decode_block call, whose
+    # logits and written cache are those of the block's operators with PyTorch's attention
+    # (bf16 and the 8-bit rounding of x: the operators round between them, the call does not)
+    from monotile.core.attention import SelfAttention
+    from monotile.core.transformer import ModelConfig
+    from monotile.infer.convert import convert
+    from monotile.modalities.text import LanguageModel
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=50, n_layer=2, n_head=2, d_model=128, context=32,
+                      **FUSED_SHAPES[shape])
+    model = LanguageModel(cfg).eval()
+    convert(model, dtype, pack=False, native=True, fused_steps=True)
+    blocks = list(model.trunk.blocks)
+    assert all(b.one_token is not None for b in blocks)
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6, 5, 3], [2, 7, 1, 8, 2, 8, 1, 8, 2, 8]])
+
+    def steps():  # two rows, a 4-token prompt (the operators), then 6 steps
+        cache = model.trunk.make_cache(2, 16)
+        with torch.no_grad():
+            out = [model(ids[:, :4], cache=cache, pos=0)[:, -1]]
+            out += [model(ids[:, t:t + 1], cache=cache, pos=t)[:, -1] for t in range(4, 10)]
+        return torch.stack(out, 1).float(), [(c.k[:, :, :10].float(), c.v[:, :, :10].float())
+                                             for c in cache]
+    with torch.profiler.profile() as prof:
+        fused, fused_cache = steps()
+    calls = {e.key: e.count for e in prof.key_averages()}
+    assert calls.get("monotile::decode_block") == 6 * len(blocks), calls
+    for b in blocks:
+        b.one_token = None
+    for m in model.modules():
+        if isinstance(m, SelfAttention):
+            m.one_query = None
+    ops, ops_cache = steps()
+    tol = 1e-4 if dtype == "float32" else 3e-2
+    torch.testing.assert_close(fused, ops, rtol=0, atol=tol * ops.abs().max().item())
+    for (k, v), (k_ops, v_ops) in zip(fused_cache, ops_cache):
+        torch.testing.assert_close(k, k_ops, rtol=0, atol=tol * k_ops.abs().max().item())
+        torch.testing.assert_close(v, v_ops, rtol=0, atol=tol * v_ops.abs().max().item())
+
+
+def test_a_block_the_fused_step_does_not_run_keeps_its_operators():
+    # post-norm, a LoRA adapter, plain float layers: block_step gives None, and Block.forward
+    # runs its operators
+    from monotile.core.lora import add_lora
+    from monotile.core.transformer import ModelConfig
+    from monotile.modalities.text import LanguageModel
+    cfg = ModelConfig(vocab_size=50, n_layer=1, n_head=2, d_model=64, context=16)
+    plain = LanguageModel(cfg).eval()
+    assert native.block_step(plain.trunk.blocks[0]) is None
+    post = LanguageModel(cfg.replace(norm_position="post")).eval()
+    adapted = LanguageModel(cfg).eval()
+    add_lora(adapted, 4, 8.0, ["qkv"])
+    from monotile.infer.convert import convert
+    for model in (post, adapted):
+        convert(model, "int8", pack=False, native=True, fused_steps=True)
+        assert model.trunk.blocks[0].one_token is None
+
+
 def test_a_missing_compiler_is_a_reason_not_a_crash(tmp_path):
     # a fresh cache and no compiler: available() is False and says why; nothing half-built
     code = ("from monotile.infer import native; print(native.available()); "
@@ -190,6 +259,13 @@ def test_a_kernel_given_the_wrong_shapes_refuses_them():
         native.attend_one(torch.randn(1, 3, 1, 64), k, k)
     with pytest.raises(RuntimeError, match="attend_one: CPU k and v"):  # d not contiguous
         native.attend_one(torch.randn(1, 4, 1, 64), k.transpose(2, 3).contiguous().mT, k)
+    w = [torch.empty(0)] * 16
+    with pytest.raises(RuntimeError, match="decode_block: x"):  # two tokens
+        torch.ops.monotile.decode_block(torch.randn(1, 2, 128), w, k, k, torch.empty(0), 0,
+                                        [256, 128, 256, 128], 2, 2, False, 0, 1e-5)
+    with pytest.raises(RuntimeError, match="decode_block: k and v"):  # past the cache
+        torch.ops.monotile.decode_block(torch.randn(1, 1, 128), w, k, k, torch.empty(0), 5,
+                                        [384, 128, 256, 128], 2, 2, False, 0, 1e-5)
 
 
 def test_which_fp32_shapes_multiply_here_is_measured_once_and_kept(tmp_path, monkeypatch):

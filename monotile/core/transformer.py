@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -146,11 +147,17 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         self.drop_path = DropPath(drop_path)
         self.post_norm = cfg.norm_position == "post"
+        # a one-token decoding step in one native call (infer/native.py block_step), where
+        # infer/convert.py puts one for inference: the same formula as below
+        self.one_token: Callable | None = None
 
     def forward(self, x, *, rope=None, causal=True, key_padding=None, cache=None, pos=0,
                 memory=None, cross_cache=None):
         """`memory` (B, Tm, d) is the encoder's output the cross-attention reads (kept in
         `cross_cache` when decoding step by step)."""
+        if (self.one_token is not None and cache is not None and x.size(1) == 1
+                and key_padding is None and not torch.is_tensor(pos) and not self.training):
+            return self.one_token(x, cache, pos, rope)
         if self.post_norm:
             x = self.norm1(x + self.drop_path(self.attn(x, rope=rope, causal=causal,
                                                         key_padding=key_padding, cache=cache,

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.attention import SelfAttention, attention
+from ..core.transformer import Block
 from . import native as native_kernels
 from .native import (NativeEmbedding, NativeInt4Linear, NativeInt8Embedding,
                      NativeInt8Linear, NativeLinear)
@@ -76,7 +77,7 @@ class FileEmbedding(nn.Module):
 
 def convert(model: nn.Module, dtype: str, rows: int | Mapping[str, int] = 1,
             weights=None, *, pack: bool = True, native: bool = False,
-            compiler_packs: bool = True) -> None:
+            compiler_packs: bool = True, fused_steps: bool = False) -> None:
     """Turn `model`'s layers into `dtype`'s forms (above), in place, one at a time, and put it
     in eval mode. `rows`: the rows of x a layer multiplies (packed.rows_of). `weights`: a
     WeightReader of a model built with its weights left unread; each is read when its layer
@@ -85,13 +86,15 @@ def convert(model: nn.Module, dtype: str, rows: int | Mapping[str, int] = 1,
     `native`: the layers multiply in native.py's kernels (built, and loaded,
     before: native.available()); an fp32 one only where that measures faster than the compiled
     step's product, MKL's packed one where the compiler packs weights (`compiler_packs`:
-    compile_decoding's `prepack`), else plain."""
+    compile_decoding's `prepack`), else plain. `fused_steps` (with `native`, uncompiled): a
+    pre-norm block's one-token step runs in one native call (native.block_step), its float
+    layers all native."""
     float_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
     plan = _plan(model)
     hints = _layouts(plan, dtype, rows) if pack else {}
     # the float layers in native kernels: bf16's (PyTorch's GEMV reads bf16 at half speed),
     # fp32's where they measure faster
-    native_float = _native_shapes(plan, dtype, compiler_packs) if native else set()
+    native_float = _native_shapes(plan, dtype, compiler_packs, fused_steps) if native else set()
     shared: dict[tuple, nn.Module] = {}  # a float weight -> its converted layer (tied)
     with torch.no_grad():
         while plan:
@@ -119,6 +122,10 @@ def convert(model: nn.Module, dtype: str, rows: int | Mapping[str, int] = 1,
     if native:  # a decoding step's attention in the kernels too
         for module in layers:
             module.one_query = native_kernels.attend_one
+    if native and fused_steps:  # and each block's whole step, where it can
+        for block in model.modules():
+            if isinstance(block, Block):
+                block.one_token = native_kernels.block_step(block)
     sixteen = torch.bfloat16 if dtype == "bfloat16" else getattr(trunk, "cache_dtype", None)
     if layers and sixteen is not None and next(model.parameters()).device.type == "cpu":
         upcast = upcasting_wins(layers[0].n_head, layers[0].n_kv_head, layers[0].head_dim,
@@ -162,15 +169,20 @@ def _layouts(plan, dtype: str, rows) -> dict[tuple, int]:
     return layouts(shapes, float_dtype) if shapes else {}
 
 
-def _native_shapes(plan, dtype: str, compiler_packs: bool) -> set[tuple[int, int]]:
-    """(in, out) of the float layers to multiply in native.py's kernels: every bf16 one, and
-    the fp32 ones whose shape measures faster there than the compiled step's own product
-    (native.float32_native_shapes)."""
+def _native_shapes(plan, dtype: str, compiler_packs: bool, fused_steps: bool = False
+                   ) -> set[tuple[int, int]]:
+    """(in, out) of the float layers to multiply in native.py's kernels: every bf16 one, every
+    one of a block whose step is fused (`fused_steps`: one call saves more than any kernel's
+    few percent), and the other fp32 ones whose shape measures faster there than the compiled
+    step's own product (native.float32_native_shapes)."""
     shapes = Counter((m.in_features, m.out_features) for _, _, name, m in plan
                      if _stays_float(m, name, dtype) and m.in_features % 2 == 0)
     if dtype == "bfloat16" or not shapes:
         return set(shapes)
-    return native_kernels.float32_native_shapes(shapes, compiler_packs)
+    fused = {(m.in_features, m.out_features) for _, _, name, m in plan
+             if fused_steps and ".blocks." in f".{name}"} & set(shapes)
+    rest = Counter({shape: count for shape, count in shapes.items() if shape not in fused})
+    return fused | (native_kernels.float32_native_shapes(rest, compiler_packs) if rest else set())
 
 
 def packing_wins(model: nn.Module, dtype: str, rows: int | Mapping[str, int] = 1) -> bool:
