@@ -230,6 +230,47 @@ def test_a_block_the_fused_step_does_not_run_keeps_its_operators():
         assert model.trunk.blocks[0].one_token is None
 
 
+@pytest.mark.parametrize("dtype", ["float32", "int8", "int4"])
+def test_a_models_native_weights_lie_in_one_block_in_step_order(dtype, monkeypatch):
+    # convert(native=True) lays every packed weight out in one WeightBlock, one after another
+    # as the layers come; the model computes exactly what it computes with them apart
+    from monotile.core.transformer import ModelConfig
+    from monotile.infer.convert import convert
+    from monotile.modalities.text import LanguageModel
+    cfg = ModelConfig(vocab_size=64, n_layer=2, n_head=2, d_model=64, context=16,
+                      norm="rmsnorm", mlp="swiglu", positions="rope", bias=False)
+    torch.manual_seed(0)
+    model = LanguageModel(cfg).eval()
+    apart = LanguageModel(cfg).eval()
+    apart.load_state_dict(model.state_dict())
+    convert(model, dtype, pack=False, native=True, fused_steps=True)
+    monkeypatch.setattr(native.WeightBlock, "available", classmethod(lambda cls: False))
+    convert(apart, dtype, pack=False, native=True, fused_steps=True)
+    layers = [m for m in model.modules() if isinstance(m, native._NativeLayer)]
+    assert len(layers) == 2 * 4 + 1  # qkv, wo, gate_up, down a block, and the head
+    spans = sorted((m.packed.data_ptr(), m.packed.data_ptr() + m.packed.nbytes)
+                   for m in layers)
+    assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:]))  # no overlap
+    assert spans[-1][1] - spans[0][0] < sum(end - start for start, end in spans) + 64 * 9
+    ids = torch.tensor([[5, 3, 9, 1]])
+    with torch.no_grad():
+        assert torch.equal(model(ids), apart(ids))
+        block_step, apart_step = (m.trunk.make_cache(1, 8) for m in (model, apart))
+        assert torch.equal(model(ids[:, :1], cache=block_step, pos=0),
+                           apart(ids[:, :1], cache=apart_step, pos=0))
+
+
+def test_a_full_weight_block_leaves_a_layout_in_a_tensor_of_its_own():
+    w = torch.randn(8, 16)
+    block = native.WeightBlock(1000)
+    with block.filling():
+        first = native.pack_float(w, torch.float32)  # 512 bytes: fits
+        second = native.pack_float(w, torch.float32)  # to 1024 of 1000: does not
+    outside = native.pack_float(w, torch.float32)
+    assert block.holds(first) and not block.holds(second) and not block.holds(outside)
+    assert torch.equal(first, outside) and torch.equal(second, outside)
+
+
 def test_a_missing_compiler_is_a_reason_not_a_crash(tmp_path):
     # a fresh cache and no compiler: available() is False and says why; nothing half-built
     code = ("from monotile.infer import native; print(native.available()); "

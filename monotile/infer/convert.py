@@ -27,6 +27,7 @@ from __future__ import annotations
 import ctypes
 from collections import Counter
 from collections.abc import Callable, Mapping
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -96,14 +97,18 @@ def convert(model: nn.Module, dtype: str, rows: int | Mapping[str, int] = 1,
     # fp32's where they measure faster
     native_float = _native_shapes(plan, dtype, compiler_packs, fused_steps) if native else set()
     shared: dict[tuple, nn.Module] = {}  # a float weight -> its converted layer (tied)
-    with torch.no_grad():
+    # the native layouts laid out in one block, as the layers come (WeightBlock)
+    block = _weight_block(plan) if native else None
+    with torch.no_grad(), block.filling() if block is not None else nullcontext():
         while plan:
             parent, child_name, name, module = plan.pop(0)
             setattr(parent, child_name, _convert(module, name, dtype, float_dtype, rows, hints,
                                                  weights, shared, native, native_float))
             del module
-            if weights is not None:  # the float weight and the temporaries given back: else
-                release_free_memory()  # the allocator keeps them, and memory grows as it goes
+            if weights is not None or block is not None:  # the float weight and the
+                # temporaries given back: else the allocator keeps them, and memory grows as
+                # it goes (the block is memory of its own, not the weights' freed room)
+                release_free_memory()
         if weights is not None:
             weights.read_rest()
             # what is lent mapped in now, every other page let go: those mapped about the
@@ -134,6 +139,16 @@ def convert(model: nn.Module, dtype: str, rows: int | Mapping[str, int] = 1,
             module.upcast_cache = upcast
     model.eval()
     release_free_memory()
+
+
+def _weight_block(plan) -> native_kernels.WeightBlock | None:
+    """A WeightBlock with room for every layer of `plan` in any kernel layout (fp32's, the
+    largest: rows padded to eight), for CPU weights where the system maps memory so."""
+    linears = [m for *_, m in plan if isinstance(m, nn.Linear) and m.weight.device.type == "cpu"]
+    if not linears or not native_kernels.WeightBlock.available():
+        return None
+    capacity = sum(-(-m.out_features // 8) * 8 * m.in_features * 4 + 64 for m in linears)
+    return native_kernels.WeightBlock(capacity)
 
 
 def upcasting_wins(heads: int, kv_heads: int, head_dim: int, q_dtype: torch.dtype,
