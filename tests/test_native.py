@@ -6,6 +6,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -258,6 +259,17 @@ def test_a_models_native_weights_lie_in_one_block_in_step_order(dtype, monkeypat
         block_step, apart_step = (m.trunk.make_cache(1, 8) for m in (model, apart))
         assert torch.equal(model(ids[:, :1], cache=block_step, pos=0),
                            apart(ids[:, :1], cache=apart_step, pos=0))
+
+
+def test_a_weight_block_reserves_room_not_memory():
+    # a terabyte reserved (MAP_NORESERVE): only the bytes written become resident, so a bound
+    # far above a large model's layouts costs nothing on a small machine
+    if Path("/proc/sys/vm/overcommit_memory").read_text().strip() == "2":
+        pytest.skip("strict overcommit: convert falls back to tensors of their own")
+    block = native.WeightBlock(1 << 40)
+    with block.filling():
+        packed = native.pack_float(torch.ones(8, 32), torch.float32)
+    assert block.holds(packed) and packed.sum().item() == 256
 
 
 def test_a_full_weight_block_leaves_a_layout_in_a_tensor_of_its_own():

@@ -98,7 +98,7 @@ def convert(model: nn.Module, dtype: str, rows: int | Mapping[str, int] = 1,
     native_float = _native_shapes(plan, dtype, compiler_packs, fused_steps) if native else set()
     shared: dict[tuple, nn.Module] = {}  # a float weight -> its converted layer (tied)
     # the native layouts laid out in one block, as the layers come (WeightBlock)
-    block = _weight_block(plan) if native else None
+    block = _weight_block(plan, dtype) if native else None
     with torch.no_grad(), block.filling() if block is not None else nullcontext():
         while plan:
             parent, child_name, name, module = plan.pop(0)
@@ -141,14 +141,21 @@ def convert(model: nn.Module, dtype: str, rows: int | Mapping[str, int] = 1,
     release_free_memory()
 
 
-def _weight_block(plan) -> native_kernels.WeightBlock | None:
-    """A WeightBlock with room for every layer of `plan` in any kernel layout (fp32's, the
-    largest: rows padded to eight), for CPU weights where the system maps memory so."""
-    linears = [m for *_, m in plan if isinstance(m, nn.Linear) and m.weight.device.type == "cpu"]
-    if not linears or not native_kernels.WeightBlock.available():
+def _weight_block(plan, dtype: str) -> native_kernels.WeightBlock | None:
+    """A WeightBlock with room for every layer of `plan` in its kernel layout (bytes a weight:
+    fp32 4, bf16 2, int8 1, int4 5/8 (taken as 1); rows padded to eight), for CPU weights where
+    the system maps memory so; None where it cannot (the layouts are then tensors of their own)."""
+    size = 0
+    for _, _, name, m in plan:
+        if isinstance(m, nn.Linear) and m.weight.device.type == "cpu":
+            each = (2 if dtype == "bfloat16" else 4) if _stays_float(m, name, dtype) else 1
+            size += -(-m.out_features // 8) * 8 * m.in_features * each + 64
+    if not size or not native_kernels.WeightBlock.available():
         return None
-    capacity = sum(-(-m.out_features // 8) * 8 * m.in_features * 4 + 64 for m in linears)
-    return native_kernels.WeightBlock(capacity)
+    try:
+        return native_kernels.WeightBlock(size)
+    except (OSError, ValueError, RuntimeError):  # no room to map (a 32-bit process, limits)
+        return None
 
 
 def upcasting_wins(heads: int, kv_heads: int, head_dim: int, q_dtype: torch.dtype,

@@ -205,6 +205,7 @@ def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tenso
 
 
 HUGE_PAGE = 2 << 20
+NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform.startswith("linux") else 0)
 
 
 class WeightBlock:
@@ -218,8 +219,10 @@ class WeightBlock:
     resident: a page counts once a weight is written onto it."""
 
     def __init__(self, capacity: int):
+        # reserved without counting against the system's commit limit (MAP_NORESERVE): only
+        # what is written becomes memory
         self.map = mmap.mmap(-1, capacity + HUGE_PAGE,
-                             flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+                             flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | NORESERVE)
         if hasattr(mmap, "MADV_HUGEPAGE"):
             self.map.madvise(mmap.MADV_HUGEPAGE)
         whole = torch.frombuffer(self.map, dtype=torch.uint8)
