@@ -92,10 +92,13 @@ def convert(model: nn.Module, dtype: str, rows: int | Mapping[str, int] = 1,
     layers all native."""
     float_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
     plan = _plan(model)
-    hints = _layouts(plan, dtype, rows) if pack else {}
     # the float layers in native kernels: bf16's (PyTorch's GEMV reads bf16 at half speed),
-    # fp32's where they measure faster
-    native_float = _native_shapes(plan, dtype, compiler_packs, fused_steps) if native else set()
+    # fp32's where they measure faster or their block's step is fused
+    fused = ({id(m) for b in model.modules() if isinstance(b, Block) for m in b.modules()}
+             if native and fused_steps else set())
+    native_float = _native_shapes(plan, dtype, compiler_packs, fused) if native else set()
+    # oneDNN's layouts measured for the others only (a fresh machine times each shape once)
+    hints = _layouts(plan, dtype, rows, skip=native_float) if pack else {}
     shared: dict[tuple, nn.Module] = {}  # a float weight -> its converted layer (tied)
     # the native layouts laid out in one block, as the layers come (WeightBlock)
     block = _weight_block(plan, dtype) if native else None
@@ -128,9 +131,9 @@ def convert(model: nn.Module, dtype: str, rows: int | Mapping[str, int] = 1,
         for module in layers:
             module.one_query = native_kernels.attend_one
     if native and fused_steps:  # and each block's whole step, where it can
-        for block in model.modules():
-            if isinstance(block, Block):
-                block.one_token = native_kernels.block_step(block)
+        for module in model.modules():
+            if isinstance(module, Block):
+                module.one_token = native_kernels.block_step(module)
     sixteen = torch.bfloat16 if dtype == "bfloat16" else getattr(trunk, "cache_dtype", None)
     if layers and sixteen is not None and next(model.parameters()).device.type == "cpu":
         upcast = upcasting_wins(layers[0].n_head, layers[0].n_kv_head, layers[0].head_dim,
@@ -180,31 +183,33 @@ def upcasting_wins(heads: int, kv_heads: int, head_dim: int, q_dtype: torch.dtyp
     return bool(remembered({shape: key}, measure)[shape])
 
 
-def _layouts(plan, dtype: str, rows) -> dict[tuple, int]:
+def _layouts(plan, dtype: str, rows, skip=frozenset()) -> dict[tuple, int]:
     """{(in, out, rows): layout} of the layers that stay in float (packed.layouts: 0 plain,
-    else a packing's row hint), measured once per machine on layers of random weights, before
-    any real weight is read."""
+    else a packing's row hint), but for the (in, out) shapes in `skip` (native ones), measured
+    once per machine on layers of random weights, before any real weight is read."""
     float_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
     shapes = Counter((m.in_features, m.out_features, rows_of(name, rows))
                      for _, _, name, m in plan if _stays_float(m, name, dtype)
+                     and (m.in_features, m.out_features) not in skip
                      and packing_available(m.weight.device, float_dtype))
     return layouts(shapes, float_dtype) if shapes else {}
 
 
-def _native_shapes(plan, dtype: str, compiler_packs: bool, fused_steps: bool = False
+def _native_shapes(plan, dtype: str, compiler_packs: bool, fused: set[int] = frozenset()
                    ) -> set[tuple[int, int]]:
     """(in, out) of the float layers to multiply in native.py's kernels: every bf16 one, every
-    one of a block whose step is fused (`fused_steps`: one call saves more than any kernel's
-    few percent), and the other fp32 ones whose shape measures faster there than the compiled
-    step's own product (native.float32_native_shapes)."""
+    one of a block whose step is fused (`fused`: the ids of those blocks' modules; one call
+    saves more than any kernel's few percent), and the other fp32 ones whose shape measures
+    faster there than the compiled step's own product (native.float32_native_shapes)."""
     shapes = Counter((m.in_features, m.out_features) for _, _, name, m in plan
                      if _stays_float(m, name, dtype) and m.in_features % 2 == 0)
     if dtype == "bfloat16" or not shapes:
         return set(shapes)
-    fused = {(m.in_features, m.out_features) for _, _, name, m in plan
-             if fused_steps and ".blocks." in f".{name}"} & set(shapes)
-    rest = Counter({shape: count for shape, count in shapes.items() if shape not in fused})
-    return fused | (native_kernels.float32_native_shapes(rest, compiler_packs) if rest else set())
+    in_fused = {(m.in_features, m.out_features) for *_, m in plan if id(m) in fused}
+    in_fused &= set(shapes)
+    rest = Counter({shape: count for shape, count in shapes.items() if shape not in in_fused})
+    return in_fused | (native_kernels.float32_native_shapes(rest, compiler_packs) if rest
+                       else set())
 
 
 def packing_wins(model: nn.Module, dtype: str, rows: int | Mapping[str, int] = 1) -> bool:

@@ -287,9 +287,9 @@ def block_step(block: nn.Module):
         kind = MLPS["gelu_tanh" if mlp.approximate == "tanh" else "gelu"]
     else:
         return None
-    layers = (attn.qkv, attn.wo, *layers) if not attn.cross else ()
+    layers = (attn.qkv, attn.wo, *layers)
     norms = (block.norm1, block.norm2)
-    if (block.post_norm or block.cross_attn is not None or len(layers) != 4
+    if (block.post_norm or block.cross_attn is not None
             or not all(isinstance(m, _NativeLayer) for m in layers)
             or not all(type(m) is type(norms[0]) for m in norms)
             or type(norms[0]) not in (RMSNorm, LayerNorm) or norms[0].eps != norms[1].eps):
