@@ -1,6 +1,7 @@
 """Decoding: the KV cache changes nothing, seeds repeat, and each sampling rule is the
 reference one (Hugging Face's logits processors)."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -119,11 +120,32 @@ def test_sampling_equals_hugging_face_processors_applied_in_order():
     logits, seen = torch.randn(64, 50, generator=g) * 2, torch.randint(50, (64, 6), generator=g)
     hf = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(1.3), TemperatureLogitsWarper(0.7),
                               TopKLogitsWarper(10), TopPLogitsWarper(0.8)])
-    probs = hf(seen, logits.clone()).softmax(-1)
-    expected = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(5))[:, 0]
+    probs = hf(seen, logits.clone()).softmax(-1).double()
+    # the same uniform numbers through HF's probabilities' cumulative sums, by numpy
+    u = torch.rand(64, dtype=torch.float64, generator=torch.Generator().manual_seed(5)).numpy()
+    cdf = np.cumsum(probs.numpy(), axis=1)
+    expected = [int(np.searchsorted(c, x * c[-1], side="right")) for c, x in zip(cdf, u)]
     s = Sampling(temperature=0.7, top_k=10, top_p=0.8, repetition_penalty=1.3)
     ours = next_token(logits, seen, s, torch.Generator().manual_seed(5))
-    assert torch.equal(ours, expected)
+    assert ours.tolist() == expected
+    assert bool((probs.gather(1, ours[:, None]) > 0).all())  # never a token HF filtered out
+
+
+def test_a_draw_follows_its_weights():
+    """draw: index j with probability w_j / sum(w), a weight of 0 never: 200,000 draws
+    against the expected counts (each within 5 standard deviations) and a chi-square test."""
+    from scipy.stats import chisquare
+    from monotile.infer.generate import draw
+    w = torch.tensor([[3.0, 0.0, 1.0, 0.5, 0.0, 2.5, 1e-3]])
+    n = 200_000
+    idx = draw(w.expand(n, -1), torch.Generator().manual_seed(1))
+    counts = torch.bincount(idx, minlength=w.size(1)).double()
+    p = (w[0] / w.sum()).double()
+    assert counts[1] == counts[4] == 0
+    assert bool(((counts - n * p).abs() <= 5 * (n * p * (1 - p)).sqrt() + 1e-9).all())
+    keep = p > 0
+    assert chisquare(counts[keep].numpy(), n * p[keep].numpy()).pvalue > 1e-3
+    assert draw(torch.tensor([[0.0, 0.0, 1.0]]), None).item() == 2
 
 
 def test_presence_and_frequency_penalties_follow_openais_formula():
@@ -260,3 +282,35 @@ def test_the_serving_engine_stops_at_end_ids_and_special_stop_strings():
             (tok.decode(ids[:k]), "stop", k + 1)
     finally:
         engine.close()
+
+
+def test_the_serving_engines_thread_lives_while_there_is_work(monkeypatch):
+    """An idle engine's thread ends (its OpenMP workers with it: engine.py), the next submit
+    starts another, and a request gets the same tokens from either thread."""
+    import queue
+    import threading
+    from monotile.serve import engine as engine_module
+    from monotile.serve.engine import Job
+    monkeypatch.setattr(engine_module, "LINGER", 0.05)
+    model, tok = random_lm(), chat_tokenizer(special_id=49)
+    engine = engine_module.Engine(model, tok.decode, max_batch=2)
+    try:
+        assert engine.thread is None  # nothing to do yet
+
+        def answer():
+            events = queue.Queue()  # each event with the thread that emitted it
+            engine.submit([Job(tok.encode("abc"), 8, Sampling(temperature=0.9),
+                               lambda e: events.put((e, threading.current_thread())), seed=3)])
+            tokens = []
+            while (got := events.get(timeout=60))[0]["type"] == "token":
+                tokens.append(got[0]["token"])
+            assert got[0]["type"] == "done", got
+            return tokens, got[1]
+        first, thread = answer()
+        thread.join(timeout=10)  # idle for LINGER: it ends
+        assert not thread.is_alive() and engine.thread is None
+        again, other = answer()
+        assert again == first and other is not thread
+    finally:
+        engine.close()
+    assert engine.thread is None or not engine.thread.is_alive()
