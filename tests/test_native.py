@@ -27,11 +27,23 @@ def quantized_x(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return qx, dx.float().double()  # the kernel keeps dx in fp32
 
 
+ROWS_OF_X = [1, 2, 3, 7, 16]  # one row's kernel, and batches of rows 2 or 4 at a time
+
+
+def some_x(M: int, K: int) -> torch.Tensor:
+    """M rows of x, the second's first block all zeros (a scale of 0)."""
+    x = torch.randn(M, K)
+    if M > 1:
+        x[1, :32] = 0
+    return x
+
+
+@pytest.mark.parametrize("M", ROWS_OF_X)
 @pytest.mark.parametrize("shape", [(37, 96), (64, 32), (8, 1536)])
-def test_the_int4_kernel_is_its_formula(shape):
+def test_the_int4_kernel_is_its_formula(shape, M):
     torch.manual_seed(0)
     N, K = shape
-    w, x = torch.randn(N, K), torch.randn(3, K)
+    w, x = torch.randn(N, K), some_x(M, K)
     q, d, m = quantize_groups_int4(w)
     packed = native.pack_q4(q, d, m)
     assert packed.shape == (-(-N // 8), K // 32, native.Q4_BYTES)
@@ -48,11 +60,12 @@ def test_the_int4_kernel_is_its_formula(shape):
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("M", ROWS_OF_X)
 @pytest.mark.parametrize("shape", [(37, 96), (16, 576)])
-def test_the_int8_kernel_is_its_formula(shape):
+def test_the_int8_kernel_is_its_formula(shape, M):
     torch.manual_seed(0)
     N, K = shape
-    w, x = torch.randn(N, K), torch.randn(2, K)
+    w, x = torch.randn(N, K), some_x(M, K)
     q, s = quantize_rows(w)
     packed = native.pack_q8(q)
     assert torch.equal(native.unpack_q8(packed, N), q)
@@ -67,10 +80,11 @@ def test_the_int8_kernel_is_its_formula(shape):
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("M", ROWS_OF_X)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_float_kernel_is_a_plain_product(dtype):
+def test_the_float_kernel_is_a_plain_product(dtype, M):
     torch.manual_seed(0)
-    w, x = torch.randn(45, 70), torch.randn(4, 70)
+    w, x = torch.randn(45, 70), some_x(M, 70)
     packed = native.pack_float(w, dtype)
     idx = torch.tensor([3, 44, 0])
     assert torch.equal(native.float_rows(packed, idx), w.to(dtype)[idx])
@@ -213,6 +227,51 @@ def test_a_fused_block_step_is_the_blocks_operators(dtype, shape):
         torch.testing.assert_close(v, v_ops, rtol=0, atol=tol * v_ops.abs().max().item())
 
 
+@pytest.mark.parametrize("dtype", ["float32", "int4"])
+@pytest.mark.parametrize("shape", ["llama", "gpt2"])
+def test_a_fused_step_takes_each_row_at_its_own_position(dtype, shape):
+    # a server's rows: prompts of 3, 6 and 4 tokens prefilled one by one into their rows, then
+    # steps at a position a row (Transformer._forward_rows): decode_block reads each row's keys
+    # 0..pos[b] as the operators' key mask does, and writes each at its own position
+    from monotile.core.attention import SelfAttention
+    from monotile.core.transformer import ModelConfig
+    from monotile.infer.convert import convert
+    from monotile.modalities.text import LanguageModel
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=50, n_layer=2, n_head=2, d_model=128, context=32,
+                      **FUSED_SHAPES[shape])
+    model = LanguageModel(cfg).eval()
+    convert(model, dtype, pack=False, native=True, fused_steps=True)
+    ids = torch.randint(50, (3, 12), generator=torch.Generator().manual_seed(1))
+    lengths = torch.tensor([3, 6, 4])
+
+    def steps():
+        cache = model.trunk.make_cache(3, 16)
+        out = []
+        with torch.no_grad():
+            for b, n in enumerate(lengths.tolist()):
+                model(ids[b:b + 1, :n], cache=[c.rows(b, b + 1) for c in cache], pos=0)
+            for t in range(5):
+                pos = lengths + t
+                out.append(model(ids.gather(1, pos[:, None]), cache=cache, pos=pos)[:, -1])
+        return torch.stack(out, 1).float(), [(c.k.float(), c.v.float()) for c in cache]
+    with torch.profiler.profile() as prof:
+        fused, fused_cache = steps()
+    calls = {e.key: e.count for e in prof.key_averages()}
+    assert calls.get("monotile::decode_block") == 5 * cfg.n_layer, calls
+    for b in model.trunk.blocks:
+        b.one_token = None
+    for m in model.modules():
+        if isinstance(m, SelfAttention):
+            m.one_query = None
+    ops, ops_cache = steps()
+    tol = 1e-4 if dtype == "float32" else 3e-2
+    torch.testing.assert_close(fused, ops, rtol=0, atol=tol * ops.abs().max().item())
+    for (k, v), (k_ops, v_ops) in zip(fused_cache, ops_cache):
+        torch.testing.assert_close(k, k_ops, rtol=0, atol=tol * k_ops.abs().max().item())
+        torch.testing.assert_close(v, v_ops, rtol=0, atol=tol * v_ops.abs().max().item())
+
+
 def test_a_block_the_fused_step_does_not_run_keeps_its_operators():
     # post-norm, a LoRA adapter, plain float layers: block_step gives None, and Block.forward
     # runs its operators
@@ -314,10 +373,13 @@ def test_a_kernel_given_the_wrong_shapes_refuses_them():
         native.attend_one(torch.randn(1, 4, 1, 64), k.transpose(2, 3).contiguous().mT, k)
     w = [torch.empty(0)] * 16
     with pytest.raises(RuntimeError, match="decode_block: x"):  # two tokens
-        torch.ops.monotile.decode_block(torch.randn(1, 2, 128), w, k, k, torch.empty(0), 0,
+        torch.ops.monotile.decode_block(torch.randn(1, 2, 128), w, k, k, torch.empty(0), [0],
                                         [256, 128, 256, 128], 2, 2, False, 0, 1e-5)
     with pytest.raises(RuntimeError, match="decode_block: k and v"):  # past the cache
-        torch.ops.monotile.decode_block(torch.randn(1, 1, 128), w, k, k, torch.empty(0), 5,
+        torch.ops.monotile.decode_block(torch.randn(1, 1, 128), w, k, k, torch.empty(0), [5],
+                                        [384, 128, 256, 128], 2, 2, False, 0, 1e-5)
+    with pytest.raises(RuntimeError, match="decode_block: one position"):  # 2 for 1 row
+        torch.ops.monotile.decode_block(torch.randn(1, 1, 128), w, k, k, torch.empty(0), [1, 2],
                                         [384, 128, 256, 128], 2, 2, False, 0, 1e-5)
 
 

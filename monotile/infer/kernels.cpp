@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -37,21 +38,52 @@ inline float half_to_float(uint16_t h) {
 #endif
 }
 
-// x (K floats) -> q (int8), d, s = d * sum(q), by blocks of 32: d = max|x| / 127, q = round(x / d)
-void quantize_blocks(const float* x, int64_t K, int8_t* q, uint8_t* a, float* d, float* s) {
-  for (int64_t b = 0; b < K / G; ++b) {
+// x (K floats) -> q (int8), |q|, d, s = d * sum(q) and sum(q), by blocks of 32:
+// d = max|x| / 127, q = round(x / d) (to nearest even: the vector path's conversion and
+// nearbyint under the default rounding mode agree)
+void quantize_blocks(const float* x, int64_t K, int8_t* q, uint8_t* a, float* d, float* s,
+                     int32_t* qs) {
+  for (int64_t b = 0; b < K / G; ++b, x += G, q += G, a += G) {
+#if defined(__AVX2__)
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    __m256 v[4];
+    for (int c = 0; c < 4; ++c) v[c] = _mm256_loadu_ps(x + 8 * c);
+    __m256 top = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1])),
+                               _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3])));
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 1));
+    const float amax = _mm_cvtss_f32(h);
+#else
     float amax = 0.f;
-    for (int j = 0; j < G; ++j) amax = std::max(amax, std::fabs(x[b * G + j]));
-    float db = amax / 127.f, inv = db > 0.f ? 1.f / db : 0.f;
+    for (int j = 0; j < G; ++j) amax = std::max(amax, std::fabs(x[j]));
+#endif
+    const float db = amax / 127.f, inv = db > 0.f ? 1.f / db : 0.f;
     int sum = 0;
+#if defined(__AVX2__)
+    __m256i i32[4];
+    for (int c = 0; c < 4; ++c) i32[c] = _mm256_cvtps_epi32(_mm256_mul_ps(v[c], _mm256_set1_ps(inv)));
+    // packing works within 128-bit halves: the 32-bit pieces put back in order after
+    __m256i i8 = _mm256_packs_epi16(_mm256_packs_epi32(i32[0], i32[1]), _mm256_packs_epi32(i32[2], i32[3]));
+    i8 = _mm256_permutevar8x32_epi32(i8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256((__m256i*)q, i8);
+    _mm256_storeu_si256((__m256i*)a, _mm256_abs_epi8(i8));
+    __m256i t = _mm256_add_epi32(_mm256_add_epi32(i32[0], i32[1]), _mm256_add_epi32(i32[2], i32[3]));
+    __m128i t4 = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+    t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0x4E));
+    t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0xB1));
+    sum = _mm_cvtsi128_si32(t4);
+#else
     for (int j = 0; j < G; ++j) {
-      int v = (int)std::nearbyint(x[b * G + j] * inv);
-      q[b * G + j] = (int8_t)v;
-      a[b * G + j] = (uint8_t)std::abs(v);
+      int v = (int)std::nearbyint(x[j] * inv);
+      q[j] = (int8_t)v;
+      a[j] = (uint8_t)std::abs(v);
       sum += v;
     }
+#endif
     d[b] = db;
     s[b] = db * (float)sum;
+    qs[b] = sum;
   }
 }
 
@@ -190,16 +222,161 @@ void group_bf16(const uint16_t* p, int64_t K, const float* x, float* out) {
 #endif
 }
 
-struct Quantized { std::vector<int8_t> q; std::vector<uint8_t> a; std::vector<float> d, s; };
+
+// The same products for MR rows of x at once (a batch of decoding rows): each block of the 8
+// weight rows is loaded and unpacked once and used for all MR, so the work a row adds is its
+// byte products alone. qx, dx, sx: row i at i K, i nb; out: row i at i ldo. MR <= 4.
+#if defined(__AVX512VL__)
+constexpr int MR = 4;  // 32 vector registers: 8 unpacked weights, 4 rows' sums and totals
+#else
+constexpr int MR = 2;  // 16
+#endif
+
+template <int M>
+void group_q4_rows(const uint8_t* p, int64_t nb, const int8_t* qx, const float* dx,
+                   const float* sx, int64_t K, float* out, int64_t ldo) {
+#if defined(__AVX2__)
+  __m256 acc[M], accm[M];
+  for (int i = 0; i < M; ++i) acc[i] = accm[i] = _mm256_setzero_ps();
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  for (int64_t b = 0; b < nb; ++b, p += Q4_BYTES) {
+    _mm_prefetch((const char*)(p + PREFETCH), _MM_HINT_T0);
+    _mm_prefetch((const char*)(p + PREFETCH + 64), _MM_HINT_T0);
+    _mm_prefetch((const char*)(p + PREFETCH + 128), _MM_HINT_T0);
+    __m256i w[8];
+    for (int c = 0; c < 4; ++c) {
+      __m256i v = _mm256_loadu_si256((const __m256i*)(p + 32 + 32 * c));
+      w[c] = _mm256_and_si256(v, low);
+      w[4 + c] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+    }
+    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p));
+    const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p + 16)));
+    for (int i = 0; i < M; ++i) {
+      const int8_t* x = qx + i * K + b * G;
+      __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256();  // two chains
+      for (int c = 0; c < 4; ++c) {
+        lo = dpbusd(lo, w[c], bcast(x + 4 * c));
+        hi = dpbusd(hi, w[4 + c], bcast(x + 16 + 4 * c));
+      }
+      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(lo, hi)),
+                               _mm256_mul_ps(d, _mm256_set1_ps(dx[i * nb + b])), acc[i]);
+      accm[i] = _mm256_fmadd_ps(m, _mm256_set1_ps(sx[i * nb + b]), accm[i]);
+    }
+  }
+  for (int i = 0; i < M; ++i) _mm256_storeu_ps(out + i * ldo, _mm256_add_ps(acc[i], accm[i]));
+#else
+  for (int i = 0; i < M; ++i) group_q4(p, nb, qx + i * K, dx + i * nb, sx + i * nb, out + i * ldo);
+#endif
+}
+
+// int8: with VNNI, the weights made unsigned once a block (w + 128, a flipped top bit) so that
+// each row's bytes go into dpbusd as they are: sum (w + 128) x = sum w x + 128 sum x, the
+// second term taken back from the block's integer sum. (AVX2's maddubs would saturate on
+// (w + 128) x: there each row keeps group_q8's |x| and sign(w, x).)
+template <int M>
+void group_q8_rows(const int8_t* p, int64_t nb, const int8_t* qx, const uint8_t* ax,
+                   const float* dx, const int32_t* qs, const float* scale, int64_t K, float* out,
+                   int64_t ldo) {
+#if defined(__AVX2__) && ((defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__))
+  __m256 acc[M];
+  for (int i = 0; i < M; ++i) acc[i] = _mm256_setzero_ps();
+  const __m256i flip = _mm256_set1_epi8((char)0x80);
+  for (int64_t b = 0; b < nb; ++b, p += R * G) {
+    for (int c = 0; c < 4; ++c) _mm_prefetch((const char*)(p + PREFETCH + 64 * c), _MM_HINT_T0);
+    __m256i w[8];
+    for (int c = 0; c < 8; ++c)
+      w[c] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(p + 32 * c)), flip);
+    for (int i = 0; i < M; ++i) {
+      const int8_t* x = qx + i * K + b * G;
+      __m256i e = _mm256_setzero_si256(), o = _mm256_setzero_si256();  // two chains
+      for (int c = 0; c < 8; c += 2) {
+        e = dpbusd(e, w[c], bcast(x + 4 * c));
+        o = dpbusd(o, w[c + 1], bcast(x + 4 * c + 4));
+      }
+      __m256i dot = _mm256_sub_epi32(_mm256_add_epi32(e, o), _mm256_set1_epi32(128 * qs[i * nb + b]));
+      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(dx[i * nb + b]), acc[i]);
+    }
+  }
+  const __m256 sc = _mm256_loadu_ps(scale);
+  for (int i = 0; i < M; ++i) _mm256_storeu_ps(out + i * ldo, _mm256_mul_ps(acc[i], sc));
+#else
+  for (int i = 0; i < M; ++i)
+    group_q8(p, nb, qx + i * K, ax + i * K, dx + i * nb, scale, out + i * ldo);
+#endif
+}
+
+// fp32 and bf16: each weight vector loaded (and widened) once for MR rows, two sums a row
+template <int M>
+void group_f32_rows(const float* p, int64_t K, const float* x, float* out, int64_t ldo) {
+#if defined(__AVX2__)
+  __m256 acc[M][2];
+  for (int i = 0; i < M; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 2 <= K; k += 2) {
+    _mm_prefetch((const char*)(p + 8 * k + PREFETCH / 4), _MM_HINT_T0);
+    const __m256 w0 = _mm256_loadu_ps(p + 8 * k), w1 = _mm256_loadu_ps(p + 8 * k + 8);
+    for (int i = 0; i < M; ++i) {
+      acc[i][0] = _mm256_fmadd_ps(w0, _mm256_set1_ps(x[i * K + k]), acc[i][0]);
+      acc[i][1] = _mm256_fmadd_ps(w1, _mm256_set1_ps(x[i * K + k + 1]), acc[i][1]);
+    }
+  }
+  for (; k < K; ++k)
+    for (int i = 0; i < M; ++i)
+      acc[i][0] = _mm256_fmadd_ps(_mm256_loadu_ps(p + 8 * k), _mm256_set1_ps(x[i * K + k]), acc[i][0]);
+  for (int i = 0; i < M; ++i) _mm256_storeu_ps(out + i * ldo, _mm256_add_ps(acc[i][0], acc[i][1]));
+#else
+  for (int i = 0; i < M; ++i) group_f32(p, K, x + i * K, out + i * ldo);
+#endif
+}
+
+template <int M>
+void group_bf16_rows(const uint16_t* p, int64_t K, const float* x, float* out, int64_t ldo) {
+#if defined(__AVX2__)
+  __m256 acc[M][2];
+  for (int i = 0; i < M; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+  const __m256i high = _mm256_set1_epi32((int)0xFFFF0000u);
+  for (int64_t j = 0; j < K / 2; ++j) {
+    if (j % 2 == 0) _mm_prefetch((const char*)(p + 16 * j + PREFETCH / 2), _MM_HINT_T0);
+    const __m256i v = _mm256_loadu_si256((const __m256i*)(p + 16 * j));
+    const __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+    const __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(v, high));
+    for (int i = 0; i < M; ++i) {
+      acc[i][0] = _mm256_fmadd_ps(even, _mm256_set1_ps(x[i * K + 2 * j]), acc[i][0]);
+      acc[i][1] = _mm256_fmadd_ps(odd, _mm256_set1_ps(x[i * K + 2 * j + 1]), acc[i][1]);
+    }
+  }
+  for (int i = 0; i < M; ++i) _mm256_storeu_ps(out + i * ldo, _mm256_add_ps(acc[i][0], acc[i][1]));
+#else
+  for (int i = 0; i < M; ++i) group_bf16(p, K, x + i * K, out + i * ldo);
+#endif
+}
+
+// rows [0, M) of x through one group of 8 weight rows, MR at a time, one at a time by the
+// one-row kernel (a decoding step's single row stays on it)
+template <typename Many, typename One>
+inline void by_rows(int64_t M, Many many, One one) {
+  int64_t i = 0;
+  if (M > 1)
+    for (; i + MR <= M; i += MR) many(i, std::integral_constant<int, MR>{});
+  if (M - i >= 2) { many(i, std::integral_constant<int, 2>{}); i += 2; }
+  for (; i < M; ++i) one(i);
+}
+
+struct Quantized {
+  std::vector<int8_t> q; std::vector<uint8_t> a; std::vector<float> d, s; std::vector<int32_t> qs;
+};
 
 Quantized quantize_rows_of(const at::Tensor& x, int64_t M, int64_t K) {
   TORCH_CHECK(x.device().is_cpu(), "monotile's native kernels are for CPU tensors");
   at::Tensor xf = x.scalar_type() == at::kFloat ? x.contiguous() : x.to(at::kFloat).contiguous();
   Quantized out;
   out.q.resize(M * K); out.a.resize(M * K); out.d.resize(M * K / G); out.s.resize(M * K / G);
-  for (int64_t i = 0; i < M; ++i)
-    quantize_blocks(xf.data_ptr<float>() + i * K, K, out.q.data() + i * K, out.a.data() + i * K,
-                    out.d.data() + i * K / G, out.s.data() + i * K / G);
+  out.qs.resize(M * K / G);
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / K), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i)
+      quantize_blocks(xf.data_ptr<float>() + i * K, K, out.q.data() + i * K, out.a.data() + i * K,
+                      out.d.data() + i * K / G, out.s.data() + i * K / G, out.qs.data() + i * K / G);
+  });
   return out;
 }
 
@@ -214,11 +391,18 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& w, int64_t N) {
   at::Tensor out = at::empty({M, groups * R}, x.options().dtype(at::kFloat));
   const uint8_t* wp = w.data_ptr<uint8_t>();
   float* op = out.data_ptr<float>();
+  const int64_t ldo = groups * R;
   at::parallel_for(0, groups, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t g = begin; g < end; ++g)
-      for (int64_t i = 0; i < M; ++i)
-        group_q4(wp + g * nb * Q4_BYTES, nb, xq.q.data() + i * K, xq.d.data() + i * nb,
-                 xq.s.data() + i * nb, op + i * groups * R + g * R);
+    for (int64_t g = begin; g < end; ++g) {
+      const uint8_t* wg = wp + g * nb * Q4_BYTES;
+      by_rows(M, [&](int64_t i, auto rows) {
+        group_q4_rows<decltype(rows)::value>(wg, nb, xq.q.data() + i * K, xq.d.data() + i * nb,
+                                             xq.s.data() + i * nb, K, op + i * ldo + g * R, ldo);
+      }, [&](int64_t i) {
+        group_q4(wg, nb, xq.q.data() + i * K, xq.d.data() + i * nb, xq.s.data() + i * nb,
+                 op + i * ldo + g * R);
+      });
+    }
   });
   return groups * R == N ? out : out.narrow(1, 0, N).contiguous();
 }
@@ -236,11 +420,19 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   const int8_t* wp = w.data_ptr<int8_t>();
   const float* sp = scale.data_ptr<float>();
   float* op = out.data_ptr<float>();
+  const int64_t ldo = groups * R;
   at::parallel_for(0, groups, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t g = begin; g < end; ++g)
-      for (int64_t i = 0; i < M; ++i)
-        group_q8(wp + g * nb * R * G, nb, xq.q.data() + i * K, xq.a.data() + i * K,
-                 xq.d.data() + i * nb, sp + g * R, op + i * groups * R + g * R);
+    for (int64_t g = begin; g < end; ++g) {
+      const int8_t* wg = wp + g * nb * R * G;
+      by_rows(M, [&](int64_t i, auto rows) {
+        group_q8_rows<decltype(rows)::value>(wg, nb, xq.q.data() + i * K, xq.a.data() + i * K,
+                                             xq.d.data() + i * nb, xq.qs.data() + i * nb,
+                                             sp + g * R, K, op + i * ldo + g * R, ldo);
+      }, [&](int64_t i) {
+        group_q8(wg, nb, xq.q.data() + i * K, xq.a.data() + i * K, xq.d.data() + i * nb,
+                 sp + g * R, op + i * ldo + g * R);
+      });
+    }
   });
   return groups * R == N ? out : out.narrow(1, 0, N).contiguous();
 }
@@ -259,12 +451,20 @@ at::Tensor float_linear(const at::Tensor& x, const at::Tensor& w, int64_t N) {
   const float* xp = xf.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const void* wp = w.data_ptr();
+  const int64_t ldo = groups * R;
   at::parallel_for(0, groups, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t g = begin; g < end; ++g)
-      for (int64_t i = 0; i < M; ++i) {
-        if (bf16) group_bf16((const uint16_t*)wp + g * K * R, K, xp + i * K, op + i * groups * R + g * R);
-        else group_f32((const float*)wp + g * K * R, K, xp + i * K, op + i * groups * R + g * R);
-      }
+    for (int64_t g = begin; g < end; ++g) {
+      const uint16_t* wh = (const uint16_t*)wp + g * K * R;
+      const float* wf = (const float*)wp + g * K * R;
+      by_rows(M, [&](int64_t i, auto rows) {
+        constexpr int n = decltype(rows)::value;
+        if (bf16) group_bf16_rows<n>(wh, K, xp + i * K, op + i * ldo + g * R, ldo);
+        else group_f32_rows<n>(wf, K, xp + i * K, op + i * ldo + g * R, ldo);
+      }, [&](int64_t i) {
+        if (bf16) group_bf16(wh, K, xp + i * K, op + i * ldo + g * R);
+        else group_f32(wf, K, xp + i * K, op + i * ldo + g * R);
+      });
+    }
   });
   return groups * R == N ? out : out.narrow(1, 0, N).contiguous();
 }
@@ -364,6 +564,34 @@ void attend_head(const float* q, const T* k, const T* v, int64_t Tk, int64_t D, 
   for (int64_t d = 0; d < D; ++d) out[d] *= inv;
 }
 
+// q (B, H, D) fp32 contiguous, k and v as attend_one's; row b attends over its first len[b]
+// positions (len: one for all rows, or B) -> out (B, H, D)
+void attend_rows(const float* qp, const at::Tensor& k, const at::Tensor& v, int64_t B, int64_t H,
+                 const int64_t* len, bool per_row, float* op) {
+  const bool bf16 = k.scalar_type() == at::kBFloat16;
+  const int64_t Hkv = k.size(1), D = k.size(3), group = H / Hkv;
+  const int64_t sb = k.stride(0), sh = k.stride(1), row = k.stride(2);
+  int64_t longest = 0;
+  for (int64_t b = 0; b < (per_row ? B : 1); ++b) longest = std::max(longest, len[b]);
+  // a head's work is ~4 T D flops: heads shared among threads only where that outweighs a
+  // thread's start (~2 us)
+  const int64_t grain = std::max<int64_t>(1, 16384 / (longest * D));
+  at::parallel_for(0, B * H, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> s(longest);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / H, kv = (i % H) / group, at_kv = b * sb + kv * sh;
+      const int64_t Tk = len[per_row ? b : 0];
+      if (bf16)
+        attend_head(qp + i * D,
+                    (const uint16_t*)k.data_ptr() + at_kv, (const uint16_t*)v.data_ptr() + at_kv,
+                    Tk, D, row, s.data(), op + i * D);
+      else
+        attend_head(qp + i * D, k.data_ptr<float>() + at_kv, v.data_ptr<float>() + at_kv,
+                    Tk, D, row, s.data(), op + i * D);
+    }
+  });
+}
+
 at::Tensor attend_one(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   const bool bf16 = k.scalar_type() == at::kBFloat16;
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.sizes() == k.sizes() && q.size(2) == 1 &&
@@ -375,29 +603,10 @@ at::Tensor attend_one(const at::Tensor& q, const at::Tensor& k, const at::Tensor
               k.stride(1) == v.stride(1) && k.stride(0) == v.stride(0) &&
               q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(),
               "attend_one: CPU k and v in fp32 or bf16, alike, rows of D contiguous");
-  const int64_t B = q.size(0), H = q.size(1), Hkv = k.size(1), Tk = k.size(2), D = q.size(3);
-  const int64_t group = H / Hkv;
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), Tk = k.size(2);
   at::Tensor qf = q.to(at::kFloat).contiguous();
   at::Tensor out = at::empty({B, H, 1, D}, q.options().dtype(at::kFloat));
-  const float* qp = qf.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  const int64_t sb = k.stride(0), sh = k.stride(1), row = k.stride(2);
-  // a head's work is ~4 T D flops: heads shared among threads only where that outweighs a
-  // thread's start (~2 us)
-  const int64_t grain = std::max<int64_t>(1, 16384 / (Tk * D));
-  at::parallel_for(0, B * H, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> s(Tk);
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / H, kv = (i % H) / group, at_kv = b * sb + kv * sh;
-      if (bf16)
-        attend_head(qp + i * D,
-                    (const uint16_t*)k.data_ptr() + at_kv, (const uint16_t*)v.data_ptr() + at_kv,
-                    Tk, D, row, s.data(), op + i * D);
-      else
-        attend_head(qp + i * D, k.data_ptr<float>() + at_kv, v.data_ptr<float>() + at_kv,
-                    Tk, D, row, s.data(), op + i * D);
-    }
-  });
+  attend_rows(qf.data_ptr<float>(), k, v, B, H, &Tk, false, out.data_ptr<float>());
   return out;
 }
 
@@ -418,66 +627,132 @@ void norm_rows(const float* x, float* y, int64_t M, int64_t d, const at::Tensor&
                const at::Tensor& b, bool layer, float eps) {
   const float* gp = g.data_ptr<float>();
   const float* bp = b.numel() ? b.data_ptr<float>() : nullptr;
-  for (int64_t i = 0; i < M; ++i, x += d, y += d) {
-    double mean = 0., sq = 0.;
-    if (layer) {
-      for (int64_t j = 0; j < d; ++j) mean += x[j];
-      mean /= d;
+  at::parallel_for(0, M, std::max<int64_t>(1, 8192 / d), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float* xi = x + i * d;
+      float* yi = y + i * d;
+      double mean = 0., sq = 0.;
+      if (layer) {
+        for (int64_t j = 0; j < d; ++j) mean += xi[j];
+        mean /= d;
+      }
+      int64_t j = 0;
+#if defined(__AVX2__)
+      __m256d acc[2] = {_mm256_setzero_pd(), _mm256_setzero_pd()};  // in float64, as below
+      const __m256d mu = _mm256_set1_pd(mean);
+      for (; j + 8 <= d; j += 8)
+        for (int u = 0; u < 2; ++u) {
+          __m256d c = _mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(xi + j + 4 * u)), mu);
+          acc[u] = _mm256_fmadd_pd(c, c, acc[u]);
+        }
+      double lanes[4];
+      _mm256_storeu_pd(lanes, _mm256_add_pd(acc[0], acc[1]));
+      sq = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+#endif
+      for (; j < d; ++j) sq += (xi[j] - mean) * (xi[j] - mean);
+      const float inv = 1.f / std::sqrt((float)(sq / d) + eps), m = (float)mean;
+      if (bp)
+        for (j = 0; j < d; ++j) yi[j] = (xi[j] - m) * inv * gp[j] + bp[j];
+      else
+        for (j = 0; j < d; ++j) yi[j] = (xi[j] - m) * inv * gp[j];
     }
-    for (int64_t j = 0; j < d; ++j) sq += (x[j] - mean) * (x[j] - mean);
-    const float inv = 1.f / std::sqrt((float)(sq / d) + eps), m = (float)mean;
-    for (int64_t j = 0; j < d; ++j) y[j] = (x[j] - m) * inv * gp[j] + (bp ? bp[j] : 0.f);
-  }
+  });
 }
 
 inline uint16_t to_bf16(float f) { return c10::BFloat16(f).x; }  // rounded to nearest even
 
+// y = the MLP's activation of one row's up-projection u: 0 SwiGLU silu(g) u2 with [g; u2] = u,
+// silu(g) = g / (1 + e^-g); 1 GELU by erf, 0.5 g (1 + erf(g / sqrt 2)); 2 GPT-2's
+// 0.5 g (1 + tanh(z)), z = sqrt(2 / pi) (g + 0.044715 g^3). e^-|g| keeps exp's argument <= 0:
+// sigmoid(g) = 1 / (1 + e) for g >= 0, e / (1 + e) below; tanh(z) = sign(z) (1 - e) / (1 + e)
+// with e = e^-2|z|
+void activate(const float* u, float* y, int64_t hidden, int64_t mlp) {
+  int64_t j = 0;
+#if defined(__AVX2__)
+  const __m256 sign = _mm256_set1_ps(-0.f), one = _mm256_set1_ps(1.f), half = _mm256_set1_ps(0.5f);
+  if (mlp != 1)
+    for (; j + 8 <= hidden; j += 8) {
+      const __m256 g = _mm256_loadu_ps(u + j);
+      if (mlp == 0) {
+        const __m256 e = exp8(_mm256_or_ps(g, sign));  // e^-|g|
+        const __m256 r = _mm256_div_ps(one, _mm256_add_ps(one, e));
+        const __m256 sig = _mm256_blendv_ps(r, _mm256_mul_ps(e, r), g);  // g's sign bit picks
+        _mm256_storeu_ps(y + j, _mm256_mul_ps(_mm256_mul_ps(g, sig), _mm256_loadu_ps(u + hidden + j)));
+      } else {
+        const __m256 z = _mm256_mul_ps(_mm256_set1_ps(0.79788456f),
+            _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(0.044715f), g), _mm256_mul_ps(g, g), g));
+        const __m256 e = exp8(_mm256_mul_ps(_mm256_set1_ps(-2.f), _mm256_andnot_ps(sign, z)));
+        __m256 t = _mm256_div_ps(_mm256_sub_ps(one, e), _mm256_add_ps(one, e));
+        t = _mm256_or_ps(t, _mm256_and_ps(z, sign));  // sign(z) |tanh|
+        _mm256_storeu_ps(y + j, _mm256_mul_ps(_mm256_mul_ps(half, g), _mm256_add_ps(one, t)));
+      }
+    }
+#endif
+  for (; j < hidden; ++j) {
+    const float g = u[j];
+    y[j] = mlp == 0 ? g / (1.f + std::exp(-g)) * u[hidden + j]
+         : mlp == 1 ? 0.5f * g * (1.f + std::erf(g * 0.70710678f))
+         : 0.5f * g * (1.f + std::tanh(0.79788456f * (g + 0.044715f * g * g * g)));
+  }
+}
+
 // One token a row through a pre-norm decoder block with a KV cache (Block.forward's decoding
-// step, for rows at one position `pos`):
-//   a = norm1(x);  q, k, v = rope(a Wqkv^T + b);  cache[pos] = k, v
-//   h = x + attend(q, cache[:pos + 1]) Wo^T + b;  out = h + mlp(norm2(h))
+// step), row b at position p_b:
+//   a = norm1(x);  q, k, v = rope_p(a Wqkv^T + b);  cache[p] = k, v
+//   h = x + attend(q, cache[:p + 1]) Wo^T + b;  out = h + mlp(norm2(h))
 // mlp: 0 SwiGLU down(silu(g) * u) with [g; u] = gate_up(a), 1 GELU fc2(gelu(fc1(a))) by erf,
 // 2 the same by GPT-2's tanh. x (B, 1, d) in any float type, computed in fp32, given back in
 // x's type. w: norm1 g, b; qkv W, scale, bias; wo W, scale, bias; norm2 g, b; the MLP's two
 // layers' likewise (fp32 norms and biases, empty where none); n: the four layers' outputs.
-// rope (heads of q|k|v, d_head/2, 2) cos, sin (empty: no rotation); k_cache, v_cache
-// (B, Hkv, L, d_head) fp32 or bf16. One call instead of ~50 operators, each ~5-10 us of
-// dispatch on a CPU, where a 135M model's layer multiplies in ~0.5 ms.
+// pos: one position for every row, or one a row (a server's rows, each at its own length);
+// rope: the rotations (heads of q|k|v, d_head/2, 2) cos, sin at that position, or (B, ...) one
+// a row (empty: no rotation); k_cache, v_cache (B, Hkv, L, d_head) fp32 or bf16. One call
+// instead of ~50 operators, each ~5-10 us of dispatch on a CPU, where a 135M model's layer
+// multiplies in ~0.5 ms.
 at::Tensor decode_block(const at::Tensor& x, at::TensorList w, const at::Tensor& k_cache,
-                        const at::Tensor& v_cache, const at::Tensor& rope, int64_t pos,
+                        const at::Tensor& v_cache, const at::Tensor& rope, at::IntArrayRef pos,
                         at::IntArrayRef n, int64_t H, int64_t Hkv, bool layer_norm,
                         int64_t mlp, double eps) {
   TORCH_CHECK(x.dim() == 3 && x.size(1) == 1 && w.size() == 16 && n.size() == 4 && H % Hkv == 0,
               "decode_block: x (B, 1, d), 16 tensors of weights, 4 output sizes");
   const int64_t B = x.size(0), d = x.size(2), D = k_cache.size(3), heads = H + 2 * Hkv;
-  const bool bf16 = k_cache.scalar_type() == at::kBFloat16;
+  const bool bf16 = k_cache.scalar_type() == at::kBFloat16, per_row = pos.size() != 1;
+  TORCH_CHECK(pos.size() == 1 || (int64_t)pos.size() == B,
+              "decode_block: one position, or one a row");
+  bool in_cache = true;
+  for (int64_t p : pos) in_cache = in_cache && p >= 0 && p < k_cache.size(2);
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.size(0) == B && k_cache.size(1) == Hkv &&
-              pos >= 0 && pos < k_cache.size(2) && v_cache.sizes() == k_cache.sizes() &&
+              in_cache && v_cache.sizes() == k_cache.sizes() &&
               v_cache.strides() == k_cache.strides() && k_cache.stride(3) == 1 &&
               v_cache.scalar_type() == k_cache.scalar_type() &&
               (bf16 || k_cache.scalar_type() == at::kFloat) && n[0] == heads * D,
               "decode_block: k and v caches (B, Hkv, L, d_head) alike in fp32 or bf16, pos < L");
   TORCH_CHECK(!rope.numel() || (rope.scalar_type() == at::kFloat && rope.is_contiguous() &&
-                                rope.numel() == heads * D), "decode_block: rope (heads, d/2, 2)");
+                                rope.numel() == (per_row ? B : 1) * heads * D),
+              "decode_block: rope (heads, d/2, 2), or (B, heads, d/2, 2) with a position a row");
   const float e = (float)eps;
   at::Tensor xf = x.to(at::kFloat).contiguous().view({B, d});
-  at::Tensor a = at::empty({B, d}, xf.options());
+at::Tensor a = at::empty({B, d}, xf.options());
   norm_rows(xf.data_ptr<float>(), a.data_ptr<float>(), B, d, w[0], w[1], layer_norm, e);
   at::Tensor qkv = product(a, w[2], w[3], w[4], n[0]);  // (B, heads D)
   float* qp = qkv.data_ptr<float>();
   if (rope.numel()) {  // (a, b) -> (a cos - b sin, a sin + b cos), pair by pair
-    const float* r = rope.data_ptr<float>();
-    for (int64_t i = 0; i < B; ++i)
+    for (int64_t i = 0; i < B; ++i) {
+      const float* r = rope.data_ptr<float>() + (per_row ? i * heads * D : 0);
       for (int64_t j = 0; j < heads * D / 2; ++j) {
         float* p = qp + i * heads * D + 2 * j;
         const float c = r[2 * j], s = r[2 * j + 1], u = p[0], t = p[1];
         p[0] = u * c - t * s;
         p[1] = u * s + t * c;
       }
+    }
   }
-  for (int64_t i = 0; i < B; ++i)  // k and v heads into the cache at pos
+  std::vector<int64_t> len(pos.size());
+  for (size_t i = 0; i < pos.size(); ++i) len[i] = pos[i] + 1;
+  for (int64_t i = 0; i < B; ++i)  // k and v heads into the cache at the row's position
     for (int64_t h = 0; h < Hkv; ++h) {
-      const int64_t at_cache = i * k_cache.stride(0) + h * k_cache.stride(1) + pos * k_cache.stride(2);
+      const int64_t at_cache = i * k_cache.stride(0) + h * k_cache.stride(1) +
+                               pos[per_row ? i : 0] * k_cache.stride(2);
       const float* kx = qp + (i * heads + H + h) * D;
       const float* vx = qp + (i * heads + H + Hkv + h) * D;
       if (bf16) {
@@ -489,22 +764,18 @@ at::Tensor decode_block(const at::Tensor& x, at::TensorList w, const at::Tensor&
         std::memcpy(v_cache.data_ptr<float>() + at_cache, vx, D * sizeof(float));
       }
     }
-  at::Tensor q = qkv.view({B, heads, 1, D}).narrow(1, 0, H);
-  at::Tensor o = attend_one(q, k_cache.narrow(2, 0, pos + 1), v_cache.narrow(2, 0, pos + 1));
-  at::Tensor h = product(o.view({B, H * D}), w[5], w[6], w[7], n[1]).add_(xf);
+  at::Tensor q = qkv.view({B, heads, D}).narrow(1, 0, H).contiguous();
+  at::Tensor o = at::empty({B, H * D}, xf.options());
+  attend_rows(q.data_ptr<float>(), k_cache, v_cache, B, H, len.data(), per_row, o.data_ptr<float>());
+  at::Tensor h = product(o, w[5], w[6], w[7], n[1]).add_(xf);
   norm_rows(h.data_ptr<float>(), a.data_ptr<float>(), B, d, w[8], w[9], layer_norm, e);
   at::Tensor up = product(a, w[10], w[11], w[12], n[2]);
   const int64_t hidden = mlp == 0 ? n[2] / 2 : n[2];
   at::Tensor act = at::empty({B, hidden}, xf.options());
-  const float* u = up.data_ptr<float>();
-  float* y = act.data_ptr<float>();
-  for (int64_t i = 0; i < B; ++i, u += n[2], y += hidden)
-    for (int64_t j = 0; j < hidden; ++j) {
-      const float g = u[j];
-      y[j] = mlp == 0 ? g / (1.f + std::exp(-g)) * u[hidden + j]
-           : mlp == 1 ? 0.5f * g * (1.f + std::erf(g * 0.70710678f))
-           : 0.5f * g * (1.f + std::tanh(0.79788456f * (g + 0.044715f * g * g * g)));
-    }
+  at::parallel_for(0, B, std::max<int64_t>(1, 4096 / hidden), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i)
+      activate(up.data_ptr<float>() + i * n[2], act.data_ptr<float>() + i * hidden, hidden, mlp);
+  });
   return product(act, w[13], w[14], w[15], n[3]).add_(h).view({B, 1, d}).to(x.scalar_type());
 }
 
@@ -516,7 +787,7 @@ TORCH_LIBRARY(monotile, m) {
   m.def("float_linear(Tensor x, Tensor w, int n) -> Tensor");
   m.def("attend_one(Tensor q, Tensor k, Tensor v) -> Tensor");
   m.def("decode_block(Tensor x, Tensor[] w, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor rope, "
-        "int pos, int[] n, int n_head, int n_kv_head, bool layer_norm, int mlp, float eps) -> Tensor");
+        "int[] pos, int[] n, int n_head, int n_kv_head, bool layer_norm, int mlp, float eps) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(monotile, CPU, m) {
   m.impl("q4_linear", &q4_linear);
