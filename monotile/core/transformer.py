@@ -299,8 +299,14 @@ class Transformer(nn.Module):
             self.reserve_positions(last + 1)
             rope = qkv_rotations(self.rope[pos], self.cfg.n_head + self.cfg.kv_heads,
                                  self.cfg.kv_heads)[:, None]  # (B, 1, heads, d/2, 2)
-        seen = torch.arange(last + 1, device=x.device)[None] <= pos[:, None]  # (B, Tk)
+        seen = None
         for i, block in enumerate(self.blocks):
+            if block.one_token is not None and not self.training and memory is None:
+                # the native step reads row b's keys 0..pos[b] itself: `seen`'s mask
+                x = block.one_token(x, cache[i], pos, rope)
+                continue
+            if seen is None:
+                seen = torch.arange(last + 1, device=x.device)[None] <= pos[:, None]  # (B, Tk)
             x = block(x, rope=rope, causal=False, key_padding=seen, cache=cache[i], pos=pos,
                       memory=memory, cross_cache=None if cross_cache is None else cross_cache[i])
         return self.norm(x)

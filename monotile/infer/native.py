@@ -307,10 +307,17 @@ def block_step(block: nn.Module):
     H, Hkv, eps = attn.n_head, attn.n_kv_head, float(norms[0].eps)
     layer_norm = isinstance(norms[0], LayerNorm)
 
-    def step(x, cache, pos: int, rope):
-        table = none if rope is None else rope[0]
-        return torch.ops.monotile.decode_block(x, tensors, cache.k, cache.v, table, pos, sizes,
-                                               H, Hkv, layer_norm, kind, eps)
+    def step(x, cache, pos: int | torch.Tensor, rope):
+        """pos an int for every row, rope (1, heads, d/2, 2); or pos (B,) a position a row
+        (Transformer._forward_rows), rope (B, 1, heads, d/2, 2)."""
+        if torch.is_tensor(pos):
+            positions = pos.tolist()
+            table = none if rope is None else rope.reshape(x.size(0), -1).contiguous()
+        else:
+            positions = [pos]
+            table = none if rope is None else rope[0]
+        return torch.ops.monotile.decode_block(x, tensors, cache.k, cache.v, table, positions,
+                                               sizes, H, Hkv, layer_norm, kind, eps)
     return step
 
 
