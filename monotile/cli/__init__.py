@@ -65,12 +65,18 @@ def _completion_script(shell: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if argv is None and args.command == "serve" and "OMP_WAIT_POLICY" not in os.environ:
+    if (argv is None and args.command == "serve"
+            and not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & os.environ.keys()):
         # A server's threads (the event loop, one engine per model, uploads) share the cores
-        # with whatever else runs there, and OpenMP workers that spin while they wait starve
-        # them: decoding ran 20-30x slower under load (bench/serve.py). Passive workers sleep.
-        # libgomp reads the setting when torch loads it, so the server starts again with it.
+        # with whatever else runs there, and OpenMP workers that spin for long while they
+        # wait starve them: decoding ran 20-30x slower under load (bench/serve.py). Passive
+        # workers sleep, but each of a SmolLM2 step's ~150 parallel regions then waits ~50 us
+        # for one to wake (13 ms a token instead of 5). So they spin 10,000 times (~0.1 ms),
+        # long enough to find a step's next region, then sleep. On 2 cores: one client 72
+        # tokens/s passive, 195 so; beside a 2-thread matmul process, 42-49 and 55-82.
+        # libgomp reads the settings when torch loads it, so the server starts again with them.
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        os.environ["GOMP_SPINCOUNT"] = "10000"
         os.execv(sys.executable, [sys.executable, "-m", "monotile", *sys.argv[1:]])
     warnings.formatwarning = lambda msg, cat, *rest: f"warning: {msg}\n"
     if getattr(args, "threads", None):
