@@ -10,8 +10,8 @@ client's, as a step of 16 rows reads the weights once, like a step of 1.
 Without --run it trains a 6-layer, width-384 character model (10.6M parameters, context 256)
 for 10 steps (15-40 s): quality does not matter for speed, and one client's decoding step
 takes ~5-10 ms on 2 cores. Tokens are counted from each stream's final usage chunk. The server
-inherits the environment: OMP_NUM_THREADS=1 or OMP_WAIT_POLICY=PASSIVE measure it with
-OpenMP's threads not spin-waiting (which costs a lot when other work shares the cores).
+inherits the environment; where it sets neither OMP_WAIT_POLICY nor GOMP_SPINCOUNT, `monotile
+serve` sets them itself (OpenMP workers spin briefly, then sleep: monotile/cli/__init__.py).
 """
 
 from __future__ import annotations
@@ -166,8 +166,8 @@ def main() -> None:
               f"{last['peak']:.0f} MiB after all (max batch {max(a.clients, 1)}; its KV cache "
               "takes memory as positions are written)")
     if max(result["load_average"]) > (os.cpu_count() or 1) - 0.5:
-        print("  (other work kept the CPUs busy: with OpenMP's threads spin-waiting the server "
-              "slows down many times over; compare OMP_WAIT_POLICY=PASSIVE)")
+        print("  (other work kept the CPUs busy: the server's OpenMP workers lose their cores "
+              "to it, and these figures are lower than an idle machine's)")
 
 
 if __name__ == "__main__":
