@@ -184,13 +184,35 @@ FUSED_SHAPES = {  # Llama's block (grouped heads, a biased qkv as Qwen's) and GP
 }
 
 
+def fused_equals_operators(model, steps, calls: int, dtype: str) -> None:
+    """steps() -> (logits, [(k, v) per layer]) run twice: through decode_block (`calls` calls
+    of it), then with every block's fused step and the attention kernel taken away; the
+    logits and the written caches agree (bf16 and the 8-bit rounding of x: the operators round
+    between them, the call does not)."""
+    from monotile.core.attention import SelfAttention
+    with torch.profiler.profile() as prof:
+        fused, fused_cache = steps()
+    counts = {e.key: e.count for e in prof.key_averages()}
+    assert counts.get("monotile::decode_block") == calls, counts
+    for b in model.trunk.blocks:
+        b.one_token = None
+    for m in model.modules():
+        if isinstance(m, SelfAttention):
+            m.one_query = None
+    ops, ops_cache = steps()
+    tol = 1e-4 if dtype == "float32" else 3e-2
+    torch.testing.assert_close(fused, ops, rtol=0, atol=tol * ops.abs().max().item())
+    for (k, v), (k_ops, v_ops) in zip(fused_cache, ops_cache):
+        torch.testing.assert_close(k, k_ops, rtol=0, atol=tol * k_ops.abs().max().item())
+        torch.testing.assert_close(v, v_ops, rtol=0, atol=tol * v_ops.abs().max().item())
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8", "int4"])
 @pytest.mark.parametrize("shape", list(FUSED_SHAPES))
 def test_a_fused_block_step_is_the_blocks_operators(dtype, shape):
     # convert(fused_steps=True): a block's one-token step is one decode_block call, whose
     # logits and written cache are those of the block's operators with PyTorch's attention
     # (bf16 and the 8-bit rounding of x: the operators round between them, the call does not)
-    from monotile.core.attention import SelfAttention
     from monotile.core.transformer import ModelConfig
     from monotile.infer.convert import convert
     from monotile.modalities.text import LanguageModel
@@ -210,21 +232,7 @@ def test_a_fused_block_step_is_the_blocks_operators(dtype, shape):
             out += [model(ids[:, t:t + 1], cache=cache, pos=t)[:, -1] for t in range(4, 10)]
         return torch.stack(out, 1).float(), [(c.k[:, :, :10].float(), c.v[:, :, :10].float())
                                              for c in cache]
-    with torch.profiler.profile() as prof:
-        fused, fused_cache = steps()
-    calls = {e.key: e.count for e in prof.key_averages()}
-    assert calls.get("monotile::decode_block") == 6 * len(blocks), calls
-    for b in blocks:
-        b.one_token = None
-    for m in model.modules():
-        if isinstance(m, SelfAttention):
-            m.one_query = None
-    ops, ops_cache = steps()
-    tol = 1e-4 if dtype == "float32" else 3e-2
-    torch.testing.assert_close(fused, ops, rtol=0, atol=tol * ops.abs().max().item())
-    for (k, v), (k_ops, v_ops) in zip(fused_cache, ops_cache):
-        torch.testing.assert_close(k, k_ops, rtol=0, atol=tol * k_ops.abs().max().item())
-        torch.testing.assert_close(v, v_ops, rtol=0, atol=tol * v_ops.abs().max().item())
+    fused_equals_operators(model, steps, 6 * len(blocks), dtype)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "int4"])
@@ -233,7 +241,6 @@ def test_a_fused_step_takes_each_row_at_its_own_position(dtype, shape):
     # a server's rows: prompts of 3, 6 and 4 tokens prefilled one by one into their rows, then
     # steps at a position a row (Transformer._forward_rows): decode_block reads each row's keys
     # 0..pos[b] as the operators' key mask does, and writes each at its own position
-    from monotile.core.attention import SelfAttention
     from monotile.core.transformer import ModelConfig
     from monotile.infer.convert import convert
     from monotile.modalities.text import LanguageModel
@@ -255,21 +262,7 @@ def test_a_fused_step_takes_each_row_at_its_own_position(dtype, shape):
                 pos = lengths + t
                 out.append(model(ids.gather(1, pos[:, None]), cache=cache, pos=pos)[:, -1])
         return torch.stack(out, 1).float(), [(c.k.float(), c.v.float()) for c in cache]
-    with torch.profiler.profile() as prof:
-        fused, fused_cache = steps()
-    calls = {e.key: e.count for e in prof.key_averages()}
-    assert calls.get("monotile::decode_block") == 5 * cfg.n_layer, calls
-    for b in model.trunk.blocks:
-        b.one_token = None
-    for m in model.modules():
-        if isinstance(m, SelfAttention):
-            m.one_query = None
-    ops, ops_cache = steps()
-    tol = 1e-4 if dtype == "float32" else 3e-2
-    torch.testing.assert_close(fused, ops, rtol=0, atol=tol * ops.abs().max().item())
-    for (k, v), (k_ops, v_ops) in zip(fused_cache, ops_cache):
-        torch.testing.assert_close(k, k_ops, rtol=0, atol=tol * k_ops.abs().max().item())
-        torch.testing.assert_close(v, v_ops, rtol=0, atol=tol * v_ops.abs().max().item())
+    fused_equals_operators(model, steps, 5 * cfg.n_layer, dtype)
 
 
 def test_a_block_the_fused_step_does_not_run_keeps_its_operators():
