@@ -13,8 +13,9 @@ import monotile
 from monotile.infer import native, quantize
 from monotile.infer.convert import convert
 from monotile.infer.quantize import (GEMM_ROWS, GEMM_ROWS_TRIED, Int4Linear, Int8Embedding,
-                                     Int8Linear, quantize_groups_int4, quantize_int8,
-                                     quantize_rows, tune_gemm_rows, weight_bytes, workspace)
+                                     Int8Linear, int8_gemm, quantize_groups_int4,
+                                     quantize_int8, quantize_rows, tune_gemm_rows, weight_bytes,
+                                     workspace)
 from monotile.train.checkpoint import model_tensors
 
 from conftest import cli
@@ -46,6 +47,24 @@ def test_int8_layers_compute_with_the_rounded_weights():
     assert isinstance(model["emb"], Int8Embedding)
     q, s = quantize_rows(emb.weight)
     torch.testing.assert_close(model["emb"](idx), (q.float() * s[:, None])[idx])
+
+
+def test_many_rows_multiply_as_integers_rounded_a_row_at_a_time():
+    """int8_gemm: dx = max|x| / 127 a row, X = round(x / dx), y = (X Q^T) dx s, the integer
+    sums exact (against int64 arithmetic); a row of zeros gives zeros, and the product stays
+    within the roundings of the float one."""
+    torch.manual_seed(0)
+    w, x = torch.randn(40, 96), torch.randn(70, 96) * torch.logspace(-3, 3, 70)[:, None]
+    x[5] = 0
+    q, s = quantize_rows(w)
+    dx = x.abs().amax(1, keepdim=True) / 127
+    X = torch.round(x / dx.clamp_min(1e-30)).long()
+    exact = (X @ q.long().t()).double() * dx.double() * s.double()
+    y = int8_gemm(x, q, s)
+    assert y.dtype == torch.float32 and (y[5] == 0).all()
+    torch.testing.assert_close(y.double(), exact, rtol=1e-6, atol=0)
+    float_product = x @ (q.float() * s[:, None]).t()
+    assert ((y - float_product).abs() <= 0.02 * float_product.abs().amax(1, keepdim=True)).all()
 
 
 def test_a_quantized_run_is_a_quarter_of_the_size_and_loses_under_1_percent(tiny_run,
@@ -144,12 +163,12 @@ def test_a_prompts_rows_multiply_the_same_weights_as_one_row_does():
 
 
 def test_layers_of_several_shapes_dequantize_into_one_buffer_a_dtype(monkeypatch):
-    # a prompt through layers of three shapes in turn: each product as the layer's own W
+    # a prompt through int4 layers of three shapes in turn: each product as the layer's own W
     # gives it, the bf16 W of all written into one buffer, the largest's size
     monkeypatch.setattr(quantize, "_workspaces", threading.local())  # none kept before
     torch.manual_seed(0)
-    layers = [Int8Linear.from_linear(nn.Linear(64, 256)), Int4Linear(nn.Linear(64, 128)),
-              Int8Linear.from_linear(nn.Linear(64, 64))]
+    layers = [Int4Linear(nn.Linear(64, 256)), Int4Linear(nn.Linear(64, 128)),
+              Int4Linear(nn.Linear(64, 64))]
     x = torch.randn(GEMM_ROWS, 64)
     for layer in [*layers, *layers]:
         torch.testing.assert_close(layer(x), F.linear(x, layer.dequantized(), layer.bias),
@@ -162,9 +181,10 @@ def test_layers_of_several_shapes_dequantize_into_one_buffer_a_dtype(monkeypatch
 
 def test_a_prompts_rows_take_the_kernel_or_one_gemm_as_this_machine_measured(tmp_path,
                                                                             monkeypatch):
-    # from how many rows each layer's product is faster dequantized + one GEMM: timed once on
-    # the model's own layers, kept per machine; below it the kernel, from it the GEMM (whose
-    # bf16 W is the only workspace made), the same product either way
+    # from how many rows each layer's product is faster as one GEMM: timed once on the model's
+    # own layers, kept per machine; below it the kernel, from it the GEMM (int8: x rounded to 8
+    # bits, int8_gemm's product exactly; int4: its bf16 W the only workspace made), the same
+    # product either way
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     torch.manual_seed(0)
     model = nn.Sequential(Int8Linear.from_linear(nn.Linear(64, 128)),
@@ -172,8 +192,7 @@ def test_a_prompts_rows_take_the_kernel_or_one_gemm_as_this_machine_measured(tmp
     tune_gemm_rows(model)
     doc = json.loads((tmp_path / "monotile" / "layouts.json").read_text())
     (machine, verdicts), = doc.items()
-    keys = ["Int8Linear 64->128: dequantized + GEMM from rows",
-            "Int4Linear 128->64: dequantized + GEMM from rows"]
+    keys = ["Int8Linear 64->128: one GEMM from rows", "Int4Linear 128->64: one GEMM from rows"]
     assert "threads" in machine and sorted(verdicts) == sorted(keys)
     assert [layer.gemm_rows for layer in model] == [verdicts[k] for k in keys]
     assert all(verdicts[k] in (*GEMM_ROWS_TRIED, 2 * GEMM_ROWS_TRIED[-1]) for k in keys)
@@ -183,8 +202,12 @@ def test_a_prompts_rows_take_the_kernel_or_one_gemm_as_this_machine_measured(tmp
             x = torch.randn(rows, layer.in_features)
             torch.testing.assert_close(layer(x), F.linear(x, layer.dequantized(), layer.bias),
                                        atol=0.02, rtol=0.02)
-            made = getattr(quantize._workspaces, "buffers", {})
-            assert ((torch.bfloat16, torch.device("cpu")) in made) == gemm, (rows, made)
+            if isinstance(layer, Int8Linear):
+                rounded = int8_gemm(x, layer.weight_int8, layer.scale) + layer.bias
+                assert torch.equal(layer(x), rounded) == gemm, rows
+            else:
+                made = getattr(quantize._workspaces, "buffers", {})
+                assert ((torch.bfloat16, torch.device("cpu")) in made) == gemm, (rows, made)
     # the next start takes the verdicts as they are, timing nothing
     doc[machine] = {keys[0]: 64, keys[1]: 256}
     (tmp_path / "monotile" / "layouts.json").write_text(json.dumps(doc))

@@ -343,13 +343,14 @@ class _NativeLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        if flat.shape[0] >= self.gemm_rows:
-            w = self.plain_weight()
-            y = F.linear(flat.to(w.dtype), w)
-        else:
-            y = self.product(flat)
+        y = self.many(flat) if flat.shape[0] >= self.gemm_rows else self.product(flat)
         y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def many(self, flat: torch.Tensor) -> torch.Tensor:
+        """A prompt's rows: W as a plain matrix again and one GEMM."""
+        w = self.plain_weight()
+        return F.linear(flat.to(w.dtype), w)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -395,6 +396,19 @@ class NativeInt8Linear(_NativeLayer):
 
     def plain_weight(self) -> torch.Tensor:
         return self.dequantized(torch.bfloat16)
+
+    def many(self, flat: torch.Tensor) -> torch.Tensor:
+        """A prompt's rows rounded to 8 bits and one integer GEMM with Q (quantize.int8_gemm,
+        as llama.cpp's Q8_0 prompt rounds them), Q unpacked into this thread's workspace."""
+        from .quantize import _int_gemm_fits, int8_gemm, workspace
+        if not _int_gemm_fits(flat):
+            return super().many(flat)
+        groups, blocks, _ = self.packed.shape
+        q = workspace((groups * ROWS, blocks * GROUP), torch.int8, self.packed.device)
+        q.view(groups, ROWS, blocks, 8, 4).copy_(
+            self.packed.view(groups, blocks, 8, ROWS, 4).permute(0, 3, 1, 2, 4))
+        N = self.out_features
+        return int8_gemm(flat, q[:N], self.scale[:N])
 
     def product(self, flat: torch.Tensor) -> torch.Tensor:
         return torch.ops.monotile.q8_linear(flat, self.packed, self.scale, self.out_features)

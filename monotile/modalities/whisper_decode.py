@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from ..infer.generate import draw
 from .audio import silent
 from .whisper_timing import (add_word_timestamps, find_alignment, snap_to_speech,
                              voiced_frames)
@@ -122,8 +123,8 @@ def greedy_decode(model: WhisperModel, memory: torch.Tensor, prompt: list[int],
     for step in range(max_new_tokens):
         scores = rules(logits.float(), outs).cpu()
         if temperature > 0:
-            tokens = torch.multinomial(F.softmax(scores / temperature, dim=-1), 1,
-                                       generator=generator)[:, 0]
+            weights = ((scores - scores.max(-1, keepdim=True).values) / temperature).exp()
+            tokens = draw(weights, generator)  # ~ softmax(s_t / T), one uniform number a row
         else:
             tokens = scores.argmax(-1)
         if stats is not None:
