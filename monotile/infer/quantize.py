@@ -50,8 +50,10 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # tune_gemm_rows measures it for this machine (on an Intel Xeon the kernels won up to ~110
 # rows in int8 and ~200 in int4: dequantizing W costs more there)
 GEMM_ROWS = 32
-# the row counts tune_gemm_rows times both ways at, and the layers of a shape it times
-GEMM_ROWS_TRIED = (32, 64, 128, 256)
+# the row counts tune_gemm_rows times both ways at, and the layers of a shape it times (up to
+# 1024: native.py's kernels take 4 rows of x a pass over W, and SmolLM2's int4 layers at 512
+# rows took 8.2 ms there against 15.1 dequantized + GEMM on an AMD EPYC)
+GEMM_ROWS_TRIED = (32, 64, 128, 256, 512, 1024)
 GEMM_LAYERS_TIMED = 4
 
 
