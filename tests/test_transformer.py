@@ -104,6 +104,29 @@ def test_rows_at_their_own_positions_decode_as_each_row_alone(positions):
         model(last, cache=cache, pos=torch.tensor([32, 3]))
 
 
+@pytest.mark.parametrize("norm_position", ["pre", "post"])
+def test_a_padded_batch_gives_each_sequence_what_it_gives_alone(norm_position):
+    """At inference the MLPs skip padded rows (Block's `rows`): every real token's features
+    are those of its sequence run alone, and those of the same batch in training mode
+    (every row through every layer, dropout 0); a padded row's stay finite."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=50, n_layer=3, n_head=4, d_model=32, context=16,
+                      norm_position=norm_position, mlp="gelu", norm="layernorm")
+    trunk = Transformer(cfg)
+    lengths = (7, 16, 3)
+    x, real = torch.randn(3, 16, 32), torch.zeros(3, 16, dtype=torch.bool)
+    for b, n in enumerate(lengths):
+        real[b, :n] = True
+    with torch.no_grad():
+        every_row = trunk.train()(x, causal=False, key_padding=real)
+        skipped = trunk.eval()(x, causal=False, key_padding=real)
+        for b, n in enumerate(lengths):
+            alone = trunk(x[b:b + 1, :n], causal=False)[0]
+            torch.testing.assert_close(skipped[b, :n], alone, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(skipped[b, :n], every_row[b, :n], atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(skipped).all()
+
+
 def test_a_config_written_before_the_attention_field_loads_with_the_fused_attention():
     old = {f.name: getattr(ModelConfig(), f.name) for f in dataclasses.fields(ModelConfig)
            if f.name != "attention"}  # a run's config.json from before the field existed

@@ -152,12 +152,25 @@ class Block(nn.Module):
         self.one_token: Callable | None = None
 
     def forward(self, x, *, rope=None, causal=True, key_padding=None, cache=None, pos=0,
-                memory=None, cross_cache=None):
+                memory=None, cross_cache=None, rows=None):
         """`memory` (B, Tm, d) is the encoder's output the cross-attention reads (kept in
-        `cross_cache` when decoding step by step)."""
+        `cross_cache` when decoding step by step). `rows` (the indices of key_padding's real
+        tokens in x's (B T) rows, Transformer.forward gives it at inference): the MLP's half
+        runs on those rows only; a padded row keeps the attention half's output, which no
+        real token reads (its key is masked)."""
+        if rows is not None:
+            h = self._attention_half(x, rope, causal, key_padding, cache, pos, memory,
+                                     cross_cache).flatten(0, 1)
+            return h.index_copy(0, rows, self._mlp_half(h.index_select(0, rows))).view_as(x)
         if (self.one_token is not None and cache is not None and x.size(1) == 1
                 and key_padding is None and not torch.is_tensor(pos) and not self.training):
             return self.one_token(x, cache, pos, rope)
+        x = self._attention_half(x, rope, causal, key_padding, cache, pos, memory, cross_cache)
+        return self._mlp_half(x.flatten(0, 1)).view_as(x)
+
+    def _attention_half(self, x, rope, causal, key_padding, cache, pos, memory, cross_cache):
+        """x + attend(x) (and the cross-attention's), normalised after (post-norm) or
+        before (pre-norm)."""
         if self.post_norm:
             x = self.norm1(x + self.drop_path(self.attn(x, rope=rope, causal=causal,
                                                         key_padding=key_padding, cache=cache,
@@ -165,7 +178,7 @@ class Block(nn.Module):
             if self.cross_attn is not None:
                 x = self.norm_cross(x + self.drop_path(self.cross_attn(
                     x, memory=memory, cache=cross_cache)))
-            return self.norm2(x + self.drop_path(self.dropout(self.mlp(x))))
+            return x
         # each norm reads x as rows (B T, d), and the products it feeds get those rows, not
         # a (B, T, d) view of them: compiled, a view of a one-token step's rows has a stride
         # of 0 that PyTorch's matrix product copies its input for (91 copies a SmolLM2 step)
@@ -175,8 +188,13 @@ class Block(nn.Module):
         if self.cross_attn is not None:
             x = x + self.drop_path(self.cross_attn(self.norm_cross(x), memory=memory,
                                                    cache=cross_cache))
-        return x + self.drop_path(self.dropout(self.mlp(self.norm2(x.flatten(0, 1))))
-                                  .view_as(x))
+        return x
+
+    def _mlp_half(self, h):
+        """norm(h + mlp(h)) (post-norm) or h + mlp(norm(h)) (pre-norm) for rows h (N, d)."""
+        if self.post_norm:
+            return self.norm2(h + self.drop_path(self.dropout(self.mlp(h))))
+        return h + self.drop_path(self.dropout(self.mlp(self.norm2(h))))
 
 
 class Transformer(nn.Module):
@@ -273,12 +291,16 @@ class Transformer(nn.Module):
                                  self.cfg.kv_heads)
         k = self.cfg.activation_checkpointing  # only where backward follows: never decoding
         recompute = k > 0 and self.training and torch.is_grad_enabled() and cache is None
+        # at inference, padded batches (sentences of different lengths) skip the padding in
+        # the MLPs: 43 % of all-MiniLM-L6-v2's rows in batches of 32 speeches sentences
+        rows = (key_padding.flatten().nonzero()[:, 0]
+                if key_padding is not None and not self.training and cache is None else None)
         for i, block in enumerate(self.blocks):
             if recompute and (i + 1) % k == 0:  # keeps x alone; backward runs the block again
                 block = partial(checkpoint, block, use_reentrant=False)
             x = block(x, rope=rope, causal=causal, key_padding=key_padding,
                       cache=None if cache is None else cache[i], pos=pos, memory=memory,
-                      cross_cache=None if cross_cache is None else cross_cache[i])
+                      cross_cache=None if cross_cache is None else cross_cache[i], rows=rows)
         return self.norm(x.flatten(0, 1)).view_as(x)  # rows, as in Block.forward
 
     def _forward_rows(self, x, cache, pos: torch.Tensor, memory=None, cross_cache=None):
