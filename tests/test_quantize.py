@@ -143,8 +143,9 @@ def test_int4_layers_compute_with_the_rounded_weights_and_keep_q4_1_values():
 
 
 def test_a_prompts_rows_multiply_the_same_weights_as_one_row_does():
-    """From GEMM_ROWS rows on, W is dequantized to bf16 for one GEMM instead of the
-    weight-only kernels: the same weights (to bf16's rounding), row for row."""
+    """From GEMM_ROWS rows on, one GEMM instead of the weight-only kernels (int8: x rounded
+    to 8 bits a row, an integer GEMM; int4: W dequantized to bf16): the same weights, row for
+    row, to those roundings."""
     torch.manual_seed(0)
     for n_out in (128, 192):  # 128: Q unpacked from the kernel's blocks of 64; 192 too
         linear = nn.Linear(96, n_out)
