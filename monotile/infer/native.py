@@ -171,11 +171,15 @@ def q8_rows(packed: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return rows.reshape(*idx.shape, blocks * GROUP)
 
 
-def unpack_q8(packed: torch.Tensor, n: int) -> torch.Tensor:
-    """pack_q8's inverse: Q (n, K) int8 (one strided copy, not a gather of every row)."""
+def unpack_q8(packed: torch.Tensor, n: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """pack_q8's inverse: Q (n, K) int8 (one strided copy, not a gather of every row), written
+    into `out` (N padded, K) where given."""
     groups, blocks, _ = packed.shape
-    return (packed.view(groups, blocks, 8, ROWS, 4).permute(0, 3, 1, 2, 4)
-            .reshape(groups * ROWS, blocks * GROUP)[:n])
+    rows = packed.view(groups, blocks, 8, ROWS, 4).permute(0, 3, 1, 2, 4)
+    if out is None:
+        return rows.reshape(groups * ROWS, blocks * GROUP)[:n]
+    out.view(groups, ROWS, blocks, 8, 4).copy_(rows)
+    return out[:n]
 
 
 def pack_float(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -404,11 +408,10 @@ class NativeInt8Linear(_NativeLayer):
         if not _int_gemm_fits(flat):
             return super().many(flat)
         groups, blocks, _ = self.packed.shape
-        q = workspace((groups * ROWS, blocks * GROUP), torch.int8, self.packed.device)
-        q.view(groups, ROWS, blocks, 8, 4).copy_(
-            self.packed.view(groups, blocks, 8, ROWS, 4).permute(0, 3, 1, 2, 4))
         N = self.out_features
-        return int8_gemm(flat, q[:N], self.scale[:N])
+        q = unpack_q8(self.packed, N, workspace((groups * ROWS, blocks * GROUP), torch.int8,
+                                                self.packed.device))
+        return int8_gemm(flat, q, self.scale[:N])
 
     def product(self, flat: torch.Tensor) -> torch.Tensor:
         return torch.ops.monotile.q8_linear(flat, self.packed, self.scale, self.out_features)

@@ -83,9 +83,9 @@ def int8_gemm(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor
         dx = max_k |x_k| / 127,   X = round(x / dx),   y = (X Q^T) dx s
 
     X Q^T summed exactly in int32 by one integer GEMM (torch._int_mm: oneDNN's VNNI or AMX
-    int8 kernels), as CTranslate2's int8 multiplies; 1500 rows of Whisper's 384 -> 1536 layer
-    in 2.0 ms where W dequantized to bf16 and a bf16 GEMM took 5.4 (AMD EPYC, 2 threads).
-    Rows of zeros give zeros."""
+    int8 kernels), as CTranslate2's int8 multiplies; where W had been dequantized to bf16 for a
+    bf16 GEMM, Whisper tiny.en's int8 real-time factor on the FSDD digits went 0.811 -> 0.719
+    (bench/whisper.py, AMD EPYC, 2 threads). Rows of zeros give zeros."""
     x = x.float()
     dx = x.abs().amax(-1, keepdim=True) / 127
     xq = (x / torch.where(dx > 0, dx, 1.0)).round_().to(torch.int8)  # in place: 2x faster
@@ -211,14 +211,15 @@ class Int8Linear(nn.Module):
         return self._scale_bf16
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _rows(x, self.in_features) >= self.gemm_rows and _int_gemm_fits(x):
-            flat = x.reshape(-1, self.in_features)
-            y = int8_gemm(flat, self.weight_int8, self.scale)
-            y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-        elif _rows(x, self.in_features) >= self.gemm_rows:  # many rows: W ~ s Q in bf16, a GEMM
-            w = workspace(self.weight_int8.shape, torch.bfloat16, x.device)
-            w.copy_(self.weight_int8).mul_(self.scale_bf16()[:, None])
-            y = F.linear(x.to(torch.bfloat16), w).to(x.dtype)
+        if _rows(x, self.in_features) >= self.gemm_rows:  # many rows: one GEMM
+            if _int_gemm_fits(x):  # x rounded to 8 bits too, an integer GEMM
+                flat = x.reshape(-1, self.in_features)
+                y = int8_gemm(flat, self.weight_int8, self.scale)
+                y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+            else:  # W ~ s Q in bf16, a bf16 GEMM
+                w = workspace(self.weight_int8.shape, torch.bfloat16, x.device)
+                w.copy_(self.weight_int8).mul_(self.scale_bf16()[:, None])
+                y = F.linear(x.to(torch.bfloat16), w).to(x.dtype)
         elif _int8_kernel_fits(x.device, self.in_features):
             flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
             y = torch._weight_int8pack_mm(flat, self.weight_int8, self.scale_bf16())
