@@ -21,7 +21,7 @@ from monotile.errors import CheckpointError, ConfigError
 from monotile.infer import native
 from monotile.core.attention import rope_frequencies
 from monotile.core.transformer import ModelConfig
-from monotile.infer.convert import CHUNK_ROWS, ROPE_POSITIONS, FileEmbedding, convert
+from monotile.infer.convert import ROPE_POSITIONS, FileEmbedding, convert
 from monotile.infer.generate import Sampling, compile_decoding, generate_ids
 from monotile.infer.packed import PackedLinear
 from monotile.infer.quantize import Int4Linear, Int8Embedding, Int8Linear, quantize_rows
@@ -142,8 +142,8 @@ def test_a_file_embedding_in_bf16_reads_the_fp32_rows_and_rounds_them(tmp_path):
 
 
 def test_int8_rows_quantized_in_pieces_equal_the_whole_matrix(tiny_run, monkeypatch):
-    # a table of more rows than CHUNK_ROWS is quantized piece by piece: the same Q and s
-    monkeypatch.setattr("monotile.infer.convert.CHUNK_ROWS", 16)
+    # a table is quantized a few rows at a time (CHUNK_WEIGHTS weights): the same Q and s
+    monkeypatch.setattr("monotile.infer.convert.CHUNK_WEIGHTS", 1)  # a row a piece
     run = monotile.load(tiny_run.dir, dtype="int8")
     q, s = quantize_rows(monotile.load(tiny_run.dir).model.tok_emb.weight)
     table, rows = run.model.tok_emb, q.size(0)
@@ -151,7 +151,7 @@ def test_int8_rows_quantized_in_pieces_equal_the_whole_matrix(tiny_run, monkeypa
         kept_q, kept_s = native.unpack_q8(table.packed, rows), table.scale[:rows]
     else:
         kept_q, kept_s = table.weight_int8, table.scale
-    assert rows > 16 > 0 < CHUNK_ROWS
+    assert rows > 1
     assert torch.equal(kept_q, q) and torch.equal(kept_s, s)
 
 

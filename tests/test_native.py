@@ -93,6 +93,25 @@ def test_the_float_kernel_is_a_plain_product(dtype, M):
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("chunk", [1, 64 * 96, 10**9])  # 8 rows a piece, 64, all at once
+def test_layouts_made_a_few_rows_at_a_time_are_the_whole_matrix_laid_out(chunk):
+    """quantize_pack_q4 and pack_float lay W out in pieces of whole 8-row groups, each given
+    to `release` once laid out (the file's pages let go): the same bytes as all at once."""
+    torch.manual_seed(0)
+    w = torch.randn(141, 96)  # rows not a multiple of 8: the last group padded
+    parts = []
+    packed = native.quantize_pack_q4(w, parts.append, chunk)
+    assert torch.equal(packed, native.pack_q4(*quantize_groups_int4(w)))
+    assert torch.equal(torch.cat(parts), w)  # every row let go, once, in order
+    assert len(parts) == (-(-141 // 8) if chunk == 1 else -(-141 // 64) if chunk < 10**6 else 1)
+    for dtype in (torch.float32, torch.bfloat16):
+        parts.clear()
+        laid = native.pack_float(w, dtype, parts.append, chunk)
+        whole = native.pack_float(w, dtype, None, 10**9)
+        assert torch.equal(laid, whole) and torch.equal(torch.cat(parts), w)
+        assert torch.equal(native.float_rows(laid, torch.arange(141)), w.to(dtype))
+
+
 @pytest.mark.parametrize("kind", ["int4", "int8", "bfloat16"])
 def test_a_native_layer_is_the_layer_it_replaces(kind):
     # a few rows through the kernel, a prompt's many through the dequantized W: both within

@@ -36,16 +36,13 @@ from torch import nn
 from ..core.attention import SelfAttention, attention
 from ..core.transformer import Block
 from . import native as native_kernels
-from .native import (NativeEmbedding, NativeInt4Linear, NativeInt8Embedding,
+from .native import (CHUNK_WEIGHTS, NativeEmbedding, NativeInt4Linear, NativeInt8Embedding,
                      NativeInt8Linear, NativeLinear)
 from .packed import (PackedLinear, layouts, packing_available, pass_times, remembered,
                      rows_of)
 from .quantize import (INT4_GROUP, Int4Linear, Int8Embedding, Int8Linear,
                        quantize_groups_int4, quantize_rows, tune_gemm_rows)
 
-# rows of a weight quantized at once from the file's pages (a 49,152-row head: 48 pieces of
-# 2.4 MB in fp32, each let go before the next is read)
-CHUNK_ROWS = 1024
 EIGHT_BITS = ("head",)  # int4 keeps these at 8 bits (llama.cpp's Q4 files keep the output too)
 # the RoPE rotations an inference model keeps at first (Transformer.keep_positions): more are
 # made as a longer sequence, or a KV cache for more positions, comes
@@ -117,13 +114,14 @@ def convert(model: nn.Module, dtype: str, rows: int | Mapping[str, int] = 1,
             # what is lent mapped in now, every other page let go: those mapped about the
             # reads, and a mapped table's
             weights.keep_only([*model.parameters(), *model.buffers()])
+        trunk = getattr(model, "trunk", None)
+        if hasattr(trunk, "keep_positions"):  # rotations made as positions are reached
+            trunk.keep_positions(ROPE_POSITIONS)  # (before .to, which makes them anew: all
+            # 8,192 of SmolLM2's took 9 MB of temporaries the allocator kept)
         if dtype == "bfloat16":
             model.to(torch.bfloat16)
     if dtype in ("int8", "int4") or native:  # a prompt's rows: the kernels or one GEMM
         tune_gemm_rows(model)
-    trunk = getattr(model, "trunk", None)
-    if hasattr(trunk, "keep_positions"):  # rotations made as positions are reached
-        trunk.keep_positions(ROPE_POSITIONS)
     if dtype in ("int8", "int4") and hasattr(trunk, "cache_dtype"):
         trunk.cache_dtype = torch.bfloat16  # K and V in 16 bits: half the cache's memory
     layers = [m for m in model.modules() if isinstance(m, SelfAttention) and not m.cross]
@@ -286,10 +284,10 @@ def _convert(module, name, dtype, float_dtype, rows, hints, weights, shared,
             new.scale_bf16()
         return new
     if dtype == "int4" and type(module) is nn.Linear and module.in_features % INT4_GROUP == 0:
+        if native:  # a few hundred rows at a time, each let go once packed
+            return NativeInt4Linear(source, module.bias, release)
         groups = quantize_groups_int4(source)
         release(source)  # before packing: the float pages and Q are not resident together
-        if native:
-            return NativeInt4Linear(source, module.bias, groups)
         return Int4Linear(module, groups)
     if not _stays_float(module, name, dtype):  # left as it is (a LoRA layer, say)
         if source is not module.weight:
@@ -297,8 +295,7 @@ def _convert(module, name, dtype, float_dtype, rows, hints, weights, shared,
         return module
     if (module.in_features, module.out_features) in native_float:  # (else, for the compiler
         # a plain fp32 layer, which it lays out for MKL itself when it freezes it)
-        new = NativeLinear(source, module.bias, float_dtype)
-        release(source)
+        new = NativeLinear(source, module.bias, float_dtype, release)
         shared[key] = new
         return new
     hint = hints.get((module.in_features, module.out_features, rows_of(name, rows)), 0)
@@ -335,7 +332,9 @@ def _source(module: nn.Module, weights) -> tuple[torch.Tensor, Callable]:
 
 def _int8(module, source, release, shared, new):
     """`new` (an Int8Linear or Int8Embedding) holding module's weight as Q and s, quantized
-    CHUNK_ROWS rows at a time (its temporaries a few MB, not the weight's size); one Q and s
+    about CHUNK_WEIGHTS weights at a time (its temporaries a few MB, not the weight's size:
+    with 1,024 rows of SmolLM2's 576 inputs at a time, the allocator kept ~8 MB of them a
+    layer until the layer was done); one Q and s
     for layers that share a weight (tied)."""
     key = _key(module.weight)
     if key in shared:
@@ -343,9 +342,10 @@ def _int8(module, source, release, shared, new):
     else:
         q = torch.empty(source.shape, dtype=torch.int8, device=source.device)
         s = torch.empty(source.shape[0], device=source.device)
-        for start in range(0, source.shape[0], CHUNK_ROWS):
-            part = source[start:start + CHUNK_ROWS]
-            q[start:start + CHUNK_ROWS], s[start:start + CHUNK_ROWS] = quantize_rows(part)
+        rows = max(1, CHUNK_WEIGHTS // source.shape[1])
+        for start in range(0, source.shape[0], rows):
+            part = source[start:start + rows]
+            q[start:start + rows], s[start:start + rows] = quantize_rows(part)
             release(part)
         new.weight_int8, new.scale = q, s
         shared[key] = new

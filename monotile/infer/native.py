@@ -42,6 +42,9 @@ from torch import nn
 SOURCE = Path(__file__).with_name("kernels.cpp")
 ROWS = 8        # rows interleaved
 GROUP = 32      # inputs a block
+# weights converted at once as a layer is laid out from the file's pages (0.5 MB in fp32): its
+# temporaries a few of that, each piece's pages let go before the next is read
+CHUNK_WEIGHTS = 1 << 17
 Q4_BYTES = 160  # a block of 8 rows in int4: d[8] and m[8] in fp16, 128 bytes of nibbles
 
 _lock = threading.Lock()
@@ -133,6 +136,10 @@ def pack_q4(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     uint8 (N padded to a multiple of 8 with zero rows): per 8 rows and block, d[8] and m[8]
     in fp16, then four 32-byte chunks c whose byte 4r + j holds row r's input 4c + j in its
     low four bits and input 16 + 4c + j in its high four."""
+    return _laid_out(_q4_layout(q, d, m))
+
+
+def _q4_layout(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     q, d, m = _pad_rows(q.to(torch.uint8)), _pad_rows(d.float()), _pad_rows(m.float())
     N, K = q.shape
     groups, blocks = N // ROWS, K // GROUP
@@ -140,7 +147,28 @@ def pack_q4(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     nibbles = (qr[:, :, :, 0] | (qr[:, :, :, 1] << 4)).permute(0, 2, 3, 1, 4)
     scales = [t.half().view(groups, ROWS, blocks).transpose(1, 2).contiguous()
               .view(torch.uint8) for t in (d, m)]
-    return _laid_out(torch.cat([*scales, nibbles.reshape(groups, blocks, 128)], -1))
+    return torch.cat([*scales, nibbles.reshape(groups, blocks, 128)], -1)
+
+
+def quantize_pack_q4(w: torch.Tensor, release=None, chunk: int = CHUNK_WEIGHTS
+                     ) -> torch.Tensor:
+    """pack_q4(*quantize_groups_int4(w)), whole groups of ROWS rows of about `chunk` weights
+    at a time, each written into its rows of the layout and then given to `release` (the
+    weights file's pages let go). The temporaries are a few of a chunk's size, 0.5 MB, not W's
+    int32 Q (SmolLM2's gate_up: 7 MB) beside W's own pages: those a loading process's last
+    layer took lifted its peak above its decoding one (by ~15 MB; with 256 rows of 1536
+    inputs, 1.5 MB each, the allocator kept 8 MB of them)."""
+    from .quantize import quantize_groups_int4
+    N, K = w.shape
+    out = _empty_laid_out((-(-N // ROWS), K // GROUP, 160), torch.uint8)
+    rows = max(1, chunk // K // ROWS) * ROWS
+    for start in range(0, N, rows):
+        part = w[start:start + rows]
+        out[start // ROWS:(start + part.shape[0] + ROWS - 1) // ROWS] = \
+            _q4_layout(*quantize_groups_int4(part, chunk=rows))
+        if release is not None:
+            release(part)
+    return out
 
 
 def unpack_q4(packed: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -182,14 +210,27 @@ def unpack_q8(packed: torch.Tensor, n: int, out: torch.Tensor | None = None) -> 
     return out[:n]
 
 
-def pack_float(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def pack_float(w: torch.Tensor, dtype: torch.dtype, release=None,
+               chunk: int = CHUNK_WEIGHTS) -> torch.Tensor:
     """W (N, K) -> the kernels' float layout: fp32 (N/8, K, 8), row r of eight in lane r;
-    bf16 (N/8, K/2, 8, 2), inputs 2j and 2j + 1 of a row side by side in one 32-bit lane."""
-    w = _pad_rows(w.detach().to(dtype))
+    bf16 (N/8, K/2, 8, 2), inputs 2j and 2j + 1 of a row side by side in one 32-bit lane.
+    Laid out in groups of ROWS rows of about `chunk` weights, each then given to `release`
+    (as quantize_pack_q4: a bf16 copy of the whole W made no temporary beside W's pages)."""
     N, K = w.shape
-    if dtype == torch.bfloat16:
-        return _laid_out(w.view(N // ROWS, ROWS, K // 2, 2).permute(0, 2, 1, 3))
-    return _laid_out(w.view(N // ROWS, ROWS, K).transpose(1, 2))
+    shape = (-(-N // ROWS), K // 2, ROWS, 2) if dtype == torch.bfloat16 else \
+        (-(-N // ROWS), K, ROWS)
+    out = _empty_laid_out(shape, dtype)
+    rows = max(1, chunk // K // ROWS) * ROWS
+    for start in range(0, N, rows):
+        part = w[start:start + rows]
+        p = _pad_rows(part.detach().to(dtype))
+        g = p.shape[0] // ROWS
+        out[start // ROWS:start // ROWS + g] = (
+            p.view(g, ROWS, K // 2, 2).permute(0, 2, 1, 3) if dtype == torch.bfloat16
+            else p.view(g, ROWS, K).transpose(1, 2))
+        if release is not None:
+            release(part)
+    return out
 
 
 def float_rows(packed: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -267,9 +308,14 @@ _filling = threading.local()
 def _laid_out(t: torch.Tensor) -> torch.Tensor:
     """`t` (a permuted view) written out contiguous: into the WeightBlock being filled, else
     into a tensor of its own."""
+    return _empty_laid_out(tuple(t.shape), t.dtype).copy_(t)
+
+
+def _empty_laid_out(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A tensor of `shape` in the WeightBlock being filled, else one of its own."""
     block = getattr(_filling, "block", None)
-    out = block.empty(tuple(t.shape), t.dtype) if block is not None else None
-    return (torch.empty(t.shape, dtype=t.dtype) if out is None else out).copy_(t)
+    out = block.empty(shape, dtype) if block is not None else None
+    return torch.empty(shape, dtype=dtype) if out is None else out
 
 
 MLPS = {"swiglu": 0, "gelu": 1, "gelu_tanh": 2}  # decode_block's codes
@@ -364,14 +410,11 @@ class _NativeLayer(nn.Module):
 class NativeInt4Linear(_NativeLayer):
     """W ~ d Q + m in 4-bit blocks of 32 (Q4_1), in pack_q4's layout; q4_linear."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None,
-                 groups: tuple[torch.Tensor, ...] | None = None):
-        """`groups`: quantize_groups_int4(weight), where the caller has it (`weight` then gives
-        only its shape: infer/convert.py lets its pages go first)."""
-        from .quantize import quantize_groups_int4
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, release=None):
+        """`release`: given each part of `weight` once it is packed (quantize_pack_q4:
+        infer/convert.py lets the file's pages go)."""
         super().__init__(*weight.shape, bias)
-        self.register_buffer("packed", pack_q4(*(groups if groups is not None
-                                                  else quantize_groups_int4(weight))))
+        self.register_buffer("packed", quantize_pack_q4(weight, release))
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         q, d, m = unpack_q4(self.packed, self.out_features)
@@ -433,9 +476,11 @@ class NativeInt8Embedding(nn.Module):
 class NativeLinear(_NativeLayer):
     """W (fp32 or bf16) in pack_float's layout; float_linear (fp32 sums, x in fp32)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
+                 release=None):
+        """`release`: given each part of `weight` once it is laid out (pack_float)."""
         super().__init__(*weight.shape, bias, dtype)
-        self.register_buffer("packed", pack_float(weight, dtype))
+        self.register_buffer("packed", pack_float(weight, dtype, release))
 
     def plain_weight(self) -> torch.Tensor:
         """W as (N, K) again, written into this thread's workspace of its shape."""
