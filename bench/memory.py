@@ -3,9 +3,11 @@ the same weights at equal bits per weight, each measured as the peak resident se
 (`/usr/bin/time -v`, "Maximum resident set size") of its own process, 128 tokens after the
 same chat prompt, end tokens ignored:
 
-    monotile    `monotile generate RUN --dtype D --max-new-tokens 128 --ignore-eos` (each layer
-                converted as it is read: infer/convert.py), and, for comparison, the run
-                loaded whole, then optimize_for_inference(D), as before
+    monotile    `monotile generate RUN --dtype D --max-new-tokens 128 --ignore-eos` (the
+                prompt encoded and the tokenizer let go before any weight is read:
+                Tokenizer.let_go; each layer converted as it is read: infer/convert.py),
+                and, for comparison, the run loaded whole, then optimize_for_inference(D),
+                its tokenizer kept, as before
     llama.cpp   llama-cpp-python decoding the same prompt's ids (n_ctx 256) from the F32, F16,
                 Q8_0 and Q4_0 files bench/real_models.py makes and the Q4_1 file itself;
                 "alone": less the peak of

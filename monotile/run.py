@@ -15,6 +15,7 @@ import difflib
 import json
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -72,14 +73,15 @@ class Run:
         """The run's task name ("text", "vision", ...)."""
         return self.task.name
 
-    def stream(self, prompt: str, *, max_new_tokens: int = 200, temperature: float = 1.0,
-               top_k: int | None = None, top_p: float | None = None,
+    def stream(self, prompt: str | list[int], *, max_new_tokens: int = 200,
+               temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                repetition_penalty: float = 1.0, stop: str | list[str] | None = None,
                seed: int | None = None, use_cache: bool = True, ignore_eos: bool = False,
                timings: dict | None = None):
-        """Yield generated text pieces as they are produced; with ignore_eos, the model's end
-        tokens end nothing (a benchmark decodes max_new_tokens); `timings` (a dict) receives
-        the prompt's and the decoding's tokens, seconds and tokens/s."""
+        """Yield generated text pieces as they are produced, after `prompt` (text, or its
+        token ids); with ignore_eos, the model's end tokens end nothing (a benchmark decodes
+        max_new_tokens); `timings` (a dict) receives the prompt's and the decoding's tokens,
+        seconds and tokens/s."""
         sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p,
                             repetition_penalty=repetition_penalty)
         stops = [stop] if isinstance(stop, str) else stop
@@ -467,7 +469,8 @@ def check_threads(state: dict, quiet: bool) -> None:
 
 
 def load(run_dir: str | Path, *, checkpoint: str = "last", device: str | None = None,
-         dtype: str | None = None, compile: bool = False) -> Run:
+         dtype: str | None = None, compile: bool = False,
+         before_weights: Callable[[Run], None] | None = None) -> Run:
     """A run directory's model and task. checkpoint: "last" (model.safetensors, or the sharded
     folder an FSDP run's trainer_state.json names, read here in one process) or "best".
     device: auto (the default: CUDA, then MPS, then the CPU), cpu, cuda, cuda:N or mps. It is
@@ -476,12 +479,15 @@ def load(run_dir: str | Path, *, checkpoint: str = "last", device: str | None = 
     each layer is converted as it is read, so the process never holds the float weights
     whole (an int4 SmolLM2 decodes in ~1/3 of the memory of loading, then converting).
     compile: a text generation run's decoding step compiled (optimize_for_inference; dtype
-    float32 unless given)."""
+    float32 unless given). before_weights: called with the run once its task is read and its
+    model built, before any weight is read: what needs the task alone done while the process
+    is small (`monotile generate` encodes its prompt, then lets the tokenizer go)."""
     if compile and dtype is None:
         dtype = "float32"
     if dtype is not None:  # refused before any file is read
         _check_inference_dtype(dtype)
-    return _load(run_dir, checkpoint, device, dtype=dtype, compile=compile)
+    return _load(run_dir, checkpoint, device, dtype=dtype, compile=compile,
+                 before_weights=before_weights)
 
 
 def _check_inference_dtype(dtype: str) -> None:
@@ -492,7 +498,8 @@ def _check_inference_dtype(dtype: str) -> None:
 
 
 def _load(run_dir: str | Path, checkpoint: str, device: str | None, *,
-          read_shards: bool = True, dtype: str | None = None, compile: bool = False) -> Run:
+          read_shards: bool = True, dtype: str | None = None, compile: bool = False,
+          before_weights: Callable[[Run], None] | None = None) -> Run:
     """load; with read_shards False, a sharded checkpoint's weights are left unread (an FSDP
     resume reads them after sharding the model: trainer.fit, checkpoint.load_model_shards)."""
     run_dir = check_run_dir(run_dir)  # read, never repaired here: the writer does that
@@ -526,19 +533,23 @@ def _load(run_dir: str | Path, checkpoint: str, device: str | None, *,
     if doc.get("quantized"):  # int8 weights: the int8 layers first, then their values
         from .infer.quantize import quantize_int8
         quantize_int8(model)
+    run = Run(run_dir, meta, configs, task, model)
+    if before_weights is not None:
+        before_weights(run)
     streamed = (dtype is not None and sharded is None and device.type == "cpu"
                 and "lora" not in doc and not doc.get("quantized"))
     if streamed:  # each layer read as it is converted (infer/convert.py)
-        run = Run(run_dir, meta, configs, task, model)
+        from .infer.convert import release_free_memory
         with WeightReader(model, weights) as reader:
-            return run.optimize_for_inference(dtype, weights=reader, compile=compile)
+            run.optimize_for_inference(dtype, weights=reader, compile=compile)
+        release_free_memory()  # what the reader's closing let go, back to the system
+        return run
     if sharded is not None:
         if read_shards:
             load_sharded_model(model, run_dir, checkpoint)
     else:
         load_model_weights(model, weights)
     model.to(device).eval()
-    run = Run(run_dir, meta, configs, task, model)
     return run if dtype is None else run.optimize_for_inference(dtype, compile=compile)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
+from array import array
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
@@ -20,11 +21,21 @@ from .errors import CheckpointError, DataError, MonotileError
 
 
 class Tokenizer:
-    """A thin wrapper over `tokenizers.Tokenizer` that knows its kind and byte lengths."""
+    """A thin wrapper over `tokenizers.Tokenizer` that knows its kind and byte lengths, and,
+    for decoding alone, can let it go (`let_go`)."""
 
-    def __init__(self, tok: HFTokenizer, kind: str):
-        self.tok, self.kind = tok, kind
+    def __init__(self, tok: HFTokenizer, kind: str, path: Path | None = None):
+        self._tok, self.kind, self.path = tok, kind, path
         self.vocab_size = tok.get_vocab_size()
+        self._pieces: tuple[bytes, array] | None = None  # let_go's table of token bytes
+        self._specials: dict[int, str] | None = None
+
+    @property
+    def tok(self) -> HFTokenizer:
+        """The Hugging Face tokenizer (read from its file again after let_go)."""
+        if self._tok is None:
+            self._tok = Tokenizer.load(self.path)._tok
+        return self._tok
 
     @classmethod
     def train_char(cls, text: str) -> Tokenizer:
@@ -55,7 +66,7 @@ class Tokenizer:
         # monotile pads its batches and crops to the model's context itself
         tok.no_padding()
         tok.no_truncation()
-        return cls(tok, _kind(tok))
+        return cls(tok, _kind(tok), Path(path))
 
     def save(self, path: str | Path) -> None:
         from .train.checkpoint import atomic_write_text
@@ -94,7 +105,45 @@ class Tokenizer:
         return "".join(c for c in text if c not in unknown), unknown
 
     def decode(self, ids: list[int]) -> str:
+        """The text of `ids`, special tokens left out."""
+        if self._pieces is not None:  # the bytes of each token, joined, read as UTF-8
+            blob, ends = self._pieces
+            return b"".join([blob[ends[i]:ends[i + 1]] for i in ids]).decode("utf-8", "replace")
         return self.tok.decode(list(ids))
+
+    def special_texts(self) -> dict[int, str]:
+        """id -> text of the special tokens that decoding leaves out (<|im_end|>, </s>)."""
+        if self._specials is None:
+            self._specials = {i: t.content for i, t in
+                              self.tok.get_added_tokens_decoder().items() if t.special}
+        return self._specials
+
+    def let_go(self) -> bool:
+        """Let the Hugging Face tokenizer go where decoding can do without it: a byte-level
+        BPE's (GPT-2's family) read from a file, whose decode is the UTF-8 text of its
+        tokens' bytes joined (decoders.ByteLevel: a token's characters mapped back through
+        GPT-2's byte-to-unicode table, a token with a character outside it taken as its own
+        UTF-8; special tokens left out; an incomplete character read as U+FFFD, as Rust's
+        from_utf8_lossy reads it). decode then reads one table of those bytes (0.5 MB for
+        SmolLM2's 49,152 tokens, where the tokenizer holds 15 MB: its vocabulary both ways,
+        its merges, its pre-tokenizer), and encode reads the file again. `monotile generate`
+        encodes the prompt, then lets it go before the weights are read. Returns whether it
+        did."""
+        if self._tok is None or self.path is None or not _byte_level_decoder(self._tok):
+            return self._tok is None
+        skip = self.special_texts()  # kept: a stop string matches a special token's text
+        unicode_byte = {c: b for b, c in _bytes_to_unicode().items()}
+        blob, ends = bytearray(), array("L", [0])
+        for i in range(self.vocab_size):  # a token at a time: no 49,152 strings at once,
+            # whose room the allocator would keep among what stays
+            token = "" if i in skip else (self._tok.id_to_token(i) or "")
+            try:
+                blob += bytes(unicode_byte[c] for c in token)
+            except KeyError:  # a token spelled outside the byte alphabet (an added one)
+                blob += token.encode("utf-8")
+            ends.append(len(blob))
+        self._pieces, self._tok = (bytes(blob), ends), None
+        return True
 
     def token_bytes(self) -> list[int]:
         """UTF-8 length in bytes of each token id, for bits per byte (computed once)."""
@@ -113,6 +162,22 @@ class Tokenizer:
             else:  # another Hugging Face tokenizer: the bytes its token decodes to
                 out[i] = len(self.tok.decode([i], skip_special_tokens=False).encode("utf-8"))
         return out
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-to-unicode table: the 188 printable bytes ("!" to "~", "¡" to "¬", "®" to
+    "ÿ") stand for themselves, the other 68 for U+0100 onward in byte order ("Ġ" is a space)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable},
+            **{b: chr(256 + n) for n, b in enumerate(others)}}
+
+
+def _byte_level_decoder(tok: HFTokenizer) -> bool:
+    """Whether `tok` decodes with decoders.ByteLevel alone."""
+    return tok.decoder is not None and json.loads(tok.decoder.__getstate__()).get(
+        "type") == "ByteLevel"
 
 
 def _kind(tok: HFTokenizer) -> str:

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 import monotile
 from monotile.data import find_data
@@ -39,6 +40,22 @@ def test_it_answers_and_stops_at_the_end_of_its_turn(smollm2):
     assert chat.returncode == 0, chat.stderr
     first, second = chat.stdout.splitlines()[:2]
     assert "Paris" in first and "Rome" in second  # the second question needs the first
+
+
+def test_its_tokenizer_let_go_decodes_every_token_as_before(smollm2):
+    """`monotile generate` encodes the prompt, then lets the tokenizer go (15 MB): decoding
+    reads each token's bytes instead, and gives the Hugging Face tokenizer's text."""
+    from monotile.tokenizers import Tokenizer
+    hf, kept = (Tokenizer.load(smollm2 / "tokenizer.json") for _ in "ab")
+    assert kept.let_go()
+    assert [kept.decode([i]) for i in range(hf.vocab_size)] == \
+        [hf.decode([i]) for i in range(hf.vocab_size)]
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(500):
+        ids = torch.randint(0, hf.vocab_size, (24,), generator=gen).tolist()
+        assert kept.decode(ids) == hf.decode(ids)
+    text = "Ünïcode, 日本語 and emoji 🎉<|im_end|>"
+    assert kept.decode(hf.encode(text)) == hf.decode(hf.encode(text)) == text[:-10]
 
 
 def test_ignore_eos_decodes_every_token_asked_and_json_reports_the_rates(smollm2):

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import monotile
+from monotile.errors import MonotileError
 from monotile.tokenizers import Tokenizer
 
 from conftest import TINY, cli, set_args
@@ -55,6 +56,41 @@ def test_bpe_token_bytes_add_up_to_the_utf8_length(shakespeare):
     assert tok.decode(ids) == text
 
 
+def test_a_bpe_let_go_decodes_as_the_tokenizer_did_and_encodes_by_reading_it_again(
+        shakespeare, tmp_path):
+    """let_go keeps a byte-level BPE's token bytes only: every id, and ids that cut a
+    multi-byte character (U+FFFD) or hold a special token (left out), decode to the Hugging
+    Face tokenizer's own text; encode reads the file again."""
+    text = shakespeare.read_text()[:20000] + " café naïve — ünïcödé 日本語 🎉"
+    trained = Tokenizer.train_bpe(text, 400)
+    trained.tok.add_special_tokens(["<|end|>"])
+    # added tokens that are not special, shown: spelled in the byte alphabet, partly in it
+    # ("ü" is byte 0xFC there), and outside it (its own UTF-8)
+    trained.tok.add_tokens(["ROMEO:", "ünï", "→ 日"])
+    assert not trained.let_go()  # no file to read it from again: kept
+    trained.save(tmp_path / "tokenizer.json")
+    hf, kept = (Tokenizer.load(tmp_path / "tokenizer.json") for _ in "ab")
+    assert kept.let_go() and kept._tok is None
+    ids = hf.encode(text[-300:] + "<|end|> ROMEO: hi ünï → 日")
+    for i in range(hf.vocab_size):
+        assert kept.decode([i]) == hf.decode([i])
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(300):  # random ids: cut characters, specials, anything
+        some = torch.randint(0, hf.vocab_size, (int(torch.randint(1, 20, (1,), generator=gen)),),
+                             generator=gen).tolist()
+        assert kept.decode(some) == hf.decode(some)
+    for n in range(len(ids) + 1):  # each prefix of a text, as TextPieces decodes it
+        assert kept.decode(ids[:n]) == hf.decode(ids[:n])
+    assert "\ufffd" in kept.decode(hf.encode("日本")[:1])  # half a character
+    assert "<|end|>" not in kept.decode(ids) and "ROMEO:" in kept.decode(ids)
+    assert kept.special_texts() == hf.special_texts() == {hf.tok.token_to_id("<|end|>"):
+                                                          "<|end|>"}
+    assert kept.encode("naïve 🎉") == hf.encode("naïve 🎉")  # the file read again
+    char = Tokenizer.train_char(text)
+    char.save(tmp_path / "char.json")
+    assert not Tokenizer.load(tmp_path / "char.json").let_go()  # not byte-level: kept
+
+
 def test_llama_style_bpe_run_reports_bits_per_byte(tmp_path, shakespeare):
     data = tmp_path / "speech.txt"
     data.write_text(shakespeare.read_text()[:40000])
@@ -77,6 +113,32 @@ def test_python_api_load_generate_evaluate(tiny_run):
     assert a == run.generate("ROMEO:", max_new_tokens=30, temperature=0.8, seed=7)
     assert 0 < len(a) <= 30
     assert "".join(run.stream("ROMEO:", max_new_tokens=30, temperature=0.8, seed=7)) == a
+
+
+def test_a_prompt_of_token_ids_continues_as_its_text_does_and_bad_ids_are_refused(tiny_run):
+    ids = tiny_run.task.encode_prompt("ROMEO:")
+    assert tiny_run.generate(ids, max_new_tokens=20, temperature=0) == \
+        tiny_run.generate("ROMEO:", max_new_tokens=20, temperature=0)
+    vocab = tiny_run.task.tokenizer.vocab_size
+    for bad in ([vocab], [-1], [1.5], [True], []):
+        with pytest.raises(MonotileError, match="0 to|empty"):
+            tiny_run.generate(bad, max_new_tokens=2)
+
+
+def test_before_weights_sees_the_task_before_any_weight_is_read(tiny_run):
+    seen = []
+
+    def first(run):  # the task ready, the model built, its weights not read yet
+        seen.append(run.task.encode_prompt("ROMEO:"))
+        seen.append(run.model.tok_emb.weight.detach().clone())
+        raise RuntimeError("stop here")
+    with pytest.raises(RuntimeError, match="stop here"):
+        monotile.load(tiny_run.dir, dtype="int8", before_weights=first)
+    assert seen[0] == tiny_run.task.encode_prompt("ROMEO:")
+    assert not torch.equal(seen[1], tiny_run.model.tok_emb.weight.detach())
+    for dtype in (None, "int4"):  # as the weights are read, or all at once
+        run = monotile.load(tiny_run.dir, dtype=dtype, before_weights=seen.append)
+        assert seen[-1] is run
 
 
 def test_stream_yields_the_text_piece_by_piece_as_it_is_produced(tiny_run):

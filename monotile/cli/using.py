@@ -94,15 +94,37 @@ def generate(sub) -> None:
 def _generate(a) -> None:
     from ..interop.sources import run_dir_for
     from ..run import load
+    a.prompt = unescape(a.prompt)
+    stop = [unescape(s) for s in a.stop] if a.stop else []
+    if a.max_new_tokens < 0:
+        raise MonotileError(f"--max-new-tokens {a.max_new_tokens} is invalid: give a count >= 0")
+    prompt: list[int] = []
+
+    def encode(run) -> None:
+        """The prompt's ids, before any weight is read; then the tokenizer let go where
+        decoding can do without it (Tokenizer.let_go: SmolLM2's holds 15 MB the decoding
+        process's peak, with the weights, then does not)."""
+        task = run.generator  # a run that makes no text is refused here
+        if run.has_chat_template and not a.raw:  # the prompt is the user's message
+            messages = ([{"role": "system", "content": unescape(a.system)}] if a.system
+                        else [])
+            messages.append({"role": "user", "content": a.prompt})
+            prompt.extend(task.encode_prompt(task.chat_prompt(messages)))
+            if not a.ignore_eos:  # the template's end strings end the answer too
+                stop.extend(task.config.chat_stop)
+        elif a.system:
+            raise MonotileError(f"--system is for runs trained on chat data; {run.dir} has no "
+                                "chat template")
+        else:
+            prompt.extend(task.encode_prompt(a.prompt))
+        task.tokenizer.let_go()
+
     # each layer read, then laid out (or rounded) for this machine: the float weights are
     # never whole in memory (infer/convert.py)
     run = load(run_dir_for(a.run), checkpoint=a.checkpoint, device=a.device, dtype=a.dtype,
-               compile=a.compile)
-    run.generator  # noqa: B018  (a run that makes no text is refused here, before any tokens)
+               compile=a.compile, before_weights=encode)
     if a.compile:
         print(f"compiled the decoding step in {run.compile_seconds:.1f} s", file=sys.stderr)
-    a.prompt = unescape(a.prompt)
-    stop = [unescape(s) for s in a.stop] if a.stop else None
     context = run.configs["model"].context
     if a.max_new_tokens > context and not a.stream:  # nothing shows until the end: bound it
         import warnings
@@ -110,20 +132,10 @@ def _generate(a) -> None:
                       f"({context} tokens); generating {context} (--stream writes longer text "
                       "as it comes)", stacklevel=1)
         a.max_new_tokens = context
-    if a.max_new_tokens < 0:
-        raise MonotileError(f"--max-new-tokens {a.max_new_tokens} is invalid: give a count >= 0")
     options = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
-                   top_p=a.top_p, repetition_penalty=a.repetition_penalty, stop=stop,
+                   top_p=a.top_p, repetition_penalty=a.repetition_penalty, stop=stop or None,
                    seed=a.seed, ignore_eos=a.ignore_eos, timings={})
-    if run.has_chat_template and not a.raw:  # the prompt is the user's message
-        messages = ([{"role": "system", "content": unescape(a.system)}] if a.system else [])
-        messages.append({"role": "user", "content": a.prompt})
-        stream = run.stream_chat(messages, **options)
-    else:
-        if a.system:
-            raise MonotileError(f"--system is for runs trained on chat data; {run.dir} has no "
-                                "chat template")
-        stream = run.stream(a.prompt, **options)
+    stream = run.stream(prompt, **options)
     if a.json:  # with the figures llama.cpp prints: prompt and decode tokens/s
         text = "".join(stream)
         print_json({"prompt": a.prompt, "text": text, **options["timings"]})

@@ -11,7 +11,6 @@ Data:    one text file read whole, or a folder of token shards (`monotile prepar
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import time
 import warnings
@@ -418,11 +417,10 @@ class TextTask(TaskBase):
     def _ids(self, text: str, special_tokens: bool = True) -> list[int]:
         return self.tokenizer.encode(text, special_tokens=special_tokens)
 
-    @functools.cached_property
+    @property
     def special_texts(self) -> dict[int, str]:
         """id -> text of the special tokens that decoding leaves out (<|im_end|>, </s>)."""
-        return {i: t.content for i, t in self.tokenizer.tok.get_added_tokens_decoder().items()
-                if t.special}
+        return self.tokenizer.special_texts()
 
     def text_pieces(self, stop: list[str] | None = None, ignore_eos: bool = False
                     ) -> TextPieces:
@@ -432,8 +430,10 @@ class TextTask(TaskBase):
         return TextPieces(self.tokenizer.decode, stop, specials=self.special_texts,
                           end_ids=() if ignore_eos else self.config.eos_ids)
 
-    def encode_prompt(self, prompt: str) -> list[int]:
-        ids = self.prompt_ids(prompt)
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        """A prompt's ids (a list of ids is taken as it is, checked against the vocabulary),
+        its last `context` where it is longer."""
+        ids = self._checked_ids(prompt) if isinstance(prompt, list) else self.prompt_ids(prompt)
         if not ids:
             raise MonotileError("the prompt is empty; give at least one character of text "
                                 "(e.g. --prompt $'\\n' for a newline)")
@@ -444,13 +444,23 @@ class TextTask(TaskBase):
             ids = ids[-self.context:]
         return ids
 
-    def stream(self, model, prompt: str, *, max_new_tokens: int = 200,
+    def _checked_ids(self, ids: list) -> list[int]:
+        vocab = self.tokenizer.vocab_size
+        bad = next((i for i in ids if isinstance(i, bool) or not isinstance(i, int)
+                    or not 0 <= i < vocab), None) if ids else None
+        if bad is not None:
+            raise DataError(f"the prompt's token {bad!r} is not an id of this run's vocabulary; "
+                            f"give integers from 0 to {vocab - 1}")
+        return list(ids)
+
+    def stream(self, model, prompt: str | list[int], *, max_new_tokens: int = 200,
                sampling: Sampling = Sampling(), stop: list[str] | None = None,
                seed: int | None = None, use_cache: bool = True, ignore_eos: bool = False,
                timings: dict | None = None) -> Iterator[str]:
-        """Yield the continuation of `prompt` as text pieces, ending before a stop string or
-        at an end-of-sequence id of the run (eos_ids; with ignore_eos, only at a stop string
-        or after max_new_tokens). `timings`, a dict, receives as llama.cpp reports them:
+        """Yield the continuation of `prompt` (text, or its token ids) as text pieces, ending
+        before a stop string or at an end-of-sequence id of the run (eos_ids; with
+        ignore_eos, only at a stop string or after max_new_tokens). `timings`, a dict,
+        receives as llama.cpp reports them:
         prompt_tokens and prompt_seconds (the prompt's forward pass and the first token),
         new_tokens and decode_seconds (the tokens after the first), and both rates per
         second."""
