@@ -10,6 +10,7 @@ the file format the rest of the ecosystem reads.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from array import array
 from pathlib import Path
@@ -132,14 +133,16 @@ class Tokenizer:
         if self._tok is None or self.path is None or not _byte_level_decoder(self._tok):
             return self._tok is None
         skip = self.special_texts()  # kept: a stop string matches a special token's text
-        unicode_byte = {c: b for b, c in _bytes_to_unicode().items()}
+        alphabet = _bytes_to_unicode()
+        to_bytes = {ord(c): b for b, c in alphabet.items()}  # str.translate's table
+        spelled = re.compile(f"[{re.escape(''.join(alphabet.values()))}]*")
         blob, ends = bytearray(), array("L", [0])
         for i in range(self.vocab_size):  # a token at a time: no 49,152 strings at once,
             # whose room the allocator would keep among what stays
             token = "" if i in skip else (self._tok.id_to_token(i) or "")
-            try:
-                blob += bytes(unicode_byte[c] for c in token)
-            except KeyError:  # a token spelled outside the byte alphabet (an added one)
+            if spelled.fullmatch(token):  # each character one byte
+                blob += token.translate(to_bytes).encode("latin-1")
+            else:  # a token spelled outside the byte alphabet (an added one): its UTF-8
                 blob += token.encode("utf-8")
             ends.append(len(blob))
         self._pieces, self._tok = (bytes(blob), ends), None
