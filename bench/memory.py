@@ -4,8 +4,9 @@ the same weights at equal bits per weight, each measured as the peak resident se
 same chat prompt, end tokens ignored:
 
     monotile    `monotile generate RUN --dtype D --max-new-tokens 128 --ignore-eos` (the
-                prompt encoded and the tokenizer let go before any weight is read:
-                Tokenizer.let_go; each layer converted as it is read: infer/convert.py),
+                prompt encoded in a child process before any weight is read, the tokenizer
+                handed back let go: cli.common.apart, Tokenizer.let_go; each layer
+                converted as it is read: infer/convert.py),
                 and, for comparison, the run loaded whole, then optimize_for_inference(D),
                 its tokenizer kept, as before
     llama.cpp   llama-cpp-python decoding the same prompt's ids (n_ctx 256) from the F32, F16,

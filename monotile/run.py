@@ -479,9 +479,9 @@ def load(run_dir: str | Path, *, checkpoint: str = "last", device: str | None = 
     each layer is converted as it is read, so the process never holds the float weights
     whole (an int4 SmolLM2 decodes in ~1/3 of the memory of loading, then converting).
     compile: a text generation run's decoding step compiled (optimize_for_inference; dtype
-    float32 unless given). before_weights: called with the run once its task is read and its
-    model built, before any weight is read: what needs the task alone done while the process
-    is small (`monotile generate` encodes its prompt, then lets the tokenizer go)."""
+    float32 unless given). before_weights: called with the run once its task is read, before
+    its model is built (run.model is None then) or any weight read: what needs the task alone
+    done while the process is small (`monotile generate` encodes its prompt there)."""
     if compile and dtype is None:
         dtype = "float32"
     if dtype is not None:  # refused before any file is read
@@ -520,11 +520,14 @@ def _load(run_dir: str | Path, checkpoint: str, device: str | None, *,
         raise CheckpointError(f"{run_dir} has no weights ({weights.name}): the command that "
                               "made it stopped before writing them; delete the folder and "
                               "make it again")
+    run = Run(run_dir, meta, configs, task, None)
+    if before_weights is not None:
+        before_weights(run)
     device = pick_device(device or "auto")
     check_fits(task, configs["model"], device, training=False,
                fix=f"is {run_dir / CONFIG} damaged? restore it")
     with weights_left_uninitialised():  # the checkpoint overwrites every weight
-        model = task.build_model(configs["model"])
+        run.model = model = task.build_model(configs["model"])
     if "lora" in doc:  # a fine-tuning run: the base's weights, then its own adapters
         from .core.lora import add_lora
         load_model_weights(model, base_weights(doc))
@@ -533,9 +536,6 @@ def _load(run_dir: str | Path, checkpoint: str, device: str | None, *,
     if doc.get("quantized"):  # int8 weights: the int8 layers first, then their values
         from .infer.quantize import quantize_int8
         quantize_int8(model)
-    run = Run(run_dir, meta, configs, task, model)
-    if before_weights is not None:
-        before_weights(run)
     streamed = (dtype is not None and sharded is None and device.type == "cpu"
                 and "lora" not in doc and not doc.get("quantized"))
     if streamed:  # each layer read as it is converted (infer/convert.py)

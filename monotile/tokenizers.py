@@ -25,18 +25,33 @@ class Tokenizer:
     """A thin wrapper over `tokenizers.Tokenizer` that knows its kind and byte lengths, and,
     for decoding alone, can let it go (`let_go`)."""
 
-    def __init__(self, tok: HFTokenizer, kind: str, path: Path | None = None):
-        self._tok, self.kind, self.path = tok, kind, path
-        self.vocab_size = tok.get_vocab_size()
+    def __init__(self, tok: HFTokenizer | None, kind: str | None = None,
+                 path: Path | None = None):
+        """`tok` None: read from `path` when first used (Tokenizer.load(lazy=True))."""
+        self._tok, self._kind, self.path = tok, kind, path
+        self._vocab_size = None if tok is None else tok.get_vocab_size()
         self._pieces: tuple[bytes, array] | None = None  # let_go's table of token bytes
         self._specials: dict[int, str] | None = None
 
     @property
     def tok(self) -> HFTokenizer:
-        """The Hugging Face tokenizer (read from its file again after let_go)."""
+        """The Hugging Face tokenizer (read from its file at first use, and again after
+        let_go)."""
         if self._tok is None:
             self._tok = Tokenizer.load(self.path)._tok
         return self._tok
+
+    @property
+    def kind(self) -> str:
+        if self._kind is None:
+            self._kind = _kind(self.tok)
+        return self._kind
+
+    @property
+    def vocab_size(self) -> int:
+        if self._vocab_size is None:
+            self._vocab_size = self.tok.get_vocab_size()
+        return self._vocab_size
 
     @classmethod
     def train_char(cls, text: str) -> Tokenizer:
@@ -57,7 +72,13 @@ class Tokenizer:
         return cls(tok, "bpe")
 
     @classmethod
-    def load(cls, path: str | Path) -> Tokenizer:
+    def load(cls, path: str | Path, lazy: bool = False) -> Tokenizer:
+        """tokenizer.json; `lazy`: read at first use (its file checked to exist now)."""
+        if lazy:
+            if not Path(path).is_file():
+                raise CheckpointError(f"cannot read tokenizer {path}: no such file; the run's "
+                                      "tokenizer.json is missing, retrain or restore it")
+            return cls(None, None, Path(path))
         try:
             tok = HFTokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception on bad JSON
@@ -128,11 +149,15 @@ class Tokenizer:
         from_utf8_lossy reads it). decode then reads one table of those bytes (0.5 MB for
         SmolLM2's 49,152 tokens, where the tokenizer holds 15 MB: its vocabulary both ways,
         its merges, its pre-tokenizer), and encode reads the file again. `monotile generate`
-        encodes the prompt, then lets it go before the weights are read. Returns whether it
-        did."""
-        if self._tok is None or self.path is None or not _byte_level_decoder(self._tok):
-            return self._tok is None
+        encodes the prompt and lets the tokenizer go in a child process (cli.common.apart),
+        which hands it back pickled, so the decoding process never reads it. Returns whether
+        it did (or had)."""
+        if self._pieces is not None:
+            return True
+        if self.path is None or not _byte_level_decoder(self.tok):
+            return False
         skip = self.special_texts()  # kept: a stop string matches a special token's text
+        self.kind  # noqa: B018  (kept too, as vocab_size)
         alphabet = _bytes_to_unicode()
         to_bytes = {ord(c): b for b, c in alphabet.items()}  # str.translate's table
         spelled = re.compile(f"[{re.escape(''.join(alphabet.values()))}]*")

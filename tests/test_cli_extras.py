@@ -4,8 +4,11 @@ and a run's config.json as the start of a new run."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -78,3 +81,40 @@ def test_set_given_twice_keeps_both_overrides():
         args = parser().parse_args(argv + ["--set", "max_steps=20", "--set",
                                            "eval_interval=20", "lr=1e-3"])
         assert args.overrides == ["max_steps=20", "eval_interval=20", "lr=1e-3"], argv
+
+
+APART = """
+import os, threading
+from monotile.cli.common import apart
+from monotile.errors import ConfigError
+held = []
+def work():  # 64 MB written in the child, kept there
+    held.append(bytearray(b"x" * (64 << 20)))
+    return os.getpid(), len(held)
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") >> 20
+before = rss()
+pid, n = apart(work)
+assert pid != os.getpid() and n == 1 and held == [], (pid, n, len(held))
+assert rss() < before + 16, (before, rss())  # the child's memory left with it
+try:
+    apart(lambda: (_ for _ in ()).throw(ConfigError("bad value; fix it")))
+except ConfigError as e:  # raised again here, as it was there
+    assert str(e) == "bad value; fix it"
+else:
+    raise AssertionError("no error")
+stop = threading.Event()
+threading.Thread(target=stop.wait).start()  # another Python thread: the work runs here
+assert apart(os.getpid) == os.getpid()
+stop.set()
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork") or not Path("/proc/self/statm").exists(),
+                    reason="fork and /proc (Linux)")
+def test_apart_runs_the_work_in_a_child_and_gives_back_its_result_or_error():
+    # a fresh interpreter: pytest's own threads (xdist's) would keep the work here
+    done = subprocess.run([sys.executable, "-c", APART], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and done.stdout == "ok\n", done.stderr

@@ -125,20 +125,22 @@ def test_a_prompt_of_token_ids_continues_as_its_text_does_and_bad_ids_are_refuse
             tiny_run.generate(bad, max_new_tokens=2)
 
 
-def test_before_weights_sees_the_task_before_any_weight_is_read(tiny_run):
+def test_before_weights_sees_the_task_before_the_model_is_built(tiny_run):
     seen = []
 
-    def first(run):  # the task ready, the model built, its weights not read yet
-        seen.append(run.task.encode_prompt("ROMEO:"))
-        seen.append(run.model.tok_emb.weight.detach().clone())
+    def first(run):  # the task ready, no model yet
+        seen.append((run.model, run.task.encode_prompt("ROMEO:")))
         raise RuntimeError("stop here")
     with pytest.raises(RuntimeError, match="stop here"):
         monotile.load(tiny_run.dir, dtype="int8", before_weights=first)
-    assert seen[0] == tiny_run.task.encode_prompt("ROMEO:")
-    assert not torch.equal(seen[1], tiny_run.model.tok_emb.weight.detach())
+    assert seen == [(None, tiny_run.task.encode_prompt("ROMEO:"))]
     for dtype in (None, "int4"):  # as the weights are read, or all at once
-        run = monotile.load(tiny_run.dir, dtype=dtype, before_weights=seen.append)
-        assert seen[-1] is run
+        run = monotile.load(tiny_run.dir, dtype=dtype,
+                            before_weights=lambda run: seen.append(run.model))
+        assert seen[-1] is None and run.model is not None
+        assert len(run.generate("ROMEO:", max_new_tokens=5, temperature=0)) == 5
+    assert monotile.load(tiny_run.dir, before_weights=seen.append).evaluate() == \
+        tiny_run.evaluate()  # the same weights read
 
 
 def test_stream_yields_the_text_piece_by_piece_as_it_is_produced(tiny_run):
@@ -245,6 +247,19 @@ def test_data_command_lists_the_data_sets():
     assert r.returncode == 0, r.stderr
     rows = {row["name"]: row for row in json.loads(r.stdout)}
     assert rows["tinyshakespeare/input.txt"]["path"].endswith("tinyshakespeare/input.txt")
+
+
+def test_generate_says_what_the_prompt_lacks_from_its_child_process(tiny_run):
+    """generate encodes in a child process (cli.common.apart): its errors come back as the
+    one line and exit 2 of any other, and the text as before."""
+    done = cli("generate", str(tiny_run.dir), "--prompt", "ROMEO:", "--system", "Be brief.")
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip().splitlines()[-1].startswith("error: --system is for runs "
+                                                           "trained on chat data")
+    done = cli("generate", str(tiny_run.dir), "--prompt", "ROMEO:", "--max-new-tokens", "20",
+               "--temperature", "0")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == tiny_run.generate("ROMEO:", max_new_tokens=20, temperature=0) + "\n"
 
 
 def test_cli_stop_and_prompt_understand_backslash_escapes(tiny_run):

@@ -1,10 +1,13 @@
-"""What the verbs share: printing figures, the common flags, and writing --output files."""
+"""What the verbs share: printing figures, the common flags, writing --output files, and work
+done in a child process."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
+import pickle
 import re
 from pathlib import Path
 
@@ -115,3 +118,46 @@ def thread_count(value: str) -> int:
         raise argparse.ArgumentTypeError(f"{value!r} is not a thread count: give a whole "
                                          "number >= 1")
     return n
+
+
+def apart(work):
+    """work(), run in a child process forked for it, its result (or the exception it raised)
+    sent back pickled: the memory the work takes leaves with the child. `monotile generate`
+    encodes its prompt so: parsing SmolLM2's tokenizer takes ~30 MB for a moment and keeps
+    ~15, and the C allocator kept ~14 MB of it for good even once let go. Where fork is
+    missing (Windows), or other Python threads run (a fork copies only this one: a lock one
+    of them held would never be released in the child), work() runs here. Native thread
+    pools (numpy's OpenBLAS starts one at import) wait idle, and the work runs none of
+    their code: no tensor operation, only text."""
+    import threading
+    if not hasattr(os, "fork") or threading.active_count() != 1:
+        return work()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: nothing of the parent's state is shut down or flushed here
+        os.close(read)
+        try:
+            try:
+                outcome = (True, work())
+            except BaseException as e:  # noqa: BLE001  (raised again in the parent)
+                outcome = (False, e)
+            try:
+                data = pickle.dumps(outcome)
+            except Exception as e:  # an unpicklable result or exception: said as text
+                data = pickle.dumps((False, MonotileError(f"{type(e).__name__}: {e}")))
+            with os.fdopen(write, "wb") as out:
+                out.write(data)
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as src:
+        data = src.read()
+    _, status = os.waitpid(pid, 0)
+    if not data:  # killed before it answered (out of memory, a signal)
+        raise MonotileError(f"the child process encoding the prompt ended without an answer "
+                            f"(status {status}); run again")
+    ok, value = pickle.loads(data)
+    if not ok:
+        raise value
+    return value
+

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..errors import MonotileError
 from ..infer import COMPILE_HELP, INFERENCE_DTYPES
-from .common import check_output, emit, finish, print_json, unescape, write_rows_csv
+from .common import apart, check_output, emit, finish, print_json, unescape, write_rows_csv
 
 # predict's options: (flag, the option of Task.predict it sets); a task refuses by name an
 # option its predict does not take
@@ -101,23 +101,29 @@ def _generate(a) -> None:
     prompt: list[int] = []
 
     def encode(run) -> None:
-        """The prompt's ids, before any weight is read; then the tokenizer let go where
-        decoding can do without it (Tokenizer.let_go: SmolLM2's holds 15 MB the decoding
-        process's peak, with the weights, then does not)."""
+        """The prompt's ids, before the model is built or any weight read, in a child process
+        (`apart`) that hands back the tokenizer let go (Tokenizer.let_go: decoding reads a
+        table of its tokens' bytes): this process never holds the tokenizer, and its peak,
+        with the weights, none of the tokenizer's memory."""
         task = run.generator  # a run that makes no text is refused here
-        if run.has_chat_template and not a.raw:  # the prompt is the user's message
-            messages = ([{"role": "system", "content": unescape(a.system)}] if a.system
-                        else [])
-            messages.append({"role": "user", "content": a.prompt})
-            prompt.extend(task.encode_prompt(task.chat_prompt(messages)))
-            if not a.ignore_eos:  # the template's end strings end the answer too
-                stop.extend(task.config.chat_stop)
-        elif a.system:
-            raise MonotileError(f"--system is for runs trained on chat data; {run.dir} has no "
-                                "chat template")
-        else:
-            prompt.extend(task.encode_prompt(a.prompt))
-        task.tokenizer.let_go()
+
+        def ids() -> tuple[list[int], list[str], object]:
+            if run.has_chat_template and not a.raw:  # the prompt is the user's message
+                messages = ([{"role": "system", "content": unescape(a.system)}] if a.system
+                            else [])
+                messages.append({"role": "user", "content": a.prompt})
+                ends = [] if a.ignore_eos else list(task.config.chat_stop)  # end the answer
+                encoded = task.encode_prompt(task.chat_prompt(messages))
+            elif a.system:
+                raise MonotileError(f"--system is for runs trained on chat data; {run.dir} "
+                                    "has no chat template")
+            else:
+                ends, encoded = [], task.encode_prompt(a.prompt)
+            task.tokenizer.let_go()
+            return encoded, ends, task.tokenizer
+        encoded, ends, task.tokenizer = apart(ids)
+        prompt.extend(encoded)
+        stop.extend(ends)
 
     # each layer read, then laid out (or rounded) for this machine: the float weights are
     # never whole in memory (infer/convert.py)

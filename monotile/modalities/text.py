@@ -205,7 +205,9 @@ class TextTask(TaskBase):
 
     @classmethod
     def load(cls, config: TextConfig, model_cfg: ModelConfig, run_dir: Path):
-        tok = Tokenizer.load(Path(run_dir) / "tokenizer.json")
+        # read at first use: building the model reads it, unless load's before_weights made
+        # do without (monotile generate: in a child process)
+        tok = Tokenizer.load(Path(run_dir) / "tokenizer.json", lazy=True)
         return cls(config, tok, model_cfg.context)
 
     def save(self, run_dir: Path) -> None:
