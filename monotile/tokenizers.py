@@ -9,6 +9,7 @@ the file format the rest of the ecosystem reads.
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import sys
@@ -161,7 +162,7 @@ class Tokenizer:
         alphabet = _bytes_to_unicode()
         to_bytes = {ord(c): b for b, c in alphabet.items()}  # str.translate's table
         spelled = re.compile(f"[{re.escape(''.join(alphabet.values()))}]*")
-        blob, ends = bytearray(), array("L", [0])
+        blob, ends = bytearray(), array("I", [0])
         for i in range(self.vocab_size):  # a token at a time: no 49,152 strings at once,
             # whose room the allocator would keep among what stays
             token = "" if i in skip else (self._tok.id_to_token(i) or "")
@@ -172,6 +173,27 @@ class Tokenizer:
             ends.append(len(blob))
         self._pieces, self._tok = (bytes(blob), ends), None
         return True
+
+    def decoding_state(self) -> dict:
+        """What a let-go tokenizer keeps, as JSON (cli.common.apart sends it so): read back
+        by from_decoding_state."""
+        if self._pieces is None:
+            raise ValueError("let_go() first: only a tokenizer let go travels as its state")
+        blob, ends = self._pieces
+        return {"path": str(self.path), "kind": self.kind, "vocab_size": self.vocab_size,
+                "specials": {str(i): t for i, t in self.special_texts().items()},
+                "blob": base64.b64encode(blob).decode(), "ends": base64.b64encode(
+                    ends.tobytes()).decode(), "ends_type": ends.typecode}
+
+    @classmethod
+    def from_decoding_state(cls, state: dict) -> Tokenizer:
+        tok = cls(None, state["kind"], Path(state["path"]))
+        tok._vocab_size = state["vocab_size"]
+        tok._specials = {int(i): t for i, t in state["specials"].items()}
+        ends = array(state["ends_type"])
+        ends.frombytes(base64.b64decode(state["ends"]))
+        tok._pieces = (base64.b64decode(state["blob"]), ends)
+        return tok
 
     def token_bytes(self) -> list[int]:
         """UTF-8 length in bytes of each token id, for bits per byte (computed once)."""

@@ -85,6 +85,10 @@ def test_a_bpe_let_go_decodes_as_the_tokenizer_did_and_encodes_by_reading_it_aga
     assert "<|end|>" not in kept.decode(ids) and "ROMEO:" in kept.decode(ids)
     assert kept.special_texts() == hf.special_texts() == {hf.tok.token_to_id("<|end|>"):
                                                           "<|end|>"}
+    travelled = Tokenizer.from_decoding_state(json.loads(json.dumps(kept.decoding_state())))
+    assert travelled.decode(ids) == hf.decode(ids) and travelled._tok is None  # as JSON
+    assert travelled.special_texts() == hf.special_texts()
+    assert (travelled.kind, travelled.vocab_size) == (hf.kind, hf.vocab_size)
     assert kept.encode("naïve 🎉") == hf.encode("naïve 🎉")  # the file read again
     char = Tokenizer.train_char(text)
     char.save(tmp_path / "char.json")

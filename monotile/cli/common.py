@@ -7,7 +7,6 @@ import argparse
 import json
 import math
 import os
-import pickle
 import re
 from pathlib import Path
 
@@ -121,14 +120,15 @@ def thread_count(value: str) -> int:
 
 
 def apart(work):
-    """work(), run in a child process forked for it, its result (or the exception it raised)
-    sent back pickled: the memory the work takes leaves with the child. `monotile generate`
-    encodes its prompt so: parsing SmolLM2's tokenizer takes ~30 MB for a moment and keeps
-    ~15, and the C allocator kept ~14 MB of it for good even once let go. Where fork is
-    missing (Windows), or other Python threads run (a fork copies only this one: a lock one
-    of them held would never be released in the child), work() runs here. Native thread
-    pools (numpy's OpenBLAS starts one at import) wait idle, and the work runs none of
-    their code: no tensor operation, only text."""
+    """work(), run in a child process forked for it, its result (JSON: no code travels, as
+    no pickle is read anywhere in monotile) or the error it raised sent back through a pipe:
+    the memory the work takes leaves with the child. `monotile generate` encodes its prompt
+    so: parsing SmolLM2's tokenizer takes ~30 MB for a moment and keeps ~15, and the C
+    allocator kept ~14 MB of it for good even once let go. Where fork is missing (Windows),
+    or other Python threads run (a fork copies only this one: a lock one of them held would
+    never be released in the child), work() runs here. Native thread pools (numpy's OpenBLAS
+    starts one at import) wait idle, and the work runs none of their code: no tensor
+    operation, only text."""
     import threading
     if not hasattr(os, "fork") or threading.active_count() != 1:
         return work()
@@ -138,26 +138,32 @@ def apart(work):
         os.close(read)
         try:
             try:
-                outcome = (True, work())
+                data = json.dumps({"value": work()})
             except BaseException as e:  # noqa: BLE001  (raised again in the parent)
-                outcome = (False, e)
-            try:
-                data = pickle.dumps(outcome)
-            except Exception as e:  # an unpicklable result or exception: said as text
-                data = pickle.dumps((False, MonotileError(f"{type(e).__name__}: {e}")))
-            with os.fdopen(write, "wb") as out:
+                data = json.dumps({"error": type(e).__name__, "message": str(e)})
+            with os.fdopen(write, "w", encoding="utf-8") as out:
                 out.write(data)
         finally:
             os._exit(0)
     os.close(write)
-    with os.fdopen(read, "rb") as src:
+    with os.fdopen(read, encoding="utf-8") as src:
         data = src.read()
     _, status = os.waitpid(pid, 0)
     if not data:  # killed before it answered (out of memory, a signal)
         raise MonotileError(f"the child process encoding the prompt ended without an answer "
                             f"(status {status}); run again")
-    ok, value = pickle.loads(data)
-    if not ok:
-        raise value
-    return value
+    answer = json.loads(data)
+    if "error" in answer:
+        raise _error(answer["error"], answer["message"])
+    return answer["value"]
 
+
+def _error(name: str, message: str) -> BaseException:
+    """The child's error as the parent raises it: monotile's own and Ctrl-C as they were."""
+    from .. import errors
+    if name == "KeyboardInterrupt":
+        return KeyboardInterrupt()
+    kind = getattr(errors, name, None)
+    if isinstance(kind, type) and issubclass(kind, MonotileError):
+        return kind(message)
+    return RuntimeError(f"{name} in the child process: {message}")

@@ -94,6 +94,7 @@ def generate(sub) -> None:
 def _generate(a) -> None:
     from ..interop.sources import run_dir_for
     from ..run import load
+    from ..tokenizers import Tokenizer
     a.prompt = unescape(a.prompt)
     stop = [unescape(s) for s in a.stop] if a.stop else []
     if a.max_new_tokens < 0:
@@ -107,7 +108,7 @@ def _generate(a) -> None:
         with the weights, none of the tokenizer's memory."""
         task = run.generator  # a run that makes no text is refused here
 
-        def ids() -> tuple[list[int], list[str], object]:
+        def ids() -> tuple[list[int], list[str], dict]:
             if run.has_chat_template and not a.raw:  # the prompt is the user's message
                 messages = ([{"role": "system", "content": unescape(a.system)}] if a.system
                             else [])
@@ -119,9 +120,12 @@ def _generate(a) -> None:
                                     "has no chat template")
             else:
                 ends, encoded = [], task.encode_prompt(a.prompt)
-            task.tokenizer.let_go()
-            return encoded, ends, task.tokenizer
-        encoded, ends, task.tokenizer = apart(ids)
+            if not task.tokenizer.let_go():  # decoding needs it whole: read here too
+                return encoded, ends, None
+            return encoded, ends, task.tokenizer.decoding_state()
+        encoded, ends, state = apart(ids)
+        if state is not None:
+            task.tokenizer = Tokenizer.from_decoding_state(state)
         prompt.extend(encoded)
         stop.extend(ends)
 
