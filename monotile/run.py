@@ -97,11 +97,13 @@ class Run:
     def stream_chat(self, messages: list[dict], **options):
         """Yield the assistant's answer to `messages` ([{"role", "content"}, ...]), formatted
         by the run's chat template and ended by its stop strings (options as for `stream`)."""
-        stop = options.pop("stop", None)
-        stops = ([stop] if isinstance(stop, str) else list(stop or []))
-        if not options.get("ignore_eos"):  # the template's end strings are end tokens too
-            stops += list(self.generator.config.chat_stop)
+        stops = self.chat_stops(options.pop("stop", None), options.get("ignore_eos", False))
         return self.stream(self.generator.chat_prompt(messages), stop=stops, **options)
+
+    def chat_stops(self, stop: str | list[str] | None, ignore_eos: bool = False) -> list[str]:
+        """`stop` and, unless ignore_eos, the chat template's end strings (end tokens too)."""
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        return stops if ignore_eos else stops + list(self.generator.config.chat_stop)
 
     def chat(self, messages: list[dict], **options) -> str:
         """The assistant's answer to `messages`; see stream_chat."""

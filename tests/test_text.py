@@ -254,8 +254,8 @@ def test_data_command_lists_the_data_sets():
 
 
 def test_generate_says_what_the_prompt_lacks_from_its_child_process(tiny_run):
-    """generate encodes in a child process (cli.common.apart): its errors come back as the
-    one line and exit 2 of any other, and the text as before."""
+    """generate refuses what the prompt lacks before any weight is read (its encoding runs in
+    a child process, cli.common.apart): one line and exit 2, and the text as before."""
     done = cli("generate", str(tiny_run.dir), "--prompt", "ROMEO:", "--system", "Be brief.")
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.strip().splitlines()[-1].startswith("error: --system is for runs "

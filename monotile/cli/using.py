@@ -107,27 +107,28 @@ def _generate(a) -> None:
         table of its tokens' bytes): this process never holds the tokenizer, and its peak,
         with the weights, none of the tokenizer's memory."""
         task = run.generator  # a run that makes no text is refused here
+        chat = run.has_chat_template and not a.raw  # the prompt is the user's message
+        if a.system and not chat:
+            raise MonotileError(f"--system is for runs trained on chat data; {run.dir} has no "
+                                "chat template")
 
-        def ids() -> tuple[list[int], list[str], dict]:
-            if run.has_chat_template and not a.raw:  # the prompt is the user's message
+        def ids() -> tuple[list[int], dict | None]:
+            if chat:
                 messages = ([{"role": "system", "content": unescape(a.system)}] if a.system
                             else [])
                 messages.append({"role": "user", "content": a.prompt})
-                ends = [] if a.ignore_eos else list(task.config.chat_stop)  # end the answer
                 encoded = task.encode_prompt(task.chat_prompt(messages))
-            elif a.system:
-                raise MonotileError(f"--system is for runs trained on chat data; {run.dir} "
-                                    "has no chat template")
             else:
-                ends, encoded = [], task.encode_prompt(a.prompt)
+                encoded = task.encode_prompt(a.prompt)
             if not task.tokenizer.let_go():  # decoding needs it whole: read here too
-                return encoded, ends, None
-            return encoded, ends, task.tokenizer.decoding_state()
-        encoded, ends, state = apart(ids)
+                return encoded, None
+            return encoded, task.tokenizer.decoding_state()
+        encoded, state = apart(ids)
         if state is not None:
             task.tokenizer = Tokenizer.from_decoding_state(state)
         prompt.extend(encoded)
-        stop.extend(ends)
+        if chat:
+            stop[:] = run.chat_stops(stop, a.ignore_eos)
 
     # each layer read, then laid out (or rounded) for this machine: the float weights are
     # never whole in memory (infer/convert.py)
